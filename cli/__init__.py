@@ -1,0 +1,1 @@
+"""The ``slurp`` command: argument parsing and rendering only."""
