@@ -1,0 +1,340 @@
+"""The ``slurp`` command (embedded mode: it opens the node's data directory directly).
+
+Owns argument parsing, exit codes and choosing between text and ``--json`` output.
+Errors go to stderr as ``CODE: message``; exit 2 for bad input (4xx codes), 1 otherwise;
+with ``--json`` the error is also printed on stdout as ``{"error": {code, message, field}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.progress import Progress
+
+from cli import render
+from crypto.errors import CryptoError, KeyringError
+from crypto.roles import DEFAULT_ROLES, parse_role_spec
+from storage.address import parse
+from storage.context_store import ContextStore
+from storage.datadir import default_data_dir
+from storage.errors import InvalidPayload, StorageError
+from storage.record import ContextRecord
+
+app = typer.Typer(
+    name="slurp",
+    help="slurp: a storage node for AI-agent context, addressed by UCXL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+address_app = typer.Typer(help="Work with UCXL addresses.", no_args_is_help=True)
+index_app = typer.Typer(help="The full-text index.", no_args_is_help=True)
+app.add_typer(address_app, name="address")
+app.add_typer(index_app, name="index")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+class State:
+    """Options given before the command."""
+
+    data_dir: Path = Path()
+
+
+STATE = State()
+
+
+@app.callback()
+def _global(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir", help="Node data directory [default: $SLURP_HOME or ~/.local/share/slurp]."
+        ),
+    ] = None,
+) -> None:
+    STATE.data_dir = data_dir if data_dir is not None else default_data_dir()
+
+
+def fail(exc: StorageError, as_json: bool) -> NoReturn:
+    """Report ``exc`` the documented way and exit."""
+    if as_json:
+        render.print_json({"error": exc.to_dict()})
+    print(f"{exc.code}: {exc.message}", file=sys.stderr)
+    raise typer.Exit(2 if 400 <= exc.status < 500 else 1)
+
+
+def run(as_json: bool, action: Callable[[], T]) -> T:
+    """Run ``action``, turning expected errors into the documented output."""
+    try:
+        return action()
+    except StorageError as exc:
+        fail(exc, as_json)
+    except KeyringError as exc:
+        fail(InvalidPayload(str(exc), field="roles"), as_json)
+    except CryptoError as exc:
+        fail(StorageError(str(exc)), as_json)
+
+
+@contextmanager
+def opened(as_json: bool) -> Iterator[ContextStore]:
+    """The ContextStore of the data directory, closed afterwards."""
+    store = run(as_json, lambda: ContextStore.open(STATE.data_dir))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@app.command()
+def init(
+    roles: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated roles, each name[:authority]; admin is always added."),
+    ] = None,
+    index_backend: Annotated[str, typer.Option(help="tantivy or whoosh.")] = "tantivy",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a node: data directory, keyring (one age identity per role), database."""
+    role_list = run(as_json, lambda: parse_role_spec(roles) if roles else DEFAULT_ROLES)
+    if index_backend not in ("tantivy", "whoosh"):
+        fail(
+            InvalidPayload("--index-backend must be tantivy or whoosh", field="index_backend"),
+            as_json,
+        )
+    run(as_json, lambda: ContextStore.init(STATE.data_dir, role_list, backend=index_backend))
+    if as_json:
+        render.print_json({"data_dir": str(STATE.data_dir), "roles": [r.name for r in role_list]})
+    else:
+        render.out.print(
+            f"initialised {STATE.data_dir} with roles: {', '.join(r.name for r in role_list)}"
+        )
+
+
+def _record_fields(
+    file: str | None, summary: str | None, content: str | None, tags: list[str], techs: list[str]
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if file is not None:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        try:
+            loaded = json.loads(text)
+        except ValueError as exc:
+            raise InvalidPayload(f"--file is not valid JSON: {exc}", field="file") from None
+        if not isinstance(loaded, dict):
+            raise InvalidPayload("--file must hold a JSON object of record fields", field="file")
+        fields.update(loaded)
+    if summary is not None:
+        fields["summary"] = summary
+    if content is not None:
+        fields["content"] = content
+    if tags:
+        fields["tags"] = [*fields.get("tags", []), *tags]
+    if techs:
+        fields["technologies"] = [*fields.get("technologies", []), *techs]
+    return fields
+
+
+@app.command()
+def put(
+    address: str,
+    file: Annotated[
+        str | None, typer.Option("--file", "-f", help="JSON object of record fields; - for stdin.")
+    ] = None,
+    summary: Annotated[str | None, typer.Option(help="The record's summary.")] = None,
+    content: Annotated[str | None, typer.Option(help="The record's content text.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeatable).")] = None,
+    tech: Annotated[
+        list[str] | None, typer.Option("--tech", help="A technology (repeatable).")
+    ] = None,
+    role: Annotated[
+        list[str] | None, typer.Option("--role", help="A reader role (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store a new version of the context ADDRESS (temporal segment *^)."""
+    fields = run(as_json, lambda: _record_fields(file, summary, content, tag or [], tech or []))
+    record = run(as_json, lambda: ContextRecord.from_fields(fields))
+    with opened(as_json) as store:
+        ref = run(as_json, lambda: store.store(address, record, readers=role or None))
+    if as_json:
+        render.print_json(ref.to_json())
+    else:
+        render.out.print(f"stored {ref.address} ({ref.version_id})", markup=False)
+
+
+@app.command()
+def get(
+    address: str,
+    as_role: Annotated[str | None, typer.Option("--as", help="Read as this role.")] = None,
+    encrypted: Annotated[bool, typer.Option(help="Write the stored age ciphertext as is.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File for --encrypted.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the version ADDRESS selects (temporal segments and wildcards work)."""
+    with opened(as_json) as store:
+        if encrypted:
+            ref, ciphertext = run(as_json, lambda: store.retrieve_encrypted(address))
+            if output is None:
+                sys.stdout.buffer.write(ciphertext)
+            else:
+                output.write_bytes(ciphertext)
+                if as_json:
+                    render.print_json(
+                        {**ref.to_json(), "file": str(output), "bytes": len(ciphertext)}
+                    )
+            return
+        view = run(as_json, lambda: store.retrieve(address, as_role=as_role))
+    if as_json:
+        render.print_json(view.to_json())
+    else:
+        render.version(view)
+
+
+@app.command()
+def history(address: str, as_json: JsonOpt = False) -> None:
+    """List every version of a context, oldest first, with siblings marked."""
+    with opened(as_json) as store:
+        entries = run(as_json, lambda: store.history(address))
+    if as_json:
+        render.print_json([entry.to_json() for entry in entries])
+    else:
+        render.history(entries)
+
+
+@app.command("ls")
+def list_contexts(
+    pattern: str,
+    deleted: Annotated[bool, typer.Option("--deleted", help="Include deleted contexts.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List contexts matching PATTERN (any-wildcards; its path matches as a prefix)."""
+    with opened(as_json) as store:
+        items = run(as_json, lambda: store.list_contexts(pattern, include_deleted=deleted))
+    if as_json:
+        render.print_json([item.to_json() for item in items])
+    else:
+        render.contexts(items)
+
+
+@app.command()
+def search(
+    query: str,
+    project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Required tag (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many hits.")] = 20,
+    as_role: Annotated[
+        str | None, typer.Option("--as", help="Only records this role may read.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Full-text search over the latest version of every context."""
+    with opened(as_json) as store:
+        results = run(
+            as_json,
+            lambda: store.search(
+                query, project=project, task=task, tags=tag or [], as_role=as_role, limit=limit
+            ),
+        )
+    if as_json:
+        render.print_json([hit.to_json() for hit in results])
+    else:
+        render.hits(results)
+
+
+@app.command()
+def delete(address: str, as_json: JsonOpt = False) -> None:
+    """Delete a context (a tombstone version; its history stays)."""
+    with opened(as_json) as store:
+        ref = run(as_json, lambda: store.delete(address))
+    if as_json:
+        render.print_json(ref.to_json())
+    else:
+        render.out.print(f"deleted {ref.address}", markup=False)
+
+
+@app.command()
+def purge(
+    address: str,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: every version is destroyed.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Destroy every version of a context for good (admin only)."""
+    if not yes:
+        fail(
+            InvalidPayload("purge destroys every version: pass --yes to confirm", field="yes"),
+            as_json,
+        )
+    with opened(as_json) as store:
+        removed = run(as_json, lambda: store.purge(address))
+    if as_json:
+        render.print_json({"purged": parse(address).context().canonical(), "versions": removed})
+    else:
+        render.out.print(f"purged {removed} versions", markup=False)
+
+
+@app.command()
+def stats(as_json: JsonOpt = False) -> None:
+    """Counters: contexts, versions, cache, index, group commit, roles."""
+    with opened(as_json) as store:
+        data = store.stats()
+    if as_json:
+        render.print_json(data)
+    else:
+        render.mapping(data)
+
+
+@app.command()
+def compact(as_json: JsonOpt = False) -> None:
+    """Sweep expired versions and compact LevelDB."""
+    with opened(as_json) as store:
+        run(as_json, store.compact)
+    if as_json:
+        render.print_json({"compacted": True})
+
+
+@address_app.command("parse")
+def address_parse(address: str, as_json: JsonOpt = False) -> None:
+    """Parse, validate and normalise ADDRESS."""
+    parsed = run(as_json, lambda: parse(address))
+    if as_json:
+        render.print_json(parsed.to_json())
+    else:
+        render.mapping(parsed.to_json())
+
+
+@index_app.command("rebuild")
+def index_rebuild(as_json: JsonOpt = False) -> None:
+    """Rebuild the full-text index from LevelDB."""
+    with opened(as_json) as store:
+        if as_json:
+            count = run(as_json, store.rebuild_index)
+            render.print_json({"indexed": count})
+            return
+        with Progress(console=render.err, transient=False) as progress:
+            task = progress.add_task("rebuilding index", total=None)
+
+            def step(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            count = run(as_json, lambda: store.rebuild_index(step))
+    render.out.print(f"indexed {count} contexts", markup=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,103 @@
+"""Ed25519 provenance signatures over stored versions (ARCHITECTURE.md §5, Provenance).
+
+Owns: the node's signing key on disk, the byte string a version signature covers, and
+verification. Knows nothing about records beyond the four values it signs.
+Invariant: the signed message is domain-separated and length-prefixed, so no two
+distinct (address, version id, header digest, ciphertext digest) tuples share a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from crypto.errors import CryptoError, KeyringError
+
+SIGNATURE_DOMAIN = b"slurp/version-signature/v1"
+KEY_ID_BYTES = 8
+
+
+class SignatureInvalid(CryptoError):
+    """A signature does not verify (forged, tampered or from an unknown key)."""
+
+
+def signing_message(
+    address: str, version_id: str, header_digest: bytes, ciphertext_digest: bytes
+) -> bytes:
+    """The exact bytes a version signature covers."""
+    parts = (
+        SIGNATURE_DOMAIN,
+        address.encode(),
+        version_id.encode(),
+        header_digest,
+        ciphertext_digest,
+    )
+    return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def key_id(public_key: bytes) -> str:
+    """A short stable id (hex) of an Ed25519 public key; also the embedded node id."""
+    return hashlib.sha256(public_key).hexdigest()[: 2 * KEY_ID_BYTES]
+
+
+class Signer:
+    """An Ed25519 private key that signs versions."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_key = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.key_id = key_id(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        """A fresh random key."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: Path) -> Signer:
+        """Load a PKCS#8 PEM private key.
+
+        Raises:
+            KeyringError: missing or unreadable file.
+        """
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise KeyringError(f"cannot load signing key {path}: {type(exc).__name__}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyringError(f"signing key {path} is not an Ed25519 key")
+        return cls(key)
+
+    def save(self, path: Path) -> None:
+        """Write the key as PKCS#8 PEM with mode 0600 (refuses to overwrite)."""
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte Ed25519 signature of ``message``."""
+        return self._key.sign(message)
+
+
+def verify(public_key: bytes, signature: bytes, message: bytes) -> None:
+    """Check ``signature`` over ``message`` by ``public_key``.
+
+    Raises:
+        SignatureInvalid: it does not verify, or the key is malformed.
+    """
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise SignatureInvalid("signature does not verify") from None

@@ -1,0 +1,705 @@
+"""ContextStore: the one orchestrator of a node's storage (ARCHITECTURE.md §4).
+
+Owns the write and read paths: address validation, reader roles, encryption, signing,
+the version store, the decrypted-record cache and the full-text index. The embedded CLI
+and the node daemon use this same class. Must not know about the network or the CLI.
+
+Write path: validate -> encrypt once to readers+admin -> sign -> one synced LevelDB batch
+(group commit) -> invalidate the cache -> add to the index (batched commits).
+Read path: head row -> cache -> version row -> signature check -> role check -> decrypt.
+
+Thread safety: every public method may be called from several threads at once (the
+daemon runs them through ``trio.to_thread``); the version store serialises head updates
+and LevelDB's group commit folds concurrent fsyncs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crypto.errors import DecryptionError, KeyringError
+from crypto.keyring import Keyring
+from crypto.roles import ADMIN_ROLE, Role, UnknownRole
+from storage.address import LATEST, Address, ContextName, Temporal, parse
+from storage.cache import RecordCache
+from storage.datadir import DataDir, StorageConfig, load_storage_config
+from storage.envelope import Envelope, compress_payload, decompress_payload
+from storage.errors import (
+    CorruptRecord,
+    Forbidden,
+    InvalidAddress,
+    InvalidPayload,
+    NotFound,
+    StorageError,
+)
+from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
+from storage.index_sync import IndexSync
+from storage.kv import LevelDBKV
+from storage.record import ContextRecord, decode_secret
+from storage.schema import FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
+from storage.version_store import VersionStore
+from storage.versions import HybridLogicalClock, VersionId, VersionInfo, select, sibling_groups
+from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
+
+ClockMs = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """One write of a batch: an address, the record, and optional explicit readers."""
+
+    address: str
+    record: ContextRecord
+    readers: tuple[str, ...] | None = None
+    actor: str | None = None
+
+
+class ContextStore:
+    """Store, retrieve, navigate, search, delete and purge contexts on one node."""
+
+    def __init__(
+        self,
+        data_dir: DataDir,
+        kv: LevelDBKV,
+        keyring: Keyring,
+        index: FullTextIndex,
+        config: StorageConfig,
+        *,
+        clock_ms: ClockMs,
+    ) -> None:
+        self.data_dir = data_dir
+        self.kv = kv
+        self.versions = VersionStore(kv)
+        self.keyring = keyring
+        self.config = config
+        self._clock_ms = clock_ms
+        self._lock = threading.Lock()
+        last = kv.get(META_HLC)
+        self._hlc = HybridLogicalClock(
+            keyring.node_id, clock_ms, VersionId.parse(last.decode()) if last else None
+        )
+        self.cache: RecordCache[VersionView] = RecordCache(
+            config.cache, sizeof=VersionView.approx_size
+        )
+        self.index = IndexSync(index, data_dir.index, self._index_doc_source)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: Path, roles: Sequence[Role], *, backend: str = "tantivy") -> DataDir:
+        """Create a data directory: layout, config, keyring, empty database.
+
+        Raises:
+            StorageError: it already holds a node, or a role is invalid.
+        """
+        data_dir = DataDir(root)
+        if data_dir.exists():
+            raise StorageError(f"{root} already holds a slurp node", field="data_dir")
+        data_dir.create_layout(backend=backend)
+        try:
+            Keyring.create(data_dir.keys, roles)
+        except KeyringError as exc:
+            raise InvalidPayload(str(exc), field="roles") from None
+        kv = LevelDBKV(data_dir.db, create=True)
+        try:
+            kv.write([(META_FORMAT, str(FORMAT_VERSION).encode())], sync=True)
+        finally:
+            kv.close()
+        return data_dir
+
+    @classmethod
+    def open(cls, root: Path, *, clock_ms: ClockMs = wall_clock_ms) -> ContextStore:
+        """Open an initialised data directory (LevelDB first, so a busy dir fails fast).
+
+        Raises:
+            NotFound: no node was initialised at ``root``.
+            DataDirInUse: another process holds it.
+            StorageError: the database format is unknown, or the keyring is unusable.
+        """
+        data_dir = DataDir(root)
+        if not data_dir.exists():
+            raise NotFound(f"no slurp node at {root} (run `slurp init` first)", field="data_dir")
+        config = load_storage_config(data_dir.config)
+        kv = LevelDBKV(data_dir.db, create=False)
+        try:
+            found = kv.get(META_FORMAT)
+            if found != str(FORMAT_VERSION).encode():
+                raise StorageError(
+                    f"{data_dir.db} has storage format {found!r}; "
+                    f"this slurp reads {FORMAT_VERSION}",
+                    field="format",
+                )
+            keyring = Keyring.open(data_dir.keys)
+            index, needs_rebuild = _open_or_reset_index(data_dir, config)
+        except KeyringError as exc:
+            kv.close()
+            raise StorageError(str(exc), field="keys") from None
+        except BaseException:
+            kv.close()
+            raise
+        store = cls(data_dir, kv, keyring, index, config, clock_ms=clock_ms)
+        store.sweep_expired()
+        store.index.recover(store.versions, rebuild=needs_rebuild)
+        return store
+
+    def close(self) -> None:
+        """Commit the index and close everything (idempotent)."""
+        self.index.close()
+        self.kv.close()
+
+    def __enter__(self) -> ContextStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def store(
+        self,
+        address: str,
+        record: ContextRecord,
+        *,
+        readers: Sequence[str] | None = None,
+        actor: str | None = None,
+    ) -> StoredRef:
+        """Append a new version to the context ``address`` names.
+
+        Args:
+            address: a concrete address whose temporal segment is ``*^``.
+            record: the validated record.
+            readers: roles that may read it; default: the address's role, every role of
+                higher authority, and admin.
+            actor: who writes (default ``agent/role@node`` from the address).
+
+        Raises:
+            InvalidAddress: a wildcard or a temporal segment other than ``*^``.
+            InvalidPayload: an unknown role (in the address without ``readers``, or in them).
+        """
+        req = WriteRequest(address, record, None if readers is None else tuple(readers), actor)
+        return self.store_batch([req])[0]
+
+    def store_batch(self, requests: Sequence[WriteRequest]) -> list[StoredRef]:
+        """Write many versions in one synced batch (all or none).
+
+        Raises:
+            InvalidAddress, InvalidPayload: for the first bad request (nothing is written).
+        """
+        prepared = [self._prepare(req) for req in requests]
+        envelopes: list[Envelope] = []
+        with self._lock:
+            parents: dict[bytes, str | None] = {}
+            for addr, readers, payload, compression, record, actor in prepared:
+                ctx = addr.context()
+                if ctx.key() not in parents:
+                    head = self.versions.head(ctx)
+                    parents[ctx.key()] = head.latest if head else None
+                vid = self._hlc.next_id()
+                now = vid.wall_ms
+                env = Envelope(
+                    context=ctx.canonical(),
+                    version_id=str(vid),
+                    parent=parents[ctx.key()],
+                    kind="put",
+                    created_at_ms=now,
+                    created_by=actor,
+                    readers=readers,
+                    tags=record.tags,
+                    technologies=record.technologies,
+                    influences=record.influences,
+                    influenced_by=record.influenced_by,
+                    expires_at_ms=None if record.ttl is None else now + record.ttl * 1000,
+                    compression=compression,
+                    ciphertext=self.keyring.encrypt(payload, readers),
+                ).sealed(self.keyring.signer)
+                parents[ctx.key()] = env.version_id
+                envelopes.append(env)
+            hlc = str(self._hlc.last).encode()
+        self.versions.append(envelopes, meta=[(META_HLC, hlc)])
+        refs = []
+        for env, (addr, _, _, _, record, _) in zip(envelopes, prepared, strict=True):
+            ctx = addr.context()
+            self.cache.invalidate_context(ctx.key())
+            head = self.versions.head(ctx)
+            count = head.count if head else 1
+            if head is not None and head.latest == env.version_id:
+                self.index.add(ctx, env, record.secret_fields())
+            refs.append(
+                StoredRef(
+                    ctx.address(Temporal("version", count)).canonical(), count, env.version_id
+                )
+            )
+        self.index.maybe_commit()
+        return refs
+
+    def _prepare(
+        self, req: WriteRequest
+    ) -> tuple[Address, tuple[str, ...], bytes, Any, ContextRecord, str]:
+        addr = parse(req.address)
+        if addr.has_wildcard:
+            raise InvalidAddress(
+                "a write must not contain wildcards", field="address", input=req.address
+            )
+        if addr.temporal != LATEST:
+            raise InvalidAddress(
+                "a write's temporal segment must be *^", field="temporal", input=req.address
+            )
+        readers = self._readers(addr, req.readers)
+        payload, compression = compress_payload(req.record.encode_secret())
+        actor = req.actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}"
+        return addr, readers, payload, compression, req.record, actor
+
+    def _readers(self, addr: Address, named: tuple[str, ...] | None) -> tuple[str, ...]:
+        roles = self.keyring.role_set
+        try:
+            if named:
+                return roles.readers(named)
+            return roles.default_readers(addr.role)
+        except UnknownRole as exc:
+            known = ", ".join(roles.names)
+            hint = "" if named else "; name the readers with --role"
+            raise InvalidPayload(
+                f"role {exc.role!r} is not a known role (known: {known}){hint}", field="roles"
+            ) from None
+
+    def delete(self, address: str, *, actor: str | None = None) -> StoredRef:
+        """Append a tombstone: the context then reads as not found; its history stays.
+
+        Raises:
+            NotFound: no such live context.
+        """
+        addr = parse(address)
+        if addr.has_wildcard:
+            raise InvalidAddress("delete needs a concrete address", field="address", input=address)
+        ctx = addr.context()
+        with self._lock:
+            head = self.versions.head(ctx)
+            if head is None or not head.live:
+                raise NotFound(f"no such context: {ctx.canonical()}", input=address)
+            vid = self._hlc.next_id()
+            env = Envelope(
+                context=ctx.canonical(),
+                version_id=str(vid),
+                parent=head.latest,
+                kind="tombstone",
+                created_at_ms=vid.wall_ms,
+                created_by=actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}",
+                readers=(),
+                tags=(),
+                technologies=(),
+                influences=(),
+                influenced_by=(),
+                expires_at_ms=None,
+                compression="none",
+                ciphertext=b"",
+            ).sealed(self.keyring.signer)
+            hlc = str(self._hlc.last).encode()
+        self.versions.append([env], meta=[(META_HLC, hlc)])
+        self.cache.invalidate_context(ctx.key())
+        self.index.remove(ctx)
+        self.index.maybe_commit()
+        return StoredRef(
+            ctx.address(Temporal("version", head.count + 1)).canonical(), head.count + 1, str(vid)
+        )
+
+    def purge(self, address: str, *, actor: str = "admin") -> int:
+        """Remove every version of a context and leave a purge marker (admin only).
+
+        Returns:
+            The number of versions removed.
+
+        Raises:
+            Forbidden: this keyring does not hold the admin identity.
+            NotFound: the context has no versions.
+        """
+        if not self.keyring.has_identity(ADMIN_ROLE):
+            raise Forbidden("purge needs the admin identity, which this node does not hold")
+        addr = parse(address)
+        if addr.has_wildcard:
+            raise InvalidAddress("purge needs a concrete address", field="address", input=address)
+        ctx = addr.context()
+        head = self.versions.head(ctx)
+        if head is None:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=address)
+        with self._lock:
+            upto = str(max(self._hlc.next_id(), VersionId.parse(head.latest)))
+        removed = self.versions.purge(ctx, PurgeMarker(upto, self._clock_ms(), actor))
+        self.cache.invalidate_context(ctx.key())
+        self.index.remove(ctx)
+        self.index.commit()
+        return removed
+
+    # -- reads --------------------------------------------------------------------------
+
+    def retrieve(self, address: str, *, as_role: str | None = None) -> VersionView:
+        """The version an address selects, decrypted for ``as_role``.
+
+        With wildcards, the most recently updated matching context is used.
+        ``as_role=None`` reads as the first role this keyring holds that may read it.
+
+        Raises:
+            NotFound, TemporalOutOfRange, Forbidden, CorruptRecord, AddressError.
+        """
+        addr = parse(address)
+        ctx = self._resolve(addr)
+        head = self.versions.head(ctx)
+        if head is None:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=address)
+        if addr.temporal == LATEST:
+            if not head.live:
+                raise NotFound(f"{ctx.canonical()} was deleted", input=address)
+            return self._read(ctx, head.latest, head.count, as_role, head=head)
+        infos, _ = self._infos(ctx)
+        index = select(infos, addr.temporal, where=address)
+        if infos[index].tombstone:
+            raise NotFound(
+                f"version {index + 1} of {ctx.canonical()} is a delete marker", input=address
+            )
+        return self._read(ctx, str(infos[index].version_id), index + 1, as_role)
+
+    def retrieve_encrypted(self, address: str) -> tuple[StoredRef, bytes]:
+        """The stored age ciphertext of the version ``address`` selects, as is."""
+        addr = parse(address)
+        ctx = self._resolve(addr)
+        infos, _ = self._infos(ctx)
+        if not infos:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=address)
+        index = select(infos, addr.temporal, where=address)
+        vid = str(infos[index].version_id)
+        env = self._envelope(ctx, vid)
+        if env.tombstone:
+            raise NotFound(
+                f"version {index + 1} of {ctx.canonical()} is a delete marker", input=address
+            )
+        ref = StoredRef(ctx.address(Temporal("version", index + 1)).canonical(), index + 1, vid)
+        return ref, env.ciphertext
+
+    def retrieve_batch(
+        self, addresses: Sequence[str], *, as_role: str | None = None
+    ) -> list[VersionView | StorageError]:
+        """Retrieve many addresses; each failure is returned in its slot, not raised."""
+        out: list[VersionView | StorageError] = []
+        for address in addresses:
+            try:
+                out.append(self.retrieve(address, as_role=as_role))
+            except StorageError as exc:
+                out.append(exc)
+        return out
+
+    def history(self, address: str) -> list[HistoryEntry]:
+        """Every version of the context, oldest first (nothing is decrypted)."""
+        addr = parse(address)
+        ctx = self._resolve(addr)
+        infos, envs = self._infos(ctx, keep_corrupt=True)
+        if not infos:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=address)
+        siblings = sibling_groups(infos)
+        out = []
+        for rank, (info, env) in enumerate(zip(infos, envs, strict=True), start=1):
+            out.append(
+                HistoryEntry(
+                    address=ctx.address(Temporal("version", rank)).canonical(),
+                    version=rank,
+                    version_id=str(info.version_id),
+                    parent=None if info.parent is None else str(info.parent),
+                    kind="corrupt" if env is None else env.kind,
+                    created_at_ms=info.created_at_ms,
+                    created_by="" if env is None else env.created_by,
+                    readers=() if env is None else env.readers,
+                    tags=() if env is None else env.tags,
+                    siblings=siblings.get(info.version_id, 0),
+                )
+            )
+        return out
+
+    def list_contexts(self, pattern: str, *, include_deleted: bool = False) -> list[ContextInfo]:
+        """Every context matching ``pattern`` (wildcards; its path matches as a prefix)."""
+        pat = parse(pattern).context()
+        out = []
+        for ctx, head in self.versions.heads(pat):
+            if not pat.matches(ctx, path_prefix=True) or not (head.live or include_deleted):
+                continue
+            out.append(
+                ContextInfo(
+                    context=ctx.canonical(),
+                    address=ctx.address(Temporal("version", head.count)).canonical(),
+                    versions=head.count,
+                    latest_version_id=head.latest,
+                    updated_at_ms=head.updated_ms,
+                    live=head.live,
+                )
+            )
+        return out
+
+    def search(
+        self,
+        text: str,
+        *,
+        project: str | None = None,
+        task: str | None = None,
+        tags: Sequence[str] = (),
+        as_role: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = 20,
+    ) -> list[SearchResult]:
+        """Ranked full-text search over the latest version of every readable context.
+
+        Raises:
+            Forbidden: ``as_role`` is not a role of this node.
+            InvalidPayload: a query the index cannot parse, or a bad limit.
+        """
+        if as_role is not None and as_role not in self.keyring.role_set:
+            raise Forbidden(f"unknown role {as_role!r}", field="role")
+        if not 1 <= limit <= 1000:
+            raise InvalidPayload("limit must be between 1 and 1000", field="limit")
+        hits = self.index.search(
+            text,
+            project=project,
+            task=task,
+            tags=tuple(tags),
+            as_role=as_role,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            limit=limit,
+        )
+        out = []
+        for hit in hits:
+            ctx = parse(hit.context).context()
+            head = self.versions.head(ctx)
+            if head is None or not head.live:
+                continue  # deleted since it was indexed; the index catches up
+            rank = head.count if head.latest == hit.version_id else self._rank(ctx, hit.version_id)
+            if rank is None:
+                continue
+            out.append(
+                SearchResult(
+                    ctx.address(Temporal("version", rank)).canonical(),
+                    ctx.canonical(),
+                    rank,
+                    hit.version_id,
+                    hit.score,
+                )
+            )
+        return out
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def sweep_expired(self) -> int:
+        """Physically remove versions whose TTL ran out; returns how many."""
+        due = self.versions.due_for_expiry(self._clock_ms())
+        by_ctx: dict[ContextName, list[str]] = {}
+        for ctx, vid in due:
+            by_ctx.setdefault(ctx, []).append(vid)
+        removed = 0
+        for ctx, vids in by_ctx.items():
+            removed += self.versions.remove_versions(ctx, vids)
+            self.cache.invalidate_context(ctx.key())
+            self.index.refresh_context(ctx, self.versions.head(ctx))
+        return removed
+
+    def compact(self) -> None:
+        """Sweep expired versions, then compact LevelDB."""
+        self.sweep_expired()
+        self.kv.compact()
+
+    def rebuild_index(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Drop the full-text index and rebuild it from LevelDB; returns documents indexed."""
+        return self.index.rebuild(self.versions, progress)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``slurp stats``."""
+        contexts = versions = deleted = 0
+        for _, head in self.versions.heads(ContextName("any", "any", "any", "any", "")):
+            contexts += 1
+            versions += head.count
+            deleted += 0 if head.live else 1
+        db_bytes = sum(p.stat().st_size for p in self.data_dir.db.iterdir() if p.is_file())
+        group = self.kv.group_stats
+        return {
+            "data_dir": str(self.data_dir.root),
+            "node_id": self.keyring.node_id,
+            "contexts": contexts,
+            "deleted_contexts": deleted,
+            "versions": versions,
+            "purged_contexts": self.versions.count_purged(),
+            "db_bytes": db_bytes,
+            "group_commit": {
+                "writes": group.writes,
+                "syncs": group.syncs,
+                "largest_group": group.largest_group,
+            },
+            "cache": self.cache.stats().to_dict(),
+            "index": self.index.stats(),
+            "roles": [
+                {
+                    "name": rk.role.name,
+                    "authority": rk.role.authority.label,
+                    "recipient": rk.recipient,
+                    "held": self.keyring.has_identity(rk.role.name),
+                }
+                for rk in self.keyring.role_keys()
+            ],
+        }
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _resolve(self, addr: Address) -> ContextName:
+        """The concrete context an address names (latest-updated match for wildcards)."""
+        ctx = addr.context()
+        if not ctx.has_wildcard:
+            return ctx
+        best: tuple[int, ContextName] | None = None
+        for found, head in self.versions.heads(ctx):
+            if head.live and ctx.matches(found) and (best is None or head.updated_ms > best[0]):
+                best = (head.updated_ms, found)
+        if best is None:
+            raise NotFound(f"no context matches {addr.canonical()}", input=addr.canonical())
+        return best[1]
+
+    def _envelope(self, ctx: ContextName, vid: str) -> Envelope:
+        data = self.versions.version(ctx, vid)
+        if data is None:
+            raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
+        env = Envelope.decode(data)
+        env.check_signature()
+        if env.signer != self.keyring.signer.public_key:
+            raise CorruptRecord(f"version {vid} is signed by an untrusted key", field="signature")
+        if env.context != ctx.canonical() or env.version_id != vid:
+            raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")
+        return env
+
+    def _infos(
+        self, ctx: ContextName, *, keep_corrupt: bool = False
+    ) -> tuple[list[VersionInfo], list[Envelope | None]]:
+        now = self._clock_ms()
+        infos: list[VersionInfo] = []
+        envs: list[Envelope | None] = []
+        for row in self.versions.versions(ctx):
+            try:
+                env = Envelope.decode(row.data)
+            except CorruptRecord:
+                if keep_corrupt:
+                    infos.append(VersionInfo(VersionId.parse(row.version_id), None, 0, False))
+                    envs.append(None)
+                continue
+            if env.expires_at_ms is not None and env.expires_at_ms <= now:
+                continue
+            parent = None if env.parent is None else VersionId.parse(env.parent)
+            infos.append(
+                VersionInfo(
+                    VersionId.parse(row.version_id), parent, env.created_at_ms, env.tombstone
+                )
+            )
+            envs.append(env)
+        return infos, envs
+
+    def _rank(self, ctx: ContextName, vid: str) -> int | None:
+        infos, _ = self._infos(ctx)
+        for rank, info in enumerate(infos, start=1):
+            if str(info.version_id) == vid:
+                return rank
+        return None
+
+    def _read(
+        self,
+        ctx: ContextName,
+        vid: str,
+        rank: int,
+        as_role: str | None,
+        *,
+        head: Head | None = None,
+    ) -> VersionView:
+        key = ctx.key()
+        if as_role is not None:
+            cached = self.cache.get(key, vid, as_role)
+            if cached is not None:
+                return cached
+        env = self._envelope(ctx, vid)
+        if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
+            if head is not None:  # the latest expired: fall back to what remains
+                infos, _ = self._infos(ctx)
+                live = [i for i in infos if not i.tombstone]
+                if infos and not infos[-1].tombstone:
+                    return self._read(ctx, str(live[-1].version_id), len(infos), as_role)
+            raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
+        role = self._reader_role(env, as_role)
+        cached = self.cache.get(key, vid, role)
+        if cached is not None:
+            return cached
+        try:
+            plain = self.keyring.decrypt(env.ciphertext, role)
+        except DecryptionError:
+            raise CorruptRecord(
+                f"version {vid} of {ctx.canonical()} does not decrypt", field="ciphertext"
+            ) from None
+        fields = decode_secret(decompress_payload(plain, env.compression))
+        view = VersionView(
+            address=ctx.address(Temporal("version", rank)).canonical(),
+            context=ctx.canonical(),
+            version=rank,
+            version_id=vid,
+            parent=env.parent,
+            created_at_ms=env.created_at_ms,
+            created_by=env.created_by,
+            readers=env.readers,
+            tags=env.tags,
+            technologies=env.technologies,
+            influences=env.influences,
+            influenced_by=env.influenced_by,
+            expires_at_ms=env.expires_at_ms,
+            read_as=role,
+            fields=fields,
+        )
+        self.cache.put(key, vid, role, view)
+        return view
+
+    def _reader_role(self, env: Envelope, as_role: str | None) -> str:
+        roles = self.keyring.role_set
+        if as_role is not None:
+            if as_role not in roles:
+                raise Forbidden(f"unknown role {as_role!r}", field="role")
+            if not roles.may_read(as_role, env.readers):
+                raise Forbidden(f"role {as_role!r} may not read {env.context}", field="role")
+            if not self.keyring.has_identity(as_role):
+                raise Forbidden(
+                    f"this node does not hold the identity of role {as_role!r}", field="role"
+                )
+            return as_role
+        for name in (*env.readers, ADMIN_ROLE):
+            if self.keyring.has_identity(name):
+                return name
+        raise Forbidden(f"no role held by this node may read {env.context}", field="role")
+
+    def _index_doc_source(
+        self, ctx: ContextName, head: Head
+    ) -> tuple[Envelope, dict[str, Any]] | None:
+        """The latest live version of a context, decrypted for indexing (None if unreadable)."""
+        if not head.live:
+            return None
+        try:
+            view = self._read(ctx, head.latest, head.count, None)
+            env = self._envelope(ctx, head.latest)
+        except StorageError:
+            return None
+        return env, view.fields
+
+
+def _open_or_reset_index(data_dir: DataDir, config: StorageConfig) -> tuple[FullTextIndex, bool]:
+    """Open the index; a missing or corrupt one is reset and flagged for rebuild."""
+    missing = not data_dir.index.exists() or not any(data_dir.index.iterdir())
+    try:
+        return open_index(data_dir.index, config.index), missing
+    except IndexCorrupt:
+        reset_index(data_dir.index)
+        return open_index(data_dir.index, config.index), True

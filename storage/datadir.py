@@ -1,0 +1,134 @@
+"""The data directory of one node (ARCHITECTURE.md §4) and its storage settings.
+
+Owns the layout ``DATA_DIR/{config.toml, db/, index/, keys/, backups/}``, reading the
+``[storage]`` table of ``config.toml``, and validating it with errors that name the key.
+Must not open LevelDB, the index or the keyring (the ContextStore does).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.cache import CacheConfig
+from storage.errors import InvalidPayload
+from storage.index import IndexConfig
+
+DEFAULT_HOME_ENV = "SLURP_HOME"
+_CONFIG_TEMPLATE = """\
+# slurp node configuration (ARCHITECTURE.md §8). Every key has a default.
+[storage]
+index_backend = "{backend}"      # "tantivy" (default) or "whoosh"
+index_refresh_s = 1.0            # a search sees a write at most this long after it
+cache_max_bytes = 67108864       # decrypted-record cache bound
+cache_ttl_s = 300.0
+"""
+
+
+class ConfigError(InvalidPayload):
+    """config.toml is unreadable or a key holds a bad value; ``field`` names the key."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The validated ``[storage]`` table."""
+
+    index: IndexConfig = field(default_factory=IndexConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths of one data directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """``config.toml``."""
+        return self.root / "config.toml"
+
+    @property
+    def db(self) -> Path:
+        """The LevelDB directory."""
+        return self.root / "db"
+
+    @property
+    def index(self) -> Path:
+        """The derived full-text index."""
+        return self.root / "index"
+
+    @property
+    def keys(self) -> Path:
+        """Identity files (0600)."""
+        return self.root / "keys"
+
+    @property
+    def backups(self) -> Path:
+        """Backups (cluster issue)."""
+        return self.root / "backups"
+
+    def exists(self) -> bool:
+        """Whether ``slurp init`` ran here."""
+        return (self.keys / "keyring.json").exists() and self.db.exists()
+
+    def create_layout(self, *, backend: str = "tantivy") -> None:
+        """Make the directories and write a default ``config.toml`` (keeps an existing one)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in (self.db, self.index, self.backups):
+            sub.mkdir(exist_ok=True)
+        self.keys.mkdir(mode=0o700, exist_ok=True)
+        if not self.config.exists():
+            self.config.write_text(_CONFIG_TEMPLATE.format(backend=backend), encoding="utf-8")
+
+
+def default_data_dir() -> Path:
+    """``$SLURP_HOME``, else ``~/.local/share/slurp``."""
+    env = os.environ.get(DEFAULT_HOME_ENV)
+    return Path(env) if env else Path.home() / ".local" / "share" / "slurp"
+
+
+def load_storage_config(path: Path) -> StorageConfig:
+    """Read and validate the ``[storage]`` table of a config file (missing file: defaults).
+
+    Raises:
+        ConfigError: unreadable TOML, an unknown key, or a bad value (``field`` names it).
+    """
+    if not path.exists():
+        return StorageConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", field="config") from None
+    table = data.get("storage", {})
+    if not isinstance(table, dict):
+        raise ConfigError("[storage] must be a table", field="storage")
+    known = {"index_backend", "index_refresh_s", "cache_max_bytes", "cache_ttl_s"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key storage.{unknown[0]} in {path}", field=f"storage.{unknown[0]}"
+        )
+    backend = table.get("index_backend", "tantivy")
+    if backend not in ("tantivy", "whoosh"):
+        raise ConfigError(
+            f"storage.index_backend must be 'tantivy' or 'whoosh', not {backend!r}",
+            field="storage.index_backend",
+        )
+    refresh = _positive(table, "index_refresh_s", 1.0)
+    cache_bytes = int(_positive(table, "cache_max_bytes", 64 * 1024 * 1024))
+    cache_ttl = _positive(table, "cache_ttl_s", 300.0)
+    return StorageConfig(
+        index=IndexConfig(backend=backend, refresh_interval_s=refresh),
+        cache=CacheConfig(max_bytes=cache_bytes, ttl_s=cache_ttl),
+    )
+
+
+def _positive(table: dict[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"storage.{key} must be a positive number", field=f"storage.{key}")
+    return float(value)

@@ -1,0 +1,225 @@
+"""The stored form of one version: clear header, age ciphertext, Ed25519 signature.
+
+Owns: the envelope's msgpack format (``ENVELOPE_SCHEMA``), what is in clear and what is
+encrypted, compression of large payloads, and sealing/verifying the signature.
+Must not know about LevelDB keys or the cache.
+
+In clear (routing and filtering need them; ARCHITECTURE.md §5): the context address,
+version id and parent, kind, timestamps, writer, reader roles, tags, technologies and
+influence links. Everything else of the record is inside ``ciphertext`` (age, to the
+readers plus admin), zstd-compressed first when larger than ``COMPRESS_THRESHOLD_BYTES``.
+
+The signature covers the context address, the version id, a SHA-256 digest of the clear
+header and a SHA-256 digest of the ciphertext (``crypto.signing.signing_message``), so
+neither the header nor the ciphertext can be changed or swapped without detection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import msgpack
+import zstandard
+
+from crypto.signing import SignatureInvalid, Signer, signing_message, verify
+from storage.errors import CorruptRecord
+
+ENVELOPE_SCHEMA = 1
+COMPRESS_THRESHOLD_BYTES = 1024
+MAX_DECOMPRESSED_BYTES = 8 * 1024 * 1024
+Kind = Literal["put", "tombstone"]
+Compression = Literal["none", "zstd"]
+
+_HEADER_FIELDS = (
+    "context",
+    "version_id",
+    "parent",
+    "kind",
+    "created_at_ms",
+    "created_by",
+    "readers",
+    "tags",
+    "technologies",
+    "influences",
+    "influenced_by",
+    "expires_at_ms",
+    "compression",
+)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One stored version."""
+
+    context: str
+    version_id: str
+    parent: str | None
+    kind: Kind
+    created_at_ms: int
+    created_by: str
+    readers: tuple[str, ...]
+    tags: tuple[str, ...]
+    technologies: tuple[str, ...]
+    influences: tuple[str, ...]
+    influenced_by: tuple[str, ...]
+    expires_at_ms: int | None
+    compression: Compression
+    ciphertext: bytes
+    signer: bytes = b""
+    signature: bytes = b""
+
+    @property
+    def tombstone(self) -> bool:
+        """Whether this version is a delete marker."""
+        return self.kind == "tombstone"
+
+    def header(self) -> list[Any]:
+        """The clear header as a msgpack-ready list, in ``_HEADER_FIELDS`` order."""
+        return [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
+
+    def signing_message(self) -> bytes:
+        """The bytes the signature covers."""
+        header_digest = hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+        return signing_message(
+            self.context, self.version_id, header_digest, hashlib.sha256(self.ciphertext).digest()
+        )
+
+    def sealed(self, signer: Signer) -> Envelope:
+        """A copy signed by ``signer``."""
+        unsigned = replace(self, signer=signer.public_key, signature=b"")
+        return replace(unsigned, signature=signer.sign(unsigned.signing_message()))
+
+    def check_signature(self) -> None:
+        """Verify the signature against the embedded signer key.
+
+        Whether that key is *trusted* is the caller's decision.
+
+        Raises:
+            CorruptRecord: unsigned, or the signature does not verify.
+        """
+        if not self.signature or not self.signer:
+            raise CorruptRecord(f"version {self.version_id} is unsigned", field="signature")
+        try:
+            verify(self.signer, self.signature, self.signing_message())
+        except SignatureInvalid:
+            raise CorruptRecord(
+                f"version {self.version_id} of {self.context} fails its signature check",
+                field="signature",
+            ) from None
+
+    def encode(self) -> bytes:
+        """The stored (and replicated) form."""
+        row = [ENVELOPE_SCHEMA, *self.header(), self.ciphertext, self.signer, self.signature]
+        return bytes(msgpack.packb(row, use_bin_type=True))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Envelope:
+        """Parse the stored form (the signature is not checked here).
+
+        Raises:
+            CorruptRecord: damaged bytes or an unknown schema.
+        """
+        try:
+            row = msgpack.unpackb(data, raw=False, use_list=True)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            raise CorruptRecord("stored version does not decode", field="envelope") from None
+        if not isinstance(row, list) or len(row) != len(_HEADER_FIELDS) + 4:
+            raise CorruptRecord("stored version has the wrong shape", field="envelope")
+        if row[0] != ENVELOPE_SCHEMA:
+            raise CorruptRecord(f"stored version has unknown schema {row[0]!r}", field="envelope")
+        values = dict(zip(_HEADER_FIELDS, row[1:-3], strict=True))
+        try:
+            return cls(
+                context=_str(values["context"]),
+                version_id=_str(values["version_id"]),
+                parent=None if values["parent"] is None else _str(values["parent"]),
+                kind=_kind(values["kind"]),
+                created_at_ms=_int(values["created_at_ms"]),
+                created_by=_str(values["created_by"]),
+                readers=_strs(values["readers"]),
+                tags=_strs(values["tags"]),
+                technologies=_strs(values["technologies"]),
+                influences=_strs(values["influences"]),
+                influenced_by=_strs(values["influenced_by"]),
+                expires_at_ms=None
+                if values["expires_at_ms"] is None
+                else _int(values["expires_at_ms"]),
+                compression="zstd"
+                if values["compression"] == "zstd"
+                else _none(values["compression"]),
+                ciphertext=_bytes(row[-3]),
+                signer=_bytes(row[-2]),
+                signature=_bytes(row[-1]),
+            )
+        except (TypeError, ValueError):
+            raise CorruptRecord(
+                "stored version has a field of the wrong type", field="envelope"
+            ) from None
+
+
+def compress_payload(payload: bytes) -> tuple[bytes, Compression]:
+    """zstd-compress ``payload`` when it is large enough to be worth it."""
+    if len(payload) <= COMPRESS_THRESHOLD_BYTES:
+        return payload, "none"
+    packed = zstandard.ZstdCompressor(level=3).compress(payload)
+    return (packed, "zstd") if len(packed) < len(payload) else (payload, "none")
+
+
+def decompress_payload(payload: bytes, compression: Compression) -> bytes:
+    """Undo ``compress_payload``.
+
+    Raises:
+        CorruptRecord: the compressed bytes are damaged or absurdly large.
+    """
+    if compression == "none":
+        return payload
+    try:
+        return zstandard.ZstdDecompressor().decompress(
+            payload, max_output_size=MAX_DECOMPRESSED_BYTES
+        )
+    except zstandard.ZstdError:
+        raise CorruptRecord("stored payload does not decompress", field="payload") from None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected str")
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("expected int")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("expected bytes")
+    return value
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError("expected list")
+    return tuple(_str(item) for item in value)
+
+
+def _kind(value: Any) -> Kind:
+    if value == "put":
+        return "put"
+    if value == "tombstone":
+        return "tombstone"
+    raise ValueError("unknown kind")
+
+
+def _none(value: Any) -> Literal["none"]:
+    if value != "none":
+        raise ValueError("unknown compression")
+    return "none"

@@ -1,0 +1,150 @@
+"""The LevelDB key layout and row formats of one node (ARCHITECTURE.md §4).
+
+Owns every key prefix and every value format written to ``DATA_DIR/db``. Anything that
+reads or writes LevelDB goes through the helpers here, so an upgrade is visible in one
+place. ``FORMAT_VERSION`` is stored under ``m/format``; opening a database written with
+another version is refused.
+
+Key layout (``ctx`` is ``ContextName.key()``: project NUL task NUL agent NUL role NUL path;
+``SEP`` = 0x01 cannot occur in a context key, so a context's rows never share a prefix
+with a longer path's):
+
+======================================  ==================================================
+key                                     value
+======================================  ==================================================
+``m/format``                            ASCII format version (``b"1"``)
+``m/hlc``                               last hybrid-logical-clock id issued (ASCII)
+``m/node_id``                           the node id (ASCII)
+``v/`` ctx SEP version-id               a version envelope (``storage.envelope``, msgpack)
+``h/`` ctx                              head summary: msgpack {latest, count, live, updated_ms}
+``t/`` expires-ms(8, big-endian) ctx    empty; the TTL index (ctx SEP version-id follows)
+``p/`` ctx                              purge marker: msgpack {upto, purged_ms, by}
+``a/``                                  the audit log (``crypto.audit`` owns the rows)
+``H/``                                  hints for hinted handoff (reserved, cluster issue)
+======================================  ==================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from storage.errors import CorruptRecord
+
+FORMAT_VERSION = 1
+SEP = b"\x01"
+
+META_FORMAT = b"m/format"
+META_HLC = b"m/hlc"
+META_NODE_ID = b"m/node_id"
+VERSION_PREFIX = b"v/"
+HEAD_PREFIX = b"h/"
+TTL_PREFIX = b"t/"
+PURGE_PREFIX = b"p/"
+AUDIT_PREFIX = b"a/"
+HINT_PREFIX = b"H/"
+
+
+def version_key(ctx: bytes, version_id: str) -> bytes:
+    """The key of one version row."""
+    return VERSION_PREFIX + ctx + SEP + version_id.encode("ascii")
+
+
+def versions_prefix(ctx: bytes) -> bytes:
+    """The prefix shared by every version row of one context (and nothing else)."""
+    return VERSION_PREFIX + ctx + SEP
+
+
+def head_key(ctx: bytes) -> bytes:
+    """The key of a context's head summary."""
+    return HEAD_PREFIX + ctx
+
+
+def purge_key(ctx: bytes) -> bytes:
+    """The key of a context's purge marker."""
+    return PURGE_PREFIX + ctx
+
+
+def ttl_key(expires_ms: int, ctx: bytes, version_id: str) -> bytes:
+    """The TTL index row of a version that expires at ``expires_ms``."""
+    return TTL_PREFIX + expires_ms.to_bytes(8, "big") + ctx + SEP + version_id.encode("ascii")
+
+
+def split_ttl_key(key: bytes) -> tuple[int, bytes, str]:
+    """(expires_ms, ctx, version id) of a TTL index key."""
+    body = key[len(TTL_PREFIX) :]
+    ctx, _, vid = body[8:].rpartition(SEP)
+    return int.from_bytes(body[:8], "big"), ctx, vid.decode("ascii")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A context's head summary: kept in step with its version rows in the same batch."""
+
+    latest: str
+    count: int
+    live: bool
+    updated_ms: int
+
+    def encode(self) -> bytes:
+        """The stored form."""
+        row = {
+            "latest": self.latest,
+            "count": self.count,
+            "live": self.live,
+            "updated_ms": self.updated_ms,
+        }
+        return bytes(msgpack.packb(row))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Head:
+        """Parse the stored form.
+
+        Raises:
+            CorruptRecord: the row is damaged.
+        """
+        row = _unpack_dict(data, "head")
+        try:
+            return cls(
+                str(row["latest"]), int(row["count"]), bool(row["live"]), int(row["updated_ms"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CorruptRecord("head row is damaged", field="head") from None
+
+
+@dataclass(frozen=True)
+class PurgeMarker:
+    """Every version of the context with id <= ``upto`` was purged and must never return."""
+
+    upto: str
+    purged_ms: int
+    by: str
+
+    def encode(self) -> bytes:
+        """The stored form."""
+        return bytes(msgpack.packb({"upto": self.upto, "purged_ms": self.purged_ms, "by": self.by}))
+
+    @classmethod
+    def decode(cls, data: bytes) -> PurgeMarker:
+        """Parse the stored form.
+
+        Raises:
+            CorruptRecord: the row is damaged.
+        """
+        row = _unpack_dict(data, "purge marker")
+        try:
+            return cls(str(row["upto"]), int(row["purged_ms"]), str(row["by"]))
+        except (KeyError, TypeError, ValueError):
+            raise CorruptRecord("purge marker is damaged", field="purge") from None
+
+
+def _unpack_dict(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        row = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise CorruptRecord(f"{what} row does not decode", field=what) from None
+    if not isinstance(row, dict):
+        raise CorruptRecord(f"{what} row is not a map", field=what)
+    return row

@@ -1,0 +1,223 @@
+"""The version store: grow-only version sets per context, heads, TTL index, purge markers.
+
+Owns: the meaning of the rows in ``storage.schema`` and keeping them consistent. A batch
+of versions, their head updates and TTL rows is one atomic, synced KV write (group commit
+folds concurrent batches into one fsync). Works over any ``storage.kv.KV``.
+Must not know about keys, plaintext, the cache or the index.
+
+Invariants:
+- versions are never overwritten: appending a version id that exists is a no-op (merge by
+  union, ARCHITECTURE.md §3);
+- a head row always describes the version rows committed with it (latest id, count, whether
+  the latest is live);
+- versions covered by a purge marker are refused forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from storage.address import ContextName, parse
+from storage.envelope import Envelope
+from storage.errors import CorruptRecord
+from storage.kv import KV
+from storage.schema import (
+    HEAD_PREFIX,
+    PURGE_PREFIX,
+    TTL_PREFIX,
+    Head,
+    PurgeMarker,
+    head_key,
+    purge_key,
+    split_ttl_key,
+    ttl_key,
+    version_key,
+    versions_prefix,
+)
+from storage.versions import VersionId
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """One version row as read: its id (from the key) and its raw envelope bytes."""
+
+    version_id: str
+    data: bytes
+
+
+class VersionStore:
+    """Versions, heads, TTL rows and purge markers over a KV store."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self._lock = threading.Lock()
+        # heads computed for batches that are queued but not yet committed
+        self._pending_heads: dict[bytes, Head] = {}
+        self._pending_versions: set[bytes] = set()
+
+    # -- writes --------------------------------------------------------------------------
+
+    def append(
+        self, envelopes: Sequence[Envelope], *, meta: Sequence[tuple[bytes, bytes]] = ()
+    ) -> list[bool]:
+        """Durably add versions (one atomic synced batch); True for each one newly stored.
+
+        A version already present, or covered by a purge marker, is skipped (False).
+        ``meta`` rows (e.g. the clock) are written in the same batch.
+        """
+        puts: list[tuple[bytes, bytes]] = list(meta)
+        added: list[bool] = []
+        with self._lock:
+            heads: dict[bytes, Head | None] = {}
+            for env in envelopes:
+                ctx = parse(env.context).context().key()
+                vkey = version_key(ctx, env.version_id)
+                if vkey in self._pending_versions or self.kv.get(vkey) is not None:
+                    added.append(False)
+                    continue
+                if self._purged(ctx, env.version_id):
+                    added.append(False)
+                    continue
+                if ctx not in heads:
+                    heads[ctx] = self._head_for_update(ctx)
+                heads[ctx] = _advance(heads[ctx], env)
+                puts.append((vkey, env.encode()))
+                self._pending_versions.add(vkey)
+                if env.expires_at_ms is not None:
+                    puts.append((ttl_key(env.expires_at_ms, ctx, env.version_id), b""))
+                added.append(True)
+            new_heads = {ctx: head for ctx, head in heads.items() if head is not None}
+            for ctx, head in new_heads.items():
+                puts.append((head_key(ctx), head.encode()))
+                self._pending_heads[ctx] = head
+        try:
+            if puts:
+                self.kv.write(puts, sync=True)
+        finally:
+            with self._lock:
+                for key, _ in puts:
+                    self._pending_versions.discard(key)
+                for ctx, head in new_heads.items():
+                    if self._pending_heads.get(ctx) is head:
+                        del self._pending_heads[ctx]
+        return added
+
+    def purge(self, context: ContextName, marker: PurgeMarker) -> int:
+        """Remove every version of ``context`` and leave ``marker``; returns rows removed."""
+        ctx = context.key()
+        with self._lock:
+            rows = list(self.kv.scan(versions_prefix(ctx)))
+            deletes = [key for key, _ in rows] + [head_key(ctx)]
+            for _, data in rows:
+                deletes.extend(self._ttl_rows_of(ctx, data))
+            self.kv.write([(purge_key(ctx), marker.encode())], deletes, sync=True)
+        return len(rows)
+
+    def remove_versions(self, context: ContextName, version_ids: Sequence[str]) -> int:
+        """Physically drop versions (TTL expiry) and recompute the head; returns count."""
+        ctx = context.key()
+        with self._lock:
+            drop = set(version_ids)
+            deletes: list[bytes] = []
+            kept: list[Envelope] = []
+            for key, data in self.kv.scan(versions_prefix(ctx)):
+                vid = key[len(versions_prefix(ctx)) :].decode("ascii")
+                if vid in drop:
+                    deletes.append(key)
+                    deletes.extend(self._ttl_rows_of(ctx, data))
+                else:
+                    kept.append(Envelope.decode(data))
+            if not deletes:
+                return 0
+            head: Head | None = None
+            for env in kept:
+                head = _advance(head, env)
+            puts = [(head_key(ctx), head.encode())] if head else []
+            if head is None:
+                deletes.append(head_key(ctx))
+            self.kv.write(puts, deletes, sync=True)
+        return len(drop)
+
+    @staticmethod
+    def _ttl_rows_of(ctx: bytes, data: bytes) -> list[bytes]:
+        try:
+            env = Envelope.decode(data)
+        except CorruptRecord:
+            return []
+        if env.expires_at_ms is None:
+            return []
+        return [ttl_key(env.expires_at_ms, ctx, env.version_id)]
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def head(self, context: ContextName) -> Head | None:
+        """The committed head of ``context``, or None."""
+        data = self.kv.get(head_key(context.key()))
+        return None if data is None else Head.decode(data)
+
+    def version(self, context: ContextName, version_id: str) -> bytes | None:
+        """The raw envelope of one version, or None."""
+        return self.kv.get(version_key(context.key(), version_id))
+
+    def versions(self, context: ContextName) -> list[StoredRow]:
+        """Every version row of ``context`` in id order."""
+        prefix = versions_prefix(context.key())
+        return [
+            StoredRow(key[len(prefix) :].decode("ascii"), data)
+            for key, data in self.kv.scan(prefix)
+        ]
+
+    def heads(self, pattern: ContextName) -> Iterator[tuple[ContextName, Head]]:
+        """(context, head) of every context whose key starts with the pattern's prefix."""
+        for key, data in self.kv.scan(HEAD_PREFIX + pattern.key_prefix()):
+            yield ContextName.from_key(key[len(HEAD_PREFIX) :]), Head.decode(data)
+
+    def purge_marker(self, context: ContextName) -> PurgeMarker | None:
+        """The purge marker of ``context``, or None."""
+        data = self.kv.get(purge_key(context.key()))
+        return None if data is None else PurgeMarker.decode(data)
+
+    def due_for_expiry(self, now_ms: int) -> list[tuple[ContextName, str]]:
+        """(context, version id) of every version whose TTL ran out at or before ``now_ms``."""
+        out = []
+        for key, _ in self.kv.scan(TTL_PREFIX):
+            expires_ms, ctx, vid = split_ttl_key(key)
+            if expires_ms > now_ms:
+                break
+            out.append((ContextName.from_key(ctx), vid))
+        return out
+
+    def count_contexts(self) -> int:
+        """How many contexts have a head."""
+        return sum(1 for _ in self.kv.scan(HEAD_PREFIX))
+
+    def count_purged(self) -> int:
+        """How many purge markers exist."""
+        return sum(1 for _ in self.kv.scan(PURGE_PREFIX))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _head_for_update(self, ctx: bytes) -> Head | None:
+        pending = self._pending_heads.get(ctx)
+        if pending is not None:
+            return pending
+        data = self.kv.get(head_key(ctx))
+        return None if data is None else Head.decode(data)
+
+    def _purged(self, ctx: bytes, version_id: str) -> bool:
+        data = self.kv.get(purge_key(ctx))
+        if data is None:
+            return False
+        marker = PurgeMarker.decode(data)
+        return VersionId.parse(version_id) <= VersionId.parse(marker.upto)
+
+
+def _advance(head: Head | None, env: Envelope) -> Head:
+    """The head after adding ``env`` (which is not yet in the set)."""
+    if head is None:
+        return Head(env.version_id, 1, not env.tombstone, env.created_at_ms)
+    if VersionId.parse(env.version_id) > VersionId.parse(head.latest):
+        return Head(env.version_id, head.count + 1, not env.tombstone, env.created_at_ms)
+    return Head(head.latest, head.count + 1, head.live, head.updated_ms)
