@@ -28,7 +28,7 @@ from crypto.roles import ADMIN_ROLE, Role, UnknownRole
 from storage.address import LATEST, Address, ContextName, Temporal, parse
 from storage.cache import RecordCache
 from storage.datadir import DataDir, StorageConfig, load_storage_config
-from storage.envelope import Envelope, compress_payload, decompress_payload
+from storage.envelope import Compression, Envelope, compress_payload, decompress_payload
 from storage.errors import (
     CorruptRecord,
     Forbidden,
@@ -42,7 +42,7 @@ from storage.index_sync import IndexSync
 from storage.kv import LevelDBKV
 from storage.record import ContextRecord, decode_secret
 from storage.schema import FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
-from storage.version_store import VersionStore
+from storage.version_store import HeadLookup, VersionStore
 from storage.versions import HybridLogicalClock, VersionId, VersionInfo, select, sibling_groups
 from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
 
@@ -62,6 +62,18 @@ class WriteRequest:
     record: ContextRecord
     readers: tuple[str, ...] | None = None
     actor: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated, encrypted write waiting for its version id, parent and signature."""
+
+    address: Address
+    record: ContextRecord
+    readers: tuple[str, ...]
+    compression: Compression
+    ciphertext: bytes
+    actor: str
 
 
 class ContextStore:
@@ -196,55 +208,55 @@ class ContextStore:
             InvalidAddress, InvalidPayload: for the first bad request (nothing is written).
         """
         prepared = [self._prepare(req) for req in requests]
-        envelopes: list[Envelope] = []
-        with self._lock:
-            parents: dict[bytes, str | None] = {}
-            for addr, readers, payload, compression, record, actor in prepared:
-                ctx = addr.context()
-                if ctx.key() not in parents:
-                    head = self.versions.head(ctx)
-                    parents[ctx.key()] = head.latest if head else None
-                vid = self._hlc.next_id()
-                now = vid.wall_ms
+
+        def build(lookup: HeadLookup) -> tuple[list[Envelope], list[tuple[bytes, bytes]]]:
+            parents: dict[ContextName, str | None] = {}
+            envelopes = []
+            for item in prepared:
+                ctx = item.address.context()
+                if ctx not in parents:
+                    head = lookup(ctx)
+                    parents[ctx] = head.latest if head else None
+                vid = self._next_id()
+                record = item.record
                 env = Envelope(
                     context=ctx.canonical(),
                     version_id=str(vid),
-                    parent=parents[ctx.key()],
+                    parent=parents[ctx],
                     kind="put",
-                    created_at_ms=now,
-                    created_by=actor,
-                    readers=readers,
+                    created_at_ms=vid.wall_ms,
+                    created_by=item.actor,
+                    readers=item.readers,
                     tags=record.tags,
                     technologies=record.technologies,
                     influences=record.influences,
                     influenced_by=record.influenced_by,
-                    expires_at_ms=None if record.ttl is None else now + record.ttl * 1000,
-                    compression=compression,
-                    ciphertext=self.keyring.encrypt(payload, readers),
+                    expires_at_ms=None if record.ttl is None else vid.wall_ms + record.ttl * 1000,
+                    compression=item.compression,
+                    ciphertext=item.ciphertext,
                 ).sealed(self.keyring.signer)
-                parents[ctx.key()] = env.version_id
+                parents[ctx] = env.version_id
                 envelopes.append(env)
-            hlc = str(self._hlc.last).encode()
-        self.versions.append(envelopes, meta=[(META_HLC, hlc)])
+            return envelopes, [(META_HLC, str(self._hlc.last).encode())]
+
+        envelopes, heads = self.versions.append_built(build)
         refs = []
-        for env, (addr, _, _, _, record, _) in zip(envelopes, prepared, strict=True):
-            ctx = addr.context()
+        for env, head, item in zip(envelopes, heads, prepared, strict=True):
+            assert head is not None, "a fresh local version id is never known already"
+            ctx = item.address.context()
             self.cache.invalidate_context(ctx.key())
-            head = self.versions.head(ctx)
-            count = head.count if head else 1
-            if head is not None and head.latest == env.version_id:
-                self.index.add(ctx, env, record.secret_fields())
-            refs.append(
-                StoredRef(
-                    ctx.address(Temporal("version", count)).canonical(), count, env.version_id
-                )
-            )
+            self.index.add(ctx, env, item.record.secret_fields())
+            address = ctx.address(Temporal("version", head.count)).canonical()
+            refs.append(StoredRef(address, head.count, env.version_id))
         self.index.maybe_commit()
         return refs
 
-    def _prepare(
-        self, req: WriteRequest
-    ) -> tuple[Address, tuple[str, ...], bytes, Any, ContextRecord, str]:
+    def _next_id(self) -> VersionId:
+        with self._lock:
+            return self._hlc.next_id()
+
+    def _prepare(self, req: WriteRequest) -> _Prepared:
+        """Validate and encrypt outside every lock (encryption is the slow part)."""
         addr = parse(req.address)
         if addr.has_wildcard:
             raise InvalidAddress(
@@ -256,8 +268,14 @@ class ContextStore:
             )
         readers = self._readers(addr, req.readers)
         payload, compression = compress_payload(req.record.encode_secret())
-        actor = req.actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}"
-        return addr, readers, payload, compression, req.record, actor
+        return _Prepared(
+            address=addr,
+            record=req.record,
+            readers=readers,
+            compression=compression,
+            ciphertext=self.keyring.encrypt(payload, readers),
+            actor=req.actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}",
+        )
 
     def _readers(self, addr: Address, named: tuple[str, ...] | None) -> tuple[str, ...]:
         roles = self.keyring.role_set
@@ -282,11 +300,12 @@ class ContextStore:
         if addr.has_wildcard:
             raise InvalidAddress("delete needs a concrete address", field="address", input=address)
         ctx = addr.context()
-        with self._lock:
-            head = self.versions.head(ctx)
+
+        def build(lookup: HeadLookup) -> tuple[list[Envelope], list[tuple[bytes, bytes]]]:
+            head = lookup(ctx)
             if head is None or not head.live:
                 raise NotFound(f"no such context: {ctx.canonical()}", input=address)
-            vid = self._hlc.next_id()
+            vid = self._next_id()
             env = Envelope(
                 context=ctx.canonical(),
                 version_id=str(vid),
@@ -303,14 +322,15 @@ class ContextStore:
                 compression="none",
                 ciphertext=b"",
             ).sealed(self.keyring.signer)
-            hlc = str(self._hlc.last).encode()
-        self.versions.append([env], meta=[(META_HLC, hlc)])
+            return [env], [(META_HLC, str(self._hlc.last).encode())]
+
+        (env,), (head,) = self.versions.append_built(build)
+        assert head is not None
         self.cache.invalidate_context(ctx.key())
         self.index.remove(ctx)
         self.index.maybe_commit()
-        return StoredRef(
-            ctx.address(Temporal("version", head.count + 1)).canonical(), head.count + 1, str(vid)
-        )
+        address_n = ctx.address(Temporal("version", head.count)).canonical()
+        return StoredRef(address_n, head.count, env.version_id)
 
     def purge(self, address: str, *, actor: str = "admin") -> int:
         """Remove every version of a context and leave a purge marker (admin only).
@@ -676,7 +696,13 @@ class ContextStore:
                     f"this node does not hold the identity of role {as_role!r}", field="role"
                 )
             return as_role
-        for name in (*env.readers, ADMIN_ROLE):
+        # least privilege: the address's own role, then readers by rising authority, then admin
+        own = parse(env.context).role
+        ranked = sorted(
+            (name for name in env.readers if name in roles),
+            key=lambda name: (name != own, roles.get(name).authority),
+        )
+        for name in (*ranked, ADMIN_ROLE):
             if self.keyring.has_identity(name):
                 return name
         raise Forbidden(f"no role held by this node may read {env.context}", field="role")

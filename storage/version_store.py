@@ -16,10 +16,10 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from storage.address import ContextName, parse
+from storage.address import ContextName
 from storage.envelope import Envelope
 from storage.errors import CorruptRecord
 from storage.kv import KV
@@ -37,6 +37,9 @@ from storage.schema import (
     versions_prefix,
 )
 from storage.versions import VersionId
+
+HeadLookup = Callable[[ContextName], Head | None]
+Builder = Callable[[HeadLookup], tuple[Sequence[Envelope], Sequence[tuple[bytes, bytes]]]]
 
 
 @dataclass(frozen=True)
@@ -67,27 +70,45 @@ class VersionStore:
         A version already present, or covered by a purge marker, is skipped (False).
         ``meta`` rows (e.g. the clock) are written in the same batch.
         """
-        puts: list[tuple[bytes, bytes]] = list(meta)
-        added: list[bool] = []
+        _, heads = self.append_built(lambda _lookup: (envelopes, meta))
+        return [head is not None for head in heads]
+
+    def append_built(self, build: Builder) -> tuple[Sequence[Envelope], list[Head | None]]:
+        """Build versions under the store lock, then add them durably (one synced batch).
+
+        ``build`` gets a head lookup that sees batches still being committed by other
+        threads, so a local writer always names the true latest version as its parent and
+        learns its exact rank. It returns the envelopes and extra ``meta`` rows.
+
+        Returns:
+            The envelopes, and for each the context's head right after it was added (its
+            ``count`` is the version's rank for a local write), or None when skipped.
+        """
+        results: list[Head | None] = []
         with self._lock:
+
+            def lookup(context: ContextName) -> Head | None:
+                return self._head_for_update(context.key())
+
+            envelopes, meta = build(lookup)
+            puts: list[tuple[bytes, bytes]] = list(meta)
             heads: dict[bytes, Head | None] = {}
             for env in envelopes:
-                ctx = parse(env.context).context().key()
+                ctx = ContextName.from_canonical(env.context).key()
                 vkey = version_key(ctx, env.version_id)
-                if vkey in self._pending_versions or self.kv.get(vkey) is not None:
-                    added.append(False)
-                    continue
-                if self._purged(ctx, env.version_id):
-                    added.append(False)
+                known = vkey in self._pending_versions or self.kv.get(vkey) is not None
+                if known or self._purged(ctx, env.version_id):
+                    results.append(None)
                     continue
                 if ctx not in heads:
                     heads[ctx] = self._head_for_update(ctx)
-                heads[ctx] = _advance(heads[ctx], env)
+                head = _advance(heads[ctx], env)
+                heads[ctx] = head
+                results.append(head)
                 puts.append((vkey, env.encode()))
                 self._pending_versions.add(vkey)
                 if env.expires_at_ms is not None:
                     puts.append((ttl_key(env.expires_at_ms, ctx, env.version_id), b""))
-                added.append(True)
             new_heads = {ctx: head for ctx, head in heads.items() if head is not None}
             for ctx, head in new_heads.items():
                 puts.append((head_key(ctx), head.encode()))
@@ -102,7 +123,7 @@ class VersionStore:
                 for ctx, head in new_heads.items():
                     if self._pending_heads.get(ctx) is head:
                         del self._pending_heads[ctx]
-        return added
+        return envelopes, results
 
     def purge(self, context: ContextName, marker: PurgeMarker) -> int:
         """Remove every version of ``context`` and leave ``marker``; returns rows removed."""
