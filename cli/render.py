@@ -6,6 +6,7 @@ Owns how results look in a terminal. Must not compute anything.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from storage.views import ContextInfo, HistoryEntry, SearchResult, VersionView, iso_ms
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from crypto.signing import Signer
+from storage.address import ContextName, parse
 from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope
 from storage.errors import (
@@ -161,7 +162,7 @@ def test_delete_is_a_tombstone(store: ContextStore) -> None:
 
 def test_purge_removes_everything_and_refuses_resurrection(store: ContextStore) -> None:
     store.store(JWT, rec("secret"))
-    old = store.versions.versions(store.retrieve(JWT).context and _ctx(JWT))
+    old = store.versions.versions(_ctx(JWT))
     assert store.purge(JWT) == 1
     with pytest.raises(NotFound):
         store.history(JWT)
@@ -181,9 +182,7 @@ def test_purge_needs_the_admin_identity(store: ContextStore) -> None:
         store.purge(JWT)
 
 
-def _ctx(address: str):  # type: ignore[no-untyped-def]
-    from storage.address import parse
-
+def _ctx(address: str) -> ContextName:
     return parse(address).context()
 
 
