@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crypto.errors import DecryptionError, KeyringError
+from crypto.errors import KeyringError
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE, Role, UnknownRole
 from storage.address import LATEST, Address, ContextName, Temporal, parse
 from storage.cache import RecordCache
 from storage.datadir import DataDir, StorageConfig, load_storage_config
-from storage.envelope import Compression, Envelope, compress_payload, decompress_payload
+from storage.envelope import Compression, Envelope, compress_payload
 from storage.errors import (
-    CorruptRecord,
     Forbidden,
     InvalidAddress,
     InvalidPayload,
@@ -40,10 +39,11 @@ from storage.errors import (
 from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
 from storage.index_sync import IndexSync
 from storage.kv import LevelDBKV
-from storage.record import ContextRecord, decode_secret
+from storage.reader import VersionReader
+from storage.record import ContextRecord
 from storage.schema import FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
 from storage.version_store import HeadLookup, VersionStore
-from storage.versions import HybridLogicalClock, VersionId, VersionInfo, select, sibling_groups
+from storage.versions import HybridLogicalClock, VersionId, select, sibling_groups
 from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
 
 ClockMs = Callable[[], int]
@@ -102,6 +102,9 @@ class ContextStore:
         )
         self.cache: RecordCache[VersionView] = RecordCache(
             config.cache, sizeof=VersionView.approx_size
+        )
+        self.reader = VersionReader(
+            self.versions, keyring, self.cache, clock_ms=clock_ms, trusted=self._trusted_signer
         )
         self.index = IndexSync(index, data_dir.index, self._index_doc_source)
 
@@ -371,32 +374,32 @@ class ContextStore:
             NotFound, TemporalOutOfRange, Forbidden, CorruptRecord, AddressError.
         """
         addr = parse(address)
-        ctx = self._resolve(addr)
+        ctx = self.reader.resolve(addr)
         head = self.versions.head(ctx)
         if head is None:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
         if addr.temporal == LATEST:
             if not head.live:
                 raise NotFound(f"{ctx.canonical()} was deleted", input=address)
-            return self._read(ctx, head.latest, head.count, as_role, head=head)
-        infos, _ = self._infos(ctx)
+            return self.reader.read(ctx, head.latest, head.count, as_role, head=head)
+        infos, _ = self.reader.infos(ctx)
         index = select(infos, addr.temporal, where=address)
         if infos[index].tombstone:
             raise NotFound(
                 f"version {index + 1} of {ctx.canonical()} is a delete marker", input=address
             )
-        return self._read(ctx, str(infos[index].version_id), index + 1, as_role)
+        return self.reader.read(ctx, str(infos[index].version_id), index + 1, as_role)
 
     def retrieve_encrypted(self, address: str) -> tuple[StoredRef, bytes]:
         """The stored age ciphertext of the version ``address`` selects, as is."""
         addr = parse(address)
-        ctx = self._resolve(addr)
-        infos, _ = self._infos(ctx)
+        ctx = self.reader.resolve(addr)
+        infos, _ = self.reader.infos(ctx)
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
         index = select(infos, addr.temporal, where=address)
         vid = str(infos[index].version_id)
-        env = self._envelope(ctx, vid)
+        env = self.reader.envelope(ctx, vid)
         if env.tombstone:
             raise NotFound(
                 f"version {index + 1} of {ctx.canonical()} is a delete marker", input=address
@@ -419,8 +422,8 @@ class ContextStore:
     def history(self, address: str) -> list[HistoryEntry]:
         """Every version of the context, oldest first (nothing is decrypted)."""
         addr = parse(address)
-        ctx = self._resolve(addr)
-        infos, envs = self._infos(ctx, keep_corrupt=True)
+        ctx = self.reader.resolve(addr)
+        infos, envs = self.reader.infos(ctx, keep_corrupt=True)
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
         siblings = sibling_groups(infos)
@@ -499,7 +502,11 @@ class ContextStore:
             head = self.versions.head(ctx)
             if head is None or not head.live:
                 continue  # deleted since it was indexed; the index catches up
-            rank = head.count if head.latest == hit.version_id else self._rank(ctx, hit.version_id)
+            rank = (
+                head.count
+                if head.latest == hit.version_id
+                else self.reader.rank(ctx, hit.version_id)
+            )
             if rank is None:
                 continue
             out.append(
@@ -574,138 +581,9 @@ class ContextStore:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _resolve(self, addr: Address) -> ContextName:
-        """The concrete context an address names (latest-updated match for wildcards)."""
-        ctx = addr.context()
-        if not ctx.has_wildcard:
-            return ctx
-        best: tuple[int, ContextName] | None = None
-        for found, head in self.versions.heads(ctx):
-            if head.live and ctx.matches(found) and (best is None or head.updated_ms > best[0]):
-                best = (head.updated_ms, found)
-        if best is None:
-            raise NotFound(f"no context matches {addr.canonical()}", input=addr.canonical())
-        return best[1]
-
-    def _envelope(self, ctx: ContextName, vid: str) -> Envelope:
-        data = self.versions.version(ctx, vid)
-        if data is None:
-            raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
-        env = Envelope.decode(data)
-        env.check_signature()
-        if env.signer != self.keyring.signer.public_key:
-            raise CorruptRecord(f"version {vid} is signed by an untrusted key", field="signature")
-        if env.context != ctx.canonical() or env.version_id != vid:
-            raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")
-        return env
-
-    def _infos(
-        self, ctx: ContextName, *, keep_corrupt: bool = False
-    ) -> tuple[list[VersionInfo], list[Envelope | None]]:
-        now = self._clock_ms()
-        infos: list[VersionInfo] = []
-        envs: list[Envelope | None] = []
-        for row in self.versions.versions(ctx):
-            try:
-                env = Envelope.decode(row.data)
-            except CorruptRecord:
-                if keep_corrupt:
-                    infos.append(VersionInfo(VersionId.parse(row.version_id), None, 0, False))
-                    envs.append(None)
-                continue
-            if env.expires_at_ms is not None and env.expires_at_ms <= now:
-                continue
-            parent = None if env.parent is None else VersionId.parse(env.parent)
-            infos.append(
-                VersionInfo(
-                    VersionId.parse(row.version_id), parent, env.created_at_ms, env.tombstone
-                )
-            )
-            envs.append(env)
-        return infos, envs
-
-    def _rank(self, ctx: ContextName, vid: str) -> int | None:
-        infos, _ = self._infos(ctx)
-        for rank, info in enumerate(infos, start=1):
-            if str(info.version_id) == vid:
-                return rank
-        return None
-
-    def _read(
-        self,
-        ctx: ContextName,
-        vid: str,
-        rank: int,
-        as_role: str | None,
-        *,
-        head: Head | None = None,
-    ) -> VersionView:
-        key = ctx.key()
-        if as_role is not None:
-            cached = self.cache.get(key, vid, as_role)
-            if cached is not None:
-                return cached
-        env = self._envelope(ctx, vid)
-        if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
-            if head is not None:  # the latest expired: fall back to what remains
-                infos, _ = self._infos(ctx)
-                live = [i for i in infos if not i.tombstone]
-                if infos and not infos[-1].tombstone:
-                    return self._read(ctx, str(live[-1].version_id), len(infos), as_role)
-            raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
-        role = self._reader_role(env, as_role)
-        cached = self.cache.get(key, vid, role)
-        if cached is not None:
-            return cached
-        try:
-            plain = self.keyring.decrypt(env.ciphertext, role)
-        except DecryptionError:
-            raise CorruptRecord(
-                f"version {vid} of {ctx.canonical()} does not decrypt", field="ciphertext"
-            ) from None
-        fields = decode_secret(decompress_payload(plain, env.compression))
-        view = VersionView(
-            address=ctx.address(Temporal("version", rank)).canonical(),
-            context=ctx.canonical(),
-            version=rank,
-            version_id=vid,
-            parent=env.parent,
-            created_at_ms=env.created_at_ms,
-            created_by=env.created_by,
-            readers=env.readers,
-            tags=env.tags,
-            technologies=env.technologies,
-            influences=env.influences,
-            influenced_by=env.influenced_by,
-            expires_at_ms=env.expires_at_ms,
-            read_as=role,
-            fields=fields,
-        )
-        self.cache.put(key, vid, role, view)
-        return view
-
-    def _reader_role(self, env: Envelope, as_role: str | None) -> str:
-        roles = self.keyring.role_set
-        if as_role is not None:
-            if as_role not in roles:
-                raise Forbidden(f"unknown role {as_role!r}", field="role")
-            if not roles.may_read(as_role, env.readers):
-                raise Forbidden(f"role {as_role!r} may not read {env.context}", field="role")
-            if not self.keyring.has_identity(as_role):
-                raise Forbidden(
-                    f"this node does not hold the identity of role {as_role!r}", field="role"
-                )
-            return as_role
-        # least privilege: the address's own role, then readers by rising authority, then admin
-        own = parse(env.context).role
-        ranked = sorted(
-            (name for name in env.readers if name in roles),
-            key=lambda name: (name != own, roles.get(name).authority),
-        )
-        for name in (*ranked, ADMIN_ROLE):
-            if self.keyring.has_identity(name):
-                return name
-        raise Forbidden(f"no role held by this node may read {env.context}", field="role")
+    def _trusted_signer(self, public_key: bytes) -> bool:
+        """Embedded mode trusts this node's own key (the cluster adds CA-issued node keys)."""
+        return public_key == self.keyring.signer.public_key
 
     def _index_doc_source(
         self, ctx: ContextName, head: Head
@@ -714,8 +592,8 @@ class ContextStore:
         if not head.live:
             return None
         try:
-            view = self._read(ctx, head.latest, head.count, None)
-            env = self._envelope(ctx, head.latest)
+            view = self.reader.read(ctx, head.latest, head.count, None)
+            env = self.reader.envelope(ctx, head.latest)
         except StorageError:
             return None
         return env, view.fields

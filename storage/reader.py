@@ -1,0 +1,178 @@
+"""The read path of one node: from a head row to a decrypted, verified version.
+
+Owns: resolving wildcard addresses, loading and verifying envelopes (decode, signature,
+trusted signer, stored under the right key), expiry on read, choosing the role to read as,
+decryption, and the decrypted-record cache. Must not write anything but the cache.
+
+Order of checks on a miss: version row -> decode -> signature -> trusted signer -> key
+match -> expiry -> role may read -> decrypt -> decode. A failure of any integrity check is
+``CorruptRecord`` for that version alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from crypto.errors import DecryptionError
+from crypto.keyring import Keyring
+from crypto.roles import ADMIN_ROLE
+from storage.address import Address, ContextName, Temporal, parse
+from storage.cache import RecordCache
+from storage.envelope import Envelope, decompress_payload
+from storage.errors import CorruptRecord, Forbidden, NotFound
+from storage.record import decode_secret
+from storage.schema import Head
+from storage.version_store import VersionStore
+from storage.versions import VersionId, VersionInfo
+from storage.views import VersionView
+
+
+class VersionReader:
+    """Reads versions for a ContextStore (thread-safe as long as the cache is)."""
+
+    def __init__(
+        self,
+        versions: VersionStore,
+        keyring: Keyring,
+        cache: RecordCache[VersionView],
+        *,
+        clock_ms: Callable[[], int],
+        trusted: Callable[[bytes], bool],
+    ) -> None:
+        self.versions = versions
+        self.keyring = keyring
+        self.cache = cache
+        self._clock_ms = clock_ms
+        self._trusted = trusted
+
+    def resolve(self, addr: Address) -> ContextName:
+        """The concrete context an address names (latest-updated match for wildcards)."""
+        ctx = addr.context()
+        if not ctx.has_wildcard:
+            return ctx
+        best: tuple[int, ContextName] | None = None
+        for found, head in self.versions.heads(ctx):
+            if head.live and ctx.matches(found) and (best is None or head.updated_ms > best[0]):
+                best = (head.updated_ms, found)
+        if best is None:
+            raise NotFound(f"no context matches {addr.canonical()}", input=addr.canonical())
+        return best[1]
+
+    def envelope(self, ctx: ContextName, vid: str) -> Envelope:
+        data = self.versions.version(ctx, vid)
+        if data is None:
+            raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
+        env = Envelope.decode(data)
+        env.check_signature()
+        if not self._trusted(env.signer):
+            raise CorruptRecord(f"version {vid} is signed by an untrusted key", field="signature")
+        if env.context != ctx.canonical() or env.version_id != vid:
+            raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")
+        return env
+
+    def infos(
+        self, ctx: ContextName, *, keep_corrupt: bool = False
+    ) -> tuple[list[VersionInfo], list[Envelope | None]]:
+        now = self._clock_ms()
+        infos: list[VersionInfo] = []
+        envs: list[Envelope | None] = []
+        for row in self.versions.versions(ctx):
+            try:
+                env = Envelope.decode(row.data)
+            except CorruptRecord:
+                if keep_corrupt:
+                    infos.append(VersionInfo(VersionId.parse(row.version_id), None, 0, False))
+                    envs.append(None)
+                continue
+            if env.expires_at_ms is not None and env.expires_at_ms <= now:
+                continue
+            parent = None if env.parent is None else VersionId.parse(env.parent)
+            infos.append(
+                VersionInfo(
+                    VersionId.parse(row.version_id), parent, env.created_at_ms, env.tombstone
+                )
+            )
+            envs.append(env)
+        return infos, envs
+
+    def rank(self, ctx: ContextName, vid: str) -> int | None:
+        infos, _ = self.infos(ctx)
+        for rank, info in enumerate(infos, start=1):
+            if str(info.version_id) == vid:
+                return rank
+        return None
+
+    def read(
+        self,
+        ctx: ContextName,
+        vid: str,
+        rank: int,
+        as_role: str | None,
+        *,
+        head: Head | None = None,
+    ) -> VersionView:
+        key = ctx.key()
+        if as_role is not None:
+            cached = self.cache.get(key, vid, as_role)
+            if cached is not None:
+                return cached
+        env = self.envelope(ctx, vid)
+        if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
+            if head is not None:  # the latest expired: fall back to what remains
+                infos, _ = self.infos(ctx)
+                if infos and not infos[-1].tombstone:
+                    return self.read(ctx, str(infos[-1].version_id), len(infos), as_role)
+            raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
+        role = self.reader_role(env, as_role)
+        cached = self.cache.get(key, vid, role)
+        if cached is not None:
+            return cached
+        try:
+            plain = self.keyring.decrypt(env.ciphertext, role)
+        except DecryptionError:
+            raise CorruptRecord(
+                f"version {vid} of {ctx.canonical()} does not decrypt", field="ciphertext"
+            ) from None
+        fields = decode_secret(decompress_payload(plain, env.compression))
+        view = VersionView(
+            address=ctx.address(Temporal("version", rank)).canonical(),
+            context=ctx.canonical(),
+            version=rank,
+            version_id=vid,
+            parent=env.parent,
+            created_at_ms=env.created_at_ms,
+            created_by=env.created_by,
+            readers=env.readers,
+            tags=env.tags,
+            technologies=env.technologies,
+            influences=env.influences,
+            influenced_by=env.influenced_by,
+            expires_at_ms=env.expires_at_ms,
+            read_as=role,
+            fields=fields,
+        )
+        self.cache.put(key, vid, role, view)
+        return view
+
+    def reader_role(self, env: Envelope, as_role: str | None) -> str:
+        roles = self.keyring.role_set
+        if as_role is not None:
+            if as_role not in roles:
+                raise Forbidden(f"unknown role {as_role!r}", field="role")
+            if not roles.may_read(as_role, env.readers):
+                raise Forbidden(f"role {as_role!r} may not read {env.context}", field="role")
+            if not self.keyring.has_identity(as_role):
+                raise Forbidden(
+                    f"this node does not hold the identity of role {as_role!r}", field="role"
+                )
+            return as_role
+        # least privilege: the address's own role, then readers by rising authority, then admin
+        own = parse(env.context).role
+        ranked = sorted(
+            (name for name in env.readers if name in roles),
+            key=lambda name: (name != own, roles.get(name).authority),
+        )
+        for name in (*ranked, ADMIN_ROLE):
+            if self.keyring.has_identity(name):
+                return name
+        raise Forbidden(f"no role held by this node may read {env.context}", field="role")
