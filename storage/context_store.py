@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from crypto.errors import KeyringError
+from crypto.audit import AuditLog
+from crypto.errors import AuditChainBroken, KeyringError
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE, Role, UnknownRole
 from storage.address import LATEST, Address, ContextName, Temporal, parse
@@ -41,12 +42,22 @@ from storage.index_sync import IndexSync
 from storage.kv import LevelDBKV
 from storage.reader import VersionReader
 from storage.record import ContextRecord
-from storage.schema import FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
+from storage.schema import AUDIT_PREFIX, FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
 from storage.version_store import HeadLookup, VersionStore
 from storage.versions import HybridLogicalClock, VersionId, select, sibling_groups
 from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
 
 ClockMs = Callable[[], int]
+T = TypeVar("T")
+
+
+def _default_actor(address: str, node_id: str) -> str:
+    """``agent/role@node`` from an address (``-@node`` when it does not parse)."""
+    try:
+        addr = parse(address)
+    except StorageError:
+        return f"-@{node_id}"
+    return f"{addr.agent}/{addr.role}@{node_id}"
 
 
 def wall_clock_ms() -> int:
@@ -103,6 +114,12 @@ class ContextStore:
         self.cache: RecordCache[VersionView] = RecordCache(
             config.cache, sizeof=VersionView.approx_size
         )
+        self.audit: AuditLog | None
+        self.audit_error: AuditChainBroken | None = None
+        try:
+            self.audit = AuditLog(kv.raw, clock_ms=clock_ms, prefix=AUDIT_PREFIX)
+        except AuditChainBroken as exc:  # keep serving; `slurp audit verify` reports it
+            self.audit, self.audit_error = None, exc
         self.reader = VersionReader(
             self.versions, keyring, self.cache, clock_ms=clock_ms, trusted=self._trusted_signer
         )
@@ -210,6 +227,22 @@ class ContextStore:
         Raises:
             InvalidAddress, InvalidPayload: for the first bad request (nothing is written).
         """
+        try:
+            refs = self._store_batch(requests)
+        except StorageError as exc:
+            for req in requests:
+                self._audit(req.actor or "-", "store", req.address, exc.code)
+            raise
+        for req, ref in zip(requests, refs, strict=True):
+            self._audit(
+                req.actor or _default_actor(ref.address, self.keyring.node_id),
+                "store",
+                ref.address,
+                "ok",
+            )
+        return refs
+
+    def _store_batch(self, requests: Sequence[WriteRequest]) -> list[StoredRef]:
         prepared = [self._prepare(req) for req in requests]
 
         def build(lookup: HeadLookup) -> tuple[list[Envelope], list[tuple[bytes, bytes]]]:
@@ -299,6 +332,10 @@ class ContextStore:
         Raises:
             NotFound: no such live context.
         """
+        who = actor or _default_actor(address, self.keyring.node_id)
+        return self._audited("delete", address, who, lambda: self._delete(address, who))
+
+    def _delete(self, address: str, actor: str) -> StoredRef:
         addr = parse(address)
         if addr.has_wildcard:
             raise InvalidAddress("delete needs a concrete address", field="address", input=address)
@@ -315,7 +352,7 @@ class ContextStore:
                 parent=head.latest,
                 kind="tombstone",
                 created_at_ms=vid.wall_ms,
-                created_by=actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}",
+                created_by=actor,
                 readers=(),
                 tags=(),
                 technologies=(),
@@ -335,7 +372,7 @@ class ContextStore:
         address_n = ctx.address(Temporal("version", head.count)).canonical()
         return StoredRef(address_n, head.count, env.version_id)
 
-    def purge(self, address: str, *, actor: str = "admin") -> int:
+    def purge(self, address: str, *, actor: str | None = None) -> int:
         """Remove every version of a context and leave a purge marker (admin only).
 
         Returns:
@@ -345,6 +382,10 @@ class ContextStore:
             Forbidden: this keyring does not hold the admin identity.
             NotFound: the context has no versions.
         """
+        who = actor or f"{ADMIN_ROLE}@{self.keyring.node_id}"
+        return self._audited("purge", address, who, lambda: self._purge(address, who))
+
+    def _purge(self, address: str, actor: str) -> int:
         if not self.keyring.has_identity(ADMIN_ROLE):
             raise Forbidden("purge needs the admin identity, which this node does not hold")
         addr = parse(address)
@@ -365,6 +406,23 @@ class ContextStore:
     # -- reads --------------------------------------------------------------------------
 
     def retrieve(self, address: str, *, as_role: str | None = None) -> VersionView:
+        """The version an address selects, decrypted for ``as_role`` (audited).
+
+        With wildcards, the most recently updated matching context is used.
+        ``as_role=None`` reads as the first role this keyring holds that may read it.
+
+        Raises:
+            NotFound, TemporalOutOfRange, Forbidden, CorruptRecord, AddressError.
+        """
+        try:
+            view = self._retrieve(address, as_role)
+        except StorageError as exc:
+            self._audit(f"{as_role or '-'}@{self.keyring.node_id}", "retrieve", address, exc.code)
+            raise
+        self._audit(f"{view.read_as}@{self.keyring.node_id}", "retrieve", view.address, "ok")
+        return view
+
+    def _retrieve(self, address: str, as_role: str | None) -> VersionView:
         """The version an address selects, decrypted for ``as_role``.
 
         With wildcards, the most recently updated matching context is used.
@@ -391,7 +449,11 @@ class ContextStore:
         return self.reader.read(ctx, str(infos[index].version_id), index + 1, as_role)
 
     def retrieve_encrypted(self, address: str) -> tuple[StoredRef, bytes]:
-        """The stored age ciphertext of the version ``address`` selects, as is."""
+        """The stored age ciphertext of the version ``address`` selects, as is (audited)."""
+        who = f"-@{self.keyring.node_id}"
+        return self._audited("retrieve.encrypted", address, who, lambda: self._ciphertext(address))
+
+    def _ciphertext(self, address: str) -> tuple[StoredRef, bytes]:
         addr = parse(address)
         ctx = self.reader.resolve(addr)
         infos, _ = self.reader.infos(ctx)
@@ -580,6 +642,20 @@ class ContextStore:
         }
 
     # -- internals ----------------------------------------------------------------------
+
+    def _audit(self, actor: str, op: str, address: str | None, outcome: str) -> None:
+        """Append to the audit log (after the operation; see docs/storage.md, Audit log)."""
+        if self.audit is not None:
+            self.audit.append(actor, op, address, outcome)
+
+    def _audited(self, op: str, address: str, actor: str, action: Callable[[], T]) -> T:
+        try:
+            result = action()
+        except StorageError as exc:
+            self._audit(actor, op, address, exc.code)
+            raise
+        self._audit(actor, op, address, "ok")
+        return result
 
     def _trusted_signer(self, public_key: bytes) -> bool:
         """Embedded mode trusts this node's own key (the cluster adds CA-issued node keys)."""

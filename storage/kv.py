@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import plyvel
 
@@ -151,6 +151,11 @@ class LevelDBKV:
     def compact(self) -> None:
         """Compact the whole key range."""
         self._db.compact_range()
+
+    @property
+    def raw(self) -> Any:
+        """The plyvel database itself, for the audit log's own batches (same process)."""
+        return self._db
 
     def property(self, name: str) -> str:
         """A LevelDB property such as ``leveldb.stats`` (empty when unknown)."""
