@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress
 
-from cli import render
-from crypto.errors import CryptoError, KeyringError
+from cli import audit, ca, render
+from cli.common import STATE, JsonOpt, fail, opened, run
 from crypto.roles import DEFAULT_ROLES, parse_role_spec
 from storage.address import parse
 from storage.context_store import ContextStore
 from storage.datadir import default_data_dir
-from storage.errors import InvalidPayload, StorageError
+from storage.errors import InvalidPayload
 from storage.record import ContextRecord
 
 app = typer.Typer(
@@ -38,17 +36,8 @@ index_app = typer.Typer(help="The full-text index.", no_args_is_help=True)
 app.add_typer(address_app, name="address")
 app.add_typer(index_app, name="index")
 
-T = TypeVar("T")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-
-
-class State:
-    """Options given before the command."""
-
-    data_dir: Path = Path()
-
-
-STATE = State()
+app.add_typer(ca.app, name="ca")
+app.add_typer(audit.app, name="audit")
 
 
 @app.callback()
@@ -56,41 +45,12 @@ def _global(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            "--data-dir", help="Node data directory [default: $SLURP_HOME or ~/.local/share/slurp]."
+            "--data-dir",
+            help="Node data directory [default: $SLURP_HOME or ~/.local/share/slurp].",
         ),
     ] = None,
 ) -> None:
     STATE.data_dir = data_dir if data_dir is not None else default_data_dir()
-
-
-def fail(exc: StorageError, as_json: bool) -> NoReturn:
-    """Report ``exc`` the documented way and exit."""
-    if as_json:
-        render.print_json({"error": exc.to_dict()})
-    print(f"{exc.code}: {exc.message}", file=sys.stderr)
-    raise typer.Exit(2 if 400 <= exc.status < 500 else 1)
-
-
-def run(as_json: bool, action: Callable[[], T]) -> T:
-    """Run ``action``, turning expected errors into the documented output."""
-    try:
-        return action()
-    except StorageError as exc:
-        fail(exc, as_json)
-    except KeyringError as exc:
-        fail(InvalidPayload(str(exc), field="roles"), as_json)
-    except CryptoError as exc:
-        fail(StorageError(str(exc)), as_json)
-
-
-@contextmanager
-def opened(as_json: bool) -> Iterator[ContextStore]:
-    """The ContextStore of the data directory, closed afterwards."""
-    store = run(as_json, lambda: ContextStore.open(STATE.data_dir))
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 @app.command()

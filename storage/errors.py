@@ -8,7 +8,7 @@ plaintext, secrets or stored values.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 
 class StorageError(Exception):
@@ -21,10 +21,19 @@ class StorageError(Exception):
         input: the offending input (an address string, never a secret), or None.
     """
 
-    code: ClassVar[str] = "UCXL-500-INTERNAL"
+    code: str = "UCXL-500-INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None, input: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        input: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
+        if code is not None:
+            self.code = code
         self.message = message
         self.field = field
         self.input = input

@@ -1,0 +1,78 @@
+"""What every ``slurp`` command module shares: global options, error reporting, opening.
+
+Errors go to stderr as ``CODE: message``; exit 2 for bad input (4xx codes), 1 otherwise;
+with ``--json`` the error is also printed on stdout as ``{"error": {code, message, field}}``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+
+from cli import render
+from crypto.errors import CertificateError, CryptoError, KeyringError, ShamirError
+from storage.context_store import ContextStore
+from storage.errors import InvalidPayload, StorageError
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+class State:
+    """Options given before the command."""
+
+    data_dir: Path = Path()
+
+
+STATE = State()
+
+
+class CliError(StorageError):
+    """A crypto-layer failure reported with a UCXL-style code."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field, code=code)
+
+
+def fail(exc: StorageError, as_json: bool) -> NoReturn:
+    """Report ``exc`` the documented way and exit."""
+    if as_json:
+        render.print_json({"error": exc.to_dict()})
+    print(f"{exc.code}: {exc.message}", file=sys.stderr)
+    raise typer.Exit(2 if 400 <= exc.status < 500 else 1)
+
+
+def translate(exc: CryptoError) -> StorageError:
+    """The UCXL-style error for a crypto-layer failure."""
+    if isinstance(exc, CertificateError):
+        return CliError(f"UCXL-400-CERTIFICATE_{exc.reason.upper().replace('-', '_')}", str(exc))
+    if isinstance(exc, ShamirError):
+        return CliError("UCXL-400-SHARES_INVALID", str(exc), field="shares")
+    if isinstance(exc, KeyringError):
+        return InvalidPayload(str(exc), field="keys")
+    return CliError("UCXL-500-CRYPTO", str(exc))
+
+
+def run(as_json: bool, action: Callable[[], T]) -> T:
+    """Run ``action``, turning expected errors into the documented output."""
+    try:
+        return action()
+    except StorageError as exc:
+        fail(exc, as_json)
+    except CryptoError as exc:
+        fail(translate(exc), as_json)
+
+
+@contextmanager
+def opened(as_json: bool) -> Iterator[ContextStore]:
+    """The ContextStore of the data directory, closed afterwards."""
+    store = run(as_json, lambda: ContextStore.open(STATE.data_dir))
+    try:
+        yield store
+    finally:
+        store.close()
