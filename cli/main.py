@@ -17,7 +17,8 @@ from rich.progress import Progress
 
 from cli import audit, ca, render
 from cli.common import STATE, JsonOpt, fail, opened, run
-from crypto.roles import DEFAULT_ROLES, parse_role_spec
+from crypto.errors import KeyringError
+from crypto.roles import DEFAULT_ROLES, Role, parse_role_spec
 from storage.address import parse
 from storage.context_store import ContextStore
 from storage.datadir import default_data_dir
@@ -53,6 +54,13 @@ def _global(
     STATE.data_dir = data_dir if data_dir is not None else default_data_dir()
 
 
+def _roles(spec: str | None) -> tuple[Role, ...]:
+    try:
+        return parse_role_spec(spec) if spec else DEFAULT_ROLES
+    except KeyringError as exc:
+        raise InvalidPayload(str(exc), field="roles") from None
+
+
 @app.command()
 def init(
     roles: Annotated[
@@ -63,7 +71,7 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a node: data directory, keyring (one age identity per role), database."""
-    role_list = run(as_json, lambda: parse_role_spec(roles) if roles else DEFAULT_ROLES)
+    role_list = run(as_json, lambda: _roles(roles))
     if index_backend not in ("tantivy", "whoosh"):
         fail(
             InvalidPayload("--index-backend must be tantivy or whoosh", field="index_backend"),
