@@ -20,6 +20,9 @@ from storage.context_store import ContextStore
 from storage.errors import InvalidPayload, StorageError
 
 T = TypeVar("T")
+# exit status 2: the caller asked for something wrong (bad input, forbidden, not there);
+# exit status 1: everything else (in use, keyring unusable, corrupt data, bugs)
+BAD_INPUT_STATUSES = frozenset({400, 403, 404})
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
@@ -44,7 +47,7 @@ def fail(exc: StorageError, as_json: bool) -> NoReturn:
     if as_json:
         render.print_json({"error": exc.to_dict()})
     print(f"{exc.code}: {exc.message}", file=sys.stderr)
-    raise typer.Exit(2 if 400 <= exc.status < 500 else 1)
+    raise typer.Exit(2 if exc.status in BAD_INPUT_STATUSES else 1)
 
 
 def translate(exc: CryptoError) -> StorageError:

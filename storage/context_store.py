@@ -31,9 +31,11 @@ from storage.cache import RecordCache
 from storage.datadir import DataDir, StorageConfig, load_storage_config
 from storage.envelope import Compression, Envelope, compress_payload
 from storage.errors import (
+    AlreadyInitialised,
     Forbidden,
     InvalidAddress,
     InvalidPayload,
+    KeyringUnusable,
     NotFound,
     StorageError,
 )
@@ -136,7 +138,7 @@ class ContextStore:
         """
         data_dir = DataDir(root)
         if data_dir.exists():
-            raise StorageError(f"{root} already holds a slurp node", field="data_dir")
+            raise AlreadyInitialised(f"{root} already holds a slurp node", field="data_dir")
         data_dir.create_layout(backend=backend)
         try:
             Keyring.create(data_dir.keys, roles)
@@ -175,7 +177,7 @@ class ContextStore:
             index, needs_rebuild = _open_or_reset_index(data_dir, config)
         except KeyringError as exc:
             kv.close()
-            raise StorageError(str(exc), field="keys") from None
+            raise KeyringUnusable(str(exc), field="keys") from None
         except BaseException:
             kv.close()
             raise
@@ -440,7 +442,7 @@ class ContextStore:
             if not head.live:
                 raise NotFound(f"{ctx.canonical()} was deleted", input=address)
             return self.reader.read(ctx, head.latest, head.count, as_role, head=head)
-        infos, _ = self.reader.infos(ctx)
+        infos, _ = self.reader.infos(ctx, keep_corrupt=True)  # a corrupt version keeps its rank
         index = select(infos, addr.temporal, where=address)
         if infos[index].tombstone:
             raise NotFound(
@@ -456,7 +458,7 @@ class ContextStore:
     def _ciphertext(self, address: str) -> tuple[StoredRef, bytes]:
         addr = parse(address)
         ctx = self.reader.resolve(addr)
-        infos, _ = self.reader.infos(ctx)
+        infos, _ = self.reader.infos(ctx, keep_corrupt=True)
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
         index = select(infos, addr.temporal, where=address)
@@ -488,7 +490,7 @@ class ContextStore:
         infos, envs = self.reader.infos(ctx, keep_corrupt=True)
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
-        siblings = sibling_groups(infos)
+        siblings = sibling_groups([info for info, env in zip(infos, envs, strict=True) if env])
         out = []
         for rank, (info, env) in enumerate(zip(infos, envs, strict=True), start=1):
             out.append(

@@ -99,6 +99,18 @@ class DataDirInUse(StorageError):
     code = "UCXL-409-DATA_DIR_IN_USE"
 
 
+class AlreadyInitialised(StorageError):
+    """``init`` on a data directory that already holds a node."""
+
+    code = "UCXL-409-ALREADY_INITIALISED"
+
+
+class KeyringUnusable(StorageError):
+    """The keyring cannot be used: missing files, loose permissions, wrong passphrase."""
+
+    code = "UCXL-412-KEYRING_UNUSABLE"
+
+
 class Unavailable(StorageError):
     """Too few replicas answered (quorum not reached)."""
 

@@ -77,26 +77,29 @@ class VersionReader:
         infos: list[VersionInfo] = []
         envs: list[Envelope | None] = []
         for row in self.versions.versions(ctx):
+            vid = VersionId.parse(row.version_id)
             try:
                 env = Envelope.decode(row.data)
+                parent = None if env.parent is None else VersionId.parse(env.parent)
             except CorruptRecord:
-                if keep_corrupt:
-                    infos.append(VersionInfo(VersionId.parse(row.version_id), None, 0, False))
+                if keep_corrupt:  # dated by its id: the HLC wall time it was created at
+                    infos.append(VersionInfo(vid, None, vid.wall_ms, False))
                     envs.append(None)
                 continue
             if env.expires_at_ms is not None and env.expires_at_ms <= now:
+                if _signed(env):  # an unverified expiry must not hide a version
+                    continue
+                if keep_corrupt:
+                    infos.append(VersionInfo(vid, None, vid.wall_ms, False))
+                    envs.append(None)
                 continue
-            parent = None if env.parent is None else VersionId.parse(env.parent)
-            infos.append(
-                VersionInfo(
-                    VersionId.parse(row.version_id), parent, env.created_at_ms, env.tombstone
-                )
-            )
+            # navigation dates a version by its id (the HLC wall time), not the clear header
+            infos.append(VersionInfo(vid, parent, vid.wall_ms, env.tombstone))
             envs.append(env)
         return infos, envs
 
     def rank(self, ctx: ContextName, vid: str) -> int | None:
-        infos, _ = self.infos(ctx)
+        infos, _ = self.infos(ctx, keep_corrupt=True)
         for rank, info in enumerate(infos, start=1):
             if str(info.version_id) == vid:
                 return rank
@@ -176,3 +179,11 @@ class VersionReader:
             if self.keyring.has_identity(name):
                 return name
         raise Forbidden(f"no role held by this node may read {env.context}", field="role")
+
+
+def _signed(env: Envelope) -> bool:
+    try:
+        env.check_signature()
+    except CorruptRecord:
+        return False
+    return True

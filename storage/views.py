@@ -14,7 +14,10 @@ from typing import Any
 
 def iso_ms(ms: int) -> str:
     """Milliseconds since the epoch as an ISO-8601 UTC instant."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    try:
+        moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):  # a damaged timestamp still renders
+        return f"@{ms}ms"
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
