@@ -1,213 +1,267 @@
-"""The node's keyring: one age X25519 identity per role, the node identity, the signing key.
+"""The node's keyring: age X25519 identities per role and key version, the node's keys.
 
 Owns the ``keys/`` directory of a data dir:
 
-- ``keys/<role>.key``: the role's current age identity file, in the format ``age-keygen``
-  writes, so ``age -d -i keys/<role>.key`` decrypts what slurp encrypted;
+- ``keys/<role>.key``: the role's *current* age identity file, in the format
+  ``age-keygen`` writes, so ``age -d -i keys/<role>.key`` decrypts what slurp encrypts now;
+- ``keys/<role>.v<N>.key``: an older, not yet retired key version N of the role (kept
+  while a rotation re-encrypts the records that still need it; deleted on retirement);
 - ``keys/node.key``: this node's own age identity (wraps what is sent to the node);
 - ``keys/node.ed25519``: the node's Ed25519 signing key (PKCS#8 PEM);
-- ``keys/keyring.json``: roles, authorities and the public recipient of every key
-  version (format versioned by ``KEYRING_FORMAT``).
+- ``keys/keyring.json``: roles, authorities, every key version's public recipient with its
+  creation and retirement times, which version is current, rotations in progress, whether
+  the keyring is passphrase-protected, and the node's public signing key (format
+  ``KEYRING_FORMAT``; format 1, without the last four, is still read). No secrets.
 
-Must not know about records or storage. Invariants: every secret file is mode 0600 and
-is checked at open; a role's recipient is known even when its identity is not held here
-(e.g. admin after its identity was Shamir-split and forgotten).
+Passphrase protection: every secret file above (not keyring.json) is then *sealed*, the
+armored age scrypt encryption of its plain form (``crypto.keyfiles``), so the ``age`` CLI
+opens it with the passphrase. The signing key is sealed the same way rather than with
+PKCS#8 ``BestAvailableEncryption`` (PBKDF2, 2048 rounds), which would make it the cheapest
+file to guess the passphrase against. Files are unsealed lazily: opening costs no scrypt,
+the first use of a role's identity or of the signer costs one (about a second) each.
+
+Rotation (``begin_rotation`` / ``finish_rotation``) touches files in an order that
+survives a crash at any point; ``Keyring.open`` repairs what an interrupted one left:
+
+1. write the new identity as ``<role>.v<N+1>.key`` (tmp + fsync + rename);
+2. hard-link the current ``<role>.key`` as ``<role>.v<N>.key``;
+3. write keyring.json (tmp + fsync + rename): version N+1 current, rotation recorded.
+   This is the commit point;
+4. rename ``<role>.v<N+1>.key`` onto ``<role>.key``.
+
+Repair at open, by file names alone (no secret is read): ``<role>.v<C>.key`` where C is
+the current version is renamed onto ``<role>.key`` (after step 3 it is the new identity;
+after step 2 it is a second name of the same old one); ``<role>.v<K>.key`` of a version K
+keyring.json does not list (crash before step 3) or lists as retired (crash inside
+``finish_rotation``, which writes keyring.json first and deletes the file second) is
+deleted, and so are stray ``*.tmp`` files. Every identity read is checked against the
+recipient keyring.json records for its version.
+
+Must not know about records or storage. Invariants: every secret file is 0600 and is
+checked before it is read; a role's recipient is known even when its identity is not held
+here (e.g. admin after its identity was Shamir-split and forgotten).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import stat
+import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyrage
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
 from crypto.errors import DecryptionError, KeyringError
-from crypto.roles import ADMIN_ROLE, Authority, Role, RoleSet
-from crypto.signing import Signer
+from crypto.key_versions import (
+    KEYRING_FORMAT,
+    KeyVersion,
+    Meta,
+    RoleKeys,
+    dump_meta,
+    fingerprint,
+    new_meta,
+    parse_meta,
+    repair_plan,
+    role_listing,
+    roles_of,
+    rotation_of,
+    with_rotation_begun,
+    with_rotation_finished,
+)
+from crypto.keyfiles import (
+    TMP_SUFFIX,
+    Passphrase,
+    PassphraseSource,
+    SecretFiles,
+    check_secret_mode,
+    identity_file_text,
+    parse_identity,
+    replace_secret_file,
+)
+from crypto.roles import ADMIN_ROLE, Role, RoleSet
+from crypto.signing import Signer, private_key_from_pem
 
-KEYRING_FORMAT = 1
 NODE_IDENTITY = "node"
-_SECRET_MODE = 0o600
+KEYRING_FILE = "keyring.json"
+NODE_KEY_FILE = "node.key"
+SIGNING_KEY_FILE = "node.ed25519"
+
+__all__ = [
+    "KEYRING_FORMAT",
+    "KeyVersion",
+    "Keyring",
+    "RoleKeys",
+    "check_secret_mode",
+    "fingerprint",
+    "identity_file_text",
+    "read_identity_file",
+]
 
 
-@dataclass(frozen=True)
-class KeyVersion:
-    """One key version of a role."""
+def read_identity_file(path: Path) -> x25519.Identity:
+    """Load the age identity in a plain identity file (comments allowed).
 
-    version: int
-    recipient: str
-    created_at: str
-    retired_at: str | None = None
-
-
-@dataclass(frozen=True)
-class RoleKeys:
-    """A role, its key versions, and which version encrypts new writes."""
-
-    role: Role
-    current: int
-    versions: tuple[KeyVersion, ...]
-
-    @property
-    def recipient(self) -> str:
-        """The recipient of the current key version."""
-        return next(v.recipient for v in self.versions if v.version == self.current)
+    Raises:
+        KeyringError: missing, loosely permitted, sealed, or not an identity file.
+    """
+    check_secret_mode(path)
+    return parse_identity(path.read_text(encoding="utf-8", errors="replace"), str(path))
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def identity_file_text(identity: x25519.Identity, created_at: str) -> str:
-    """An identity file in ``age-keygen``'s format."""
-    return f"# created: {created_at}\n# public key: {identity.to_public()}\n{identity}\n"
-
-
-def write_secret_file(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600 and write ``text`` (refuses to overwrite)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _SECRET_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
-def check_secret_mode(path: Path) -> None:
-    """Refuse a secret file that group or others may read or write.
-
-    Raises:
-        KeyringError: the file is missing or its permissions are looser than 0600.
-    """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        raise KeyringError(f"missing key file {path}") from None
-    if mode & 0o077:
-        raise KeyringError(
-            f"key file {path} has permissions {mode:04o}; it must be 0600 (chmod 600 {path})"
-        )
-
-
-def read_identity_file(path: Path) -> x25519.Identity:
-    """Load the age identity in an identity file (comments allowed).
-
-    Raises:
-        KeyringError: missing, loosely permitted, or not an age X25519 identity file.
-    """
-    check_secret_mode(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    secrets = [line.strip() for line in lines if line.strip().startswith("AGE-SECRET-KEY-")]
-    if len(secrets) != 1:
-        raise KeyringError(f"{path} does not hold exactly one age X25519 identity")
-    try:
-        return x25519.Identity.from_str(secrets[0])
-    except pyrage.IdentityError:
-        raise KeyringError(f"{path} holds a malformed age identity") from None
-
-
 class Keyring:
-    """Role identities, recipients and the node's keys, backed by a ``keys/`` directory."""
+    """Role identities, recipients and the node's keys, backed by a ``keys/`` directory.
 
-    def __init__(self, keys_dir: Path, meta: dict[str, Any]) -> None:
+    Thread-safe: identities are loaded (and unsealed) once, under a lock.
+    """
+
+    def __init__(self, keys_dir: Path, meta: Meta, files: SecretFiles) -> None:
         self.keys_dir = keys_dir
-        self._meta = meta
-        self._roles = self._parse_roles(meta)
-        self.role_set = RoleSet(rk.role for rk in self._roles.values())
-        self.signer = Signer.load(keys_dir / "node.ed25519")
-        self.node_id: str = self.signer.key_id
-        self.node_recipient: str = meta["node_recipient"]
-        self._identities: dict[str, x25519.Identity] = {}
+        self._files = files
+        self._lock = threading.RLock()
+        self._identities: dict[tuple[str, int], x25519.Identity] = {}
         self._recipients: dict[str, x25519.Recipient] = {}
+        self._set_meta(meta)
+        self.role_set = RoleSet(rk.role for rk in self._roles.values())
+        self.node_recipient: str = str(meta["node_recipient"])
+        self.signer = self._make_signer()
+        self.node_id: str = self.signer.key_id
 
     # -- creation and opening -------------------------------------------------------
 
     @classmethod
-    def create(cls, keys_dir: Path, roles: Sequence[Role]) -> Keyring:
+    def create(
+        cls, keys_dir: Path, roles: Sequence[Role], *, passphrase: str | None = None
+    ) -> Keyring:
         """Create a keyring with a fresh identity per role, a node identity and signing key.
+
+        Args:
+            keys_dir: the directory (created 0700 if missing).
+            roles: the role set (must contain admin).
+            passphrase: seal every secret file with it (one scrypt per file, ~1 s each).
 
         Raises:
             KeyringError: ``keys_dir`` already holds a keyring, or the role set is invalid.
         """
         role_set = RoleSet(roles)
-        if (keys_dir / "keyring.json").exists():
+        if (keys_dir / KEYRING_FILE).exists():
             raise KeyringError(f"{keys_dir} already holds a keyring")
         keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = SecretFiles(keys_dir, None if passphrase is None else Passphrase(passphrase))
+        sealed = passphrase is not None
         created = _now_iso()
-        entries = []
+        recipients = []
         for role in role_set.roles:
             identity = x25519.Identity.generate()
-            write_secret_file(keys_dir / f"{role.name}.key", identity_file_text(identity, created))
-            entries.append(
-                {
-                    "name": role.name,
-                    "authority": role.authority.label,
-                    "current": 1,
-                    "versions": [
-                        {
-                            "version": 1,
-                            "recipient": str(identity.to_public()),
-                            "created_at": created,
-                        }
-                    ],
-                }
-            )
+            text = identity_file_text(identity, created).encode()
+            files.write(f"{role.name}.key", text, sealed=sealed, exclusive=True)
+            recipients.append((role, str(identity.to_public())))
         node_identity = x25519.Identity.generate()
-        write_secret_file(keys_dir / "node.key", identity_file_text(node_identity, created))
-        Signer.generate().save(keys_dir / "node.ed25519")
-        meta = {
-            "format": KEYRING_FORMAT,
-            "node_recipient": str(node_identity.to_public()),
-            "roles": entries,
-        }
-        write_secret_file(keys_dir / "keyring.json", json.dumps(meta, indent=2) + "\n")
-        return cls(keys_dir, meta)
+        node_text = identity_file_text(node_identity, created).encode()
+        files.write(NODE_KEY_FILE, node_text, sealed=sealed, exclusive=True)
+        signer = Signer.generate()
+        files.write(SIGNING_KEY_FILE, signer.to_pem(), sealed=sealed, exclusive=True)
+        meta = new_meta(
+            recipients,
+            created_at=created,
+            node_recipient=str(node_identity.to_public()),
+            node_signing_key=signer.public_key,
+            protected=sealed,
+        )
+        files.write(KEYRING_FILE, dump_meta(meta), sealed=False, exclusive=True)
+        return cls(keys_dir, meta, files)
 
     @classmethod
-    def open(cls, keys_dir: Path) -> Keyring:
+    def open(cls, keys_dir: Path, passphrase: PassphraseSource | None = None) -> Keyring:
         """Open an existing keyring, checking the permissions of every secret file.
 
+        Repairs what an interrupted rotation left (module docstring). Reads no secret:
+        sealed files are unsealed when first used, and a callable ``passphrase`` is only
+        called then (so a wrong passphrase shows at first use, not here).
+
         Raises:
-            KeyringError: missing, malformed, of an unknown format, or too loosely permitted.
+            KeyringError: missing, malformed, of an unknown format, too loosely permitted,
+                or passphrase-protected and no passphrase was given.
         """
-        path = keys_dir / "keyring.json"
+        path = keys_dir / KEYRING_FILE
         if not path.exists():
             raise KeyringError(f"no keyring in {keys_dir} (run `slurp init` first)")
         check_secret_mode(path)
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta, _ = parse_meta(path.read_bytes())
+        except OSError:
             raise KeyringError(f"{path} is not a readable keyring file") from None
-        if not isinstance(meta, dict) or meta.get("format") != KEYRING_FORMAT:
-            raise KeyringError(f"{path} has an unknown keyring format")
+        if meta.get("protected") and passphrase is None:
+            raise KeyringError(
+                f"the keyring in {keys_dir} is passphrase-protected: set SLURP_PASSPHRASE "
+                "or pass --passphrase"
+            )
         for secret in keys_dir.glob("*.key"):
             check_secret_mode(secret)
-        check_secret_mode(keys_dir / "node.ed25519")
-        return cls(keys_dir, meta)
+        check_secret_mode(keys_dir / SIGNING_KEY_FILE)
+        files = SecretFiles(keys_dir, None if passphrase is None else Passphrase(passphrase))
+        keyring = cls(keys_dir, meta, files)
+        keyring._repair_files()
+        return keyring
 
-    @staticmethod
-    def _parse_roles(meta: dict[str, Any]) -> dict[str, RoleKeys]:
+    def _set_meta(self, meta: Meta) -> None:
+        self._roles = roles_of(meta)
+        self._meta = meta
+        self.protected: bool = bool(meta.get("protected", False))
+
+    def _save(self, meta: Meta) -> None:
+        """Write keyring.json atomically (tmp, fsync, rename), then adopt ``meta``."""
+        roles_of(meta)  # never write what could not be read back
+        meta.setdefault("rotations", [])
+        meta.setdefault("node_signing_key", self.signer.public_key.hex())
+        replace_secret_file(self.keys_dir / KEYRING_FILE, dump_meta(meta))
+        self._set_meta(meta)
+
+    def _make_signer(self) -> Signer:
+        public = self._meta.get("node_signing_key")
+        if public is None:  # format 1: the key is plain, load it now
+            return Signer(self._load_signing_key())
         try:
-            out = {}
-            for entry in meta["roles"]:
-                role = Role(str(entry["name"]), Authority.parse(str(entry["authority"])))
-                versions = tuple(
-                    KeyVersion(
-                        int(v["version"]),
-                        str(v["recipient"]),
-                        str(v["created_at"]),
-                        v.get("retired_at"),
-                    )
-                    for v in entry["versions"]
-                )
-                out[role.name] = RoleKeys(role, int(entry["current"]), versions)
-            return out
-        except (KeyError, TypeError, ValueError):
-            raise KeyringError("keyring.json is malformed") from None
+            return Signer.deferred(bytes.fromhex(str(public)), self._load_signing_key)
+        except ValueError:
+            raise KeyringError("keyring.json is malformed (node_signing_key)") from None
+
+    def _load_signing_key(self) -> Ed25519PrivateKey:
+        data = self._files.read(SIGNING_KEY_FILE)
+        return private_key_from_pem(data, str(self._files.path(SIGNING_KEY_FILE)))
+
+    def _repair_files(self) -> None:
+        """Finish or undo the file moves of an interrupted rotation (module docstring)."""
+        with self._lock:
+            for stray in self.keys_dir.glob("*" + TMP_SUFFIX):
+                self._files.remove(stray.name)
+            names = [p.name for p in self.keys_dir.glob("*.v*.key")]
+            for action, name in repair_plan(self._roles, names):
+                if action == "rename":
+                    self._files.rename(name, name.split(".", 1)[0] + ".key")
+                else:
+                    self._files.remove(name)
+
+    def unlock(self, roles: Iterable[str] | None = None) -> None:
+        """Unseal now the signing key and the identities of ``roles`` (default: all held).
+
+        For a daemon that should fail at start on a wrong passphrase rather than at its
+        first request, and not pay scrypt (about a second per file) while serving.
+
+        Raises:
+            UnknownRole: a role is not known.
+            KeyringError: the passphrase does not open a file.
+        """
+        self.signer.sign(b"slurp/unlock")
+        for role in self.held_roles() if roles is None else tuple(roles):
+            self.role_set.get(role)
+            self._role_identities(role)
 
     # -- queries ---------------------------------------------------------------------
 
@@ -222,7 +276,10 @@ class Keyring:
 
     def has_identity(self, role: str) -> bool:
         """Whether this keyring holds the current identity of ``role``."""
-        return role in self._identities or self.identity_path(role).exists()
+        rk = self._roles.get(role)
+        if rk is not None and (role, rk.current) in self._identities:
+            return True
+        return self.identity_path(role).exists()
 
     def held_roles(self) -> tuple[str, ...]:
         """The roles whose identities this keyring holds, in role-set order."""
@@ -233,24 +290,27 @@ class Keyring:
         self.role_set.get(role)
         return self._roles[role].recipient
 
+    def rotation_in_progress(self, role: str) -> dict[str, Any] | None:
+        """``{role, from_version, to_version, started_at}`` of an unfinished rotation, or None."""
+        self.role_set.get(role)
+        return rotation_of(self._meta, role)
+
+    def listing(self) -> dict[str, Any]:
+        """What ``slurp keys list`` shows, JSON-ready.
+
+        ``{"protected", "node_id", "node_recipient", "roles": [{"name", "authority",
+        "current", "held", "rotation", "versions": [{"version", "recipient",
+        "fingerprint", "created_at", "retired_at", "current", "held"}]}]}``; ``current`` is
+        the version that encrypts new writes; ``held`` says whether its identity file is here.
+        """
+        return {
+            "protected": self.protected,
+            "node_id": self.node_id,
+            "node_recipient": self.node_recipient,
+            "roles": role_listing(self._meta, self._roles, self._holds),
+        }
+
     # -- encryption -------------------------------------------------------------------
-
-    def _recipient_obj(self, text: str) -> x25519.Recipient:
-        found = self._recipients.get(text)
-        if found is None:
-            found = x25519.Recipient.from_str(text)
-            self._recipients[text] = found
-        return found
-
-    def _identity(self, role: str) -> x25519.Identity:
-        found = self._identities.get(role)
-        if found is None:
-            path = self.identity_path(role)
-            if not path.exists():
-                raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
-            found = read_identity_file(path)
-            self._identities[role] = found
-        return found
 
     def encrypt(self, plaintext: bytes, readers: Iterable[str]) -> bytes:
         """Encrypt once to the current recipients of ``readers`` plus admin.
@@ -263,14 +323,179 @@ class Keyring:
         return bytes(pyrage.encrypt(plaintext, recipients))
 
     def decrypt(self, ciphertext: bytes, role: str) -> bytes:
-        """Decrypt with the identity of ``role``.
+        """Decrypt with the identities of ``role``: its current and unretired older versions.
 
         Raises:
-            KeyringError: the identity of ``role`` is not held here.
+            UnknownRole: ``role`` is not a known role.
+            KeyringError: no identity of ``role`` is held here, or one cannot be unsealed.
             DecryptionError: the ciphertext is not for this role, or it is damaged.
         """
-        identity = self._identity(role)
-        try:
-            return bytes(pyrage.decrypt(ciphertext, [identity]))
-        except pyrage.DecryptError:
-            raise DecryptionError("cannot decrypt") from None
+        self.role_set.get(role)
+        identities = self._role_identities(role)
+        if not identities:
+            raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
+        return _decrypt(ciphertext, identities)
+
+    def decrypt_version(self, ciphertext: bytes, role: str, version: int) -> bytes:
+        """Decrypt with key version ``version`` of ``role`` alone.
+
+        Raises:
+            UnknownRole: ``role`` is not a known role.
+            KeyringError: no such version, it is retired, or its identity is not held here.
+            DecryptionError: the ciphertext is not for that version, or it is damaged.
+        """
+        self.role_set.get(role)
+        if self._roles[role].version(version).retired_at is not None:
+            raise KeyringError(f"key version {version} of role {role!r} is retired")
+        if not self._holds(role, version):
+            raise KeyringError(f"this keyring does not hold key version {version} of {role!r}")
+        return _decrypt(ciphertext, [self._identity(role, version)])
+
+    def decrypt_any(self, ciphertext: bytes) -> bytes:
+        """Decrypt with every identity held here (all roles, all unretired versions).
+
+        On a protected keyring this unseals every identity file on first use.
+
+        Raises:
+            KeyringError: no role identity is held here, or one cannot be unsealed.
+            DecryptionError: no held identity opens the ciphertext, or it is damaged.
+        """
+        identities = [i for name in self.role_set.names for i in self._role_identities(name)]
+        if not identities:
+            raise KeyringError("this keyring holds no role identity")
+        return _decrypt(ciphertext, identities)
+
+    def _recipient_obj(self, text: str) -> x25519.Recipient:
+        found = self._recipients.get(text)
+        if found is None:
+            found = x25519.Recipient.from_str(text)
+            self._recipients[text] = found
+        return found
+
+    def _file_name(self, role: str, version: int) -> str:
+        return self._roles[role].file_name(version)
+
+    def _holds(self, role: str, version: int) -> bool:
+        return (role, version) in self._identities or self._files.exists(
+            self._file_name(role, version)
+        )
+
+    def _role_identities(self, role: str) -> list[x25519.Identity]:
+        """The held identities of ``role``'s unretired versions, current first."""
+        rk = self._roles[role]
+        order = sorted(rk.versions, key=lambda v: (v.version != rk.current, -v.version))
+        return [
+            self._identity(role, v.version)
+            for v in order
+            if v.retired_at is None and self._holds(role, v.version)
+        ]
+
+    def _identity(self, role: str, version: int) -> x25519.Identity:
+        with self._lock:
+            found = self._identities.get((role, version))
+            if found is not None:
+                return found
+            name = self._file_name(role, version)
+            where = str(self._files.path(name))
+            identity = parse_identity(self._files.read(name).decode("utf-8", "replace"), where)
+            if str(identity.to_public()) != self._roles[role].version(version).recipient:
+                raise KeyringError(f"{where} does not hold key version {version} of role {role!r}")
+            self._identities[(role, version)] = identity
+            return identity
+
+    # -- rotation ---------------------------------------------------------------------
+
+    def begin_rotation(self, role: str) -> KeyVersion:
+        """Make a new key version of ``role`` current; the old one stays until finished.
+
+        New writes are encrypted to the new version at once; both versions decrypt until
+        ``finish_rotation``. File order and crash repair: module docstring.
+
+        Returns:
+            The new key version.
+
+        Raises:
+            UnknownRole: ``role`` is not a known role.
+            KeyringError: a rotation of ``role`` is already in progress, or this keyring
+                does not hold the role's current identity.
+        """
+        with self._lock:
+            self.role_set.get(role)
+            if not self.has_identity(role):
+                raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
+            identity = x25519.Identity.generate()
+            now = _now_iso()
+            meta, old, new = with_rotation_begun(self._meta, role, str(identity.to_public()), now)
+            self._identity(role, old)  # the file to keep must be sound (and unsealed once)
+            text = identity_file_text(identity, now).encode()
+            self._files.write(f"{role}.v{new}.key", text, sealed=self.protected)  # 1
+            self._files.link(f"{role}.key", f"{role}.v{old}.key")  # 2
+            self._save(meta)  # 3: the commit point
+            self._files.rename(f"{role}.v{new}.key", f"{role}.key")  # 4
+            self._identities[(role, new)] = identity
+            return self._roles[role].version(new)
+
+    def finish_rotation(self, role: str) -> KeyVersion:
+        """Retire the version a rotation replaced and delete its identity file.
+
+        Call it only once nothing is encrypted to the old version any more (the storage
+        layer's re-encryption decides that). keyring.json is written first, the file
+        deleted second; ``open`` deletes a retired version's file that a crash left.
+
+        Returns:
+            The retired key version.
+
+        Raises:
+            UnknownRole: ``role`` is not a known role.
+            KeyringError: no rotation of ``role`` is in progress.
+        """
+        with self._lock:
+            self.role_set.get(role)
+            meta, old = with_rotation_finished(self._meta, role, _now_iso())
+            self._save(meta)
+            self._files.remove(f"{role}.v{old}.key")
+            self._identities.pop((role, old), None)
+            return self._roles[role].version(old)
+
+    # -- passphrase protection ---------------------------------------------------------
+
+    def protect(self, passphrase: str) -> None:
+        """Seal every secret file with ``passphrase`` (one scrypt per file; resumable).
+
+        Each file is replaced atomically; keyring.json says ``protected`` once all are.
+
+        Raises:
+            KeyringError: already protected, an empty passphrase, or a file an earlier,
+                interrupted run sealed with another passphrase.
+        """
+        with self._lock:
+            if self.protected:
+                raise KeyringError("the keyring is already passphrase-protected")
+            self._files.passphrase = Passphrase(passphrase)
+            for name in self._secret_file_names():
+                self._files.reseal(name, sealed=True)
+            self._save({**self._meta, "protected": True})
+
+    def unprotect(self) -> None:
+        """Rewrite every secret file plain (unsealing the ones not yet used; resumable).
+
+        Raises:
+            KeyringError: not protected, or the passphrase does not open a file.
+        """
+        with self._lock:
+            if not self.protected:
+                raise KeyringError("the keyring is not passphrase-protected")
+            for name in self._secret_file_names():
+                self._files.reseal(name, sealed=False)
+            self._save({**self._meta, "protected": False})
+
+    def _secret_file_names(self) -> list[str]:
+        names = sorted(p.name for p in self.keys_dir.glob("*.key"))
+        return [*names, SIGNING_KEY_FILE]
+
+
+def _decrypt(ciphertext: bytes, identities: Sequence[x25519.Identity]) -> bytes:
+    try:
+        return bytes(pyrage.decrypt(ciphertext, list(identities)))
+    except pyrage.DecryptError:
+        raise DecryptionError("cannot decrypt") from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -46,19 +48,37 @@ def key_id(public_key: bytes) -> str:
 
 
 class Signer:
-    """An Ed25519 private key that signs versions."""
+    """An Ed25519 private key that signs versions.
+
+    A *deferred* signer knows its public key up front and loads the private key on the
+    first ``sign`` (a passphrase-protected keyring pays its scrypt only when it signs).
+    """
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        self._key = private_key
-        self.public_key = private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        self._key: Ed25519PrivateKey | None = private_key
+        self._load: Callable[[], Ed25519PrivateKey] | None = None
+        self._lock = threading.Lock()
+        self.public_key = _raw_public(private_key)
         self.key_id = key_id(self.public_key)
 
     @classmethod
     def generate(cls) -> Signer:
         """A fresh random key."""
         return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def deferred(cls, public_key: bytes, load: Callable[[], Ed25519PrivateKey]) -> Signer:
+        """A signer whose private key ``load`` returns when it first signs.
+
+        The loaded key must match ``public_key`` (``sign`` raises KeyringError if not).
+        """
+        signer = cls.__new__(cls)
+        signer._key = None
+        signer._load = load
+        signer._lock = threading.Lock()
+        signer.public_key = public_key
+        signer.key_id = key_id(public_key)
+        return signer
 
     @classmethod
     def load(cls, path: Path) -> Signer:
@@ -68,27 +88,61 @@ class Signer:
             KeyringError: missing or unreadable file.
         """
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise KeyringError(f"cannot load signing key {path}: {type(exc).__name__}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyringError(f"signing key {path} is not an Ed25519 key")
-        return cls(key)
+        return cls(private_key_from_pem(data, str(path)))
 
-    def save(self, path: Path) -> None:
-        """Write the key as PKCS#8 PEM with mode 0600 (refuses to overwrite)."""
-        pem = self._key.private_bytes(
+    def to_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (loads a deferred key)."""
+        return self._private().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+    def save(self, path: Path) -> None:
+        """Write the key as PKCS#8 PEM with mode 0600 (refuses to overwrite)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
+            handle.write(self.to_pem())
 
     def sign(self, message: bytes) -> bytes:
-        """A 64-byte Ed25519 signature of ``message``."""
-        return self._key.sign(message)
+        """A 64-byte Ed25519 signature of ``message``.
+
+        Raises:
+            KeyringError: a deferred key cannot be loaded or does not match.
+        """
+        return self._private().sign(message)
+
+    def _private(self) -> Ed25519PrivateKey:
+        with self._lock:
+            if self._key is None:
+                assert self._load is not None
+                key = self._load()
+                if _raw_public(key) != self.public_key:
+                    raise KeyringError("the signing key does not match its recorded public key")
+                self._key = key
+            return self._key
+
+
+def private_key_from_pem(data: bytes, where: str) -> Ed25519PrivateKey:
+    """Parse an unencrypted PKCS#8 PEM Ed25519 private key.
+
+    Raises:
+        KeyringError: not such a key (``where`` names the source).
+    """
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyringError(f"cannot load signing key {where}: {type(exc).__name__}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyringError(f"signing key {where} is not an Ed25519 key")
+    return key
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def verify(public_key: bytes, signature: bytes, message: bytes) -> None:

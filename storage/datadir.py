@@ -1,7 +1,8 @@
 """The data directory of one node (ARCHITECTURE.md §4) and its storage settings.
 
 Owns the layout ``DATA_DIR/{config.toml, db/, index/, keys/, backups/}``, reading the
-``[storage]`` table of ``config.toml``, and validating it with errors that name the key.
+``[storage]`` and ``[keys]`` tables of ``config.toml``, and validating them with errors
+that name the key.
 Must not open LevelDB, the index or the keyring (the ContextStore does).
 """
 
@@ -25,7 +26,11 @@ index_backend = "{backend}"      # "tantivy" (default) or "whoosh"
 index_refresh_s = 1.0            # a search sees a write at most this long after it
 cache_max_bytes = 67108864       # decrypted-record cache bound
 cache_ttl_s = 300.0
+
+[keys]
+max_key_age_days = 90            # `slurp stats` warns when a role key is older; 0: never
 """
+DEFAULT_MAX_KEY_AGE_DAYS = 90
 
 
 class ConfigError(InvalidPayload):
@@ -38,6 +43,13 @@ class StorageConfig:
 
     index: IndexConfig = field(default_factory=IndexConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The validated ``[keys]`` table."""
+
+    max_key_age_days: int = DEFAULT_MAX_KEY_AGE_DAYS  # 0: no rotation-due warning
 
 
 @dataclass(frozen=True)
@@ -97,21 +109,9 @@ def load_storage_config(path: Path) -> StorageConfig:
     Raises:
         ConfigError: unreadable TOML, an unknown key, or a bad value (``field`` names it).
     """
-    if not path.exists():
-        return StorageConfig()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", field="config") from None
-    table = data.get("storage", {})
-    if not isinstance(table, dict):
-        raise ConfigError("[storage] must be a table", field="storage")
-    known = {"index_backend", "index_refresh_s", "cache_max_bytes", "cache_ttl_s"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key storage.{unknown[0]} in {path}", field=f"storage.{unknown[0]}"
-        )
+    table = _table(
+        path, "storage", {"index_backend", "index_refresh_s", "cache_max_bytes", "cache_ttl_s"}
+    )
     backend = table.get("index_backend", "tantivy")
     if backend not in ("tantivy", "whoosh"):
         raise ConfigError(
@@ -125,6 +125,41 @@ def load_storage_config(path: Path) -> StorageConfig:
         index=IndexConfig(backend=backend, refresh_interval_s=refresh),
         cache=CacheConfig(max_bytes=cache_bytes, ttl_s=cache_ttl),
     )
+
+
+def load_keys_config(path: Path) -> KeysConfig:
+    """Read and validate the ``[keys]`` table of a config file (missing file: defaults).
+
+    Raises:
+        ConfigError: unreadable TOML, an unknown key, or a bad value (``field`` names it).
+    """
+    table = _table(path, "keys", {"max_key_age_days"})
+    days = table.get("max_key_age_days", DEFAULT_MAX_KEY_AGE_DAYS)
+    if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+        raise ConfigError(
+            "keys.max_key_age_days must be a whole number of days >= 0 (0: never warn)",
+            field="keys.max_key_age_days",
+        )
+    return KeysConfig(max_key_age_days=days)
+
+
+def _table(path: Path, name: str, known: set[str]) -> dict[str, Any]:
+    """The ``[name]`` table of a config file ({} when the file or table is missing)."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", field="config") from None
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table", field=name)
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]} in {path}", field=f"{name}.{unknown[0]}"
+        )
+    return table
 
 
 def _positive(table: dict[str, Any], key: str, default: float) -> float:

@@ -37,8 +37,13 @@ class KV(Protocol):
     def write(self, puts: Puts, deletes: Deletes = (), *, sync: bool = True) -> None:
         """Apply deletes then puts atomically; durable before returning when ``sync``."""
 
-    def scan(self, prefix: bytes, *, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) whose key starts with ``prefix``, in key order."""
+    def scan(
+        self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) whose key starts with ``prefix``, in key order.
+
+        ``after`` (forward scans only) resumes a scan: only keys greater than it.
+        """
 
     def compact(self) -> None:
         """Reclaim space from deleted and overwritten rows."""
@@ -143,10 +148,21 @@ class LevelDBKV:
                 for key, value in pending.puts:
                     batch.put(key, value)
 
-    def scan(self, prefix: bytes, *, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) under ``prefix``, in key order (or reversed)."""
-        with self._db.iterator(prefix=prefix, reverse=reverse) as it:
-            yield from it
+    def scan(
+        self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) under ``prefix``, in key order (or reversed), past ``after``."""
+        if after is None:
+            with self._db.iterator(prefix=prefix, reverse=reverse) as it:
+                yield from it
+            return
+        _check_after(reverse)
+        start, include_start = (after, False) if after >= prefix else (prefix, True)
+        with self._db.iterator(start=start, include_start=include_start) as it:
+            for key, value in it:
+                if not key.startswith(prefix):
+                    return
+                yield key, value
 
     def compact(self) -> None:
         """Compact the whole key range."""
@@ -193,10 +209,15 @@ class MemoryKV:
                 bisect.insort(self._keys, key)
             self._values[key] = bytes(value)
 
-    def scan(self, prefix: bytes, *, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) under ``prefix``, in key order (or reversed)."""
+    def scan(
+        self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) under ``prefix``, in key order (or reversed), past ``after``."""
         self._check()
         start = bisect.bisect_left(self._keys, prefix)
+        if after is not None:
+            _check_after(reverse)
+            start = max(start, bisect.bisect_right(self._keys, after))
         keys = []
         for key in self._keys[start:]:
             if not key.startswith(prefix):
@@ -216,3 +237,8 @@ class MemoryKV:
     def _check(self) -> None:
         if self._closed:
             raise Internal("the store is closed")
+
+
+def _check_after(reverse: bool) -> None:
+    if reverse:
+        raise ValueError("scan(after=...) resumes forward scans only")

@@ -15,6 +15,8 @@ key                                     value
 ``m/format``                            ASCII format version (``b"1"``)
 ``m/hlc``                               last hybrid-logical-clock id issued (ASCII)
 ``m/node_id``                           the node id (ASCII)
+``m/rotation/`` role                    cursor of a key rotation in progress: msgpack
+                                        {v, to_version, after, since_ms, scanned, rewritten}
 ``v/`` ctx SEP version-id               a version envelope (``storage.envelope``, msgpack)
 ``h/`` ctx                              head summary: msgpack {latest, count, live, updated_ms}
 ``t/`` expires-ms(8, big-endian) ctx    empty; the TTL index (ctx SEP version-id follows)
@@ -39,6 +41,8 @@ SEP = b"\x01"
 META_FORMAT = b"m/format"
 META_HLC = b"m/hlc"
 META_NODE_ID = b"m/node_id"
+META_ROTATION_PREFIX = b"m/rotation/"
+ROTATION_CURSOR_SCHEMA = 1
 VERSION_PREFIX = b"v/"
 HEAD_PREFIX = b"h/"
 TTL_PREFIX = b"t/"
@@ -138,6 +142,60 @@ class PurgeMarker:
             return cls(str(row["upto"]), int(row["purged_ms"]), str(row["by"]))
         except (KeyError, TypeError, ValueError):
             raise CorruptRecord("purge marker is damaged", field="purge") from None
+
+
+def rotation_cursor_key(role: str) -> bytes:
+    """The key of the rotation cursor of ``role``."""
+    return META_ROTATION_PREFIX + role.encode("ascii")
+
+
+@dataclass(frozen=True)
+class RotationCursor:
+    """How far the rotation to key version ``to_version`` of a role has come.
+
+    ``after`` is the last version-row key done (b"" before the first); ``since_ms`` the
+    wall time from which rows are checked again at the end (``storage.rotation``);
+    ``scanned`` and ``rewritten`` count rows over every run of this rotation.
+    """
+
+    to_version: int
+    after: bytes
+    since_ms: int
+    scanned: int = 0
+    rewritten: int = 0
+
+    def encode(self) -> bytes:
+        """The stored form."""
+        row = {
+            "v": ROTATION_CURSOR_SCHEMA,
+            "to_version": self.to_version,
+            "after": self.after,
+            "since_ms": self.since_ms,
+            "scanned": self.scanned,
+            "rewritten": self.rewritten,
+        }
+        return bytes(msgpack.packb(row, use_bin_type=True))
+
+    @classmethod
+    def decode(cls, data: bytes) -> RotationCursor:
+        """Parse the stored form.
+
+        Raises:
+            CorruptRecord: the row is damaged or of another schema.
+        """
+        row = _unpack_dict(data, "rotation cursor")
+        try:
+            if row["v"] != ROTATION_CURSOR_SCHEMA or not isinstance(row["after"], bytes):
+                raise ValueError("schema")
+            return cls(
+                int(row["to_version"]),
+                row["after"],
+                int(row["since_ms"]),
+                int(row["scanned"]),
+                int(row["rewritten"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CorruptRecord("rotation cursor is damaged", field="rotation") from None
 
 
 def _unpack_dict(data: bytes, what: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Must not know about keys, plaintext, the cache or the index.
 
 Invariants:
 - versions are never overwritten: appending a version id that exists is a no-op (merge by
-  union, ARCHITECTURE.md §3);
+  union, ARCHITECTURE.md §3). The one exception is ``rewrite``, used by key rotation
+  (``storage.rotation``): same id, same clear header, new ciphertext and signature;
 - a head row always describes the version rows committed with it (latest id, count, whether
   the latest is live);
 - versions covered by a purge marker are refused forever.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from storage.address import ContextName
 from storage.envelope import Envelope
-from storage.errors import CorruptRecord
+from storage.errors import CorruptRecord, Internal
 from storage.kv import KV
 from storage.schema import (
     HEAD_PREFIX,
@@ -160,6 +161,35 @@ class VersionStore:
                 deletes.append(head_key(ctx))
             self.kv.write(puts, deletes, sync=True)
         return len(drop)
+
+    def rewrite(
+        self, envelopes: Sequence[Envelope], *, meta: Sequence[tuple[bytes, bytes]] = ()
+    ) -> int:
+        """Replace stored versions in place, with ``meta`` rows, in one synced batch.
+
+        Only for key rotation: each envelope keeps its version id and clear header and
+        carries a new ciphertext and signature. A version no longer stored (purged or
+        expired since it was read) is not written back. Heads and TTL rows do not change.
+
+        Returns:
+            How many versions were replaced.
+
+        Raises:
+            Internal: an envelope's header differs from the stored one (a caller's bug).
+        """
+        with self._lock:
+            puts: list[tuple[bytes, bytes]] = list(meta)
+            for env in envelopes:
+                key = version_key(ContextName.from_canonical(env.context).key(), env.version_id)
+                stored = self.kv.get(key)
+                if stored is None:
+                    continue
+                if Envelope.decode(stored).header() != env.header():
+                    raise Internal(f"a rewrite must keep the header of version {env.version_id}")
+                puts.append((key, env.encode()))
+            if puts:
+                self.kv.write(puts, sync=True)
+        return len(puts) - len(meta)
 
     @staticmethod
     def _ttl_rows_of(ctx: bytes, data: bytes) -> list[bytes]:

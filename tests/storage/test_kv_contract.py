@@ -43,6 +43,18 @@ def test_scan_is_ordered_and_bounded_by_prefix(kv: KV) -> None:
     assert list(kv.scan(b"zz")) == []
 
 
+def test_scan_resumes_after_a_key(kv: KV) -> None:
+    """``after`` skips every key up to and including it, and keeps the prefix bound."""
+    kv.write([(b"p", b"0"), (b"p/a", b"1"), (b"p/b", b"2"), (b"p/c", b"3"), (b"q/a", b"x")])
+    assert [k for k, _ in kv.scan(b"p/", after=b"p/a")] == [b"p/b", b"p/c"]
+    assert [k for k, _ in kv.scan(b"p/", after=b"p/ab")] == [b"p/b", b"p/c"]
+    assert [k for k, _ in kv.scan(b"p/", after=b"a")] == [b"p/a", b"p/b", b"p/c"]
+    assert [k for k, _ in kv.scan(b"p/", after=b"p/c")] == []
+    assert [k for k, _ in kv.scan(b"p/", after=b"z")] == []
+    with pytest.raises(ValueError, match="forward"):
+        list(kv.scan(b"p/", reverse=True, after=b"p/a"))
+
+
 def test_compact_keeps_data(kv: KV) -> None:
     kv.write([(bytes([i]), b"v") for i in range(50)])
     kv.write([], [bytes([i]) for i in range(0, 50, 2)])

@@ -1,0 +1,333 @@
+"""Key rotation of one role on one node (ARCHITECTURE.md §5, "Key rotation").
+
+Owns the re-encryption walk that lets a role's old key be retired, its resumable cursor
+(``m/rotation/<role>``, ``storage.schema.RotationCursor``) and the rotation-due warnings.
+Must not know about the CLI or the network; the keyring (``crypto.keyring``) owns the
+key files and their crash-safe moves.
+
+**The one in-place rewrite in the system.** Versions are immutable everywhere else. A
+rotation gives an existing version a new ciphertext (encrypted to the *current*
+recipients of its readers plus admin) and a new signature (by this node's key, which
+thereby vouches for the re-encryption; ``created_by`` still names the writer), under the
+same version id and the same clear header. It never creates a version: ranks, heads,
+history, TTL rows and the full-text index stay as they are.
+
+Order (``rotate_role``):
+
+1. ``Keyring.begin_rotation``: a new key version becomes current, so every new write is
+   encrypted to it at once (skipped when a rotation of the role is already in progress:
+   the call resumes it).
+2. The main pass walks every version row (``v/``) in key order after the cursor. A row is
+   rewritten when it is not a tombstone, the role reads it (listed as a reader, or the
+   role is admin, which is a recipient of everything) and the new identity does not
+   already open it. Each batch writes its rows *and* the advanced cursor in one synced
+   write: a crash loses at most the batch in progress, and doing a batch twice is
+   harmless. Rows that fail their signature check, are signed by another key or are
+   stored under the wrong key are never re-signed (that would launder tampering), and
+   rows no held identity opens are left too; both are counted as ``skipped`` and do not
+   hold up retirement, since the store refuses or cannot read them anyway.
+3. The tail pass checks again every row created since ``TAIL_MARGIN_MS`` before the
+   rotation began: a write whose ciphertext was made just before step 1 may commit
+   behind the cursor. (A write still in flight after the whole main pass would be missed;
+   closing that needs the write path to re-encrypt when the key version changed between
+   encrypting and committing.)
+4. ``Keyring.finish_rotation`` retires the old version and deletes its identity file;
+   then the cursor is deleted and the decrypted-record cache cleared.
+
+``stop_after_batches`` returns early (``finished=False``) after that many synced batches,
+leaving exactly what a crash at that point leaves; the next call resumes.
+
+Rotations are serialised within a process; LevelDB's lock keeps other processes out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from crypto.errors import DecryptionError
+from crypto.keyring import Keyring
+from crypto.roles import ADMIN_ROLE
+from storage.address import ContextName
+from storage.envelope import Envelope
+from storage.errors import CorruptRecord, StorageError
+from storage.schema import (
+    HEAD_PREFIX,
+    META_HLC,
+    SEP,
+    VERSION_PREFIX,
+    Head,
+    RotationCursor,
+    rotation_cursor_key,
+    version_key,
+)
+from storage.versions import VersionId
+
+if TYPE_CHECKING:  # a type only: the ContextStore may use this module (stats warnings)
+    from storage.context_store import ContextStore
+
+DEFAULT_BATCH_SIZE = 200
+TAIL_MARGIN_MS = 60_000
+Progress = Callable[[int, int], None]
+_ROTATION_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    """What one ``rotate_role`` call did (counts are this call's, not the rotation's).
+
+    ``scanned``: version rows the main pass walked; ``rewritten``: rows re-encrypted;
+    ``skipped``: rows the role reads that were left as they are (failing their integrity
+    check, or opened by no identity held here); ``batches``: synced batches written;
+    ``resumed``: a rotation of the role was already in progress; ``finished``: the old
+    key version is retired.
+    """
+
+    role: str
+    from_version: int
+    to_version: int
+    scanned: int
+    rewritten: int
+    skipped: int
+    batches: int
+    resumed: bool
+    finished: bool
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass
+class _Run:
+    """The mutable state of one call."""
+
+    store: ContextStore
+    role: str
+    to_version: int
+    cursor: RotationCursor
+    batch_size: int
+    total: int
+    scanned: int = 0
+    rewritten: int = 0
+    batches: int = 0
+    skipped: set[bytes] = field(default_factory=set)  # keys, as the tail pass sees rows twice
+
+
+def rotate_role(
+    store: ContextStore,
+    role: str,
+    *,
+    progress: Progress | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop_after_batches: int | None = None,
+) -> RotationReport:
+    """Rotate the key of ``role``: begin (or resume), re-encrypt, retire the old version.
+
+    Args:
+        store: an open ContextStore (its keyring must hold the role's identity).
+        role: the role to rotate.
+        progress: called after each batch of the main pass, and once when it ends, with
+            (rows scanned, rows in the store), counting over every run of this rotation.
+        batch_size: version rows per synced batch.
+        stop_after_batches: return early after this many batches (``finished=False``),
+            as a crash would; for tests and bounded work.
+
+    Returns:
+        What this call did.
+
+    Raises:
+        UnknownRole: ``role`` is not a known role.
+        KeyringError: the keyring does not hold the role's identity, or cannot write.
+        ValueError: ``batch_size`` or ``stop_after_batches`` is below 1.
+    """
+    if batch_size < 1 or (stop_after_batches is not None and stop_after_batches < 1):
+        raise ValueError("batch_size and stop_after_batches must be at least 1")
+    keyring = store.keyring
+    with _ROTATION_LOCK:
+        keyring.role_set.get(role)
+        since_ms = max(_last_write_ms(store) - TAIL_MARGIN_MS, 0)
+        rotation = keyring.rotation_in_progress(role)
+        resumed = rotation is not None
+        if rotation is None:
+            keyring.begin_rotation(role)
+            rotation = keyring.rotation_in_progress(role)
+            assert rotation is not None
+        to_version = int(rotation["to_version"])
+        cursor = _load_cursor(store, role, to_version)
+        if cursor is None:
+            cursor = RotationCursor(to_version, b"", since_ms)
+            store.kv.write([(rotation_cursor_key(role), cursor.encode())], sync=True)
+        run = _Run(store, role, to_version, cursor, batch_size, _count_versions(store))
+        done = _main_pass(run, progress, stop_after_batches) and _tail_pass(run, stop_after_batches)
+        if done:
+            keyring.finish_rotation(role)
+            store.kv.write([], [rotation_cursor_key(role)], sync=True)
+            store.cache.clear()
+        return RotationReport(
+            role=role,
+            from_version=int(rotation["from_version"]),
+            to_version=to_version,
+            scanned=run.scanned,
+            rewritten=run.rewritten,
+            skipped=len(run.skipped),
+            batches=run.batches,
+            resumed=resumed,
+            finished=done,
+        )
+
+
+def rotation_warnings(keyring: Keyring, max_age_days: int, now: datetime) -> list[str]:
+    """Warnings for ``slurp stats``: role keys older than ``max_age_days``, unfinished rotations.
+
+    ``max_age_days == 0`` turns the age warning off. ``now`` must be timezone-aware.
+    """
+    out = []
+    for rk in keyring.role_keys():
+        name = rk.role.name
+        rotation = keyring.rotation_in_progress(name)
+        if rotation is not None:
+            out.append(
+                f"the key rotation of role {name!r} (version {rotation['from_version']} -> "
+                f"{rotation['to_version']}) is unfinished: run `slurp keys rotate {name}`"
+            )
+            continue
+        created = datetime.strptime(rk.version(rk.current).created_at, "%Y-%m-%dT%H:%M:%SZ")
+        age_days = (now - created.replace(tzinfo=UTC)).days
+        if max_age_days and age_days > max_age_days:
+            out.append(
+                f"the key of role {name!r} (version {rk.current}) is {age_days} days old, "
+                f"more than keys.max_key_age_days = {max_age_days}: run "
+                f"`slurp keys rotate {name}`"
+            )
+    return out
+
+
+# -- the passes -------------------------------------------------------------------------
+
+
+def _main_pass(run: _Run, progress: Progress | None, stop_after: int | None) -> bool:
+    """Walk the rows after the cursor; False when stopped early."""
+    while True:
+        rows = _take(run.store.kv.scan(VERSION_PREFIX, after=run.cursor.after), run.batch_size)
+        if not rows:
+            if progress is not None:
+                progress(run.cursor.scanned, max(run.total, run.cursor.scanned))
+            return True
+        rewritten = [env for env in (_rotated(run, key, data) for key, data in rows) if env]
+        run.cursor = RotationCursor(
+            run.to_version,
+            rows[-1][0],
+            run.cursor.since_ms,
+            run.cursor.scanned + len(rows),
+            run.cursor.rewritten + len(rewritten),
+        )
+        cursor_row = (rotation_cursor_key(run.role), run.cursor.encode())
+        run.rewritten += run.store.versions.rewrite(rewritten, meta=[cursor_row])
+        run.scanned += len(rows)
+        run.batches += 1
+        if progress is not None:
+            run.total = max(run.total, run.cursor.scanned)
+            progress(run.cursor.scanned, run.total)
+        if stop_after is not None and run.batches >= stop_after:
+            return False
+
+
+def _tail_pass(run: _Run, stop_after: int | None) -> bool:
+    """Check again the rows written since the rotation began; False when stopped early."""
+    recent = (
+        (key, data)
+        for key, data in run.store.kv.scan(VERSION_PREFIX)
+        if _row_wall_ms(key) >= run.cursor.since_ms
+    )
+    while rows := _take(recent, run.batch_size):
+        rewritten = [env for env in (_rotated(run, key, data) for key, data in rows) if env]
+        if rewritten:
+            run.rewritten += run.store.versions.rewrite(rewritten)
+            run.batches += 1
+            if stop_after is not None and run.batches >= stop_after:
+                return False
+    return True
+
+
+def _rotated(run: _Run, key: bytes, data: bytes) -> Envelope | None:
+    """The row re-encrypted and re-signed, or None when it is left as it is."""
+    keyring = run.store.keyring
+    try:
+        env = Envelope.decode(data)
+    except CorruptRecord:
+        run.skipped.add(key)
+        return None
+    if env.tombstone or not (run.role == ADMIN_ROLE or run.role in env.readers):
+        return None
+    if not _sound(env, key, keyring):
+        run.skipped.add(key)
+        return None
+    try:
+        keyring.decrypt_version(env.ciphertext, run.role, run.to_version)
+        return None  # written after the rotation began, or rewritten before a crash
+    except DecryptionError:
+        pass
+    try:
+        plain = keyring.decrypt(env.ciphertext, run.role)
+    except DecryptionError:
+        run.skipped.add(key)
+        return None
+    ciphertext = keyring.encrypt(plain, env.readers)
+    return replace(env, ciphertext=ciphertext).sealed(keyring.signer)
+
+
+def _sound(env: Envelope, key: bytes, keyring: Keyring) -> bool:
+    """Signed by this node's key, the signature verifies, and stored under its own key."""
+    if env.signer != keyring.signer.public_key:
+        return False
+    try:
+        env.check_signature()
+        ctx = ContextName.from_canonical(env.context).key()
+    except StorageError:  # CorruptRecord, AddressError
+        return False
+    return version_key(ctx, env.version_id) == key
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _take(rows: Iterator[tuple[bytes, bytes]], count: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for row in rows:
+        out.append(row)
+        if len(out) == count:
+            break
+    return out
+
+
+def _load_cursor(store: ContextStore, role: str, to_version: int) -> RotationCursor | None:
+    """The cursor of this rotation; a damaged one or one of an earlier rotation is ignored."""
+    data = store.kv.get(rotation_cursor_key(role))
+    if data is None:
+        return None
+    try:
+        cursor = RotationCursor.decode(data)
+    except CorruptRecord:
+        return None
+    return cursor if cursor.to_version == to_version else None
+
+
+def _last_write_ms(store: ContextStore) -> int:
+    """The wall time of the newest version id issued here (0 for an empty store)."""
+    last = store.kv.get(META_HLC)
+    return VersionId.parse(last.decode("ascii")).wall_ms if last else 0
+
+
+def _row_wall_ms(key: bytes) -> int:
+    try:
+        return VersionId.parse(key.rpartition(SEP)[2].decode("ascii")).wall_ms
+    except (UnicodeDecodeError, CorruptRecord):
+        return 0  # a malformed key; the main pass has counted the row as skipped
+
+
+def _count_versions(store: ContextStore) -> int:
+    return sum(Head.decode(data).count for _, data in store.kv.scan(HEAD_PREFIX))
