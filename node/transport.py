@@ -1,0 +1,647 @@
+"""The RPC transport: ``node.wire`` frames over mutual TLS on TCP, as trio services.
+
+Owns: ``RpcServer`` (accepts connections, authenticates them, runs each request under its
+deadline and answers) and ``open_rpc_client`` / ``RpcClient`` (one connection, many
+concurrent calls multiplexed by request id). Also the pieces the in-memory transport
+shares: ``Peer``, ``Handler``, ``ServerStatistics`` and ``answer``.
+
+Connection lifecycle (server side), all within ``handshake_timeout_s`` of the accept:
+TLS handshake with the ``crypto.tls`` server context (TLS 1.3, client certificate from the
+cluster CA required, CRL checked; the context is rebuilt when ``ca.crl`` changes on disk),
+then the ``wire.Handshake`` (hello → welcome). Then requests run concurrently in the
+connection's nursery (at most ``max_concurrent_per_conn``; beyond that the server stops
+reading, which pushes back on the client), each under ``move_on_after(deadline)``.
+
+Faults stay local: a TLS failure, a handshake timeout, a malformed or oversized frame closes
+that one connection (after a best-effort ``error`` frame when TLS is up) and bumps a counter
+in ``statistics()``; a handler's exception becomes an ``error`` answer. Nothing a peer sends
+can stop the server.
+
+Must not know: what methods mean, storage, membership. Invariants: frames on one connection
+are sent whole and in order (a ``trio.Lock`` per connection; a send is shielded from
+cancellation because a cancelled ``SSLStream.send_all`` breaks the stream, and bounded by
+``send_timeout_s`` instead); no task outlives the service or client that started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from crypto.certs import certificate_kind, certificate_roles, load_certificate
+from crypto.errors import CertificateError
+from crypto.tls import TlsFiles, client_ssl_context, peer_certificate, server_ssl_context
+from node.errors import FrameTooLarge, NodeError, PeerUnavailable, ProtocolError, RemoteError
+from node.wire import (
+    MAX_FRAME_BYTES,
+    Error,
+    FrameDecoder,
+    Handshake,
+    Message,
+    Request,
+    Response,
+    connection_error,
+    encode,
+)
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+UNAVAILABLE_CODE = "UCXL-503-UNAVAILABLE"
+INTERNAL_CODE = "UCXL-500-INTERNAL"
+DEADLINE_EXCEEDED = "deadline exceeded"
+RECEIVE_CHUNK_BYTES = 64 * 1024
+CLOSE_TIMEOUT_S = 1.0
+REFUSAL_SEND_TIMEOUT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, from its verified certificate.
+
+    Attributes:
+        name: The certificate's common name (the node or client name).
+        kind: ``"node"`` (serverAuth certificate) or ``"client"``.
+        roles: The roles a client certificate carries (nodes: empty).
+        fingerprint: SHA-256 of the certificate, lower-case hex.
+    """
+
+    name: str
+    kind: Literal["node", "client"]
+    roles: tuple[str, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> Peer:
+        """The peer a certificate names.
+
+        Raises:
+            CertificateError: A CA certificate, no common name, or a malformed roles extension.
+        """
+        kind = certificate_kind(cert)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if kind == "ca" or not names:
+            raise CertificateError("not a node or client certificate", reason="wrong-usage")
+        return cls(
+            name=str(names[0].value),
+            kind=kind,
+            roles=certificate_roles(cert),
+            fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+        )
+
+
+Handler = Callable[[Peer, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Caller(Protocol):
+    """A connection to one peer, as the rest of the node uses it (TLS or in memory)."""
+
+    peer: Peer
+
+    async def call(
+        self,
+        method: str,
+        body: dict[str, Any],
+        *,
+        timeout_s: float,
+        deadline_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Call ``method``; see ``RpcClient.call`` for the semantics."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close; waiting calls raise ``trio.ClosedResourceError``."""
+        ...
+
+
+@dataclass
+class ServerStatistics:
+    """Counters of one server since it started (``handshake_timeouts``: TLS or hello)."""
+
+    connections_accepted: int = 0
+    connections_open: int = 0
+    tls_failures: int = 0
+    handshake_timeouts: int = 0
+    protocol_errors: int = 0
+    oversized_frames: int = 0
+    requests: int = 0
+    errors: int = 0
+    deadline_exceeded: int = 0
+
+
+def _error(request_id: int, code: str, message: str, field: str | None) -> Error:
+    try:
+        return Error(request_id, code, message, field)
+    except ValueError:
+        return Error(request_id, INTERNAL_CODE, "the handler raised a malformed error", None)
+
+
+async def answer(
+    handler: Handler,
+    peer: Peer,
+    request: Request,
+    stats: ServerStatistics,
+    *,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+) -> bytes:
+    """Run ``request`` through ``handler`` under its deadline; the encoded answer frame.
+
+    ``StorageError`` and ``RemoteError`` keep their UCXL code and field; ``PeerUnavailable``
+    and an exceeded deadline become ``UCXL-503-UNAVAILABLE``; anything else is logged and
+    answered ``UCXL-500-INTERNAL`` without its text. Never raises (except ``Cancelled``).
+    """
+    stats.requests += 1
+    try:
+        with trio.move_on_after(request.deadline_ms / 1000) as scope:
+            body = await handler(peer, request.method, request.body)
+        if not scope.cancelled_caught:
+            return encode(Response(request.id, body), max_frame_bytes=max_frame_bytes)
+        stats.deadline_exceeded += 1
+        reply = Error(request.id, UNAVAILABLE_CODE, DEADLINE_EXCEEDED, None)
+    except (StorageError, RemoteError) as exc:
+        reply = _error(request.id, exc.code, exc.message, exc.field)
+    except PeerUnavailable as exc:
+        reply = Error(request.id, UNAVAILABLE_CODE, str(exc), None)
+    except FrameTooLarge:
+        reply = Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
+    except Exception:
+        logger.exception("handler failed on %r from %s", request.method, peer.name)
+        reply = Error(request.id, INTERNAL_CODE, "internal error", None)
+    stats.errors += 1
+    return encode(reply, max_frame_bytes=max_frame_bytes)
+
+
+class FramedStream:
+    """Whole frames over one trio stream: serialized, shielded sends; decoded receives."""
+
+    def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int, send_timeout_s: float):
+        """Args: the stream, the receive limit and the bound on one send."""
+        self.stream = stream
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._received: deque[Message] = deque()
+        self._send_lock = trio.Lock()
+        self._send_timeout_s = send_timeout_s
+
+    async def send(self, frame: bytes, *, timeout_s: float | None = None) -> None:
+        """Send one frame whole; waiting for the lock is cancellable, the send is not.
+
+        Raises:
+            trio.BrokenResourceError: The peer is gone, or the send timed out (the stream is
+                then closed: a partly sent frame cannot be taken back).
+            trio.ClosedResourceError: We closed the stream.
+        """
+        async with self._send_lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(timeout_s or self._send_timeout_s) as scope:
+                    await self.stream.send_all(frame)
+                if scope.cancelled_caught:
+                    await trio.aclose_forcefully(self.stream)
+                    raise trio.BrokenResourceError("send timed out; connection closed")
+
+    async def receive(self) -> Message | None:
+        """The next message, or None when the peer closed the stream.
+
+        Raises:
+            ProtocolError: The peer sent a bad frame (``FrameTooLarge`` for an oversized one).
+            trio.BrokenResourceError: The connection broke (including TLS errors).
+            trio.ClosedResourceError: We closed the stream.
+        """
+        while not self._received:
+            data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            if not data:
+                return None
+            self._received.extend(self._decoder.feed(data))
+        return self._received.popleft()
+
+    async def aclose(self, *, graceful: bool) -> None:
+        """Close; ``graceful`` sends TLS close_notify (only after a completed handshake)."""
+        if graceful:
+            # Another task may force the stream closed meanwhile (the peer hung up).
+            with (
+                trio.move_on_after(CLOSE_TIMEOUT_S),
+                suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await self.stream.aclose()
+        await trio.aclose_forcefully(self.stream)
+
+
+def _peer_of(stream: trio.SSLStream[trio.SocketStream]) -> Peer:
+    # SSLStream forwards getpeercert() to its SSLObject; that is all peer_certificate uses.
+    return Peer.from_certificate(peer_certificate(cast(ssl.SSLObject, stream)))
+
+
+def _certificate_name(path: Path) -> str:
+    names = load_certificate(path.read_bytes()).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+class RpcServer:
+    """Serves ``handler`` over mutual TLS; see the module docstring for the lifecycle."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        tls: TlsFiles,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        handshake_timeout_s: float = 5.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        max_concurrent_per_conn: int = 64,
+        send_timeout_s: float = 10.0,
+    ) -> None:
+        """Build the server; nothing listens until ``run``.
+
+        Raises:
+            ValueError: A non-positive timeout or limit.
+            ssl.SSLError, OSError: The TLS files cannot be loaded.
+        """
+        if min(handshake_timeout_s, send_timeout_s) <= 0:
+            raise ValueError("timeouts must be positive")
+        if min(max_frame_bytes, max_concurrent_per_conn) < 1:
+            raise ValueError("limits must be positive")
+        self._handler = handler
+        self._tls = tls
+        self._host = host
+        self._port = port
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_frame_bytes = max_frame_bytes
+        self._max_concurrent = max_concurrent_per_conn
+        self._send_timeout_s = send_timeout_s
+        self.name = _certificate_name(tls.cert)
+        self._context = server_ssl_context(tls)
+        self._crl_stamp = self._read_crl_stamp()
+        self._stats = ServerStatistics()
+        self.port: int | None = None
+
+    def statistics(self) -> ServerStatistics:
+        """A snapshot of the counters."""
+        return dataclasses.replace(self._stats)
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound port through ``task_status``, serve until cancelled.
+
+        With port 0 and a host that resolves to several addresses, only the first is served
+        (trio would give each address a different random port).
+        """
+        listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        if self._port == 0:
+            for extra in listeners[1:]:
+                await extra.aclose()
+            listeners = listeners[:1]
+        self.port = int(listeners[0].socket.getsockname()[1])
+        task_status.started(self.port)
+        await trio.serve_listeners(self._serve_connection, listeners)
+
+    def _read_crl_stamp(self) -> tuple[int, int, int] | None:
+        if self._tls.crl is None:
+            return None
+        try:
+            st = os.stat(self._tls.crl)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """The server context, rebuilt when the CRL file changed (a revocation)."""
+        stamp = self._read_crl_stamp()
+        if stamp is not None and stamp != self._crl_stamp:
+            try:
+                self._context = server_ssl_context(self._tls)
+                self._crl_stamp = stamp
+            except (ssl.SSLError, OSError) as exc:
+                logger.warning("keeping the previous TLS context: CRL reload failed: %s", exc)
+        return self._context
+
+    async def _serve_connection(self, tcp: trio.SocketStream) -> None:
+        self._stats.connections_accepted += 1
+        self._stats.connections_open += 1
+        stream = trio.SSLStream(tcp, self._ssl_context(), server_side=True)
+        framed = FramedStream(
+            stream, max_frame_bytes=self._max_frame_bytes, send_timeout_s=self._send_timeout_s
+        )
+        graceful = False
+        try:
+            graceful = await self._converse(framed, stream)
+        except Exception:
+            logger.exception("bug while serving a connection")
+        finally:
+            # Every counter is final before the peer can see the close.
+            self._stats.connections_open -= 1
+            await framed.aclose(graceful=graceful)
+
+    async def _converse(
+        self, framed: FramedStream, stream: trio.SSLStream[trio.SocketStream]
+    ) -> bool:
+        """Serve one connection; whether it ended cleanly (close gracefully then)."""
+        with trio.move_on_after(self._handshake_timeout_s) as scope:
+            established = await self._establish(framed, stream)
+        if scope.cancelled_caught:
+            self._stats.handshake_timeouts += 1
+            logger.info("closing a connection: no handshake in %s s", self._handshake_timeout_s)
+            return False
+        if established is None:
+            return False
+        return await self._serve_requests(framed, *established)
+
+    async def _establish(
+        self, framed: FramedStream, stream: trio.SSLStream[trio.SocketStream]
+    ) -> tuple[Peer, Handshake] | None:
+        try:
+            await stream.do_handshake()
+            peer = _peer_of(stream)
+        except (trio.BrokenResourceError, CertificateError) as exc:
+            self._stats.tls_failures += 1
+            logger.info("refused a TLS connection: %s", exc.__cause__ or exc)
+            return None
+        handshake = Handshake.server(node=self.name, peer_name=peer.name, peer_kind=peer.kind)
+        try:
+            while not handshake.established:
+                msg = await framed.receive()
+                if msg is None:
+                    return None
+                welcome = handshake.receive(msg)
+                if welcome is not None:
+                    await framed.send(encode(welcome))
+        except ProtocolError as exc:
+            await self._refuse(framed, exc)
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        return peer, handshake
+
+    async def _refuse(self, framed: FramedStream, exc: ProtocolError) -> None:
+        """Count a protocol error and tell the peer why we close (best effort)."""
+        self._stats.protocol_errors += 1
+        if isinstance(exc, FrameTooLarge):
+            self._stats.oversized_frames += 1
+        logger.info("closing a connection: %s", exc.reason)
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await framed.send(encode(connection_error(exc)), timeout_s=REFUSAL_SEND_TIMEOUT_S)
+
+    async def _serve_requests(self, framed: FramedStream, peer: Peer, handshake: Handshake) -> bool:
+        slots = trio.Semaphore(self._max_concurrent)
+        in_flight: set[int] = set()
+        graceful = False
+        async with trio.open_nursery() as nursery:
+            try:
+                while (msg := await framed.receive()) is not None:
+                    request = handshake.expect_request(msg)
+                    if request.id in in_flight:
+                        raise ProtocolError(f"request id {request.id} is already in flight")
+                    await slots.acquire()
+                    in_flight.add(request.id)
+                    nursery.start_soon(self._run_request, framed, peer, request, slots, in_flight)
+                graceful = True
+            except ProtocolError as exc:
+                await self._refuse(framed, exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+        return graceful
+
+    async def _run_request(
+        self,
+        framed: FramedStream,
+        peer: Peer,
+        request: Request,
+        slots: trio.Semaphore,
+        in_flight: set[int],
+    ) -> None:
+        try:
+            frame = await answer(
+                self._handler, peer, request, self._stats, max_frame_bytes=self._max_frame_bytes
+            )
+            await framed.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection is gone; the reading loop sees it too
+        finally:
+            in_flight.discard(request.id)
+            slots.release()
+
+
+@dataclass
+class _Call:
+    """One call waiting for its answer: a response body or the error to raise."""
+
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    outcome: dict[str, Any] | Exception | None = None
+
+
+class RpcClient:
+    """One TLS connection to a server; concurrent ``call``s share it. See ``open_rpc_client``."""
+
+    def __init__(
+        self, framed: FramedStream, handshake: Handshake, peer: Peer, max_frame_bytes: int
+    ):
+        """Use ``open_rpc_client``."""
+        self.peer = peer
+        self._framed = framed
+        self._handshake = handshake
+        self._max_frame_bytes = max_frame_bytes
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._closed = False
+        self._failure: Callable[[], NodeError] | None = None
+
+    async def call(
+        self,
+        method: str,
+        body: dict[str, Any],
+        *,
+        timeout_s: float,
+        deadline_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Call ``method`` on the server and wait for its answer.
+
+        Args:
+            method: The method name.
+            body: A msgpack-encodable map.
+            timeout_s: How long to wait for the answer; then nothing more is sent for this
+                call and a late answer is dropped.
+            deadline_s: The budget sent to the server (default and at most ``timeout_s``).
+
+        Returns:
+            The response body.
+
+        Raises:
+            RemoteError: The server answered with an error (its UCXL code, message, field).
+            PeerUnavailable: No answer in time, or the connection is lost.
+            FrameTooLarge: The request exceeds the frame limit (nothing was sent).
+            trio.ClosedResourceError: This client was closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this client is closed")
+        if self._failure is not None:
+            raise self._failure()
+        budget_s = timeout_s if deadline_s is None else min(deadline_s, timeout_s)
+        request_id = next(self._ids)
+        deadline_ms = max(0, math.ceil(budget_s * 1000))
+        request = Request(request_id, method, deadline_ms, body)
+        frame = encode(request, max_frame_bytes=self._max_frame_bytes)
+        pending = self._calls[request_id] = _Call()
+        try:
+            with trio.move_on_after(timeout_s):
+                await self._framed.send(frame)
+                await pending.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("this client is closed") from None
+            raise PeerUnavailable(f"connection to {self.peer.name} lost") from exc
+        finally:
+            del self._calls[request_id]
+        if pending.outcome is None:
+            raise PeerUnavailable(f"{method}: no answer from {self.peer.name} in {timeout_s} s")
+        if isinstance(pending.outcome, Exception):
+            raise pending.outcome
+        return pending.outcome
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting raise ``trio.ClosedResourceError``."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._fail(lambda: trio.ClosedResourceError("this client was closed"))
+        await self._framed.aclose(graceful=self._failure is None)
+
+    def _fail(self, error: Callable[[], Exception]) -> None:
+        for pending in self._calls.values():
+            if not pending.done.is_set():
+                pending.outcome = error()
+                pending.done.set()
+
+    def _lost(self, why: str) -> Callable[[], NodeError]:
+        return lambda: PeerUnavailable(f"connection to {self.peer.name} lost: {why}")
+
+    async def _read_replies(self) -> None:
+        """Route answers to waiting calls until the connection ends; never raises."""
+        failure: Callable[[], NodeError]
+        try:
+            while (msg := await self._framed.receive()) is not None:
+                reply = self._handshake.expect_reply(msg)
+                if reply.id is None and isinstance(reply, Error):
+                    failure = reply.to_exception
+                    break
+                pending = self._calls.get(reply.id) if reply.id is not None else None
+                if pending is None or pending.done.is_set():
+                    continue  # a late answer to a call that timed out
+                pending.outcome = (
+                    reply.body if isinstance(reply, Response) else reply.to_exception()
+                )
+                pending.done.set()
+            else:
+                failure = self._lost("closed by the server")
+        except ProtocolError as exc:
+            failure = self._lost(f"protocol error: {exc.reason}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            failure = self._lost("connection broken")
+        if not self._closed:
+            self._failure = self._lost("closed")
+            self._fail(failure)
+            await trio.aclose_forcefully(self._framed.stream)
+
+
+async def _connect(
+    host: str,
+    port: int,
+    tls: TlsFiles,
+    *,
+    node: str | None,
+    max_frame_bytes: int,
+    send_timeout_s: float,
+) -> RpcClient:
+    tcp = await trio.open_tcp_stream(host, port)
+    stream = trio.SSLStream(tcp, client_ssl_context(tls), server_hostname=host)
+    framed = FramedStream(stream, max_frame_bytes=max_frame_bytes, send_timeout_s=send_timeout_s)
+    try:
+        await stream.do_handshake()
+        handshake = Handshake.client(node=node)
+        await framed.send(encode(handshake.start()))
+        while not handshake.established:
+            msg = await framed.receive()
+            if msg is None:
+                raise trio.BrokenResourceError("closed during the handshake")
+            handshake.receive(msg)
+        return RpcClient(framed, handshake, _peer_of(stream), max_frame_bytes)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+@asynccontextmanager
+async def open_rpc_client(
+    host: str,
+    port: int,
+    tls: TlsFiles,
+    *,
+    node: str | None = None,
+    connect_timeout_s: float = 5.0,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+    send_timeout_s: float = 10.0,
+) -> AsyncIterator[RpcClient]:
+    """Connect to the server at ``host:port`` over mutual TLS and say hello.
+
+    Args:
+        host: Address to dial; also the name checked against the server certificate's SAN.
+        port: TCP port.
+        tls: Our CA certificate, certificate, key and CRL.
+        node: Our node name when a node dials (must match our certificate), else None.
+        connect_timeout_s: Bound on TCP connect, TLS handshake and hello/welcome together.
+        max_frame_bytes: Largest frame we send or accept.
+        send_timeout_s: Bound on one frame's send.
+
+    Yields:
+        The client; it is closed when the block exits.
+
+    Raises:
+        PeerUnavailable: Refused, unreachable, timed out, or the server refused our
+            certificate (with TLS 1.3 that shows only as a closed connection).
+        RemoteError: The server answered the hello with an error (e.g. protocol version).
+    """
+    try:
+        with trio.fail_after(connect_timeout_s):
+            client = await _connect(
+                host,
+                port,
+                tls,
+                node=node,
+                max_frame_bytes=max_frame_bytes,
+                send_timeout_s=send_timeout_s,
+            )
+    except trio.TooSlowError:
+        raise PeerUnavailable(f"{host}:{port}: no connection in {connect_timeout_s} s") from None
+    except trio.BrokenResourceError as exc:
+        # TLS 1.3: the server checks our certificate after our side of the handshake is
+        # done, and trio closes without sending the alert, so a refusal looks like this.
+        why = f"connection closed in the handshake ({exc.__cause__ or exc or 'EOF'})"
+        raise PeerUnavailable(f"{host}:{port}: {why}; was our certificate refused?") from exc
+    except (OSError, ProtocolError, CertificateError) as exc:
+        raise PeerUnavailable(f"{host}:{port}: cannot connect: {exc}") from exc
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_replies)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+    except BaseExceptionGroup as group:
+        # trio wraps the block's own exception in a group; give it back as it was raised.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
