@@ -6,6 +6,7 @@ with ``--json`` the error is also printed on stdout as ``{"error": {code, messag
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,10 +72,30 @@ def run(as_json: bool, action: Callable[[], T]) -> T:
         fail(translate(exc), as_json)
 
 
+PASSPHRASE_ENV = "SLURP_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+
+
+def passphrase_source() -> str | Callable[[], str]:
+    """``$SLURP_PASSPHRASE``, else a prompt on the terminal (asked only if a key is sealed)."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is not None:
+        return value
+
+    def ask() -> str:
+        if not sys.stdin.isatty():
+            raise KeyringError(
+                f"the keyring is passphrase-protected: set {PASSPHRASE_ENV} or run in a terminal"
+            )
+        return str(typer.prompt("keyring passphrase", hide_input=True))
+
+    return ask
+
+
 @contextmanager
 def opened(as_json: bool) -> Iterator[ContextStore]:
     """The ContextStore of the data directory, closed afterwards."""
-    store = run(as_json, lambda: ContextStore.open(STATE.data_dir))
+    source = passphrase_source()
+    store = run(as_json, lambda: ContextStore.open(STATE.data_dir, passphrase=source))
     try:
         yield store
     finally:

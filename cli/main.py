@@ -15,11 +15,12 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress
 
-from cli import audit, ca, render
+from cli import audit, ca, keys, render
 from cli.common import STATE, JsonOpt, fail, opened, run
 from crypto.errors import KeyringError
 from crypto.roles import DEFAULT_ROLES, Role, parse_role_spec
 from storage.address import parse
+from storage.admin_key import admin_in_memory, gather_shares
 from storage.context_store import ContextStore
 from storage.datadir import default_data_dir
 from storage.errors import InvalidPayload
@@ -39,6 +40,7 @@ app.add_typer(index_app, name="index")
 
 app.add_typer(ca.app, name="ca")
 app.add_typer(audit.app, name="audit")
+app.add_typer(keys.app, name="keys")
 
 
 @app.callback()
@@ -239,16 +241,32 @@ def purge(
     yes: Annotated[
         bool, typer.Option("--yes", help="Confirm: every version is destroyed.")
     ] = False,
+    share_file: keys.ShareFiles = None,
+    identity: keys.Identities = None,
+    shares_stdin: Annotated[
+        bool, typer.Option("--shares-stdin", help="Read admin share mnemonics from stdin.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Destroy every version of a context for good (admin only)."""
+    """Destroy every version of a context for good (admin only).
+
+    After `keys split --forget-admin`, give enough shares (this node's own share is added)
+    to rebuild the admin identity in memory for this one operation.
+    """
     if not yes:
         fail(
             InvalidPayload("purge destroys every version: pass --yes to confirm", field="yes"),
             as_json,
         )
+    mnemonics = sys.stdin.read().splitlines() if shares_stdin else []
     with opened(as_json) as store:
-        removed = run(as_json, lambda: store.purge(address))
+        if share_file or mnemonics:
+            ids = [keys.identity_file(path, as_json) for path in identity or []]
+            found = run(as_json, lambda: gather_shares(store, mnemonics, share_file or [], ids))
+            with run(as_json, lambda: admin_in_memory(store, found)):
+                removed = run(as_json, lambda: store.purge(address))
+        else:
+            removed = run(as_json, lambda: store.purge(address))
     if as_json:
         render.print_json({"purged": parse(address).context().canonical(), "versions": removed})
     else:

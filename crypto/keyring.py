@@ -44,6 +44,7 @@ here (e.g. admin after its identity was Shamir-split and forgotten).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -402,6 +403,66 @@ class Keyring:
                 raise KeyringError(f"{where} does not hold key version {version} of role {role!r}")
             self._identities[(role, version)] = identity
             return identity
+
+    # -- the admin identity's life around a Shamir split -------------------------------
+
+    def current_identity(self, role: str) -> x25519.Identity:
+        """The current identity of ``role``.
+
+        Raises:
+            KeyringError: it is not held here (or cannot be unsealed).
+        """
+        rk = self._roles[self.role_set.get(role).name]
+        if not self._holds(role, rk.current):
+            raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
+        return self._identity(role, rk.current)
+
+    def node_identity(self) -> x25519.Identity:
+        """This node's own age identity (it unwraps shares and keys sent to the node)."""
+        with self._lock:
+            found = self._identities.get((NODE_IDENTITY, 0))
+            if found is None:
+                where = str(self._files.path("node.key"))
+                text = self._files.read("node.key").decode("utf-8", "replace")
+                found = parse_identity(text, where)
+                self._identities[(NODE_IDENTITY, 0)] = found
+            return found
+
+    def hold_in_memory(self, role: str, identity: x25519.Identity) -> None:
+        """Use ``identity`` as the current identity of ``role`` until ``release``.
+
+        Nothing is written to disk (a rebuilt admin identity lives in memory only).
+
+        Raises:
+            KeyringError: ``identity`` is not the role's current key.
+        """
+        rk = self._roles[self.role_set.get(role).name]
+        if str(identity.to_public()) != rk.recipient:
+            raise KeyringError(f"that identity is not the current key of role {role!r}")
+        with self._lock:
+            self._identities[(role, rk.current)] = identity
+
+    def release(self, role: str) -> None:
+        """Drop every cached identity of ``role`` (files on disk are untouched)."""
+        with self._lock:
+            for key in [k for k in self._identities if k[0] == role]:
+                del self._identities[key]
+
+    def forget(self, role: str) -> None:
+        """Delete the current identity file of ``role`` (overwritten first) and its cache.
+
+        Used after the admin identity was Shamir-split: from then on admin-only
+        operations need it rebuilt from shares.
+        """
+        path = self.identity_path(role)
+        self.release(role)
+        if path.exists():
+            size = path.stat().st_size
+            with path.open("r+b") as handle:
+                handle.write(b"\0" * size)
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.unlink()
 
     # -- rotation ---------------------------------------------------------------------
 

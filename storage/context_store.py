@@ -19,16 +19,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from crypto.audit import AuditLog
 from crypto.errors import AuditChainBroken, KeyringError
+from crypto.keyfiles import PassphraseSource
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE, Role, UnknownRole
 from storage.address import LATEST, Address, ContextName, Temporal, parse
 from storage.cache import RecordCache
-from storage.datadir import DataDir, StorageConfig, load_storage_config
+from storage.datadir import DataDir, StorageConfig, load_keys_config, load_storage_config
 from storage.envelope import Compression, Envelope, compress_payload
 from storage.errors import (
     AlreadyInitialised,
@@ -44,6 +46,7 @@ from storage.index_sync import IndexSync
 from storage.kv import LevelDBKV
 from storage.reader import VersionReader
 from storage.record import ContextRecord
+from storage.rotation import rotation_warnings
 from storage.schema import AUDIT_PREFIX, FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
 from storage.version_store import HeadLookup, VersionStore
 from storage.versions import HybridLogicalClock, VersionId, select, sibling_groups
@@ -130,7 +133,14 @@ class ContextStore:
     # -- lifecycle ----------------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: Path, roles: Sequence[Role], *, backend: str = "tantivy") -> DataDir:
+    def init(
+        cls,
+        root: Path,
+        roles: Sequence[Role],
+        *,
+        backend: str = "tantivy",
+        passphrase: str | None = None,
+    ) -> DataDir:
         """Create a data directory: layout, config, keyring, empty database.
 
         Raises:
@@ -141,7 +151,7 @@ class ContextStore:
             raise AlreadyInitialised(f"{root} already holds a slurp node", field="data_dir")
         data_dir.create_layout(backend=backend)
         try:
-            Keyring.create(data_dir.keys, roles)
+            Keyring.create(data_dir.keys, roles, passphrase=passphrase)
         except KeyringError as exc:
             raise InvalidPayload(str(exc), field="roles") from None
         kv = LevelDBKV(data_dir.db, create=True)
@@ -152,7 +162,13 @@ class ContextStore:
         return data_dir
 
     @classmethod
-    def open(cls, root: Path, *, clock_ms: ClockMs = wall_clock_ms) -> ContextStore:
+    def open(
+        cls,
+        root: Path,
+        *,
+        clock_ms: ClockMs = wall_clock_ms,
+        passphrase: PassphraseSource | None = None,
+    ) -> ContextStore:
         """Open an initialised data directory (LevelDB first, so a busy dir fails fast).
 
         Raises:
@@ -173,7 +189,9 @@ class ContextStore:
                     f"this slurp reads {FORMAT_VERSION}",
                     field="format",
                 )
-            keyring = Keyring.open(data_dir.keys)
+            keyring = Keyring.open(data_dir.keys, passphrase)
+            if keyring.protected:  # a wrong passphrase fails here (one scrypt), not mid-read;
+                keyring.unlock(roles=())  # identities unseal lazily, on first use
             index, needs_rebuild = _open_or_reset_index(data_dir, config)
         except KeyringError as exc:
             kv.close()
@@ -641,9 +659,25 @@ class ContextStore:
                 }
                 for rk in self.keyring.role_keys()
             ],
+            "audit": "ok" if self.audit is not None else f"broken: {self.audit_error}",
+            "warnings": rotation_warnings(
+                self.keyring,
+                load_keys_config(self.data_dir.config).max_key_age_days,
+                datetime.fromtimestamp(self._clock_ms() / 1000, tz=UTC),
+            ),
         }
 
     # -- internals ----------------------------------------------------------------------
+
+    def clock_ms(self) -> int:
+        """The store's clock (milliseconds since the epoch)."""
+        return self._clock_ms()
+
+    def audit_event(
+        self, op: str, address: str | None, outcome: str, actor: str | None = None
+    ) -> None:
+        """Record an operation done outside the data path (key operations)."""
+        self._audit(actor or f"{ADMIN_ROLE}@{self.keyring.node_id}", op, address, outcome)
 
     def _audit(self, actor: str, op: str, address: str | None, outcome: str) -> None:
         """Append to the audit log (after the operation; see docs/storage.md, Audit log)."""
