@@ -43,13 +43,13 @@ from storage.errors import (
 )
 from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
 from storage.index_sync import IndexSync
-from storage.kv import LevelDBKV
+from storage.kv import KV, GroupCommitStats, LevelDBKV
 from storage.reader import VersionReader
 from storage.record import ContextRecord
 from storage.rotation import rotation_warnings
 from storage.schema import AUDIT_PREFIX, FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
 from storage.version_store import HeadLookup, VersionStore
-from storage.versions import HybridLogicalClock, VersionId, select, sibling_groups
+from storage.versions import HybridLogicalClock, VersionId, VersionInfo, select, sibling_groups
 from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
 
 ClockMs = Callable[[], int]
@@ -81,7 +81,7 @@ class WriteRequest:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class Prepared:
     """A validated, encrypted write waiting for its version id, parent and signature."""
 
     address: Address
@@ -98,7 +98,7 @@ class ContextStore:
     def __init__(
         self,
         data_dir: DataDir,
-        kv: LevelDBKV,
+        kv: KV,
         keyring: Keyring,
         index: FullTextIndex,
         config: StorageConfig,
@@ -112,6 +112,7 @@ class ContextStore:
         self.config = config
         self._clock_ms = clock_ms
         self._lock = threading.Lock()
+        self._trusted_keys: set[bytes] = set()
         last = kv.get(META_HLC)
         self._hlc = HybridLogicalClock(
             keyring.node_id, clock_ms, VersionId.parse(last.decode()) if last else None
@@ -121,8 +122,12 @@ class ContextStore:
         )
         self.audit: AuditLog | None
         self.audit_error: AuditChainBroken | None = None
-        try:
-            self.audit = AuditLog(kv.raw, clock_ms=clock_ms, prefix=AUDIT_PREFIX)
+        try:  # the in-memory store of the simulation tier keeps no audit log
+            self.audit = (
+                AuditLog(kv.raw, clock_ms=clock_ms, prefix=AUDIT_PREFIX)
+                if isinstance(kv, LevelDBKV)
+                else None
+            )
         except AuditChainBroken as exc:  # keep serving; `slurp audit verify` reports it
             self.audit, self.audit_error = None, exc
         self.reader = VersionReader(
@@ -168,8 +173,11 @@ class ContextStore:
         *,
         clock_ms: ClockMs = wall_clock_ms,
         passphrase: PassphraseSource | None = None,
+        kv: KV | None = None,
     ) -> ContextStore:
         """Open an initialised data directory (LevelDB first, so a busy dir fails fast).
+
+        ``kv`` replaces LevelDB (the simulation tier passes a ``MemoryKV``).
 
         Raises:
             NotFound: no node was initialised at ``root``.
@@ -180,7 +188,10 @@ class ContextStore:
         if not data_dir.exists():
             raise NotFound(f"no slurp node at {root} (run `slurp init` first)", field="data_dir")
         config = load_storage_config(data_dir.config)
-        kv = LevelDBKV(data_dir.db, create=False)
+        if kv is None:
+            kv = LevelDBKV(data_dir.db, create=False)
+        elif kv.get(META_FORMAT) is None:
+            kv.write([(META_FORMAT, str(FORMAT_VERSION).encode())])
         try:
             found = kv.get(META_FORMAT)
             if found != str(FORMAT_VERSION).encode():
@@ -263,36 +274,14 @@ class ContextStore:
         return refs
 
     def _store_batch(self, requests: Sequence[WriteRequest]) -> list[StoredRef]:
-        prepared = [self._prepare(req) for req in requests]
+        prepared = [self.prepare(req) for req in requests]
 
         def build(lookup: HeadLookup) -> tuple[list[Envelope], list[tuple[bytes, bytes]]]:
-            parents: dict[ContextName, str | None] = {}
-            envelopes = []
-            for item in prepared:
-                ctx = item.address.context()
-                if ctx not in parents:
-                    head = lookup(ctx)
-                    parents[ctx] = head.latest if head else None
-                vid = self._next_id()
-                record = item.record
-                env = Envelope(
-                    context=ctx.canonical(),
-                    version_id=str(vid),
-                    parent=parents[ctx],
-                    kind="put",
-                    created_at_ms=vid.wall_ms,
-                    created_by=item.actor,
-                    readers=item.readers,
-                    tags=record.tags,
-                    technologies=record.technologies,
-                    influences=record.influences,
-                    influenced_by=record.influenced_by,
-                    expires_at_ms=None if record.ttl is None else vid.wall_ms + record.ttl * 1000,
-                    compression=item.compression,
-                    ciphertext=item.ciphertext,
-                ).sealed(self.keyring.signer)
-                parents[ctx] = env.version_id
-                envelopes.append(env)
+            def parent_of(ctx: ContextName) -> str | None:
+                head = lookup(ctx)
+                return head.latest if head else None
+
+            envelopes = self.seal_prepared(prepared, parent_of)
             return envelopes, [(META_HLC, str(self._hlc.last).encode())]
 
         envelopes, heads = self.versions.append_built(build)
@@ -307,11 +296,47 @@ class ContextStore:
         self.index.maybe_commit()
         return refs
 
+    def seal_prepared(
+        self, prepared: Sequence[Prepared], parent_of: Callable[[ContextName], str | None]
+    ) -> list[Envelope]:
+        """Give prepared writes version ids and parents, and sign them (nothing is stored).
+
+        ``parent_of`` names the latest version of a context before this batch; versions of
+        one context within the batch chain onto each other.
+        """
+        parents: dict[ContextName, str | None] = {}
+        envelopes = []
+        for item in prepared:
+            ctx = item.address.context()
+            if ctx not in parents:
+                parents[ctx] = parent_of(ctx)
+            vid = self._next_id()
+            record = item.record
+            env = Envelope(
+                context=ctx.canonical(),
+                version_id=str(vid),
+                parent=parents[ctx],
+                kind="put",
+                created_at_ms=vid.wall_ms,
+                created_by=item.actor,
+                readers=item.readers,
+                tags=record.tags,
+                technologies=record.technologies,
+                influences=record.influences,
+                influenced_by=record.influenced_by,
+                expires_at_ms=None if record.ttl is None else vid.wall_ms + record.ttl * 1000,
+                compression=item.compression,
+                ciphertext=item.ciphertext,
+            ).sealed(self.keyring.signer)
+            parents[ctx] = env.version_id
+            envelopes.append(env)
+        return envelopes
+
     def _next_id(self) -> VersionId:
         with self._lock:
             return self._hlc.next_id()
 
-    def _prepare(self, req: WriteRequest) -> _Prepared:
+    def prepare(self, req: WriteRequest) -> Prepared:
         """Validate and encrypt outside every lock (encryption is the slow part)."""
         addr = parse(req.address)
         if addr.has_wildcard:
@@ -324,7 +349,7 @@ class ContextStore:
             )
         readers = self._readers(addr, req.readers)
         payload, compression = compress_payload(req.record.encode_secret())
-        return _Prepared(
+        return Prepared(
             address=addr,
             record=req.record,
             readers=readers,
@@ -508,24 +533,7 @@ class ContextStore:
         infos, envs = self.reader.infos(ctx, keep_corrupt=True)
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=address)
-        siblings = sibling_groups([info for info, env in zip(infos, envs, strict=True) if env])
-        out = []
-        for rank, (info, env) in enumerate(zip(infos, envs, strict=True), start=1):
-            out.append(
-                HistoryEntry(
-                    address=ctx.address(Temporal("version", rank)).canonical(),
-                    version=rank,
-                    version_id=str(info.version_id),
-                    parent=None if info.parent is None else str(info.parent),
-                    kind="corrupt" if env is None else env.kind,
-                    created_at_ms=info.created_at_ms,
-                    created_by="" if env is None else env.created_by,
-                    readers=() if env is None else env.readers,
-                    tags=() if env is None else env.tags,
-                    siblings=siblings.get(info.version_id, 0),
-                )
-            )
-        return out
+        return history_of(ctx, infos, envs)
 
     def list_contexts(self, pattern: str, *, include_deleted: bool = False) -> list[ContextInfo]:
         """Every context matching ``pattern`` (wildcards; its path matches as a prefix)."""
@@ -634,7 +642,7 @@ class ContextStore:
             versions += head.count
             deleted += 0 if head.live else 1
         db_bytes = sum(p.stat().st_size for p in self.data_dir.db.iterdir() if p.is_file())
-        group = self.kv.group_stats
+        group = self.group_stats
         return {
             "data_dir": str(self.data_dir.root),
             "node_id": self.keyring.node_id,
@@ -669,6 +677,11 @@ class ContextStore:
 
     # -- internals ----------------------------------------------------------------------
 
+    @property
+    def group_stats(self) -> GroupCommitStats:
+        """Synced writes and the fsyncs that served them, since open (LevelDB only)."""
+        return self.kv.group_stats if isinstance(self.kv, LevelDBKV) else GroupCommitStats()
+
     def clock_ms(self) -> int:
         """The store's clock (milliseconds since the epoch)."""
         return self._clock_ms()
@@ -693,9 +706,13 @@ class ContextStore:
         self._audit(actor, op, address, "ok")
         return result
 
+    def trust_signer(self, public_key: bytes) -> None:
+        """Trust versions signed by ``public_key`` (a node key certified by the cluster CA)."""
+        self._trusted_keys.add(bytes(public_key))
+
     def _trusted_signer(self, public_key: bytes) -> bool:
-        """Embedded mode trusts this node's own key (the cluster adds CA-issued node keys)."""
-        return public_key == self.keyring.signer.public_key
+        """This node's own key, plus every key the cluster told it to trust."""
+        return public_key == self.keyring.signer.public_key or public_key in self._trusted_keys
 
     def _index_doc_source(
         self, ctx: ContextName, head: Head
@@ -719,3 +736,27 @@ def _open_or_reset_index(data_dir: DataDir, config: StorageConfig) -> tuple[Full
     except IndexCorrupt:
         reset_index(data_dir.index)
         return open_index(data_dir.index, config.index), True
+
+
+def history_of(
+    ctx: ContextName, infos: Sequence[VersionInfo], envs: Sequence[Envelope | None]
+) -> list[HistoryEntry]:
+    """History entries (oldest first) from navigation data; a None envelope is corrupt."""
+    siblings = sibling_groups([info for info, env in zip(infos, envs, strict=True) if env])
+    out = []
+    for rank, (info, env) in enumerate(zip(infos, envs, strict=True), start=1):
+        out.append(
+            HistoryEntry(
+                address=ctx.address(Temporal("version", rank)).canonical(),
+                version=rank,
+                version_id=str(info.version_id),
+                parent=None if info.parent is None else str(info.parent),
+                kind="corrupt" if env is None else env.kind,
+                created_at_ms=info.created_at_ms,
+                created_by="" if env is None else env.created_by,
+                readers=() if env is None else env.readers,
+                tags=() if env is None else env.tags,
+                siblings=siblings.get(info.version_id, 0),
+            )
+        )
+    return out

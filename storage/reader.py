@@ -73,30 +73,9 @@ class VersionReader:
     def infos(
         self, ctx: ContextName, *, keep_corrupt: bool = False
     ) -> tuple[list[VersionInfo], list[Envelope | None]]:
-        now = self._clock_ms()
-        infos: list[VersionInfo] = []
-        envs: list[Envelope | None] = []
-        for row in self.versions.versions(ctx):
-            vid = VersionId.parse(row.version_id)
-            try:
-                env = Envelope.decode(row.data)
-                parent = None if env.parent is None else VersionId.parse(env.parent)
-            except CorruptRecord:
-                if keep_corrupt:  # dated by its id: the HLC wall time it was created at
-                    infos.append(VersionInfo(vid, None, vid.wall_ms, False))
-                    envs.append(None)
-                continue
-            if env.expires_at_ms is not None and env.expires_at_ms <= now:
-                if _signed(env):  # an unverified expiry must not hide a version
-                    continue
-                if keep_corrupt:
-                    infos.append(VersionInfo(vid, None, vid.wall_ms, False))
-                    envs.append(None)
-                continue
-            # navigation dates a version by its id (the HLC wall time), not the clear header
-            infos.append(VersionInfo(vid, parent, vid.wall_ms, env.tombstone))
-            envs.append(env)
-        return infos, envs
+        """Navigation data for the local version rows of ``ctx`` (see ``infos_of``)."""
+        rows = [(row.version_id, row.data) for row in self.versions.versions(ctx)]
+        return infos_of(rows, self._clock_ms(), keep_corrupt=keep_corrupt)
 
     def rank(self, ctx: ContextName, vid: str) -> int | None:
         infos, _ = self.infos(ctx, keep_corrupt=True)
@@ -130,18 +109,25 @@ class VersionReader:
         cached = self.cache.get(key, vid, role)
         if cached is not None:
             return cached
+        view = self.decrypt_view(ctx, env, rank, role)
+        self.cache.put(key, vid, role, view)
+        return view
+
+    def decrypt_view(self, ctx: ContextName, env: Envelope, rank: int, role: str) -> VersionView:
+        """Decrypt a verified envelope as ``role`` (already allowed by ``reader_role``)."""
         try:
             plain = self.keyring.decrypt(env.ciphertext, role)
         except DecryptionError:
             raise CorruptRecord(
-                f"version {vid} of {ctx.canonical()} does not decrypt", field="ciphertext"
+                f"version {env.version_id} of {ctx.canonical()} does not decrypt",
+                field="ciphertext",
             ) from None
         fields = decode_secret(decompress_payload(plain, env.compression))
-        view = VersionView(
+        return VersionView(
             address=ctx.address(Temporal("version", rank)).canonical(),
             context=ctx.canonical(),
             version=rank,
-            version_id=vid,
+            version_id=env.version_id,
             parent=env.parent,
             created_at_ms=env.created_at_ms,
             created_by=env.created_by,
@@ -154,8 +140,6 @@ class VersionReader:
             read_as=role,
             fields=fields,
         )
-        self.cache.put(key, vid, role, view)
-        return view
 
     def reader_role(self, env: Envelope, as_role: str | None) -> str:
         roles = self.keyring.role_set
@@ -187,3 +171,37 @@ def _signed(env: Envelope) -> bool:
     except CorruptRecord:
         return False
     return True
+
+
+def infos_of(
+    rows: list[tuple[str, bytes]], now_ms: int, *, keep_corrupt: bool = False
+) -> tuple[list[VersionInfo], list[Envelope | None]]:
+    """Navigation data for version rows (id, envelope bytes) sorted by id.
+
+    Expired versions are left out (unless their expiry fails the signature check: an
+    unverified expiry must not hide a version). With ``keep_corrupt``, a row that does
+    not decode keeps its place (its envelope is None), so ranks never shift.
+    """
+    infos: list[VersionInfo] = []
+    envs: list[Envelope | None] = []
+    for version_id, data in rows:
+        vid = VersionId.parse(version_id)
+        try:
+            env = Envelope.decode(data)
+            parent = None if env.parent is None else VersionId.parse(env.parent)
+        except CorruptRecord:
+            if keep_corrupt:  # dated by its id: the HLC wall time it was created at
+                infos.append(VersionInfo(vid, None, vid.wall_ms, False))
+                envs.append(None)
+            continue
+        if env.expires_at_ms is not None and env.expires_at_ms <= now_ms:
+            if _signed(env):
+                continue
+            if keep_corrupt:
+                infos.append(VersionInfo(vid, None, vid.wall_ms, False))
+                envs.append(None)
+            continue
+        # navigation dates a version by its id (the HLC wall time), not the clear header
+        infos.append(VersionInfo(vid, parent, vid.wall_ms, env.tombstone))
+        envs.append(env)
+    return infos, envs

@@ -288,12 +288,12 @@ def test_ttl_expiry_hides_then_sweeps(store: ContextStore, clock: FakeClock) -> 
 
 
 def test_batch_store_is_one_synced_write(store: ContextStore) -> None:
-    before = store.kv.group_stats.syncs
+    before = store.group_stats.syncs
     refs = store.store_batch(
         [WriteRequest(f"ucxl://a:backend_developer@p:t/*^/f{i}", rec(f"r{i}")) for i in range(20)]
         + [WriteRequest("ucxl://a:backend_developer@p:t/*^/f0", rec("again"))]
     )
-    assert store.kv.group_stats.syncs == before + 1
+    assert store.group_stats.syncs == before + 1
     assert [r.version for r in refs[:2]] == [1, 1]
     assert refs[-1].version == 2
     assert store.retrieve("ucxl://a:backend_developer@p:t/*~1/f0").summary == "r0"
