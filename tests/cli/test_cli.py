@@ -767,7 +767,11 @@ def test_stats_json(slurp: Slurp) -> None:
         "cache",
         "index",
         "roles",
+        "audit",
+        "warnings",
     }
+    assert stats["audit"] == "ok"
+    assert stats["warnings"] == []
     assert stats["data_dir"] == str(slurp.data_dir)
     assert re.fullmatch(r"[0-9a-f]{16}", stats["node_id"])
     assert (stats["contexts"], stats["deleted_contexts"], stats["versions"]) == (2, 1, 4)
