@@ -7,9 +7,10 @@ the wire format of the client SDK). Must not know how they are computed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 
 def iso_ms(ms: int) -> str:
@@ -32,6 +33,11 @@ class StoredRef:
     def to_json(self) -> dict[str, Any]:
         """``{"address", "version", "version_id"}``."""
         return {"address": self.address, "version": self.version, "version_id": self.version_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoredRef:
+        """Inverse of ``to_json``."""
+        return cls(str(data["address"]), int(data["version"]), str(data["version_id"]))
 
 
 @dataclass(frozen=True)
@@ -179,3 +185,31 @@ class SearchResult:
             "version_id": self.version_id,
             "score": round(self.score, 6),
         }
+
+
+View = TypeVar("View", StoredRef, VersionView, HistoryEntry, ContextInfo, SearchResult)
+
+
+def to_wire(
+    view: StoredRef | VersionView | HistoryEntry | ContextInfo | SearchResult,
+) -> dict[str, Any]:
+    """The msgpack-ready form of a view (raw milliseconds, bytes kept as bytes)."""
+    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
+
+
+def from_wire(cls: type[View], data: Any) -> View:
+    """Rebuild a view from ``to_wire`` output (lists become tuples where the field is one).
+
+    Raises:
+        ValueError: ``data`` is not a map with exactly the view's fields.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict) or set(data) != set(names):
+        raise ValueError(f"not a {cls.__name__}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = data[f.name]
+        if isinstance(value, list) and "tuple" in str(f.type):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
