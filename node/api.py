@@ -5,33 +5,31 @@ Owns the contract between the client SDK (``node/client.py``), the node service
 ``storage.views.to_wire`` form (raw milliseconds, bytes kept as bytes). Errors travel as
 ``error`` frames carrying the UCXL code (``node/wire.py``).
 
-Client methods (any authenticated client; roles come from its certificate):
+Client methods (any authenticated client; roles come from its certificate), as
+``method: request body -> response body``:
 
-==================  ==========================================================  =========================
-method              request body                                                response body
-==================  ==========================================================  =========================
-``ctx.put``         {address, record: {fields}, readers: [role]|None, w: int|None}  {ref: StoredRef}
-``ctx.put_batch``   {items: [{address, record, readers}], w}                    {refs: [StoredRef]}
-``ctx.get``         {address, as_role: str|None, r: int|None}                   {version: VersionView}
-``ctx.get_batch``   {addresses: [str], as_role, r}                              {results: [{version}|{error: {code, message, field}}]}
-``ctx.history``     {address, r}                                                {history: [HistoryEntry]}
-``ctx.ls``          {pattern, deleted: bool}                                    {contexts: [ContextInfo]}
-``ctx.search``      {query, project, task, tags: [str], limit, as_role}         {hits: [SearchResult]}
-``ctx.delete``      {address, w}                                                {ref: StoredRef}
-``ctx.purge``       {address}                                                   {versions: int}
-``node.status``     {}                                                          {name, node_id, members: [...], ring: {...}, quorum: {n, w, r}}
-==================  ==========================================================  =========================
+- ``ctx.put``: {address, record: {fields}, readers: [role]|None, w: int|None} -> {ref}
+- ``ctx.put_batch``: {items: [{address, record, readers}], w} -> {refs: [ref]}
+- ``ctx.get``: {address, as_role: str|None, r: int|None} -> {version}
+- ``ctx.get_batch``: {addresses, as_role, r} -> {results: [{version} | {error}]}
+- ``ctx.history``: {address, r} -> {history: [entry]}
+- ``ctx.ls``: {pattern, deleted: bool} -> {contexts: [info]}
+- ``ctx.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
+- ``ctx.delete``: {address, w} -> {ref}
+- ``ctx.purge``: {address} -> {versions: int}
+- ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r}}
+
+(ref = StoredRef, version = VersionView, entry = HistoryEntry, info = ContextInfo,
+hit = SearchResult, error = {code, message, field}.)
 
 Replica methods (node certificates only):
 
-==================  ==========================================================  =========================
-``rep.store``       {envelopes: [bytes]}                                        {stored: [bool], heads: {context: count}}
-``rep.versions``    {context}                                                   {envelopes: [bytes], purge: bytes|None}
-``rep.purge``       {context, marker: bytes}                                    {removed: int}
-``rep.heads``       {pattern, deleted}                                          {contexts: [ContextInfo]}
-``rep.search``      {query, project, task, tags, limit, as_role}                {hits: [SearchResult]}
-``rep.ping``        {}                                                          {name}
-==================  ==========================================================  =========================
+- ``rep.store``: {envelopes: [bytes]} -> {stored: [bool], heads: {context: count}}
+- ``rep.versions``: {context} -> {envelopes: [bytes], purge: bytes|None}
+- ``rep.purge``: {context, marker: bytes} -> {removed: int}
+- ``rep.heads``: {pattern, deleted} -> {contexts: [info]}
+- ``rep.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
+- ``rep.ping``: {} -> {name}
 
 Authorization: a client may write a context whose role is one of its certificate roles
 (or any context, with ``admin``); it may read as one of its roles only; ``ctx.purge``
