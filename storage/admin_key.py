@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 from pyrage import x25519
 
+from crypto.errors import DecryptionError, ShamirError
 from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE
 from crypto.shamir import (
@@ -121,24 +122,36 @@ def gather_shares(
     """Mnemonics from text, from age-encrypted share files, and this node's own share.
 
     Share files are decrypted with this node's identity or any of ``identities``.
+
+    Raises:
+        InvalidPayload: a share file cannot be read.
+        ShamirError: a share file no key opens, or that does not hold a share.
     """
     keys = [store.keyring.node_identity(), *identities]
     found = [line.strip() for line in mnemonics if line.strip()]
     own = store.keyring.keys_dir / OWN_SHARE_FILE
     for path in [*share_files, *([own] if own.exists() else [])]:
-        found.append(_decrypt_with_any(path.read_bytes(), keys))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidPayload(
+                f"cannot read share file {path}: {exc.strerror}", field="share_file"
+            ) from None
+        found.append(_decrypt_with_any(path, data, keys))
     return found
 
 
-def _decrypt_with_any(data: bytes, keys: Sequence[x25519.Identity]) -> str:
-    last: Exception | None = None
+def _decrypt_with_any(path: Path, data: bytes, keys: Sequence[x25519.Identity]) -> str:
+    """The share in ``data``; ShamirError if no key opens it (wrong holder, or corrupted)."""
     for key in keys:
         try:
             return decrypt_share(data, key)
-        except Exception as exc:
-            last = exc
-    assert last is not None
-    raise last
+        except DecryptionError:
+            continue
+    raise ShamirError(
+        f"share file {path} does not open with this node's identity or any --identity given "
+        "(another holder's file, or corrupted)"
+    )
 
 
 def combine_admin(store: ContextStore, mnemonics: Sequence[str]) -> WipeableIdentity:

@@ -310,7 +310,7 @@ class ContextStore:
             ctx = item.address.context()
             if ctx not in parents:
                 parents[ctx] = parent_of(ctx)
-            vid = self._next_id()
+            vid = self.next_id()
             record = item.record
             env = Envelope(
                 context=ctx.canonical(),
@@ -332,7 +332,13 @@ class ContextStore:
             envelopes.append(env)
         return envelopes
 
-    def _next_id(self) -> VersionId:
+    def observe(self, version_id: str) -> None:
+        """Move the clock past a version id seen from another node (HLC receive event)."""
+        with self._lock:
+            self._hlc.observe(VersionId.parse(version_id))
+
+    def next_id(self) -> VersionId:
+        """A fresh version id from this node's hybrid logical clock."""
         with self._lock:
             return self._hlc.next_id()
 
@@ -390,7 +396,7 @@ class ContextStore:
             head = lookup(ctx)
             if head is None or not head.live:
                 raise NotFound(f"no such context: {ctx.canonical()}", input=address)
-            vid = self._next_id()
+            vid = self.next_id()
             env = Envelope(
                 context=ctx.canonical(),
                 version_id=str(vid),

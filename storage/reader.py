@@ -43,7 +43,7 @@ class VersionReader:
         self.keyring = keyring
         self.cache = cache
         self._clock_ms = clock_ms
-        self._trusted = trusted
+        self.trusted = trusted
 
     def resolve(self, addr: Address) -> ContextName:
         """The concrete context an address names (latest-updated match for wildcards)."""
@@ -64,7 +64,7 @@ class VersionReader:
             raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
         env = Envelope.decode(data)
         env.check_signature()
-        if not self._trusted(env.signer):
+        if not self.trusted(env.signer):
             raise CorruptRecord(f"version {vid} is signed by an untrusted key", field="signature")
         if env.context != ctx.canonical() or env.version_id != vid:
             raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")

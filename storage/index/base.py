@@ -252,8 +252,9 @@ def rank_hits(fetch: Callable[[int], list[Hit]], limit: int) -> list[Hit]:
     """The ``limit`` best hits, score descending, ties broken by context ascending.
 
     A backend's top-n cut breaks ties by its own doc order, so when the n-th score ties with
-    the next one the cut may drop a context that sorts earlier. This asks ``fetch`` for twice
-    as many until the last fetched score is below the ``limit``-th one (or results run out).
+    the next one the cut may drop a context that sorts earlier. This asks ``fetch`` for one
+    more than ``limit`` (enough to see whether the cut falls inside a tie), then for twice as
+    many while the last fetched score still ties the ``limit``-th one (or until results run out).
 
     Args:
         fetch: returns up to n hits in the backend's order (best first).
@@ -262,7 +263,7 @@ def rank_hits(fetch: Callable[[int], list[Hit]], limit: int) -> list[Hit]:
     Returns:
         At most ``limit`` hits in deterministic order.
     """
-    wanted = limit
+    wanted = limit + 1
     while True:
         hits = sorted(fetch(wanted), key=lambda h: -h.score)
         if len(hits) < wanted or hits[-1].score < hits[limit - 1].score:

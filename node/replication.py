@@ -1,0 +1,140 @@
+"""Replication planning: who holds a context, when a quorum is reached, what to repair.
+
+A pure core (ARCHITECTURE.md §2, §6): no I/O, no clock, no randomness. The node service
+(``node/service.py``) asks it what to do and carries it out over RPC.
+
+- Placement: a context's replicas are the first N distinct members clockwise from its key
+  on the ring (``node.ring``), whether they are up or not; a request goes to the live ones.
+- Writes succeed after W durable acknowledgements and reads after R answers
+  (``QuorumTracker``); once the answers still possible cannot reach the quorum, the
+  request fails (``UCXL-503-UNAVAILABLE``), and nothing partial is reported as success.
+- Reads merge version sets by union (``merge_version_sets``): versions are immutable and
+  named by id, so the union is conflict-free; a purge marker removes every version at or
+  before it. Replicas missing versions of the merged set get them back (read repair).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from node.ring import Ring
+from storage.schema import PurgeMarker
+from storage.versions import VersionId
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """Replication factor N, write quorum W and read quorum R."""
+
+    n: int = 3
+    w: int = 2
+    r: int = 2
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or not 1 <= self.w <= self.n or not 1 <= self.r <= self.n:
+            raise ValueError(f"need 1 <= w, r <= n, got n={self.n} w={self.w} r={self.r}")
+
+    def override(self, *, w: int | None = None, r: int | None = None) -> Quorum:
+        """This quorum with a per-request W or R.
+
+        Raises:
+            ValueError: the override is outside 1..N.
+        """
+        return Quorum(self.n, self.w if w is None else w, self.r if r is None else r)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The replicas of one context, and which of them to ask now."""
+
+    replicas: tuple[str, ...]
+    live: tuple[str, ...]
+
+    def can_reach(self, needed: int) -> bool:
+        """Whether enough replicas are up to possibly reach ``needed`` answers."""
+        return len(self.live) >= needed
+
+
+def place(ring: Ring, key: bytes, n: int, up: Collection[str]) -> Placement:
+    """The N preferred replicas of ``key`` and the live ones among them (in ring order)."""
+    replicas = tuple(ring.preference_list(key, n))
+    return Placement(replicas, tuple(node for node in replicas if node in up))
+
+
+class Outcome(enum.Enum):
+    """Where a quorum request stands."""
+
+    PENDING = "pending"
+    REACHED = "reached"
+    FAILED = "failed"
+
+
+@dataclass
+class QuorumTracker:
+    """Counts answers from ``asked`` replicas until ``needed`` succeed or that is impossible."""
+
+    asked: Sequence[str]
+    needed: int
+    ok: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def record(self, node: str, success: bool) -> Outcome:
+        """Record one answer (each asked node answers at most once) and say where we are."""
+        if node not in self.asked or node in self.ok or node in self.failed:
+            raise ValueError(f"unexpected answer from {node!r}")
+        (self.ok if success else self.failed).append(node)
+        return self.outcome
+
+    @property
+    def outcome(self) -> Outcome:
+        """REACHED once ``needed`` succeeded; FAILED once that can no longer happen."""
+        if len(self.ok) >= self.needed:
+            return Outcome.REACHED
+        if len(self.asked) - len(self.failed) < self.needed:
+            return Outcome.FAILED
+        return Outcome.PENDING
+
+
+@dataclass(frozen=True)
+class VersionSet:
+    """What one replica holds of a context: envelopes by version id, and its purge marker."""
+
+    envelopes: Mapping[str, bytes]
+    purge: PurgeMarker | None = None
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The union of several replicas' version sets, and what each replica lacks."""
+
+    envelopes: tuple[tuple[str, bytes], ...]  # (version id, envelope), in id order
+    purge: PurgeMarker | None
+    missing: Mapping[str, tuple[str, ...]]  # replica -> version ids it lacks
+    stale_purge: tuple[str, ...]  # replicas that still hold versions the marker removes
+
+
+def merge_version_sets(answers: Mapping[str, VersionSet]) -> Merged:
+    """Union of version sets, minus what the newest purge marker covers (ARCHITECTURE §3)."""
+    markers = [vs.purge for vs in answers.values() if vs.purge is not None]
+    purge = max(markers, key=lambda m: VersionId.parse(m.upto)) if markers else None
+    limit = VersionId.parse(purge.upto) if purge else None
+    union: dict[str, bytes] = {}
+    for name in sorted(answers):
+        for vid, data in answers[name].envelopes.items():
+            if limit is None or VersionId.parse(vid) > limit:
+                union.setdefault(vid, data)
+    ordered = tuple(sorted(union.items(), key=lambda item: VersionId.parse(item[0])))
+    missing = {
+        name: tuple(vid for vid, _ in ordered if vid not in vs.envelopes)
+        for name, vs in answers.items()
+    }
+    stale = tuple(
+        sorted(
+            name
+            for name, vs in answers.items()
+            if limit is not None and any(VersionId.parse(v) <= limit for v in vs.envelopes)
+        )
+    )
+    return Merged(ordered, purge, {k: v for k, v in missing.items() if v}, stale)

@@ -1,0 +1,191 @@
+"""What a node does as one replica of a cluster, on top of its ContextStore.
+
+Owns: applying versions that arrive from other nodes (verified, then merged by union),
+handing out a context's version set, applying purge markers, and building views, history
+and tombstones from a *merged* version set (which the coordinator assembled from several
+replicas). Must not know about RPC, the ring or quorums (``node/`` does).
+
+Invariant: nothing is stored that does not carry a valid signature by a trusted node key
+(``ContextStore.trust_signer``); a refused version is counted in ``refused`` and never
+stored. Versions covered by a purge marker are refused by the version store itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from storage.address import ContextName, Temporal
+from storage.context_store import ContextStore, history_of
+from storage.envelope import Envelope
+from storage.errors import CorruptRecord, Forbidden, NotFound
+from storage.reader import infos_of
+from storage.schema import Head, PurgeMarker
+from storage.versions import VersionId, select
+from storage.views import HistoryEntry, VersionView
+
+
+class Replica:
+    """The replica-side operations of one node."""
+
+    def __init__(self, store: ContextStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    # -- as a replica ---------------------------------------------------------------------
+
+    def verify(self, data: bytes) -> Envelope:
+        """Decode and verify one envelope from the network.
+
+        Raises:
+            CorruptRecord: undecodable, unsigned, forged, or signed by an untrusted key.
+        """
+        env = Envelope.decode(data)
+        env.check_signature()
+        if not self.store.reader.trusted(env.signer):
+            raise CorruptRecord(
+                f"version {env.version_id} is signed by a key this cluster does not trust",
+                field="signature",
+            )
+        ContextName.from_canonical(env.context)
+        VersionId.parse(env.version_id)
+        return env
+
+    def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool], dict[str, int]]:
+        """Verify and store versions; (stored? per blob, context -> version count).
+
+        A blob that fails verification is refused (False) and counted; the others are
+        stored in one synced batch. Already-held versions are no-ops (merge by union).
+        """
+        verified: list[Envelope | None] = []
+        for data in blobs:
+            try:
+                verified.append(self.verify(data))
+            except CorruptRecord:
+                with self._lock:
+                    self.refused += 1
+                verified.append(None)
+        good = [env for env in verified if env is not None]
+        for env in good:
+            self.store.observe(env.version_id)
+        stored_flags = self.store.versions.append(good) if good else []
+        heads: dict[str, int] = {}
+        for env in good:
+            ctx = ContextName.from_canonical(env.context)
+            self.store.cache.invalidate_context(ctx.key())
+            head = self.store.versions.head(ctx)
+            if head is not None:
+                heads[env.context] = head.count
+            self.store.index.refresh_context(ctx, head)
+        self.store.index.maybe_commit()
+        flags = iter(stored_flags)
+        return [False if env is None else next(flags) for env in verified], heads
+
+    def version_set(self, ctx: ContextName) -> tuple[list[tuple[str, bytes]], PurgeMarker | None]:
+        """Every version row of ``ctx`` this node holds, and its purge marker."""
+        rows = [(row.version_id, row.data) for row in self.store.versions.versions(ctx)]
+        return rows, self.store.versions.purge_marker(ctx)
+
+    def head(self, ctx: ContextName) -> Head | None:
+        """This node's head of ``ctx``."""
+        return self.store.versions.head(ctx)
+
+    def apply_purge(self, ctx: ContextName, marker: PurgeMarker) -> int:
+        """Remove the versions a purge marker covers and keep the marker."""
+        current = self.store.versions.purge_marker(ctx)
+        if current is not None and VersionId.parse(current.upto) >= VersionId.parse(marker.upto):
+            return 0
+        removed = self.store.versions.purge(ctx, marker)
+        self.store.cache.invalidate_context(ctx.key())
+        self.store.index.remove(ctx)
+        self.store.index.commit()
+        return removed
+
+    # -- as a coordinator, over a merged version set ----------------------------------------
+
+    def seal_tombstone(self, ctx: ContextName, parent: str, actor: str) -> Envelope:
+        """A signed delete marker for ``ctx`` after version ``parent``."""
+        vid = self.store.next_id()
+        return Envelope(
+            context=ctx.canonical(),
+            version_id=str(vid),
+            parent=parent,
+            kind="tombstone",
+            created_at_ms=vid.wall_ms,
+            created_by=actor,
+            readers=(),
+            tags=(),
+            technologies=(),
+            influences=(),
+            influenced_by=(),
+            expires_at_ms=None,
+            compression="none",
+            ciphertext=b"",
+        ).sealed(self.store.keyring.signer)
+
+    def purge_marker_for(self, latest: str | None, actor: str) -> PurgeMarker:
+        """A purge marker covering everything up to now (and at least ``latest``)."""
+        upto = self.store.next_id()
+        if latest is not None:
+            upto = max(upto, VersionId.parse(latest))
+        return PurgeMarker(str(upto), self.store.clock_ms(), actor)
+
+    def history(self, ctx: ContextName, rows: Sequence[tuple[str, bytes]]) -> list[HistoryEntry]:
+        """History of a merged version set, oldest first."""
+        infos, envs = infos_of(list(rows), self.store.clock_ms(), keep_corrupt=True)
+        if not infos:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
+        return history_of(ctx, infos, envs)
+
+    def view(
+        self,
+        ctx: ContextName,
+        rows: Sequence[tuple[str, bytes]],
+        temporal: Temporal,
+        *,
+        as_role: str | None,
+        allowed_roles: Sequence[str] | None,
+        where: str,
+    ) -> VersionView:
+        """Navigate a merged version set and decrypt the selected version.
+
+        Args:
+            ctx: the context.
+            rows: (version id, envelope) in id order.
+            temporal: the temporal segment.
+            as_role: the role asked for (must be in ``allowed_roles`` when that is given).
+            allowed_roles: the caller's roles (a client certificate's), or None for any.
+            where: the address, for messages.
+
+        Raises:
+            NotFound, TemporalOutOfRange, Forbidden, CorruptRecord.
+        """
+        infos, envs = infos_of(list(rows), self.store.clock_ms(), keep_corrupt=True)
+        if not infos:
+            raise NotFound(f"no such context: {ctx.canonical()}", input=where)
+        index = select(infos, temporal, where=where)
+        env = envs[index]
+        if env is None:
+            raise CorruptRecord(f"version {index + 1} of {ctx.canonical()} is damaged")
+        env.check_signature()
+        if not self.store.reader.trusted(env.signer):
+            raise CorruptRecord(f"version {env.version_id} is signed by an untrusted key")
+        if env.tombstone:
+            raise NotFound(f"{ctx.canonical()} was deleted (version {index + 1})", input=where)
+        role = self._role_for(env, as_role, allowed_roles)
+        return self.store.reader.decrypt_view(ctx, env, index + 1, role)
+
+    def _role_for(self, env: Envelope, as_role: str | None, allowed: Sequence[str] | None) -> str:
+        if allowed is None:
+            return self.store.reader.reader_role(env, as_role)
+        if as_role is not None:
+            if as_role not in allowed:
+                raise Forbidden(f"the client's certificate does not grant role {as_role!r}")
+            return self.store.reader.reader_role(env, as_role)
+        roles = self.store.keyring.role_set
+        usable = [r for r in allowed if r in roles and roles.may_read(r, env.readers)]
+        for role in sorted(usable, key=lambda r: roles.get(r).authority):
+            if self.store.keyring.has_identity(role):
+                return role
+        raise Forbidden(f"none of the client's roles may read {env.context}", field="role")
