@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,12 @@ class Keyring:
 
     @classmethod
     def create(
-        cls, keys_dir: Path, roles: Sequence[Role], *, passphrase: str | None = None
+        cls,
+        keys_dir: Path,
+        roles: Sequence[Role],
+        *,
+        passphrase: str | None = None,
+        role_identities: Mapping[str, x25519.Identity] | None = None,
     ) -> Keyring:
         """Create a keyring with a fresh identity per role, a node identity and signing key.
 
@@ -146,6 +151,9 @@ class Keyring:
             keys_dir: the directory (created 0700 if missing).
             roles: the role set (must contain admin).
             passphrase: seal every secret file with it (one scrypt per file, ~1 s each).
+            role_identities: identities to use instead of fresh ones (the nodes of one
+                cluster share role keys; each node's own identity and signing key stay
+                its own). A role missing here gets a fresh identity.
 
         Raises:
             KeyringError: ``keys_dir`` already holds a keyring, or the role set is invalid.
@@ -158,8 +166,9 @@ class Keyring:
         sealed = passphrase is not None
         created = _now_iso()
         recipients = []
+        given = role_identities or {}
         for role in role_set.roles:
-            identity = x25519.Identity.generate()
+            identity = given.get(role.name) or x25519.Identity.generate()
             text = identity_file_text(identity, created).encode()
             files.write(f"{role.name}.key", text, sealed=sealed, exclusive=True)
             recipients.append((role, str(identity.to_public())))

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pyrage import x25519
 
 from crypto.audit import AuditLog
 from crypto.errors import AuditChainBroken, KeyringError
@@ -145,6 +147,7 @@ class ContextStore:
         *,
         backend: str = "tantivy",
         passphrase: str | None = None,
+        role_identities: Mapping[str, x25519.Identity] | None = None,
     ) -> DataDir:
         """Create a data directory: layout, config, keyring, empty database.
 
@@ -156,7 +159,9 @@ class ContextStore:
             raise AlreadyInitialised(f"{root} already holds a slurp node", field="data_dir")
         data_dir.create_layout(backend=backend)
         try:
-            Keyring.create(data_dir.keys, roles, passphrase=passphrase)
+            Keyring.create(
+                data_dir.keys, roles, passphrase=passphrase, role_identities=role_identities
+            )
         except KeyringError as exc:
             raise InvalidPayload(str(exc), field="roles") from None
         kv = LevelDBKV(data_dir.db, create=True)

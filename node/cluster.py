@@ -1,0 +1,93 @@
+"""Cluster membership as the node service sees it, and failure detection on the RPC channel.
+
+``StaticCluster`` is a fixed member list with up/down state (the simulation tier, tests,
+and the daemon before discovery has found anyone); ``FailureDetector`` is the trio shell
+that pings members and marks them up or down. Call outcomes of ordinary requests feed the
+same state (``PeerPool(on_result=cluster.mark)``), so a dead peer is noticed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import trio
+
+from node.errors import PeerUnavailable, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+class StaticCluster:
+    """A member list with up/down state; every member starts up."""
+
+    def __init__(self, name: str, members: Iterable[str]) -> None:
+        self.name = name
+        self._members = sorted(set(members) | {name})
+        self._down: set[str] = set()
+
+    def member_names(self) -> Sequence[str]:
+        """Every member, this node included."""
+        return tuple(self._members)
+
+    def set_members(self, members: Iterable[str]) -> None:
+        """Replace the member list (discovery found or lost nodes)."""
+        self._members = sorted(set(members) | {self.name})
+        self._down &= set(self._members)
+
+    def is_up(self, name: str) -> bool:
+        """Whether ``name`` is believed up (this node always is)."""
+        return name == self.name or (name in self._members and name not in self._down)
+
+    def mark(self, name: str, up: bool) -> None:
+        """Record the outcome of talking to ``name``."""
+        if name == self.name:
+            return
+        if up:
+            if name in self._down:
+                log.info("%s: %s is up", self.name, name)
+            self._down.discard(name)
+        elif name not in self._down:
+            log.info("%s: %s is down", self.name, name)
+            self._down.add(name)
+
+
+class Pinger(Protocol):
+    """What the failure detector needs to reach a peer."""
+
+    async def call(
+        self, name: str, method: str, body: dict[str, object], *, timeout_s: float
+    ) -> dict[str, object]:
+        """Call a peer."""
+        ...
+
+
+class FailureDetector:
+    """Pings every other member every ``interval_s``; outcomes mark them up or down."""
+
+    def __init__(
+        self, cluster: StaticCluster, pinger: Pinger, *, interval_s: float, timeout_s: float
+    ) -> None:
+        self.cluster = cluster
+        self.pinger = pinger
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe forever."""
+        task_status.started()
+        while True:
+            async with trio.open_nursery() as nursery:
+                for name in self.cluster.member_names():
+                    if name != self.cluster.name:
+                        nursery.start_soon(self._probe, name)
+            await trio.sleep(self.interval_s)
+
+    async def _probe(self, name: str) -> None:
+        try:
+            await self.pinger.call(name, "rep.ping", {}, timeout_s=self.timeout_s)
+        except (PeerUnavailable, RemoteError):
+            self.cluster.mark(name, False)
+            return
+        self.cluster.mark(name, True)

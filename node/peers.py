@@ -1,0 +1,116 @@
+"""Connections from this node to its peers, kept open and reused (a trio shell).
+
+Owns: one long-lived connection per peer (TLS or in-memory, through a ``Connector``),
+opened on first use, dropped when it fails; calls with a timeout; and feeding call
+outcomes to failure detection (``on_result``). Every connection is held by a task of the
+pool's own nursery (``run``), so nothing is detached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import trio
+
+from node.errors import NodeError, PeerUnavailable, RemoteError
+from node.transport import Caller
+
+log = logging.getLogger(__name__)
+Connector = Callable[[str], AbstractAsyncContextManager[Caller]]
+
+
+class PeerPool:
+    """Reusable connections to peers by name."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        *,
+        on_result: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._on_result = on_result or (lambda _name, _ok: None)
+        self._clients: dict[str, Caller] = {}
+        self._closers: dict[str, trio.Event] = {}
+        self._opening: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the connections until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def call(
+        self, name: str, method: str, body: dict[str, Any], *, timeout_s: float
+    ) -> dict[str, Any]:
+        """Call ``method`` on peer ``name``.
+
+        Raises:
+            PeerUnavailable: no connection, or no answer within ``timeout_s``.
+            RemoteError: the peer answered with an error (the peer is still up).
+        """
+        try:
+            client = await self._client(name)
+            answer = await client.call(method, body, timeout_s=timeout_s)
+        except RemoteError:
+            self._on_result(name, True)
+            raise
+        except (PeerUnavailable, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            self._drop(name)
+            self._on_result(name, False)
+            raise PeerUnavailable(f"{name}: {exc}") from None
+        self._on_result(name, True)
+        return answer
+
+    async def _client(self, name: str) -> Caller:
+        while True:
+            found = self._clients.get(name)
+            if found is not None:
+                return found
+            opening = self._opening.get(name)
+            if opening is None:
+                break
+            await opening.wait()
+        if self._nursery is None:
+            raise PeerUnavailable("the peer pool is not running")
+        opening = self._opening[name] = trio.Event()
+        try:
+            await self._nursery.start(self._hold, name)
+        except PeerUnavailable:
+            raise
+        except (OSError, RemoteError) as exc:
+            raise PeerUnavailable(f"{name}: {exc}") from None
+        finally:
+            del self._opening[name]
+            opening.set()
+        return self._clients[name]
+
+    async def _hold(self, name: str, *, task_status: trio.TaskStatus[None]) -> None:
+        closer = trio.Event()
+        started = False
+        try:
+            async with self._connect(name) as client:
+                self._clients[name] = client
+                self._closers[name] = closer
+                task_status.started()
+                started = True
+                await closer.wait()
+        except (NodeError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not started:
+                raise
+            log.debug("connection to %s ended: %s", name, type(exc).__name__)
+        finally:
+            if self._closers.get(name) is closer:
+                self._clients.pop(name, None)
+                del self._closers[name]
+
+    def _drop(self, name: str) -> None:
+        closer = self._closers.pop(name, None)
+        self._clients.pop(name, None)
+        if closer is not None:
+            closer.set()
