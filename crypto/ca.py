@@ -134,7 +134,7 @@ class CertificateAuthority:
     """A cluster CA backed by a directory; see the module docstring for its layout."""
 
     def __init__(
-        self, directory: Path, cert: x509.Certificate, key: ed25519.Ed25519PrivateKey
+        self, directory: Path, cert: x509.Certificate, key: ed25519.Ed25519PrivateKey | None
     ) -> None:
         """Use ``init`` or ``open``; this only binds already-loaded parts."""
         self.directory = directory
@@ -186,6 +186,26 @@ class CertificateAuthority:
         return ca
 
     @classmethod
+    def verifier(cls, ca_cert: Path) -> CertificateAuthority:
+        """A CA that can only ``verify`` (nodes hold ``ca.crt`` and ``ca.crl``, not the key).
+
+        The CRL is read from ``ca.crl`` beside ``ca_cert`` at every verification.
+
+        Raises:
+            CertificateError: reason ``"missing"`` or ``"malformed"``.
+        """
+        try:
+            cert = load_certificate(ca_cert.read_bytes())
+        except FileNotFoundError:
+            raise CertificateError(f"no CA certificate at {ca_cert}", reason="missing") from None
+        return cls(ca_cert.parent, cert, None)
+
+    def _signing_key(self) -> ed25519.Ed25519PrivateKey:
+        if self._key is None:
+            raise CertificateError("this CA holds no private key (verify only)", reason="missing")
+        return self._key
+
+    @classmethod
     def open(cls, directory: Path) -> CertificateAuthority:
         """Open the CA in ``directory``.
 
@@ -214,6 +234,7 @@ class CertificateAuthority:
         *,
         valid_days: int = 365,
         now: datetime | None = None,
+        key: ed25519.Ed25519PrivateKey | None = None,
     ) -> IssuedCert:
         """Issue a node certificate (serverAuth + clientAuth) for ``hosts``.
 
@@ -222,6 +243,9 @@ class CertificateAuthority:
             hosts: DNS names and IP addresses the node is reached at (at least one).
             valid_days: Lifetime, capped at the CA's.
             now: Issue time (tests pass a past time to make expired certificates).
+            key: The node's existing Ed25519 key (its version-signing key, so the
+                certificate vouches for the signatures on what the node writes); a fresh
+                key when None. Either way it is written to ``D/NAME.key``.
 
         Raises:
             CertificateError: reason ``"bad-name"``, ``"bad-host"`` or ``"exists"``.
@@ -238,7 +262,7 @@ class CertificateAuthority:
                 names.append(x509.DNSName(host))
         usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         extra = [x509.SubjectAlternativeName(names)]
-        return self._issue(name, usage, extra, valid_days=valid_days, now=now)
+        return self._issue(name, usage, extra, valid_days=valid_days, now=now, key=key)
 
     def issue_client(
         self,
@@ -272,6 +296,7 @@ class CertificateAuthority:
         *,
         valid_days: int,
         now: datetime | None,
+        key: ed25519.Ed25519PrivateKey | None = None,
     ) -> IssuedCert:
         if not _NAME.fullmatch(name) or name == "ca":
             raise CertificateError("names are [A-Za-z0-9._-], not 'ca'", reason="bad-name")
@@ -279,7 +304,7 @@ class CertificateAuthority:
             if (self.directory / f"{name}{suffix}").exists():
                 raise CertificateError(f"{name} was already issued", reason="exists")
         start = _utc(now)
-        key = ed25519.Ed25519PrivateKey.generate()
+        key = key or ed25519.Ed25519PrivateKey.generate()
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -300,7 +325,7 @@ class CertificateAuthority:
         )
         for ext in extra:
             builder = builder.add_extension(ext, critical=False)
-        cert = builder.sign(self._key, None)
+        cert = builder.sign(self._signing_key(), None)
         _write_new(self.directory / f"{name}.key", _key_pem(key), 0o600)
         _write_new(self.directory / f"{name}.crt", _cert_pem(cert), 0o644)
         return describe_certificate(cert, revoked=False)
@@ -372,7 +397,7 @@ class CertificateAuthority:
         )
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
-        crl = builder.sign(self._key, None)
+        crl = builder.sign(self._signing_key(), None)
         _replace(self.directory / CRL_FILE, crl.public_bytes(serialization.Encoding.PEM))
 
     def verify(
