@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress
 
-from cli import audit, ca, keys, render
+from cli import audit, ca, cluster, keys, render
 from cli.common import STATE, JsonOpt, fail, opened, run
 from crypto.errors import KeyringError
 from crypto.roles import DEFAULT_ROLES, Role, parse_role_spec
@@ -41,6 +42,8 @@ app.add_typer(index_app, name="index")
 app.add_typer(ca.app, name="ca")
 app.add_typer(audit.app, name="audit")
 app.add_typer(keys.app, name="keys")
+app.add_typer(cluster.node_app, name="node")
+app.add_typer(cluster.cluster_app, name="cluster")
 
 
 @app.callback()
@@ -263,7 +266,8 @@ def purge(
         if share_file or mnemonics:
             ids = [keys.identity_file(path, as_json) for path in identity or []]
             found = run(as_json, lambda: gather_shares(store, mnemonics, share_file or [], ids))
-            with run(as_json, lambda: admin_in_memory(store, found)):
+            with ExitStack() as held:  # entering rebuilds the admin identity: may fail
+                run(as_json, lambda: held.enter_context(admin_in_memory(store, found)))
                 removed = run(as_json, lambda: store.purge(address))
         else:
             removed = run(as_json, lambda: store.purge(address))
@@ -277,7 +281,7 @@ def purge(
 def stats(as_json: JsonOpt = False) -> None:
     """Counters: contexts, versions, cache, index, group commit, roles."""
     with opened(as_json) as store:
-        data = store.stats()
+        data = run(as_json, store.stats)  # config.toml [keys] is read here
     if as_json:
         render.print_json(data)
     else:
@@ -324,3 +328,7 @@ def index_rebuild(as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``slurp node`` and ``slurp cluster``: run a node; a local cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli import render
+from cli.common import CliError, JsonOpt, fail
+from node.ops import ClusterError, cluster_down, cluster_status, cluster_up, run_node
+
+node_app = typer.Typer(help="Run a node daemon.", no_args_is_help=True)
+cluster_app = typer.Typer(help="A local cluster on loopback, for trying slurp out.",
+                          no_args_is_help=True)  # fmt: skip
+DirOpt = Annotated[Path, typer.Option("--dir", help="The cluster directory.")]
+
+
+@node_app.command("start")
+def start(
+    config: Annotated[Path, typer.Option("--config", help="The node's TOML configuration.")],
+) -> None:
+    """Serve a node in the foreground until SIGINT or SIGTERM."""
+    raise typer.Exit(run_node(config, os.environ))
+
+
+def _cluster_error(exc: ClusterError, as_json: bool) -> CliError:
+    return CliError("UCXL-503-UNAVAILABLE", str(exc), field="cluster")
+
+
+@cluster_app.command("up")
+def up(
+    nodes: Annotated[int, typer.Option(help="How many nodes.")] = 3,
+    directory: Annotated[Path, typer.Option("--dir", help="The cluster directory.")] = Path(
+        ".slurp-cluster"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Create and start a local cluster; returns once every node is healthy."""
+    try:
+        members = cluster_up(directory, nodes)
+    except ClusterError as exc:
+        fail(_cluster_error(exc, as_json), as_json)
+    if as_json:
+        render.print_json({"dir": str(directory), "profile": str(directory / "client.toml"),
+                           "nodes": [m.__dict__ for m in members]})  # fmt: skip
+        return
+    for member in members:
+        render.out.print(
+            f"{member.name}: rpc 127.0.0.1:{member.rpc_port}, http {member.http_port}, "
+            f"pid {member.pid}",
+            markup=False,
+        )
+    render.out.print(f"client profile: {directory / 'client.toml'} (slurp --profile ...)")
+
+
+@cluster_app.command("status")
+def status(
+    directory: Annotated[Path, typer.Option("--dir", help="The cluster directory.")] = Path(
+        ".slurp-cluster"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Members, up/down, health of each node."""
+    try:
+        data = cluster_status(directory)
+    except ClusterError as exc:
+        fail(_cluster_error(exc, as_json), as_json)
+    if as_json:
+        render.print_json(data)
+        return
+    table = Table("name", "address", "pid", "up", "members up", "quorum possible")
+    for node in data["nodes"]:
+        checks = (node["health"] or {}).get("checks", {})
+        table.add_row(
+            node["name"], node["address"], str(node["pid"]), "up" if node["up"] else "down",
+            str(checks.get("members_up", "-")), str(checks.get("quorum_possible", "-")),
+        )  # fmt: skip
+    render.out.print(table)
+
+
+@cluster_app.command("down")
+def down(
+    directory: Annotated[Path, typer.Option("--dir", help="The cluster directory.")] = Path(
+        ".slurp-cluster"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop every node of the local cluster."""
+    try:
+        stopped = cluster_down(directory)
+    except ClusterError as exc:
+        fail(_cluster_error(exc, as_json), as_json)
+    if as_json:
+        render.print_json({"stopped": stopped})
+    else:
+        render.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

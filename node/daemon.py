@@ -1,0 +1,218 @@
+"""The node daemon: one ContextStore served to a cluster (a trio shell of trio shells).
+
+Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
+peer pool, the node service, Kademlia discovery, failure detection, the /health and
+/metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
+shut them down cleanly (in-flight requests finish or fail, then the store closes).
+
+Membership: every verified node record that discovery finds becomes a member: its RPC
+address is dialled, and the public key of its CA-issued certificate is trusted to sign
+versions (a node's certificate is issued for its version-signing key, so one key ties
+its TLS identity to what it writes). A record signed under another CA is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from crypto.ca import CertificateAuthority
+from crypto.certs import load_certificate
+from node.cluster import FailureDetector, StaticCluster
+from node.config import NodeConfig
+from node.discovery import DiscoveryConfig as DhtConfig
+from node.discovery import DiscoveryService
+from node.errors import NodeError
+from node.http import HealthServer
+from node.membership import Membership, NodeRecord
+from node.metrics import NodeMetrics
+from node.peers import PeerPool
+from node.replication import Quorum
+from node.service import NodeService, ServiceConfig
+from node.transport import Caller, Peer, RpcServer, open_rpc_client
+from storage.context_store import ContextStore
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+MEMBERSHIP_SYNC_S = 0.5
+PROBE_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """Where a started node listens."""
+
+    rpc: int
+    http: int
+    discovery: int
+
+
+def now_ms() -> int:
+    """Wall-clock Unix milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class ConfigMismatch(NodeError):
+    """The node's certificate is not issued for its signing key (or similar)."""
+
+
+class NodeDaemon:
+    """A running node; ``run`` serves until cancelled."""
+
+    def __init__(self, config: NodeConfig, store: ContextStore) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = NodeMetrics()
+        self.cluster = StaticCluster(config.name, [config.name])
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.ready = False
+        self._ca = CertificateAuthority.verifier(config.tls.ca)
+        self.membership = Membership(self._ca)
+        self._tls = config.tls.files()
+        self._key = _load_key(config.tls.key.read_bytes())
+        self._check_key()
+        self.pool = PeerPool(self._connect, on_result=self.cluster.mark)
+        quorum = Quorum(config.cluster.n, config.cluster.w, config.cluster.r)
+        self.service = NodeService(
+            store,
+            self.cluster,
+            self.pool,
+            ServiceConfig(quorum, config.cluster.vnodes, config.cluster.request_timeout_s),
+        )
+
+    def _check_key(self) -> None:
+        public = self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        if public != self.store.keyring.signer.public_key:
+            raise ConfigMismatch(
+                f"{self.config.tls.key} is not this node's signing key: issue the node "
+                "certificate for it (slurp ca issue-node NAME --signing-key "
+                "DATA_DIR/keys/node.ed25519)"
+            )
+
+    def _connect(self, name: str) -> AbstractAsyncContextManager[Caller]:
+        host, port = self.addresses[name]
+        return open_rpc_client(
+            host, port, self._tls, node=self.config.name,
+            connect_timeout_s=self.config.cluster.request_timeout_s,
+        )  # fmt: skip
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[NodePorts] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start everything, report the ports, serve until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pool.run)
+            await nursery.start(self.service.run)
+            rpc = RpcServer(self._instrumented(self.service.handle), self._tls,
+                            self.config.rpc.host, self.config.rpc.port)  # fmt: skip
+            rpc_port = await nursery.start(rpc.run)
+            http = HealthServer(self.config.http, self._health, self.metrics)
+            http_port = await nursery.start(http.run)
+            record = NodeRecord.signed(
+                self._key,
+                name=self.config.name,
+                node_id=self.store.keyring.node_id,
+                rpc_host=self.config.rpc.host,
+                rpc_port=rpc_port,
+                http_port=http_port,
+                dht_port=0,
+                cert_pem=self.config.tls.cert.read_bytes(),
+                age_recipient=self.store.keyring.node_recipient,
+                issued_ms=now_ms(),
+            )
+            self.membership.observe(record.encode(), now_ms())
+            dht = DiscoveryService(
+                DhtConfig(
+                    host=self.config.discovery.host,
+                    port=self.config.discovery.port,
+                    bootstrap=[(s.host, s.port) for s in self.config.discovery.seeds],
+                    state_path=self.config.data_dir / "dht-state.json",
+                    refresh_s=1.0,
+                ),
+                record,
+                self.membership,
+                self._ca,
+                clock_ms=now_ms,
+            )
+            dht_port = await nursery.start(dht.run)
+            self._sync_members()
+            nursery.start_soon(self._membership_loop)
+            detector = FailureDetector(self.cluster, self.pool, interval_s=PROBE_INTERVAL_S,
+                                       timeout_s=self.config.cluster.request_timeout_s)  # fmt: skip
+            await nursery.start(detector.run)
+            nursery.start_soon(self._index_loop)
+            self.ready = True
+            log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,
+                     http_port, dht_port)  # fmt: skip
+            task_status.started(NodePorts(rpc_port, http_port, dht_port))
+            await trio.sleep_forever()
+
+    def _instrumented(
+        self, handler: Callable[[Peer, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+    ) -> Callable[[Peer, str, dict[str, Any]], Awaitable[dict[str, Any]]]:
+        async def handle(peer: Peer, method: str, body: dict[str, Any]) -> dict[str, Any]:
+            start = time.perf_counter()
+            outcome = "ok"
+            try:
+                return await handler(peer, method, body)
+            except StorageError as exc:
+                outcome = exc.code
+                raise
+            finally:
+                self.metrics.observe_request(method, outcome, time.perf_counter() - start)
+
+        return handle
+
+    def _health(self) -> tuple[bool, Mapping[str, object]]:
+        up = [name for name in self.cluster.member_names() if self.cluster.is_up(name)]
+        checks = {
+            "store": "open",
+            "members": len(self.cluster.member_names()),
+            "members_up": len(up),
+            "quorum_possible": len(up) >= self.config.cluster.w,
+        }
+        return self.ready, checks
+
+    async def _membership_loop(self) -> None:
+        while True:
+            await trio.sleep(MEMBERSHIP_SYNC_S)
+            self._sync_members()
+
+    def _sync_members(self) -> None:
+        """Dial, trust and place every verified member."""
+        names = []
+        for record in self.membership.members():
+            names.append(record.name)
+            self.addresses[record.name] = (record.rpc_host, record.rpc_port)
+            public = load_certificate(record.cert_pem).public_key()
+            if isinstance(public, Ed25519PublicKey):
+                self.store.trust_signer(
+                    public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+                )
+        self.cluster.set_members(names)
+        up = sum(1 for name in names if self.cluster.is_up(name))
+        self.metrics.set_members(up=up, down=len(names) - up)
+
+    async def _index_loop(self) -> None:
+        """Keep the search refresh bound even when nobody searches."""
+        interval = self.config.storage.index.refresh_interval_s
+        while True:
+            await trio.sleep(interval)
+            await trio.to_thread.run_sync(self.store.index.maybe_commit)
+
+
+def _load_key(pem: bytes) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigMismatch("the node's TLS key must be Ed25519")
+    return key
