@@ -9,6 +9,8 @@ from rich.table import Table
 
 from cli import render
 from cli.common import CliError, JsonOpt, fail, opened, run
+from crypto.audit import AuditLog
+from crypto.errors import AuditChainBroken
 from storage.views import iso_ms
 
 app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
@@ -41,12 +43,22 @@ def verify(as_json: JsonOpt = False) -> None:
         if store.audit is None:
             fail(_broken(store.audit_error), as_json)
         log = store.audit
-        count = run(as_json, log.verify)
+        count = run(as_json, lambda: _verified(log))
     if as_json:
         render.print_json({"verified": count, "ok": True})
     else:
         render.out.print(f"audit log intact: {count} entries verified", markup=False)
 
 
-def _broken(error: object) -> CliError:
-    return CliError("UCXL-500-AUDIT_BROKEN", f"the audit log is broken: {error}", field="audit")
+def _verified(log: AuditLog) -> int:
+    try:
+        return log.verify()
+    except AuditChainBroken as exc:
+        raise _broken(exc) from None
+
+
+def _broken(error: AuditChainBroken | None) -> CliError:
+    where = "" if error is None else f" at entry {error.seq} ({error.reason})"
+    return CliError(
+        "UCXL-500-AUDIT_BROKEN", f"the audit log is broken{where}: {error}", field="audit"
+    )

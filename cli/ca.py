@@ -13,6 +13,7 @@ from cli import render
 from cli.common import JsonOpt, run
 from crypto.ca import CertificateAuthority
 from crypto.certs import IssuedCert
+from storage.errors import InvalidPayload
 
 
 class Usage(StrEnum):
@@ -129,6 +130,13 @@ def revoke(name_or_serial: str, directory: DirOpt, as_json: JsonOpt = False) -> 
         render.out.print(f"revoked {cert.name} (serial {cert.serial})", markup=False)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidPayload(f"cannot read {path}: {exc.strerror}", field="cert_file") from None
+
+
 @app.command("verify")
 def verify(
     cert_file: Path,
@@ -139,7 +147,7 @@ def verify(
     """Check a certificate against this CA: signature, validity, revocation, usage."""
     ca = run(as_json, lambda: CertificateAuthority.open(directory))
     kind: Literal["node", "client"] | None = None if usage is None else usage.value
-    cert = run(as_json, lambda: ca.verify(cert_file.read_bytes(), usage=kind))
+    cert = run(as_json, lambda: ca.verify(_read(cert_file), usage=kind))
     if as_json:
         render.print_json({**cert_json(cert), "valid": True})
     else:
