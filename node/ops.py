@@ -56,6 +56,10 @@ from storage.errors import StorageError
 PASSPHRASE_ENV = "SLURP_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 
 
+# nodes this process started, kept so that their exit is collected through Popen
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class ClusterError(Exception):
     """A local cluster could not be made, started or reached; the message says why."""
 
@@ -230,6 +234,7 @@ def _start(root: Path, member: LocalNode) -> LocalNode:
         start_new_session=True, env=env,
     )  # fmt: skip
     log.close()
+    _CHILDREN[process.pid] = process
     (home / "node.pid").write_text(f"{process.pid}\n")
     return LocalNode(member.name, member.rpc_port, member.http_port, member.dht_port, process.pid)
 
@@ -342,6 +347,11 @@ def _alive(pid: int) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect a child that exited (when this process started it)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
