@@ -37,7 +37,7 @@ from node.metrics import NodeMetrics
 from node.peers import PeerPool
 from node.replication import Quorum
 from node.service import NodeService, ServiceConfig
-from node.transport import Caller, Peer, RpcServer, open_rpc_client
+from node.transport import Caller, Peer, RpcServer, ServerStatistics, open_rpc_client
 from storage.context_store import ContextStore
 from storage.errors import StorageError
 
@@ -74,6 +74,8 @@ class NodeDaemon:
         self.cluster = StaticCluster(config.name, [config.name])
         self.addresses: dict[str, tuple[str, int]] = {}
         self.ready = False
+        self._rpc: RpcServer | None = None
+        self._seen = ServerStatistics()
         self._ca = CertificateAuthority.verifier(config.tls.ca)
         self.membership = Membership(self._ca)
         self._tls = config.tls.files()
@@ -116,6 +118,7 @@ class NodeDaemon:
             rpc = RpcServer(self._instrumented(self.service.handle), self._tls,
                             self.config.rpc.host, self.config.rpc.port)  # fmt: skip
             rpc_port = await nursery.start(rpc.run)
+            self._rpc = rpc
             http = HealthServer(self.config.http, self._health, self.metrics)
             http_port = await nursery.start(http.run)
             record = NodeRecord.signed(
@@ -187,6 +190,21 @@ class NodeDaemon:
         while True:
             await trio.sleep(MEMBERSHIP_SYNC_S)
             self._sync_members()
+            self._export_transport_counters()
+
+    def _export_transport_counters(self) -> None:
+        """Bad traffic the RPC server closed connections for, as Prometheus counters."""
+        if self._rpc is None:
+            return
+        now = self._rpc.statistics()
+        for _ in range(now.tls_failures - self._seen.tls_failures):
+            self.metrics.tls_failure()
+        for reason in ("protocol_errors", "oversized_frames", "handshake_timeouts"):
+            for _ in range(getattr(now, reason) - getattr(self._seen, reason)):
+                self.metrics.bad_frame(reason)
+        self.metrics.set_connections_open(now.connections_open)
+        self.metrics.set_index_documents(int(self.store.index.stats()["documents"]))
+        self._seen = now
 
     def _sync_members(self) -> None:
         """Dial, trust and place every verified member."""

@@ -6,6 +6,7 @@ the faults stop. Nothing here reads a log line.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,10 @@ import pytest
 import trio
 import trio.testing
 
+from crypto.signing import Signer
 from node.errors import PeerUnavailable, RemoteError
+from storage.address import ContextName, parse
+from storage.envelope import Envelope
 from tests.sim.harness import SimCluster, open_sim_cluster
 
 SEEDS = range(12)
@@ -113,3 +117,29 @@ async def test_two_nodes_down_means_unavailable_and_nothing_partial(
         # n1 may hold "during" locally (it is one replica), but it was never acknowledged;
         # what matters: the acknowledged write is there
         assert history[0]["version"] == 1
+
+
+async def test_a_rogue_writers_versions_are_refused_and_counted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_sim_cluster(tmp_path) as sim:
+        ref = (
+            await sim.call("n1", "ctx.put", {"address": address(3), "record": {"summary": "real"}})
+        )["ref"]
+        ctx = ContextName.from_canonical(parse(address(3)).context().canonical())
+        stored = sim.nodes["n1"].store.versions.version(ctx, ref["version_id"])
+        assert stored is not None
+        genuine = Envelope.decode(stored)
+        later = f"{int(ref['version_id'][:12], 16) + 1:012x}-000000-evil"
+        forged = dataclasses.replace(genuine, version_id=later).sealed(Signer.generate())
+        unsigned = dataclasses.replace(genuine, version_id=later, signer=b"", signature=b"")
+        async with sim.network.open_client("n2", "n3") as rogue:  # a connected node identity
+            answer = await rogue.call(
+                "rep.store",
+                {"envelopes": [forged.encode(), unsigned.encode(), b"garbage"]},
+                timeout_s=1,
+            )
+        assert answer["stored"] == [None, None, None]
+        assert sim.nodes["n3"].service.replica.refused == 3
+        history = (await sim.call("n3", "ctx.history", {"address": address(3)}))["history"]
+        assert [entry["version_id"] for entry in history] == [ref["version_id"]]
