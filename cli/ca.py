@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
 
 from cli import render
 from cli.common import JsonOpt, run
 from crypto.ca import CertificateAuthority
 from crypto.certs import IssuedCert
+from crypto.signing import private_key_from_pem
 from storage.errors import InvalidPayload
 
 
@@ -80,12 +82,25 @@ def issue_node(
     directory: DirOpt,
     host: Annotated[list[str], typer.Option("--host", help="DNS name or IP (repeatable).")],
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(help="The node's keys/node.ed25519: certify it (needed to join a cluster)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Issue a node certificate (server and client auth) for the given hosts."""
     ca = run(as_json, lambda: CertificateAuthority.open(directory))
-    cert = run(as_json, lambda: ca.issue_node(name, host, valid_days=days))
+    key = None if signing_key is None else run(as_json, lambda: _signing_key(signing_key))
+    cert = run(as_json, lambda: ca.issue_node(name, host, valid_days=days, key=key))
     _show(cert, directory, as_json)
+
+
+def _signing_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidPayload(f"cannot read {path}: {exc.strerror}", field="signing_key") from None
+    return private_key_from_pem(data, str(path))
 
 
 @app.command("issue-client")
