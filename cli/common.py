@@ -2,6 +2,11 @@
 
 Errors go to stderr as ``CODE: message``; exit 2 for bad input (4xx codes), 1 otherwise;
 with ``--json`` the error is also printed on stdout as ``{"error": {code, message, field}}``.
+
+Two modes: embedded (the data directory is opened by this process: ``opened``) and remote
+(``--node``/``--profile``: a running node, through the client SDK). The data commands
+take a ``backend`` and work in both; everything else is embedded-only and, in remote
+mode, ``run`` and ``opened`` refuse it with ``UCXL-400-INVALID_PAYLOAD`` (field ``node``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Annotated, NoReturn, TypeVar
 import typer
 
 from cli import render
+from cli.backend import Backend, EmbeddedBackend, RemoteOptions, connect
 from crypto.errors import CertificateError, CryptoError, KeyringError, ShamirError
 from storage.context_store import ContextStore
 from storage.errors import InvalidPayload, StorageError
@@ -28,9 +34,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
 class State:
-    """Options given before the command."""
+    """Options given before the command (set afresh by every invocation)."""
 
     data_dir: Path = Path()
+    remote: RemoteOptions = RemoteOptions()
+    refused: str | None = None  # an embedded-only command, run with remote options
 
 
 STATE = State()
@@ -62,8 +70,22 @@ def translate(exc: CryptoError) -> StorageError:
     return CliError("UCXL-500-CRYPTO", str(exc))
 
 
+def embedded_only(what: str) -> InvalidPayload:
+    """The error for an embedded-only command (``what``) run with --node or --profile."""
+    return InvalidPayload(
+        f"`slurp {what}` works on a local data directory only; "
+        "it cannot be used with --node or --profile",
+        field="node",
+    )
+
+
 def run(as_json: bool, action: Callable[[], T]) -> T:
-    """Run ``action``, turning expected errors into the documented output."""
+    """Run ``action``, turning expected errors into the documented output.
+
+    An embedded-only command run in remote mode fails here, before its first action.
+    """
+    if STATE.refused is not None:
+        fail(embedded_only(STATE.refused), as_json)
     try:
         return action()
     except StorageError as exc:
@@ -92,11 +114,30 @@ def passphrase_source() -> str | Callable[[], str]:
 
 
 @contextmanager
-def opened(as_json: bool) -> Iterator[ContextStore]:
-    """The ContextStore of the data directory, closed afterwards."""
+def opened(as_json: bool, what: str | None = None) -> Iterator[ContextStore]:
+    """The ContextStore of the data directory, closed afterwards (embedded mode only).
+
+    ``what`` names the command in the error when remote options were given.
+    """
+    if STATE.remote.given:
+        fail(embedded_only(what or STATE.refused or "this command"), as_json)
     source = passphrase_source()
     store = run(as_json, lambda: ContextStore.open(STATE.data_dir, passphrase=source))
     try:
         yield store
     finally:
         store.close()
+
+
+@contextmanager
+def backend(as_json: bool) -> Iterator[Backend]:
+    """Where data commands go: the node of --node/--profile, else the data directory."""
+    if not STATE.remote.given:
+        with opened(as_json) as store:
+            yield EmbeddedBackend(store)
+        return
+    remote = run(as_json, lambda: connect(STATE.remote))
+    try:
+        yield remote
+    finally:
+        remote.close()

@@ -1,6 +1,9 @@
-"""The ``slurp`` command (embedded mode: it opens the node's data directory directly).
+"""The ``slurp`` command: embedded (it opens the node's data directory directly) or remote.
 
 Owns argument parsing, exit codes and choosing between text and ``--json`` output.
+With ``--node HOST:PORT`` or ``--profile FILE`` the data commands (put, get, history, ls,
+search, delete, purge; stats becomes the node's status) go to a running node through the
+client SDK, with the same output and exit codes; the other commands are embedded-only.
 Errors go to stderr as ``CODE: message``; exit 2 for bad input (4xx codes), 1 otherwise;
 with ``--json`` the error is also printed on stdout as ``{"error": {code, message, field}}``.
 """
@@ -17,7 +20,8 @@ import typer
 from rich.progress import Progress
 
 from cli import audit, ca, cluster, keys, render
-from cli.common import STATE, JsonOpt, fail, opened, run
+from cli.backend import RemoteOptions
+from cli.common import STATE, JsonOpt, backend, fail, opened, run
 from crypto.errors import KeyringError
 from crypto.roles import DEFAULT_ROLES, Role, parse_role_spec
 from storage.address import parse
@@ -46,8 +50,13 @@ app.add_typer(cluster.node_app, name="node")
 app.add_typer(cluster.cluster_app, name="cluster")
 
 
+# commands that need the data directory itself (or, for ca, a CA directory)
+EMBEDDED_ONLY = frozenset({"init", "ca", "keys", "audit", "index", "compact"})
+
+
 @app.callback()
 def _global(
+    ctx: typer.Context,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -55,8 +64,22 @@ def _global(
             help="Node data directory [default: $SLURP_HOME or ~/.local/share/slurp].",
         ),
     ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", help="Send data commands to the running node at HOST:PORT."),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="Send data commands to the cluster of a client profile."),
+    ] = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="Cluster CA certificate.")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="Client certificate.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Client private key.")] = None,
 ) -> None:
     STATE.data_dir = data_dir if data_dir is not None else default_data_dir()
+    STATE.remote = RemoteOptions(node=node, profile=profile, ca=ca, cert=cert, key=key)
+    command = ctx.invoked_subcommand
+    STATE.refused = command if STATE.remote.given and command in EMBEDDED_ONLY else None
 
 
 def _roles(spec: str | None) -> tuple[Role, ...]:
@@ -134,9 +157,9 @@ def put(
 ) -> None:
     """Store a new version of the context ADDRESS (temporal segment *^)."""
     fields = run(as_json, lambda: _record_fields(file, summary, content, tag or [], tech or []))
-    record = run(as_json, lambda: ContextRecord.from_fields(fields))
-    with opened(as_json) as store:
-        ref = run(as_json, lambda: store.store(address, record, readers=role or None))
+    run(as_json, lambda: ContextRecord.from_fields(fields))  # before opening anything
+    with backend(as_json) as data:
+        ref = run(as_json, lambda: data.put(address, fields, role or None))
     if as_json:
         render.print_json(ref.to_json())
     else:
@@ -154,19 +177,18 @@ def get(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the version ADDRESS selects (temporal segments and wildcards work)."""
-    with opened(as_json) as store:
-        if encrypted:
+    if encrypted:
+        with opened(as_json, "get --encrypted") as store:
             ref, ciphertext = run(as_json, lambda: store.retrieve_encrypted(address))
-            if output is None:
-                sys.stdout.buffer.write(ciphertext)
-            else:
-                output.write_bytes(ciphertext)
-                if as_json:
-                    render.print_json(
-                        {**ref.to_json(), "file": str(output), "bytes": len(ciphertext)}
-                    )
-            return
-        view = run(as_json, lambda: store.retrieve(address, as_role=as_role))
+        if output is None:
+            sys.stdout.buffer.write(ciphertext)
+        else:
+            output.write_bytes(ciphertext)
+            if as_json:
+                render.print_json({**ref.to_json(), "file": str(output), "bytes": len(ciphertext)})
+        return
+    with backend(as_json) as data:
+        view = run(as_json, lambda: data.get(address, as_role))
     if as_json:
         render.print_json(view.to_json())
     else:
@@ -176,8 +198,8 @@ def get(
 @app.command()
 def history(address: str, as_json: JsonOpt = False) -> None:
     """List every version of a context, oldest first, with siblings marked."""
-    with opened(as_json) as store:
-        entries = run(as_json, lambda: store.history(address))
+    with backend(as_json) as data:
+        entries = run(as_json, lambda: data.history(address))
     if as_json:
         render.print_json([entry.to_json() for entry in entries])
     else:
@@ -191,8 +213,8 @@ def list_contexts(
     as_json: JsonOpt = False,
 ) -> None:
     """List contexts matching PATTERN (any-wildcards; its path matches as a prefix)."""
-    with opened(as_json) as store:
-        items = run(as_json, lambda: store.list_contexts(pattern, include_deleted=deleted))
+    with backend(as_json) as data:
+        items = run(as_json, lambda: data.ls(pattern, deleted))
     if as_json:
         render.print_json([item.to_json() for item in items])
     else:
@@ -214,13 +236,8 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Full-text search over the latest version of every context."""
-    with opened(as_json) as store:
-        results = run(
-            as_json,
-            lambda: store.search(
-                query, project=project, task=task, tags=tag or [], as_role=as_role, limit=limit
-            ),
-        )
+    with backend(as_json) as data:
+        results = run(as_json, lambda: data.search(query, project, task, tag or [], limit, as_role))
     if as_json:
         render.print_json([hit.to_json() for hit in results])
     else:
@@ -230,8 +247,8 @@ def search(
 @app.command()
 def delete(address: str, as_json: JsonOpt = False) -> None:
     """Delete a context (a tombstone version; its history stays)."""
-    with opened(as_json) as store:
-        ref = run(as_json, lambda: store.delete(address))
+    with backend(as_json) as data:
+        ref = run(as_json, lambda: data.delete(address))
     if as_json:
         render.print_json(ref.to_json())
     else:
@@ -262,15 +279,16 @@ def purge(
             as_json,
         )
     mnemonics = sys.stdin.read().splitlines() if shares_stdin else []
-    with opened(as_json) as store:
-        if share_file or mnemonics:
+    if share_file or mnemonics:
+        with opened(as_json, "purge --share-file/--shares-stdin") as store:
             ids = [keys.identity_file(path, as_json) for path in identity or []]
             found = run(as_json, lambda: gather_shares(store, mnemonics, share_file or [], ids))
             with ExitStack() as held:  # entering rebuilds the admin identity: may fail
                 run(as_json, lambda: held.enter_context(admin_in_memory(store, found)))
                 removed = run(as_json, lambda: store.purge(address))
-        else:
-            removed = run(as_json, lambda: store.purge(address))
+    else:
+        with backend(as_json) as data:
+            removed = run(as_json, lambda: data.purge(address))
     if as_json:
         render.print_json({"purged": parse(address).context().canonical(), "versions": removed})
     else:
@@ -279,13 +297,27 @@ def purge(
 
 @app.command()
 def stats(as_json: JsonOpt = False) -> None:
-    """Counters: contexts, versions, cache, index, group commit, roles."""
-    with opened(as_json) as store:
-        data = run(as_json, store.stats)  # config.toml [keys] is read here
+    """Counters: contexts, versions, cache, index, group commit, roles (remote: status)."""
+    with backend(as_json) as data:
+        counters = run(as_json, data.stats)  # embedded: config.toml [keys] is read here
     if as_json:
-        render.print_json(data)
+        render.print_json(counters)
     else:
-        render.mapping(data)
+        render.mapping(counters)
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """The node's status: name, id, members, ring, quorum (needs --node or --profile)."""
+    if not STATE.remote.given:
+        needs = InvalidPayload("status asks a running node: give --node or --profile", field="node")
+        fail(needs, as_json)
+    with backend(as_json) as data:
+        found = run(as_json, data.stats)
+    if as_json:
+        render.print_json(found)
+    else:
+        render.mapping(found)
 
 
 @app.command()

@@ -52,11 +52,12 @@ class Replica:
         VersionId.parse(env.version_id)
         return env
 
-    def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool], dict[str, int]]:
-        """Verify and store versions; (stored? per blob, context -> version count).
+    def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool | None], dict[str, int]]:
+        """Verify and store versions; (per blob: True stored, False already held, None
+        refused; and context -> version count after).
 
-        A blob that fails verification is refused (False) and counted; the others are
-        stored in one synced batch. Already-held versions are no-ops (merge by union).
+        A blob that fails verification is refused and counted; the others are stored in
+        one synced batch. Already-held versions are no-ops (merge by union).
         """
         verified: list[Envelope | None] = []
         for data in blobs:
@@ -80,7 +81,7 @@ class Replica:
             self.store.index.refresh_context(ctx, head)
         self.store.index.maybe_commit()
         flags = iter(stored_flags)
-        return [False if env is None else next(flags) for env in verified], heads
+        return [None if env is None else next(flags) for env in verified], heads
 
     def version_set(self, ctx: ContextName) -> tuple[list[tuple[str, bytes]], PurgeMarker | None]:
         """Every version row of ``ctx`` this node holds, and its purge marker."""
