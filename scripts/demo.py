@@ -1,20 +1,24 @@
 """The walk-through that ``scripts/run`` shows: slurp describing its own source modules.
 
-Creates a node home under ``./.slurp-demo`` (wiped first), stores one context per module of
-slurp's packages with a few versions each and several roles, then runs the ``slurp`` CLI
-for a get, a history with temporal navigation, a search and stats, printing each command.
+Starts a local 3-node cluster under ``./.slurp-demo`` (wiped first), stores one context per
+module of slurp's packages (a few versions each, several roles) through node1 with the
+SDK, reads them back through node2, navigates history through node3, searches, prints the
+cluster status, then keeps the cluster running until Ctrl-C (``--once`` stops at once).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from crypto.roles import DEFAULT_ROLES
-from storage.context_store import ContextStore, WriteRequest
+from node.client import Client, PutItem
+from node.ops import LocalNode, cluster_down, cluster_up
+from storage.context_store import WriteRequest
 from storage.record import ContextRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,32 +76,90 @@ def requests() -> list[list[WriteRequest]]:
 
 
 def slurp(*args: str) -> None:
-    """Run and show one CLI command."""
+    """Run and show one CLI command against the cluster (through the client profile)."""
     shown = " ".join(f"'{a}'" if any(c in a for c in "*^~ ") else a for a in args)
-    print(f"\n$ slurp --data-dir .slurp-demo {shown}", flush=True)
+    print(f"\n$ slurp --profile .slurp-demo/client.toml {shown}", flush=True)
     exe = Path(sys.executable).with_name("slurp")
-    subprocess.run([str(exe), "--data-dir", str(HOME), *args], check=False)
+    subprocess.run([str(exe), "--profile", str(HOME / "client.toml"), *args], check=False)
+
+
+def client_for(node: LocalNode) -> Client:
+    """A blocking SDK client talking to one node only."""
+    ca = HOME / "ca"
+    return Client.connect(
+        [f"127.0.0.1:{node.rpc_port}"], cert=ca / "client.crt", key=ca / "client.key",
+        ca=ca / "ca.crt",
+    )  # fmt: skip
+
+
+def walk_through(nodes: list[LocalNode]) -> None:
+    """Write via node1, read via node2, history via node3, search, status."""
+    jwt = "ucxl://claude:backend_developer@slurp:source/*^/storage/context_store.py"
+    with (
+        client_for(nodes[0]) as first,
+        client_for(nodes[1]) as second,
+        client_for(nodes[-1]) as last,
+    ):
+        total = 0
+        for batch in requests():
+            items = [PutItem(r.address, record_fields(r.record), r.readers) for r in batch]
+            total += len(first.put_batch(items))
+        print(f"stored {total} versions describing slurp's own modules, through {nodes[0].name}")
+        view = second.get(jwt)
+        print(f"\n{nodes[1].name} reads {view.address}: {view.summary} (as {view.read_as})")
+        older = last.get(jwt.replace("/*^/", "/~~1/"))
+        reason = older.fields["change_reason"]
+        print(f"{nodes[-1].name} reads one version back, {older.address}: {reason}")
+        print(f"\nhistory through {nodes[-1].name}:")
+        for entry in last.history(jwt):
+            parent = entry.parent or "-"
+            print(f"  v{entry.version} {entry.version_id} {entry.kind} parent {parent}")
+        time.sleep(1.5)  # the index refresh bound (1 s)
+        print(f"\nsearch 'LevelDB' through {nodes[1].name}:")
+        for hit in second.search("LevelDB", project="slurp", limit=5):
+            print(f"  {hit.score:6.3f}  {hit.address}")
+        status = second.status()
+        print(f"\n{status['name']} sees: " + ", ".join(
+            f"{m['name']} {'up' if m['up'] else 'down'}" for m in status["members"]
+        ) + f"; ring ownership {status['ring']['ownership']}")  # fmt: skip
+    slurp("get", jwt.replace("/*^/", "/*~1/"), "--as", "senior_software_architect")
+    slurp("ls", "ucxl://any:any@slurp:source/*^/crypto")
+
+
+def record_fields(record: ContextRecord) -> dict[str, object]:
+    """The fields of a record as the SDK sends them."""
+    fields: dict[str, object] = dict(record.secret_fields())
+    fields["tags"] = list(record.tags)
+    fields["technologies"] = list(record.technologies)
+    return {k: v for k, v in fields.items() if v not in (None, "", [], {})}
 
 
 def main() -> None:
-    """Build the demo node and walk through it."""
+    """Start a local 3-node cluster, walk through it, keep it up until Ctrl-C."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--once", action="store_true", help="stop after the walk-through")
+    args = parser.parse_args()
+    if (HOME / "cluster.json").exists():
+        cluster_down(HOME)
     if HOME.exists():
         shutil.rmtree(HOME)
-    ContextStore.init(HOME, DEFAULT_ROLES)
-    total = 0
-    with ContextStore.open(HOME) as store:
-        for batch in requests():
-            total += len(store.store_batch(batch))
-    print(f"stored {total} versions describing slurp's own modules in {HOME}")
-    jwt = "ucxl://claude:backend_developer@slurp:source/*^/storage/context_store.py"
-    slurp("get", jwt)
-    slurp("history", jwt)
-    slurp("get", jwt.replace("/*^/", "/~~1/"), "--json")
-    slurp("get", jwt.replace("/*^/", "/*~1/"), "--as", "senior_software_architect")
-    slurp("get", "ucxl://any:any@slurp:source/*^/crypto/keyring.py", "--as", "observer")
-    slurp("search", "LevelDB", "--project", "slurp", "--limit", "5")
-    slurp("ls", "ucxl://any:any@slurp:source/*^/crypto")
-    slurp("stats")
+    print("starting a local 3-node cluster in .slurp-demo ...", flush=True)
+    nodes = cluster_up(HOME, 3)
+    try:
+        walk_through(nodes)
+        slurp("status")
+        print("\n$ slurp cluster status --dir .slurp-demo", flush=True)
+        subprocess.run([str(Path(sys.executable).with_name("slurp")), "cluster", "status",
+                        "--dir", str(HOME)], check=False)  # fmt: skip
+        if not args.once:
+            print("\nthe cluster keeps running; Ctrl-C stops it", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopped = cluster_down(HOME)
+        print(f"\nstopped {', '.join(stopped)}")
 
 
 if __name__ == "__main__":
