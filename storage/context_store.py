@@ -337,6 +337,26 @@ class ContextStore:
             envelopes.append(env)
         return envelopes
 
+    def seal_tombstone(self, ctx: ContextName, parent: str, actor: str) -> Envelope:
+        """A signed delete marker for ``ctx`` after version ``parent`` (nothing is stored)."""
+        vid = self.next_id()
+        return Envelope(
+            context=ctx.canonical(),
+            version_id=str(vid),
+            parent=parent,
+            kind="tombstone",
+            created_at_ms=vid.wall_ms,
+            created_by=actor,
+            readers=(),
+            tags=(),
+            technologies=(),
+            influences=(),
+            influenced_by=(),
+            expires_at_ms=None,
+            compression="none",
+            ciphertext=b"",
+        ).sealed(self.keyring.signer)
+
     def observe(self, version_id: str) -> None:
         """Move the clock past a version id seen from another node (HLC receive event)."""
         with self._lock:
@@ -401,23 +421,7 @@ class ContextStore:
             head = lookup(ctx)
             if head is None or not head.live:
                 raise NotFound(f"no such context: {ctx.canonical()}", input=address)
-            vid = self.next_id()
-            env = Envelope(
-                context=ctx.canonical(),
-                version_id=str(vid),
-                parent=head.latest,
-                kind="tombstone",
-                created_at_ms=vid.wall_ms,
-                created_by=actor,
-                readers=(),
-                tags=(),
-                technologies=(),
-                influences=(),
-                influenced_by=(),
-                expires_at_ms=None,
-                compression="none",
-                ciphertext=b"",
-            ).sealed(self.keyring.signer)
+            env = self.seal_tombstone(ctx, head.latest, actor)
             return [env], [(META_HLC, str(self._hlc.last).encode())]
 
         (env,), (head,) = self.versions.append_built(build)

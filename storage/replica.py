@@ -107,23 +107,7 @@ class Replica:
 
     def seal_tombstone(self, ctx: ContextName, parent: str, actor: str) -> Envelope:
         """A signed delete marker for ``ctx`` after version ``parent``."""
-        vid = self.store.next_id()
-        return Envelope(
-            context=ctx.canonical(),
-            version_id=str(vid),
-            parent=parent,
-            kind="tombstone",
-            created_at_ms=vid.wall_ms,
-            created_by=actor,
-            readers=(),
-            tags=(),
-            technologies=(),
-            influences=(),
-            influenced_by=(),
-            expires_at_ms=None,
-            compression="none",
-            ciphertext=b"",
-        ).sealed(self.store.keyring.signer)
+        return self.store.seal_tombstone(ctx, parent, actor)
 
     def purge_marker_for(self, latest: str | None, actor: str) -> PurgeMarker:
         """A purge marker covering everything up to now (and at least ``latest``)."""
