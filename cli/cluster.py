@@ -72,12 +72,14 @@ def status(
     if as_json:
         render.print_json(data)
         return
-    table = Table("name", "address", "pid", "up", "members up", "quorum possible")
+    table = Table("name", "address", "pid", "up", "members up", "ring share", "contexts")
     for node in data["nodes"]:
         checks = (node["health"] or {}).get("checks", {})
+        share = node["ownership"]
         table.add_row(
             node["name"], node["address"], str(node["pid"]), "up" if node["up"] else "down",
-            str(checks.get("members_up", "-")), str(checks.get("quorum_possible", "-")),
+            str(checks.get("members_up", "-")), "-" if share is None else f"{share:.1%}",
+            str(node["contexts"] if node["contexts"] is not None else "-"),
         )  # fmt: skip
     render.out.print(table)
 

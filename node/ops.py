@@ -297,20 +297,44 @@ def _wait_healthy(root: Path, members: list[LocalNode], timeout_s: float) -> Non
 
 
 def cluster_status(root: Path) -> dict[str, Any]:
-    """Every node: pid, up, health checks; the JSON of ``slurp cluster status``."""
+    """Every node: pid, up, health, ring ownership and the contexts it holds.
+
+    The JSON of ``slurp cluster status``: ``{"dir", "profile", "nodes": [{"name",
+    "address", "pid", "up", "ownership", "contexts", "health", ...}]}``.
+    """
     members = _load(root)
     out = []
     for member in members:
         answer = health(member) if _alive(member.pid) else None
+        up = answer is not None and bool(answer.get("ready"))
+        status = _node_status(root, member) if up else {}
+        ownership = status.get("ring", {}).get("ownership", {})
         out.append(
             {
                 **asdict(member),
                 "address": f"127.0.0.1:{member.rpc_port}",
-                "up": answer is not None and bool(answer.get("ready")),
+                "up": up,
+                "ownership": ownership.get(member.name),
+                "contexts": status.get("contexts"),
                 "health": answer,
             }
         )
     return {"dir": str(root), "nodes": out, "profile": str(root / "client.toml")}
+
+
+def _node_status(root: Path, member: LocalNode) -> dict[str, Any]:
+    """``node.status`` of one node through the SDK ({} when it does not answer)."""
+    from node.client import Client  # the SDK is a client of the nodes, not a part of them
+
+    ca = root / "ca"
+    try:
+        with Client.connect(
+            [f"127.0.0.1:{member.rpc_port}"], cert=ca / "client.crt", key=ca / "client.key",
+            ca=ca / "ca.crt",
+        ) as client:  # fmt: skip
+            return client.status()
+    except StorageError:
+        return {}
 
 
 def cluster_down(root: Path, *, timeout_s: float = 15.0) -> list[str]:

@@ -248,6 +248,7 @@ class NodeService:
             "quorum": {
                 "n": self.config.quorum.n, "w": self.config.quorum.w, "r": self.config.quorum.r
             },
+            "contexts": self.store.versions.count_contexts(),
             "refused_versions": self.replica.refused,
             "quorum_failures": self.quorum_failures,
         }  # fmt: skip

@@ -71,13 +71,16 @@ async def open_sim_cluster(
     size: int = 3,
     seed: int = 0,
     drop: float = 0.0,
+    duplicate: float = 0.0,
     max_delay_s: float = 0.0,
     quorum: Quorum | None = None,
 ) -> AsyncIterator[SimCluster]:
     """Start ``size`` nodes; yields once every server is up."""
     names = [f"n{i}" for i in range(1, size + 1)]
     _init_nodes(root, names)
-    network = MemoryNetwork(random.Random(seed), drop=drop, max_delay_s=max_delay_s)
+    network = MemoryNetwork(
+        random.Random(seed), drop=drop, duplicate=duplicate, max_delay_s=max_delay_s
+    )
     network.set_identity(CLIENT, kind="client", roles=("admin",))
     for name in names:
         network.set_identity(name, kind="node", roles=())

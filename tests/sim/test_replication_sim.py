@@ -34,7 +34,9 @@ async def test_acknowledged_writes_survive_faults(
     acked: dict[str, str] = {}  # version id -> summary
     codes: list[str] = []
     lost = 0
-    async with open_sim_cluster(tmp_path, seed=seed, drop=0.1, max_delay_s=0.05) as sim:
+    async with open_sim_cluster(
+        tmp_path, seed=seed, drop=0.1, duplicate=0.05, max_delay_s=0.05
+    ) as sim:
         names = sorted(sim.nodes)
         for i in range(24):
             coordinator = names[i % len(names)]
@@ -53,6 +55,7 @@ async def test_acknowledged_writes_survive_faults(
                 continue
             acked[answer["ref"]["version_id"]] = summary
         sim.network.drop = 0.0  # the faults stop
+        sim.network.duplicate = 0.0
         sim.network.max_delay_s = 0.0
         await trio.sleep(2)  # failure detection marks everyone up again
         for name in names:
