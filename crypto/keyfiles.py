@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,16 +113,30 @@ def seal(plain: bytes, passphrase: str) -> bytes:
     return bytes(pyrage.passphrase.encrypt(plain, passphrase, armored=True))
 
 
+UNSEAL_ATTEMPTS = 3
+UNSEAL_RETRY_PAUSE_S = 1.0
+
+
 def unseal(sealed: bytes, passphrase: str, where: str) -> bytes:
     """Undo ``seal`` (one scrypt).
+
+    rage picks the scrypt work factor when it seals, by timing the machine, and when it
+    opens a file it refuses work factors far above what it measures *then* (a guard
+    against files that would take hours). A file sealed on an idle machine can therefore
+    be refused on a busy one; the refusal is the same error as a wrong passphrase, so a
+    failure is retried (``UNSEAL_ATTEMPTS``) after a pause. A wrong passphrase costs
+    those attempts before it is reported.
 
     Raises:
         KeyringError: the passphrase is wrong or the file is damaged (one opaque error).
     """
-    try:
-        return bytes(pyrage.passphrase.decrypt(sealed, passphrase))
-    except pyrage.DecryptError:
-        raise KeyringError(f"cannot unlock {where}: wrong passphrase or damaged file") from None
+    for attempt in range(UNSEAL_ATTEMPTS):
+        try:
+            return bytes(pyrage.passphrase.decrypt(sealed, passphrase))
+        except pyrage.DecryptError:
+            if attempt + 1 < UNSEAL_ATTEMPTS:
+                time.sleep(UNSEAL_RETRY_PAUSE_S)
+    raise KeyringError(f"cannot unlock {where}: wrong passphrase or damaged file")
 
 
 class Passphrase:
