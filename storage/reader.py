@@ -106,9 +106,10 @@ class VersionReader:
                     return self.read(ctx, str(infos[-1].version_id), len(infos), as_role)
             raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
         role = self.reader_role(env, as_role)
-        cached = self.cache.get(key, vid, role)
-        if cached is not None:
-            return cached
+        if as_role is None:  # with as_role, this exact key was looked up (and missed) above
+            cached = self.cache.get(key, vid, role)
+            if cached is not None:
+                return cached
         view = self.decrypt_view(ctx, env, rank, role)
         self.cache.put(key, vid, role, view)
         return view
