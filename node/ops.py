@@ -137,6 +137,7 @@ def cluster_up(root: Path, nodes: int = 3, *, timeout_s: float = 60.0) -> list[L
     Raises:
         ClusterError: ``root`` holds a running cluster, or a node did not become healthy.
     """
+    root = root.absolute()  # node.toml paths are read relative to node.toml's directory
     if (root / "cluster.json").exists():
         running = [n for n in _load(root) if _alive(n.pid)]
         if running:
