@@ -96,7 +96,9 @@ class VersionReader:
         key = ctx.key()
         if as_role is not None:
             cached = self.cache.get(key, vid, as_role)
-            if cached is not None:
+            # a cached view was readable by this role (readers never change); the role's
+            # identity must still be held here (an identity forgotten since is not)
+            if cached is not None and self.keyring.has_identity(as_role):
                 return cached
         env = self.envelope(ctx, vid)
         if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
