@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from bench_report import git_revision, write_section  # scripts/, on sys.path
 
 from node.client import AsyncClient, ClientConfig, load_profile, open_client
 from node.ops import ClusterError, LocalNode, cluster_down, cluster_up
 
 ROOT = Path(__file__).resolve().parent.parent
+
 START_MARKER = "<!-- bench:cluster:start -->"
 END_MARKER = "<!-- bench:cluster:end -->"
 NODES = 3
@@ -108,23 +110,6 @@ def own_cpu_s() -> float:
     """User + system CPU seconds of this process (the clients)."""
     times = os.times()
     return times.user + times.system
-
-
-def git_revision() -> str:
-    """The short commit id of the checkout, with ``+dirty`` if tracked files changed."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.decode().strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # -- the payloads -------------------------------------------------------------------------
@@ -871,22 +856,12 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers in ``path`` (append the section if absent)."""
-    block = f"{START_MARKER}\n{body.rstrip()}\n{END_MARKER}"
-    if not path.exists():
-        path.write_text(f"# Benchmarks\n\n{block}\n", encoding="utf-8")
-        return
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 # -- entry point --------------------------------------------------------------------------
+
+
+def write_report_section(path: Path, body: str) -> None:
+    """This benchmark's section of BENCHMARKS.md."""
+    write_section(path, body, START_MARKER, END_MARKER)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -945,7 +920,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows, extra = build_rows(results)
     print(render_text(rows, extra, [*guarantees(skipped is None), *results.notes]))
-    write_section(args.out, render_markdown(results, settings, revision, versions, rows, extra))
+    write_report_section(
+        args.out, render_markdown(results, settings, revision, versions, rows, extra)
+    )
     log(f"wrote {args.out}")
     return 0
 

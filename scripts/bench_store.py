@@ -24,7 +24,6 @@ import random
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import plyvel
 import pyrage
 import tantivy
+from bench_report import git_revision, write_section  # scripts/, on sys.path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
@@ -47,6 +47,7 @@ from storage.index.base import FIELD_BOOSTS, TEXT_FIELDS
 from storage.record import ContextRecord
 
 ROOT = Path(__file__).resolve().parent.parent
+
 START_MARKER = "<!-- bench:store:start -->"
 END_MARKER = "<!-- bench:store:end -->"
 ROLE = "backend_developer"  # default readers: itself, senior_software_architect, admin
@@ -635,23 +636,6 @@ def render_text(results: Results) -> str:
     return "\n".join([*lines, "", *results.notes])
 
 
-def git_revision() -> str:
-    """The short commit id of the checkout, with ``+dirty`` if tracked files changed."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.decode().strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def render_markdown(results: Results, settings: Settings, revision: str) -> str:
     """The BENCHMARKS.md section body (without the markers)."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -678,22 +662,12 @@ def render_markdown(results: Results, settings: Settings, revision: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers in ``path`` (append the section if absent)."""
-    block = f"{START_MARKER}\n{body.rstrip()}\n{END_MARKER}"
-    if not path.exists():
-        path.write_text(f"# Benchmarks\n\n{block}\n", encoding="utf-8")
-        return
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 # -- entry point --------------------------------------------------------------------------
+
+
+def write_report_section(path: Path, body: str) -> None:
+    """This benchmark's section of BENCHMARKS.md."""
+    write_section(path, body, START_MARKER, END_MARKER)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -738,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         " machine skew every figure)."
     )
     print(render_text(results))
-    write_section(args.out, render_markdown(results, settings, revision))
+    write_report_section(args.out, render_markdown(results, settings, revision))
     log(f"wrote {args.out}")
     return 0
 
