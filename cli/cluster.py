@@ -27,7 +27,7 @@ def start(
     raise typer.Exit(run_node(config, os.environ))
 
 
-def _cluster_error(exc: ClusterError, as_json: bool) -> CliError:
+def _cluster_error(exc: ClusterError) -> CliError:
     return CliError("UCXL-503-UNAVAILABLE", str(exc), field="cluster")
 
 
@@ -43,7 +43,7 @@ def up(
     try:
         members = cluster_up(directory, nodes)
     except ClusterError as exc:
-        fail(_cluster_error(exc, as_json), as_json)
+        fail(_cluster_error(exc), as_json)
     if as_json:
         render.print_json({"dir": str(directory), "profile": str(directory / "client.toml"),
                            "nodes": [m.__dict__ for m in members]})  # fmt: skip
@@ -68,7 +68,7 @@ def status(
     try:
         data = cluster_status(directory)
     except ClusterError as exc:
-        fail(_cluster_error(exc, as_json), as_json)
+        fail(_cluster_error(exc), as_json)
     if as_json:
         render.print_json(data)
         return
@@ -95,7 +95,7 @@ def down(
     try:
         stopped = cluster_down(directory)
     except ClusterError as exc:
-        fail(_cluster_error(exc, as_json), as_json)
+        fail(_cluster_error(exc), as_json)
     if as_json:
         render.print_json({"stopped": stopped})
     else:

@@ -8,6 +8,8 @@ A pure core (ARCHITECTURE.md §2, §6): no I/O, no clock, no randomness. The nod
 - Writes succeed after W durable acknowledgements and reads after R answers
   (``QuorumTracker``); once the answers still possible cannot reach the quorum, the
   request fails (``UCXL-503-UNAVAILABLE``), and nothing partial is reported as success.
+- Listing and search are coverage queries: every live node answers for what it holds,
+  and the answers are merged (``merge_listings``, ``merge_hits``).
 - Reads merge version sets by union (``merge_version_sets``): versions are immutable and
   named by id, so the union is conflict-free; a purge marker removes every version at or
   before it. Replicas missing versions of the merged set get them back (read repair).
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from node.ring import Ring
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
+from storage.views import ContextInfo, SearchResult
 
 
 @dataclass(frozen=True)
@@ -138,3 +141,24 @@ def merge_version_sets(answers: Mapping[str, VersionSet]) -> Merged:
         )
     )
     return Merged(ordered, purge, {k: v for k, v in missing.items() if v}, stale)
+
+
+def merge_listings(infos: Sequence[ContextInfo]) -> list[ContextInfo]:
+    """One entry per context from several nodes' listings: the most advanced one (most
+    versions, then latest update), in context order."""
+    best: dict[str, ContextInfo] = {}
+    for info in infos:
+        old = best.get(info.context)
+        if old is None or (info.versions, info.updated_at_ms) > (old.versions, old.updated_at_ms):
+            best[info.context] = info
+    return sorted(best.values(), key=lambda info: info.context)
+
+
+def merge_hits(hits: Sequence[SearchResult], limit: int) -> list[SearchResult]:
+    """One hit per context from several nodes' searches (its newest version), best score
+    first (ties by context), at most ``limit``."""
+    best: dict[str, SearchResult] = {}
+    for hit in hits:
+        if hit.context not in best or hit.version > best[hit.context].version:
+            best[hit.context] = hit
+    return sorted(best.values(), key=lambda h: (-h.score, h.context))[:limit]

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import msgpack
 import trio
 
 from crypto.roles import ADMIN_ROLE
@@ -29,12 +28,14 @@ from node.replication import (
     Quorum,
     QuorumTracker,
     VersionSet,
+    merge_hits,
+    merge_listings,
     merge_version_sets,
     place,
 )
 from node.ring import Ring, RingMember
 from node.transport import Peer
-from storage.address import Address, ContextName, parse
+from storage.address import Address, ContextName, Temporal, parse
 from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope
 from storage.errors import Forbidden, InvalidPayload, NotFound, StorageError, Unavailable
@@ -188,14 +189,8 @@ class NodeService:
         as_role = self._search_role(peer, body.get("as_role"))
         query = {**body, "as_role": as_role}
         answers = await self._everyone("rep.search", query, self._local_search)
-        best: dict[str, SearchResult] = {}
-        for answer in answers:
-            for item in answer["hits"]:
-                hit = from_wire(SearchResult, item)
-                if hit.context not in best or hit.version > best[hit.context].version:
-                    best[hit.context] = hit
-        limit = int(body.get("limit") or 20)
-        ranked = sorted(best.values(), key=lambda h: (-h.score, h.context))[:limit]
+        hits = [from_wire(SearchResult, item) for answer in answers for item in answer["hits"]]
+        ranked = merge_hits(hits, int(body.get("limit") or 20))
         return {"hits": [to_wire(hit) for hit in ranked]}
 
     async def _delete(self, peer: Peer, body: Body) -> Body:
@@ -532,17 +527,8 @@ class NodeService:
         """Every matching context, from every live node (together they hold every range)."""
         body = {"pattern": pattern, "deleted": deleted}
         answers = await self._everyone("rep.heads", body, lambda b: self._local_heads(b))
-        best: dict[str, ContextInfo] = {}
-        for answer in answers:
-            for item in answer["contexts"]:
-                info = from_wire(ContextInfo, item)
-                old = best.get(info.context)
-                if old is None or (info.versions, info.updated_at_ms) > (
-                    old.versions,
-                    old.updated_at_ms,
-                ):
-                    best[info.context] = info
-        return sorted(best.values(), key=lambda info: info.context)
+        infos = [from_wire(ContextInfo, item) for a in answers for item in a["contexts"]]
+        return merge_listings(infos)
 
     async def _everyone(self, method: str, body: Body, local: Callable[[Body], Body]) -> list[Body]:
         """Ask every live member (this node locally); fail if none answered."""
@@ -589,8 +575,6 @@ _SELF = Peer(name="self", kind="node", roles=(), fingerprint="")
 
 
 def _ref(ctx: ContextName, count: int, version_id: str) -> StoredRef:
-    from storage.address import Temporal
-
     return StoredRef(ctx.address(Temporal("version", count)).canonical(), count, version_id)
 
 
@@ -605,8 +589,3 @@ def _versions_answer(result: tuple[list[tuple[str, bytes]], PurgeMarker | None])
         "envelopes": [[vid, data] for vid, data in rows],
         "purge": None if marker is None else marker.encode(),
     }
-
-
-def pack(body: Body) -> bytes:
-    """msgpack of a body (for tests that check wire sizes)."""
-    return bytes(msgpack.packb(body, use_bin_type=True))
