@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli import render
 from cli.common import CliError, JsonOpt, fail
-from node.ops import ClusterError, cluster_down, cluster_status, cluster_up, run_node
+from node.daemon.ops import ClusterError, cluster_down, cluster_status, cluster_up, run_node
 
 node_app = typer.Typer(help="Run a node daemon.", no_args_is_help=True)
 cluster_app = typer.Typer(help="A local cluster on loopback, for trying slurp out.",

@@ -2,7 +2,7 @@
 
 Owns: the ``NodeError`` hierarchy. Each subclass says whose fault it is:
 
-- ``ProtocolError``: the other side broke the wire protocol (``node.wire``); the
+- ``ProtocolError``: the other side broke the wire protocol (``node.rpc.wire``); the
   connection that carried it is closed. ``FrameTooLarge`` is the oversized-frame case.
 - ``RemoteError``: the peer understood the request and answered with an error; it carries
   the peer's UCXL code (shared/UCXL.md), message and field.

@@ -15,7 +15,7 @@ and ``<!-- bench:cluster:end -->`` in BENCHMARKS.md (the rest of that file is le
 was). Scratch data goes to ``bench-data/cluster`` and ``bench-data/etcd`` (git-ignored),
 deleted at the end unless ``--keep``.
 
-Nothing in the packages imports this script; it uses ``node.ops`` and ``node.client``.
+Nothing in the packages imports this script; it uses ``node.daemon.ops`` and ``node.client``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import trio
 from bench_report import git_revision, write_section  # scripts/, on sys.path
 
 from node.client import AsyncClient, ClientConfig, load_profile, open_client
-from node.ops import ClusterError, LocalNode, cluster_down, cluster_up
+from node.daemon.ops import ClusterError, LocalNode, cluster_down, cluster_up
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from node.client import Client, PutItem
-from node.ops import LocalNode, cluster_down, cluster_up
+from node.daemon.ops import LocalNode, cluster_down, cluster_up
 from storage.context_store import WriteRequest
 from storage.record import ContextRecord
 

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("node", "storage", "crypto", "cli")
 
-CLI_NODE_MODULES = ("node.client", "node.ops")
+CLI_NODE_MODULES = ("node.client", "node.daemon.ops")
 # package -> the first-party packages it may import
 ALLOWED: dict[str, set[str]] = {
     "crypto": set(),
@@ -47,7 +47,7 @@ def test_import_direction(package: str) -> None:
             if top == package:
                 continue
             # cli may use node only through the client SDK and the operator entry points
-            # (node.ops: run a node, a local cluster); proposed for ARCHITECTURE.md §1
+            # (node.daemon.ops: run a node, a local cluster); proposed for ARCHITECTURE.md §1
             cli_reaches_into_node = top == "node" and not name.startswith(CLI_NODE_MODULES)
             if top not in ALLOWED[package] or (package == "cli" and cli_reaches_into_node):
                 violations.append(f"{path.relative_to(ROOT)} imports {name}")

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from crypto.ca import CertificateAuthority
-from node.discovery import DiscoveryConfig, DiscoveryService
-from node.membership import Membership, NodeRecord
+from node.cluster.discovery import DiscoveryConfig, DiscoveryService
+from node.cluster.membership import Membership, NodeRecord
 
 AGE_RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 FAST_REFRESH_S = 0.1

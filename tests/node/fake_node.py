@@ -1,9 +1,9 @@
 """A fake slurp node for the client SDK and remote-CLI tests (no real daemon yet).
 
-Serves the client methods of ``node/api.py`` from one embedded ``ContextStore`` (run
+Serves the client methods of ``node/rpc/api.py`` from one embedded ``ContextStore`` (run
 through ``trio.to_thread``), over the TLS ``RpcServer`` or the in-memory network. It
 checks that each request body has exactly the keys of the contract, so a client that
-drifts from ``node/api.py`` fails here. Not the real service: no replication, no
+drifts from ``node/rpc/api.py`` fails here. Not the real service: no replication, no
 authorisation (every caller may do everything), ``w``/``r`` ignored, ``node.status``
 made up. Several fakes may share one store: that is a fully replicated cluster.
 
@@ -25,8 +25,8 @@ import trio
 
 from crypto.tls import TlsFiles
 from node.errors import RemoteError
-from node.memory_transport import MemoryNetwork
-from node.transport import Peer, RpcServer
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.transport import Peer, RpcServer
 from storage.context_store import ContextStore, WriteRequest
 from storage.record import ContextRecord
 from storage.views import to_wire

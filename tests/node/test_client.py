@@ -26,8 +26,8 @@ from node.client import (
     open_client,
     storage_error,
 )
-from node.memory_transport import MemoryNetwork
-from node.transport import Caller
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.transport import Caller
 from storage.context_store import ContextStore
 from storage.errors import (
     Forbidden,

@@ -1,4 +1,4 @@
-"""node.config: defaults, one error per bad key (naming it and where it came from),
+"""node.daemon.config: defaults, one error per bad key (naming it and where it came from),
 environment overrides, unknown names, path resolution, and render/load round trips."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import node.config
-from node.config import (
+import node.daemon.config
+from node.daemon.config import (
     OTHER_ENV_VARS,
     SCHEMA,
     BackupConfig,
@@ -371,7 +371,7 @@ def test_render_load_round_trip(
 
 
 def test_docstring_lists_every_key_and_variable() -> None:
-    doc = node.config.__doc__ or ""
+    doc = node.daemon.config.__doc__ or ""
     for table, keys in SCHEMA.items():
         for key in keys:
             assert f"[{table}] {key} " in doc

@@ -1,4 +1,4 @@
-"""node.discovery: real Kademlia nodes on 127.0.0.1 UDP under trio-asyncio.
+"""node.cluster.discovery: real Kademlia nodes on 127.0.0.1 UDP under trio-asyncio.
 
 Each test polls with short sleeps inside ``trio.fail_after``: the outcome is fixed, only
 the time it takes varies. Services refresh every 0.1 s and give up on a request after 0.3 s.
@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from crypto.ca import CertificateAuthority
-from node.discovery import (
+from node.cluster.discovery import (
     DiscoveryConfig,
     DiscoveryService,
     DiscoveryStateError,
@@ -23,7 +23,7 @@ from node.discovery import (
     record_key,
     save_state_file,
 )
-from node.membership import Membership, RecordRejected
+from node.cluster.membership import Membership, RecordRejected
 from tests.node.discovery_fixtures import (
     Running,
     issue,

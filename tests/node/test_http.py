@@ -1,5 +1,5 @@
-"""node.http + node.metrics: the health and metrics endpoint on 127.0.0.1, port 0, spoken to
-with raw bytes, so malformed and hostile requests can be sent as they are."""
+"""node.daemon.http + node.daemon.metrics: the health and metrics endpoint on 127.0.0.1, port 0,
+spoken to with raw bytes, so malformed and hostile requests can be sent as they are."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.config import ListenConfig
-from node.http import HealthServer, HttpLimits
-from node.metrics import METRIC_NAMES, NodeMetrics
+from node.daemon.config import ListenConfig
+from node.daemon.http import HealthServer, HttpLimits
+from node.daemon.metrics import METRIC_NAMES, NodeMetrics
 
 SEED = 20260102
 IO_TIMEOUT_S = 5.0

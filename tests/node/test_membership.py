@@ -1,4 +1,4 @@
-"""node.membership: the node record format, its verification reasons, and the pure core.
+"""node.cluster.membership: the node record format, its verification reasons, and the pure core.
 
 Certificates are issued at a fixed date and every check passes ``now`` explicitly, so no
 test here reads the clock or sleeps.
@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.ca import CertificateAuthority
-from node.errors import ProtocolError
-from node.membership import (
+from node.cluster.membership import (
     MAX_CLOCK_SKEW_MS,
     REVERIFY_MS,
     Membership,
@@ -26,6 +25,7 @@ from node.membership import (
     RecordMalformed,
     RecordRejected,
 )
+from node.errors import ProtocolError
 from tests.node.discovery_fixtures import make_record, node_key
 
 ISSUED_AT = datetime(2030, 1, 1, tzinfo=UTC)

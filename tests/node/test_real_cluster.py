@@ -22,9 +22,9 @@ import trio
 
 from crypto.ca import CertificateAuthority
 from crypto.tls import TlsFiles
+from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
 from node.errors import PeerUnavailable, RemoteError
-from node.ops import LocalNode, cluster_down, cluster_up, start_node
-from node.transport import open_rpc_client
+from node.rpc.transport import open_rpc_client
 
 pytestmark = pytest.mark.slow
 A = "ucxl://claude:backend_developer@chorus:auth/*^/src/auth/jwt.py"

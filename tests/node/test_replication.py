@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.replication import (
+from node.cluster.replication import (
     Outcome,
     Quorum,
     QuorumTracker,

@@ -1,4 +1,4 @@
-"""node.ring: weighted rendezvous over fixed partitions, checked against a slow reference.
+"""node.cluster.ring: weighted rendezvous over fixed partitions, checked against a slow reference.
 
 Every hypothesis test is derandomized (fixed examples, no flakes); statistical bounds are
 chosen at >= 5 sigma of the binomial partition counts, so they hold for any example.
@@ -16,12 +16,12 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from node.ring import KEY_SPACE, Ring, RingMember
+from node.cluster.ring import KEY_SPACE, Ring, RingMember
 
 RING_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 SAMPLE_KEYS = [f"ucxl://agent:role@project:task/sample/{i}".encode() for i in range(4_000)]
 
-# The placement spec, restated independently of node.ring: changing either constant
+# The placement spec, restated independently of node.cluster.ring: changing either constant
 # re-places every key, so a mixed-version cluster would disagree about owners.
 SPEC_SCORE_DOMAIN = b"slurp-ring-v1 partition-scores\x00"
 SPEC_KEY_PERSON = b"slurp-ring-key"

@@ -17,9 +17,9 @@ import trio
 
 from crypto.tls import client_ssl_context, server_ssl_context
 from node.errors import PeerUnavailable, RemoteError
-from node.memory_transport import MemoryNetwork
-from node.transport import Caller, Handler, Peer, RpcServer, ServerStatistics, open_rpc_client
-from node.wire import Error, FrameDecoder, Hello, Message, Request, Response, Welcome, encode
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.transport import Caller, Handler, Peer, RpcServer, ServerStatistics, open_rpc_client
+from node.rpc.wire import Error, FrameDecoder, Hello, Message, Request, Response, Welcome, encode
 from storage.errors import NotFound
 from tests.node.conftest import CLIENT_ROLES, LONG_AGO, Pki
 

@@ -1,4 +1,4 @@
-"""node.wire: frames, message validation and the handshake, as pure transcripts."""
+"""node.rpc.wire: frames, message validation and the handshake, as pure transcripts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.errors import FrameTooLarge, ProtocolError, RemoteError
-from node.wire import (
+from node.rpc.wire import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Error,

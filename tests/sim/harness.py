@@ -17,12 +17,12 @@ from typing import Any
 import trio
 
 from crypto.roles import DEFAULT_ROLES
-from node.cluster import FailureDetector, StaticCluster
-from node.memory_transport import MemoryNetwork
-from node.peers import PeerPool
-from node.replication import Quorum
-from node.service import NodeService, ServiceConfig
-from node.transport import Caller
+from node.cluster.liveness import FailureDetector, StaticCluster
+from node.cluster.replication import Quorum
+from node.cluster.service import NodeService, ServiceConfig
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.peers import PeerPool
+from node.rpc.transport import Caller
 from storage.context_store import ContextStore
 from storage.kv import MemoryKV
 

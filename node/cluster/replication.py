@@ -1,10 +1,10 @@
 """Replication planning: who holds a context, when a quorum is reached, what to repair.
 
 A pure core (ARCHITECTURE.md §2, §6): no I/O, no clock, no randomness. The node service
-(``node/service.py``) asks it what to do and carries it out over RPC.
+(``node/cluster/service.py``) asks it what to do and carries it out over RPC.
 
 - Placement: a context's replicas are the first N distinct members clockwise from its key
-  on the ring (``node.ring``), whether they are up or not; a request goes to the live ones.
+  on the ring (``node.cluster.ring``), whether they are up or not; a request goes to the live ones.
 - Writes succeed after W durable acknowledgements and reads after R answers
   (``QuorumTracker``); once the answers still possible cannot reach the quorum, the
   request fails (``UCXL-503-UNAVAILABLE``), and nothing partial is reported as success.
@@ -21,7 +21,7 @@ import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from node.ring import Ring
+from node.cluster.ring import Ring
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
 from storage.views import ContextInfo, SearchResult

@@ -1,4 +1,4 @@
-"""The RPC transport: ``node.wire`` frames over mutual TLS on TCP, as trio services.
+"""The RPC transport: ``node.rpc.wire`` frames over mutual TLS on TCP, as trio services.
 
 Owns: ``RpcServer`` (accepts connections, authenticates them, runs each request under its
 deadline and answers) and ``open_rpc_client`` / ``RpcClient`` (one connection, many
@@ -47,7 +47,7 @@ from crypto.certs import certificate_kind, certificate_roles, load_certificate
 from crypto.errors import CertificateError
 from crypto.tls import TlsFiles, client_ssl_context, peer_certificate, server_ssl_context
 from node.errors import FrameTooLarge, NodeError, PeerUnavailable, ProtocolError, RemoteError
-from node.wire import (
+from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
     FrameDecoder,

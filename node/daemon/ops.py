@@ -38,7 +38,7 @@ from crypto.ca import CertificateAuthority
 from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
 from crypto.signing import private_key_from_pem
-from node.config import (
+from node.daemon.config import (
     ClusterConfig,
     DiscoveryConfig,
     HostPort,
@@ -48,7 +48,7 @@ from node.config import (
     load_node_config,
     render_node_config,
 )
-from node.daemon import NodeDaemon
+from node.daemon.lifecycle import NodeDaemon
 from storage.admin_key import OWN_SHARE_FILE, split_admin
 from storage.context_store import ContextStore
 from storage.errors import StorageError

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from node.errors import NodeError, PeerUnavailable, RemoteError
-from node.transport import Caller
+from node.rpc.transport import Caller
 
 log = logging.getLogger(__name__)
 Connector = Callable[[str], AbstractAsyncContextManager[Caller]]

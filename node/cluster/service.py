@@ -1,9 +1,9 @@
-"""The node service: answers node/api.py requests, coordinating replicas (a trio shell).
+"""The node service: answers node/rpc/api.py requests, coordinating replicas (a trio shell).
 
 Owns: authorization of callers by certificate roles, coordination of writes (W durable
 acknowledgements) and reads (R answers, merged by union, read repair), coverage queries
 for listing and search, and the replica-side methods. Protocol decisions come from the
-pure cores (``node.replication``, ``node.ring``); this module only carries them out.
+pure cores (``node.cluster.replication``, ``node.cluster.ring``); this module only carries them out.
 
 Order of effects for a write: validate and encrypt (locally) -> learn the parent from the
 live replicas -> sign -> send to every live replica -> answer once W acknowledged; the
@@ -21,8 +21,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from crypto.roles import ADMIN_ROLE
-from node.errors import PeerUnavailable, RemoteError
-from node.replication import (
+from node.cluster.replication import (
     Outcome,
     Placement,
     Quorum,
@@ -33,8 +32,9 @@ from node.replication import (
     merge_version_sets,
     place,
 )
-from node.ring import Ring, RingMember
-from node.transport import Peer
+from node.cluster.ring import Ring, RingMember
+from node.errors import PeerUnavailable, RemoteError
+from node.rpc.transport import Peer
 from storage.address import Address, ContextName, Temporal, parse
 from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope

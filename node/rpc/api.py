@@ -1,9 +1,9 @@
 """The RPC methods a node serves: names and body shapes (protocol version 1).
 
-Owns the contract between the client SDK (``node/client.py``), the node service
-(``node/service.py``) and replicas. Bodies are msgpack maps; views travel in their
+Owns the contract between the client SDK (``node/client/__init__.py``), the node service
+(``node/cluster/service.py``) and replicas. Bodies are msgpack maps; views travel in their
 ``storage.views.to_wire`` form (raw milliseconds, bytes kept as bytes). Errors travel as
-``error`` frames carrying the UCXL code (``node/wire.py``).
+``error`` frames carrying the UCXL code (``node/rpc/wire.py``).
 
 Client methods (any authenticated client; roles come from its certificate), as
 ``method: request body -> response body``:

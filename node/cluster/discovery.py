@@ -3,7 +3,7 @@ node's signed record and finds every member's (ARCHITECTURE.md §6).
 
 Owns: the DHT key of a record, the member walk, the Kademlia protocol's input checks and
 the JSON state file. Must not know: what members are for (ring, replication), liveness
-(the RPC layer feeds ``Membership``), record verification (``node.membership``).
+(the RPC layer feeds ``Membership``), record verification (``node.cluster.membership``).
 
 Scheme:
 
@@ -56,8 +56,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from node.errors import NodeError
-from node.membership import (
+from node.cluster.membership import (
     CertificateVerifier,
     Membership,
     NodeRecord,
@@ -65,6 +64,7 @@ from node.membership import (
     RecordRejected,
     newer,
 )
+from node.errors import NodeError
 
 RECORD_KEY_PREFIX = "slurp/node/"
 STATE_VERSION = 1

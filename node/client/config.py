@@ -15,7 +15,7 @@ from typing import Any
 
 from crypto.ca import CRL_FILE
 from crypto.tls import TlsFiles
-from node.api import DEFAULT_TIMEOUT_S
+from node.rpc.api import DEFAULT_TIMEOUT_S
 from storage.errors import InvalidPayload
 
 DEFAULT_CONNECT_TIMEOUT_S = 3.0

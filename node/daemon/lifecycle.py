@@ -26,18 +26,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from crypto.ca import CertificateAuthority
 from crypto.certs import load_certificate
-from node.cluster import FailureDetector, StaticCluster
-from node.config import NodeConfig
-from node.discovery import DiscoveryConfig as DhtConfig
-from node.discovery import DiscoveryService
+from node.cluster.discovery import DiscoveryConfig as DhtConfig
+from node.cluster.discovery import DiscoveryService
+from node.cluster.liveness import FailureDetector, StaticCluster
+from node.cluster.membership import Membership, NodeRecord
+from node.cluster.replication import Quorum
+from node.cluster.service import NodeService, ServiceConfig
+from node.daemon.config import NodeConfig
+from node.daemon.http import HealthServer
+from node.daemon.metrics import NodeMetrics
 from node.errors import NodeError
-from node.http import HealthServer
-from node.membership import Membership, NodeRecord
-from node.metrics import NodeMetrics
-from node.peers import PeerPool
-from node.replication import Quorum
-from node.service import NodeService, ServiceConfig
-from node.transport import Caller, Peer, RpcServer, ServerStatistics, open_rpc_client
+from node.rpc.peers import PeerPool
+from node.rpc.transport import Caller, Peer, RpcServer, ServerStatistics, open_rpc_client
 from storage.context_store import ContextStore
 from storage.errors import StorageError
 

@@ -1,8 +1,8 @@
 """The trio client of a slurp cluster: ``open_client`` and ``AsyncClient``.
 
-Owns: the request bodies of ``node/api.py`` (client side), decoding the answers into
+Owns: the request bodies of ``node/rpc/api.py`` (client side), decoding the answers into
 ``storage.views`` types, mapping error answers to ``storage.errors`` classes, and the
-failover and retry policy described in ``node/client.py`` (read that first; import from
+failover and retry policy described in ``node/client/__init__.py`` (read that first; import from
 there, which re-exports this module's public names). Connections are held by tasks of the
 client's nursery; a connection that fails is retired, and closed once the calls in flight
 on it are done.
@@ -21,9 +21,9 @@ from typing import Any
 import msgpack
 import trio
 
-from node.client_config import ClientConfig, Seed
+from node.client.config import ClientConfig, Seed
 from node.errors import FrameTooLarge, PeerUnavailable, RemoteError
-from node.transport import Caller, Peer, open_rpc_client
+from node.rpc.transport import Caller, Peer, open_rpc_client
 from storage.address import parse
 from storage.errors import (
     AlreadyInitialised,

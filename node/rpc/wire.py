@@ -3,7 +3,7 @@
 Owns: the byte format of every RPC connection (ARCHITECTURE.md §6, wire protocol) and the
 rules of its opening exchange. A pure core in the h11 style: bytes in (``FrameDecoder.feed``),
 typed messages out; messages in (``Handshake.receive``), messages to send out. No I/O, no
-clock, no randomness; ``node.transport`` and ``node.memory_transport`` are its shells.
+clock, no randomness; ``node.rpc.transport`` and ``node.rpc.memory_transport`` are its shells.
 
 Frame: a 4-byte big-endian unsigned length, then that many bytes of msgpack holding one
 map. The length is checked against the receiver's limit (``MAX_FRAME_BYTES`` by default) from

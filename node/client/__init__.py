@@ -2,11 +2,11 @@
 
 The one module applications (and the ``slurp`` CLI) import. It owns the blocking
 ``Client`` (an ``AsyncClient`` in a trio loop on a thread of its own) and re-exports the
-rest: ``ClientConfig`` and client profiles from ``node.client_config``; ``open_client``,
-``AsyncClient`` and the error mapping from ``node.client_async``. Results are
+rest: ``ClientConfig`` and client profiles from ``node.client.config``; ``open_client``,
+``AsyncClient`` and the error mapping from ``node.client.aio``. Results are
 ``storage.views`` types; errors are ``storage.errors`` classes chosen by the node's UCXL
 code, so SDK users catch the same exceptions as users of the embedded ``ContextStore``.
-Must not know: how a node stores, replicates or authorises (``node/service.py``).
+Must not know: how a node stores, replicates or authorises (``node/cluster/service.py``).
 
 Async (trio)::
 
@@ -59,8 +59,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from node.api import DEFAULT_TIMEOUT_S
-from node.client_async import (
+from node.client.aio import (
     READ_METHODS,
     AsyncClient,
     Connector,
@@ -69,7 +68,7 @@ from node.client_async import (
     storage_error,
     tls_connector,
 )
-from node.client_config import (
+from node.client.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
     ClientConfig,
     Seed,
@@ -77,6 +76,7 @@ from node.client_config import (
     load_profile,
     parse_seed,
 )
+from node.rpc.api import DEFAULT_TIMEOUT_S
 from storage.errors import StorageError
 from storage.views import ContextInfo, HistoryEntry, SearchResult, StoredRef, VersionView
 

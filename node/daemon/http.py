@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from node.config import ListenConfig
-from node.metrics import NodeMetrics
+from node.daemon.config import ListenConfig
+from node.daemon.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 

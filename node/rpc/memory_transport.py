@@ -7,7 +7,7 @@ Owns: ``MemoryNetwork`` (named endpoints, seeded faults, partitions), ``MemorySe
 
 Semantics, chosen to match the TLS transport where it matters to callers:
 
-- Every request and answer is encoded and decoded with ``node.wire``: bodies must be
+- Every request and answer is encoded and decoded with ``node.rpc.wire``: bodies must be
   msgpack-encodable and the receiver gets its own copy, as over a socket.
 - Requests run through the same ``transport.answer`` (deadline, UCXL error mapping).
 - Connectionless: ``open_client`` fails with ``PeerUnavailable`` only when no server of
@@ -40,8 +40,8 @@ from typing import Any, Literal
 import trio
 
 from node.errors import PeerUnavailable
-from node.transport import Handler, Peer, ServerStatistics, answer
-from node.wire import MAX_FRAME_BYTES, Error, Request, Response, decode_frame, encode
+from node.rpc.transport import Handler, Peer, ServerStatistics, answer
+from node.rpc.wire import MAX_FRAME_BYTES, Error, Request, Response, decode_frame, encode
 
 
 @dataclass

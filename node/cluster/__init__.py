@@ -1,0 +1,1 @@
+"""The cluster: ring, replication planning, membership, discovery, liveness, the node service."""

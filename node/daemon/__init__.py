@@ -1,0 +1,1 @@
+"""The daemon: configuration, lifecycle, HTTP health/metrics, operator entry points."""
