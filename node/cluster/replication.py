@@ -18,7 +18,7 @@ A pure core (ARCHITECTURE.md §2, §6): no I/O, no clock, no randomness. The nod
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from node.cluster.ring import Ring
@@ -162,3 +162,23 @@ def merge_hits(hits: Sequence[SearchResult], limit: int) -> list[SearchResult]:
         if hit.context not in best or hit.version > best[hit.context].version:
             best[hit.context] = hit
     return sorted(best.values(), key=lambda h: (-h.score, h.context))[:limit]
+
+
+def batches_by_bytes(blobs: Sequence[bytes], budget_bytes: int) -> Iterator[list[bytes]]:
+    """Split envelopes, in order, into batches of at most ``budget_bytes`` each.
+
+    A single blob larger than the budget travels alone (the frame limit is sized so that
+    the largest valid envelope fits one frame). Every RPC that carries versions
+    (``rep.store`` from writes, repair, hinted handoff and anti-entropy) sends them in
+    these batches, so no request grows with the number of versions it carries.
+    """
+    batch: list[bytes] = []
+    size = 0
+    for blob in blobs:
+        if batch and size + len(blob) > budget_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(blob)
+        size += len(blob)
+    if batch:
+        yield batch

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.cluster.replication import (
     Outcome,
     Quorum,
     QuorumTracker,
     VersionSet,
+    batches_by_bytes,
     merge_hits,
     merge_listings,
     merge_version_sets,
@@ -68,3 +71,13 @@ def test_merge_hits_dedupes_ranks_and_limits() -> None:
     ]
     assert [(h.context, h.version) for h in merge_hits(hits, 2)] == [("y", 1), ("x", 2)]
     assert [h.context for h in merge_hits(hits, 10)] == ["y", "x", "z"]
+
+
+@given(st.lists(st.binary(max_size=40), max_size=30), st.integers(min_value=1, max_value=100))
+def test_batches_by_bytes_keep_order_and_budget(blobs: list[bytes], budget: int) -> None:
+    """Batches concatenate to the input; each is within budget unless it holds one blob."""
+    batches = list(batches_by_bytes(blobs, budget))
+    assert [b for batch in batches for b in batch] == blobs
+    assert all(batch for batch in batches)
+    for batch in batches:
+        assert len(batch) == 1 or sum(map(len, batch)) <= budget
