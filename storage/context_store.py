@@ -45,10 +45,10 @@ from storage.errors import (
 )
 from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
 from storage.index_sync import IndexSync
+from storage.key_age import rotation_warnings
 from storage.kv import KV, GroupCommitStats, LevelDBKV
 from storage.reader import VersionReader
 from storage.record import ContextRecord
-from storage.rotation import rotation_warnings
 from storage.schema import AUDIT_PREFIX, FORMAT_VERSION, META_FORMAT, META_HLC, Head, PurgeMarker
 from storage.version_store import HeadLookup, VersionStore
 from storage.versions import HybridLogicalClock, VersionId, VersionInfo, select, sibling_groups

@@ -1,7 +1,8 @@
 """Key rotation of one role on one node (ARCHITECTURE.md §5, "Key rotation").
 
 Owns the re-encryption walk that lets a role's old key be retired, its resumable cursor
-(``m/rotation/<role>``, ``storage.schema.RotationCursor``) and the rotation-due warnings.
+(``m/rotation/<role>``, ``storage.schema.RotationCursor``); the rotation-due warnings live in
+``storage.key_age`` (the ContextStore reports them, so they must not import this module).
 Must not know about the CLI or the network; the keyring (``crypto.keyring``) owns the
 key files and their crash-safe moves.
 
@@ -45,13 +46,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from crypto.errors import DecryptionError
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE
 from storage.address import ContextName
+from storage.context_store import ContextStore
 from storage.envelope import Envelope
 from storage.errors import CorruptRecord, StorageError
 from storage.schema import (
@@ -65,9 +65,6 @@ from storage.schema import (
     version_key,
 )
 from storage.versions import VersionId
-
-if TYPE_CHECKING:  # a type only: the ContextStore may use this module (stats warnings)
-    from storage.context_store import ContextStore
 
 DEFAULT_BATCH_SIZE = 200
 TAIL_MARGIN_MS = 60_000
@@ -178,32 +175,6 @@ def rotate_role(
             resumed=resumed,
             finished=done,
         )
-
-
-def rotation_warnings(keyring: Keyring, max_age_days: int, now: datetime) -> list[str]:
-    """Warnings for ``slurp stats``: role keys older than ``max_age_days``, unfinished rotations.
-
-    ``max_age_days == 0`` turns the age warning off. ``now`` must be timezone-aware.
-    """
-    out = []
-    for rk in keyring.role_keys():
-        name = rk.role.name
-        rotation = keyring.rotation_in_progress(name)
-        if rotation is not None:
-            out.append(
-                f"the key rotation of role {name!r} (version {rotation['from_version']} -> "
-                f"{rotation['to_version']}) is unfinished: run `slurp keys rotate {name}`"
-            )
-            continue
-        created = datetime.strptime(rk.version(rk.current).created_at, "%Y-%m-%dT%H:%M:%SZ")
-        age_days = (now - created.replace(tzinfo=UTC)).days
-        if max_age_days and age_days > max_age_days:
-            out.append(
-                f"the key of role {name!r} (version {rk.current}) is {age_days} days old, "
-                f"more than keys.max_key_age_days = {max_age_days}: run "
-                f"`slurp keys rotate {name}`"
-            )
-    return out
 
 
 # -- the passes -------------------------------------------------------------------------

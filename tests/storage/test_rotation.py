@@ -21,8 +21,9 @@ from storage.context_store import ContextStore
 from storage.datadir import ConfigError, KeysConfig, load_keys_config
 from storage.envelope import Envelope, compress_payload
 from storage.errors import NotFound
+from storage.key_age import rotation_warnings
 from storage.record import ContextRecord
-from storage.rotation import RotationReport, rotate_role, rotation_warnings
+from storage.rotation import RotationReport, rotate_role
 from storage.schema import VERSION_PREFIX, rotation_cursor_key
 from storage.versions import VersionId
 from tests.storage.conftest import FakeClock
