@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from crypto.roles import ADMIN_ROLE
+from node.cluster import status
 from node.cluster.replication import (
     Outcome,
     Placement,
@@ -99,6 +100,11 @@ class NodeService:
         self._ring = Ring([], vnodes=config.vnodes)
         self._nursery: trio.Nursery | None = None
         self.quorum_failures = 0
+        self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # running totals for the metrics (node/daemon/exporter.py reads them)
+        self.quorum_failures_by_op: dict[str, int] = {}
+        self.replication_acks: dict[str, int] = {"ok": 0, "error": 0}
+        self.repair_pending = 0  # read-repair sends started and not yet finished
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery where replication finishes after a quorum answered."""
@@ -246,7 +252,16 @@ class NodeService:
             "contexts": self.store.versions.count_contexts(),
             "refused_versions": self.replica.refused,
             "quorum_failures": self.quorum_failures,
+            **self._operator_status(),
         }  # fmt: skip
+
+    def _operator_status(self) -> Body:
+        """``backlog`` and ``antientropy`` (node/cluster/status.py), from the status sources."""
+        snapshot = status.read_sources(self.status_sources)
+        return {
+            "backlog": status.backlog(snapshot, self.repair_pending),
+            "antientropy": status.antientropy(snapshot),
+        }
 
     # -- replica methods ------------------------------------------------------------------
 
@@ -419,7 +434,7 @@ class NodeService:
             Unavailable: too few replicas are up, or answered in time.
         """
         if not placement.can_reach(tracker.needed):
-            self.quorum_failures += 1
+            self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(placement.live)} of {len(placement.replicas)} replicas are up, "
                 f"{tracker.needed} needed"
@@ -433,6 +448,8 @@ class NodeService:
             except (PeerUnavailable, RemoteError, StorageError) as exc:
                 log.debug("%s on %s failed: %s", op, node, exc)
                 success = False
+            if op == "write":
+                self.replication_acks["ok" if success else "error"] += 1
             if tracker.record(node, success) is not Outcome.PENDING:
                 decided.set()
 
@@ -442,10 +459,14 @@ class NodeService:
         with trio.move_on_after(self.config.timeout_s):
             await decided.wait()
         if tracker.outcome is not Outcome.REACHED:
-            self.quorum_failures += 1
+            self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
             )
+
+    def _count_quorum_failure(self, op: str) -> None:
+        self.quorum_failures += 1
+        self.quorum_failures_by_op[op] = self.quorum_failures_by_op.get(op, 0) + 1
 
     async def _gather_versions(self, ctx: ContextName, r: Any) -> list[tuple[str, bytes]]:
         """The merged version set of ``ctx`` from R replicas, with read repair."""
@@ -484,11 +505,24 @@ class NodeService:
         by_id = dict(rows)
         for node, vids in missing.items():
             blobs = [by_id[vid] for vid in vids]
-            self._nursery.start_soon(self._best_effort, node, "rep.store", {"envelopes": blobs})
+            self._start_repair(node, "rep.store", {"envelopes": blobs})
         if purge is not None:
             body = {"context": ctx.canonical(), "marker": purge.encode()}
             for node in stale:
-                self._nursery.start_soon(self._best_effort, node, "rep.purge", body)
+                self._start_repair(node, "rep.purge", body)
+
+    def _start_repair(self, node: str, method: str, body: Body) -> None:
+        """Queue one repair send in the service nursery; ``repair_pending`` counts it."""
+        assert self._nursery is not None
+
+        async def send() -> None:
+            try:
+                await self._best_effort(node, method, body)
+            finally:
+                self.repair_pending -= 1
+
+        self.repair_pending += 1
+        self._nursery.start_soon(send)
 
     async def _best_effort(self, node: str, method: str, body: Body) -> None:
         try:

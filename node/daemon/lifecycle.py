@@ -33,6 +33,7 @@ from node.cluster.membership import Membership, NodeRecord
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.daemon.config import NodeConfig
+from node.daemon.exporter import MetricsExporter
 from node.daemon.http import HealthServer
 from node.daemon.metrics import NodeMetrics
 from node.errors import NodeError
@@ -88,6 +89,9 @@ class NodeDaemon:
             self.cluster,
             self.pool,
             ServiceConfig(quorum, config.cluster.vnodes, config.cluster.request_timeout_s),
+        )
+        self.exporter = MetricsExporter(
+            self.metrics, self.service, config.data_dir, clock=time.monotonic
         )
 
     def _check_key(self) -> None:
@@ -191,6 +195,7 @@ class NodeDaemon:
             await trio.sleep(MEMBERSHIP_SYNC_S)
             self._sync_members()
             self._export_transport_counters()
+            self.exporter.export()
 
     def _export_transport_counters(self) -> None:
         """Bad traffic the RPC server closed connections for, as Prometheus counters."""

@@ -11,26 +11,43 @@ simulation, the tests) do not share counters; label values come from small fixed
 chosen by the callers (method names, outcomes, reasons), never from addresses, roles or
 stored values, so the number of series stays bounded.
 
-Metrics (names carry their unit; counters end in ``_total``):
+Metrics (names carry their unit; counters end in ``_total``), with who feeds each:
 
-    slurp_requests_total{method,outcome}          requests this node coordinated or served
-    slurp_request_duration_seconds{method}        histogram of their durations
+    slurp_requests_total{method,outcome}          requests served       the RPC handler wrapper
+    slurp_request_duration_seconds{method}        their durations       the RPC handler wrapper
+    slurp_bad_frames_total{reason}                malformed, oversized or timed-out frames
+    slurp_tls_failures_total                      failed TLS handshakes (refused certificates)
+    slurp_connections_open                        open RPC connections  (RPC server statistics)
+    slurp_members{state="up"|"down"}              known members by liveness   (membership sync)
+    slurp_index_documents                         documents in the full-text index
+    slurp_repair_pending                          read-repair sends queued or in flight
+    slurp_store_contexts                          contexts held locally (a head scan, throttled)
+    slurp_disk_free_ratio                         free share of the data dir's filesystem
     slurp_replication_acks_total{outcome}         replica answers to replicated writes
     slurp_quorum_failures_total{op}               requests that missed W or R
-    slurp_bad_frames_total{reason}                malformed or oversized wire frames
-    slurp_tls_failures_total                      failed TLS handshakes
-    slurp_connections_open                        open RPC connections
-    slurp_members{state="up"|"down"}              known cluster members by liveness
+    slurp_refused_versions_total                  versions refused (forged, unsigned, garbage)
     slurp_cache_hits_total, _misses_total, _evictions_total   record cache
-    slurp_index_documents                         documents in the full-text index
-    slurp_store_contexts                          contexts in the local store
-    slurp_leader_term                             the latest election term this node knows
-    slurp_is_leader                               1 while this node leads, else 0
+    slurp_hints, slurp_hint_bytes                 hinted-handoff backlog     (status source)
+    slurp_hints_dropped_total, _delivered_total   hints given up / delivered (status source)
+    slurp_antientropy_last_pass_age_seconds       since the last finished pass (status source)
+    slurp_antientropy_versions_repaired_total     versions anti-entropy repaired
+    slurp_antientropy_bytes_total{direction}      bytes anti-entropy sent / received
+
+Everything except the request and frame counters is copied in by the daemon's periodic
+loop (``node.daemon.exporter``). Figures that are measured now and then or whose running
+total another component keeps (``slurp_store_contexts`` and below) are *reported*:
+exported exactly as last set, and absent until set, so a subsystem that does not run (or
+a figure that is unknown, such as the age of a pass that never happened) shows as no
+series rather than as an invented 0. ``FEEDERS`` names the method that feeds each metric;
+a test checks that each is called outside this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Request latencies span in-memory hits (sub-millisecond) to quorum timeouts (seconds).
 REQUEST_DURATION_BUCKETS_S = (
@@ -49,23 +66,68 @@ REQUEST_DURATION_BUCKETS_S = (
     5.0,
     10.0,
 )
-METRIC_NAMES = (
-    "slurp_requests_total",
-    "slurp_request_duration_seconds",
-    "slurp_replication_acks_total",
-    "slurp_quorum_failures_total",
-    "slurp_bad_frames_total",
-    "slurp_tls_failures_total",
-    "slurp_connections_open",
-    "slurp_members",
-    "slurp_cache_hits_total",
-    "slurp_cache_misses_total",
-    "slurp_cache_evictions_total",
-    "slurp_index_documents",
-    "slurp_store_contexts",
-    "slurp_leader_term",
-    "slurp_is_leader",
-)
+# metric name -> the NodeMetrics method that feeds it
+FEEDERS: dict[str, str] = {
+    "slurp_requests_total": "observe_request",
+    "slurp_request_duration_seconds": "observe_request",
+    "slurp_bad_frames_total": "bad_frame",
+    "slurp_tls_failures_total": "tls_failure",
+    "slurp_connections_open": "set_connections_open",
+    "slurp_members": "set_members",
+    "slurp_index_documents": "set_index_documents",
+    "slurp_store_contexts": "set_store_contexts",
+    "slurp_disk_free_ratio": "set_disk_free_ratio",
+    "slurp_repair_pending": "set_repair_pending",
+    "slurp_replication_acks_total": "set_replication_acks",
+    "slurp_quorum_failures_total": "set_quorum_failures",
+    "slurp_refused_versions_total": "set_refused_versions",
+    "slurp_cache_hits_total": "set_cache",
+    "slurp_cache_misses_total": "set_cache",
+    "slurp_cache_evictions_total": "set_cache",
+    "slurp_hints": "set_handoff",
+    "slurp_hint_bytes": "set_handoff",
+    "slurp_hints_dropped_total": "set_handoff",
+    "slurp_hints_delivered_total": "set_handoff",
+    "slurp_antientropy_last_pass_age_seconds": "set_antientropy",
+    "slurp_antientropy_versions_repaired_total": "set_antientropy",
+    "slurp_antientropy_bytes_total": "set_antientropy",
+}
+METRIC_NAMES = tuple(FEEDERS)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class _Reported:
+    """A collector of figures kept elsewhere: each family exactly as last set, absent until."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, tuple[str, str, dict[Labels, float]]] = {}
+
+    def set(self, name: str, kind: str, doc: str, samples: Mapping[Labels, float]) -> None:
+        """Replace family ``name`` (``kind``: "counter" or "gauge") by ``samples``."""
+        self._families[name] = (kind, doc, dict(samples))
+
+    def drop(self, name: str) -> None:
+        """Stop exporting family ``name`` (its figure became unknown)."""
+        self._families.pop(name, None)
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the families come and go with what is known."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The families as last set, in name order."""
+        for name in sorted(self._families):
+            kind, doc, samples = self._families[name]
+            labelnames = [key for key, _ in next(iter(samples), ())]
+            family: CounterMetricFamily | GaugeMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name, doc, labels=labelnames)
+            else:
+                family = GaugeMetricFamily(name, doc, labels=labelnames)
+            for labels, value in sorted(samples.items()):
+                family.add_metric([v for _, v in labels], value)
+            yield family
 
 
 class NodeMetrics:
@@ -87,18 +149,6 @@ class NodeMetrics:
             buckets=REQUEST_DURATION_BUCKETS_S,
             registry=reg,
         )
-        self._acks = Counter(
-            "slurp_replication_acks_total",
-            "Replica answers to replicated writes, by outcome.",
-            ["outcome"],
-            registry=reg,
-        )
-        self._quorum_failures = Counter(
-            "slurp_quorum_failures_total",
-            "Requests that did not reach their write or read quorum, by operation.",
-            ["op"],
-            registry=reg,
-        )
         self._bad_frames = Counter(
             "slurp_bad_frames_total",
             "Malformed or oversized wire frames received, by reason.",
@@ -112,45 +162,26 @@ class NodeMetrics:
         self._members = Gauge(
             "slurp_members", "Known cluster members, by liveness state.", ["state"], registry=reg
         )
-        self._cache_hits = Counter("slurp_cache_hits_total", "Record cache hits.", registry=reg)
-        self._cache_misses = Counter(
-            "slurp_cache_misses_total", "Record cache misses.", registry=reg
-        )
-        self._cache_evictions = Counter(
-            "slurp_cache_evictions_total", "Record cache evictions.", registry=reg
-        )
         self._index_documents = Gauge(
             "slurp_index_documents", "Documents in the local full-text index.", registry=reg
         )
-        self._store_contexts = Gauge(
-            "slurp_store_contexts", "Contexts in the local store.", registry=reg
+        self._repair_pending = Gauge(
+            "slurp_repair_pending", "Read-repair sends queued or in flight.", registry=reg
         )
-        self._leader_term = Gauge(
-            "slurp_leader_term", "The latest election term this node knows.", registry=reg
-        )
-        self._is_leader = Gauge(
-            "slurp_is_leader", "1 while this node is the leader, else 0.", registry=reg
-        )
+        self._reported = _Reported()
+        reg.register(self._reported)
         self.set_members(up=0, down=0)
 
     def observe_request(self, method: str, outcome: str, seconds: float) -> None:
         """Count one finished request and record how long it took.
 
         Args:
-            method: The request's method (``"put"``, ``"get"``...).
-            outcome: A short fixed word: ``"ok"``, ``"not_found"``, ``"error"``...
+            method: The request's method (``"ctx.put"``, ``"ctx.get"``...).
+            outcome: ``"ok"`` or the UCXL error code the request ended with.
             seconds: Its duration, from a monotonic clock.
         """
         self._requests.labels(method=method, outcome=outcome).inc()
         self._duration.labels(method=method).observe(seconds)
-
-    def replication_ack(self, outcome: str, count: int = 1) -> None:
-        """Count replica answers to a replicated write (``"ok"``, ``"error"``, ``"timeout"``)."""
-        self._acks.labels(outcome=outcome).inc(count)
-
-    def quorum_failure(self, op: str) -> None:
-        """Count a request that missed its quorum (``op``: ``"write"`` or ``"read"``)."""
-        self._quorum_failures.labels(op=op).inc()
 
     def bad_frame(self, reason: str) -> None:
         """Count a malformed or oversized frame (``reason``: ``"oversized"``, ``"decode"``...)."""
@@ -169,30 +200,94 @@ class NodeMetrics:
         self._members.labels(state="up").set(up)
         self._members.labels(state="down").set(down)
 
-    def cache_hits(self, count: int = 1) -> None:
-        """Count record cache hits."""
-        self._cache_hits.inc(count)
-
-    def cache_misses(self, count: int = 1) -> None:
-        """Count record cache misses."""
-        self._cache_misses.inc(count)
-
-    def cache_evictions(self, count: int = 1) -> None:
-        """Count record cache evictions."""
-        self._cache_evictions.inc(count)
-
     def set_index_documents(self, count: int) -> None:
         """Set the number of documents in the full-text index."""
         self._index_documents.set(count)
 
     def set_store_contexts(self, count: int) -> None:
         """Set the number of contexts in the local store."""
-        self._store_contexts.set(count)
+        self._report("slurp_store_contexts", "gauge", "Contexts held in the local store.", count)
 
-    def set_leader(self, *, term: int, is_leader: bool) -> None:
-        """Set the latest known term and whether this node leads in it."""
-        self._leader_term.set(term)
-        self._is_leader.set(1 if is_leader else 0)
+    def set_disk_free_ratio(self, ratio: float | None) -> None:
+        """Set the free share (0..1) of the data directory's filesystem; None: unknown."""
+        self._report("slurp_disk_free_ratio", "gauge",
+                     "Free share (0..1) of the filesystem holding the data directory.",
+                     ratio)  # fmt: skip
+
+    def set_repair_pending(self, count: int) -> None:
+        """Set the number of read-repair sends queued or in flight."""
+        self._repair_pending.set(count)
+
+    def set_replication_acks(self, totals: Mapping[str, int]) -> None:
+        """Replica answers to replicated writes so far, by outcome (``"ok"``, ``"error"``)."""
+        self._reported.set(
+            "slurp_replication_acks_total", "counter",
+            "Replica answers to replicated writes, by outcome.",
+            {(("outcome", k),): v for k, v in totals.items()},
+        )  # fmt: skip
+
+    def set_quorum_failures(self, totals: Mapping[str, int]) -> None:
+        """Requests that missed their quorum so far, by operation (``"write"``, ``"read"``...)."""
+        self._reported.set(
+            "slurp_quorum_failures_total", "counter",
+            "Requests that did not reach their write or read quorum, by operation.",
+            {(("op", k),): v for k, v in totals.items()},
+        )  # fmt: skip
+
+    def set_refused_versions(self, total: int) -> None:
+        """Versions refused so far (bad, forged or untrusted signature, garbage)."""
+        self._reported.set(
+            "slurp_refused_versions_total", "counter",
+            "Versions refused by this replica: forged, unsigned, untrusted or garbage.",
+            {(): total},
+        )  # fmt: skip
+
+    def set_cache(self, *, hits: int, misses: int, evictions: int) -> None:
+        """The record cache's counters so far."""
+        for name, doc, value in (
+            ("slurp_cache_hits_total", "Record cache hits.", hits),
+            ("slurp_cache_misses_total", "Record cache misses.", misses),
+            ("slurp_cache_evictions_total", "Record cache evictions.", evictions),
+        ):
+            self._reported.set(name, "counter", doc, {(): value})
+
+    def set_handoff(
+        self, *, hints: int | None, hint_bytes: int | None, dropped: int | None,
+        delivered: int | None,
+    ) -> None:  # fmt: skip
+        """The hinted-handoff figures; None leaves a figure out (unknown)."""
+        self._report("slurp_hints", "gauge", "Hints held for members that are down.", hints)
+        self._report("slurp_hint_bytes", "gauge", "Bytes of hints held.", hint_bytes)
+        self._report("slurp_hints_dropped_total", "counter",
+                     "Hints given up (expired or over the limits).", dropped)  # fmt: skip
+        self._report("slurp_hints_delivered_total", "counter",
+                     "Hints delivered to their member.", delivered)  # fmt: skip
+
+    def set_antientropy(
+        self, *, last_pass_age_s: float | None, versions_repaired: int | None,
+        bytes_sent: int | None, bytes_received: int | None,
+    ) -> None:  # fmt: skip
+        """The anti-entropy figures; None leaves a figure out (unknown, or no pass yet)."""
+        self._report("slurp_antientropy_last_pass_age_seconds", "gauge",
+                     "Seconds since the last finished anti-entropy pass.",
+                     last_pass_age_s)  # fmt: skip
+        self._report("slurp_antientropy_versions_repaired_total", "counter",
+                     "Versions repaired by anti-entropy.", versions_repaired)  # fmt: skip
+        name = "slurp_antientropy_bytes_total"
+        if bytes_sent is None or bytes_received is None:
+            self._reported.drop(name)
+        else:
+            self._reported.set(
+                name, "counter", "Bytes anti-entropy sent and received, by direction.",
+                {(("direction", "received"),): bytes_received,
+                 (("direction", "sent"),): bytes_sent},
+            )  # fmt: skip
+
+    def _report(self, name: str, kind: str, doc: str, value: float | None) -> None:
+        if value is None:
+            self._reported.drop(name)
+        else:
+            self._reported.set(name, kind, doc, {(): value})
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text exposition format, version 0.0.4."""

@@ -47,18 +47,21 @@ def busy_metrics() -> NodeMetrics:
     metrics = NodeMetrics()
     metrics.observe_request("put", "ok", 0.004)
     metrics.observe_request("get", "not_found", 0.0002)
-    metrics.replication_ack("ok", 2)
-    metrics.quorum_failure("write")
     metrics.bad_frame("oversized")
     metrics.tls_failure()
     metrics.set_connections_open(4)
     metrics.set_members(up=3, down=1)
-    metrics.cache_hits(5)
-    metrics.cache_misses()
-    metrics.cache_evictions()
     metrics.set_index_documents(12)
+    metrics.set_repair_pending(2)
     metrics.set_store_contexts(10)
-    metrics.set_leader(term=7, is_leader=True)
+    metrics.set_disk_free_ratio(0.5)
+    metrics.set_replication_acks({"ok": 2, "error": 1})
+    metrics.set_quorum_failures({"write": 1})
+    metrics.set_refused_versions(3)
+    metrics.set_cache(hits=5, misses=1, evictions=1)
+    metrics.set_handoff(hints=4, hint_bytes=4096, dropped=1, delivered=7)
+    metrics.set_antientropy(last_pass_age_s=12.5, versions_repaired=3, bytes_sent=100,
+                            bytes_received=200)  # fmt: skip
     return metrics
 
 
@@ -157,8 +160,12 @@ async def test_metrics_parse_and_name_every_family(nursery: trio.Nursery) -> Non
     }
     assert samples[("slurp_requests_total", (("method", "put"), ("outcome", "ok")))] == 1.0
     assert samples[("slurp_members", (("state", "down"),))] == 1.0
-    assert samples[("slurp_is_leader", ())] == 1.0
+    assert samples[("slurp_hints", ())] == 4.0
+    assert samples[("slurp_antientropy_bytes_total", (("direction", "sent"),))] == 100.0
     assert samples[("slurp_request_duration_seconds_count", (("method", "get"),))] == 1.0
+    # nothing is exported that METRIC_NAMES (and so FEEDERS) does not list
+    created = {name for name in families if name.endswith("_created")}  # client timestamps
+    assert set(families) - created == {name.removesuffix("_total") for name in METRIC_NAMES}
 
 
 async def test_metrics_are_per_node() -> None:
