@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli import render
 from cli.common import CliError, JsonOpt, fail
-from node.daemon.ops import ClusterError, cluster_down, cluster_status, cluster_up, run_node
+from node.daemon.ops import ClusterError, cluster_down, cluster_status, run_node, start_cluster
 
 node_app = typer.Typer(help="Run a node daemon.", no_args_is_help=True)
 cluster_app = typer.Typer(help="A local cluster on loopback, for trying slurp out.",
@@ -39,21 +39,25 @@ def up(
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Create and start a local cluster; returns once every node is healthy."""
+    """Create and start a local cluster, or start the nodes of an existing one that are down;
+    returns once every node is healthy."""
     try:
-        members = cluster_up(directory, nodes)
+        result = start_cluster(directory, nodes)
     except ClusterError as exc:
         fail(_cluster_error(exc), as_json)
     if as_json:
         render.print_json({"dir": str(directory), "profile": str(directory / "client.toml"),
-                           "nodes": [m.__dict__ for m in members]})  # fmt: skip
+                           "created": result.created, "started": result.started,
+                           "nodes": [m.__dict__ for m in result.nodes]})  # fmt: skip
         return
-    for member in members:
+    for member in result.nodes:
         render.out.print(
             f"{member.name}: rpc 127.0.0.1:{member.rpc_port}, http {member.http_port}, "
             f"pid {member.pid}",
             markup=False,
         )
+    render.out.print(render.started_line(result.started, len(result.nodes), result.created),
+                     markup=False)  # fmt: skip
     render.out.print(f"client profile: {directory / 'client.toml'} (slurp --profile ...)")
 
 
@@ -72,14 +76,21 @@ def status(
     if as_json:
         render.print_json(data)
         return
-    table = Table("name", "address", "pid", "up", "members up", "ring share", "contexts")
+    table = Table("name", "address", "pid", "up", "members up", "ring share", "contexts",
+                  "hints", "hint bytes", "repairs", "last AE pass", "AE repaired")  # fmt: skip
     for node in data["nodes"]:
         checks = (node["health"] or {}).get("checks", {})
         share = node["ownership"]
+        backlog = node["backlog"] or {}
+        antientropy = node["antientropy"] or {}
         table.add_row(
             node["name"], node["address"], str(node["pid"]), "up" if node["up"] else "down",
             str(checks.get("members_up", "-")), "-" if share is None else f"{share:.1%}",
-            str(node["contexts"] if node["contexts"] is not None else "-"),
+            render.figure(node["contexts"]),
+            render.figure(backlog.get("hints")), render.figure(backlog.get("hint_bytes")),
+            render.figure(backlog.get("repair_pending")),
+            render.age(antientropy.get("last_pass_age_s")),
+            render.figure(antientropy.get("versions_repaired")),
         )  # fmt: skip
     render.out.print(table)
 

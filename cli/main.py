@@ -308,7 +308,7 @@ def stats(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
-    """The node's status: name, id, members, ring, quorum (needs --node or --profile)."""
+    """The node's status: members, ring, quorum, contexts, backlog, anti-entropy (remote)."""
     if not STATE.remote.given:
         needs = InvalidPayload("status asks a running node: give --node or --profile", field="node")
         fail(needs, as_json)
@@ -317,7 +317,7 @@ def status(as_json: JsonOpt = False) -> None:
     if as_json:
         render.print_json(found)
     else:
-        render.mapping(found)
+        render.node_status(found)
 
 
 @app.command()

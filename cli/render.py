@@ -100,3 +100,48 @@ def mapping(data: dict[str, Any], indent: int = 0) -> None:
                 )
         else:
             out.print(f"{pad}{key}: {value}", markup=False)
+
+
+def figure(value: Any) -> str:
+    """A count, or ``-`` when it is unknown (null)."""
+    return "-" if value is None else str(value)
+
+
+def age(seconds: Any) -> str:
+    """A duration in seconds, ``12s ago`` / ``3.5m ago`` / ``2.0h ago``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    value = float(seconds)
+    if value < 120:
+        return f"{value:.0f}s ago"
+    if value < 7200:
+        return f"{value / 60:.1f}m ago"
+    return f"{value / 3600:.1f}h ago"
+
+
+def started_line(started: Sequence[str], total: int, created: bool) -> str:
+    """What ``slurp cluster up`` did: which nodes it started."""
+    if created:
+        return f"created and started {total} nodes: {', '.join(started)}"
+    if not started:
+        return f"all {total} nodes were already up"
+    return f"started {', '.join(started)} ({total - len(started)} of {total} were already up)"
+
+
+def node_status(data: dict[str, Any]) -> None:
+    """``node.status`` of one node: the mapping, with backlog and anti-entropy as figures."""
+    rest = {k: v for k, v in data.items() if k not in ("backlog", "antientropy")}
+    mapping(rest)
+    backlog = data.get("backlog") or {}
+    antientropy = data.get("antientropy") or {}
+    out.print(
+        f"backlog: hints {figure(backlog.get('hints'))}, "
+        f"hint bytes {figure(backlog.get('hint_bytes'))}, "
+        f"repairs pending {figure(backlog.get('repair_pending'))}",
+        markup=False,
+    )
+    out.print(
+        f"anti-entropy: last pass {age(antientropy.get('last_pass_age_s'))}, "
+        f"versions repaired {figure(antientropy.get('versions_repaired'))}",
+        markup=False,
+    )

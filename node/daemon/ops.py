@@ -6,9 +6,19 @@ module and ``node.client`` from ``node``). A local cluster lives in one director
     D/ca/                 the cluster CA (ca.crt, ca.key, ca.crl, NAME.crt/.key, client.*)
     D/NAME/data/          a node's data directory (shared role identities; own node keys)
     D/NAME/node.toml      its configuration (free loopback ports)
-    D/NAME/node.log       its output;  D/NAME/node.pid  its process id
+    D/NAME/node.log       its output;  D/NAME/node.pid  its process id (see below)
     D/client.toml         a client profile (seeds and certificate paths) for --profile
-    D/cluster.json        names, ports and pids of the nodes
+    D/cluster.json        names and ports of the nodes (and the pids this tool started)
+
+Pid files: a node writes its own, beside its configuration with the suffix ``.pid``
+(``--config D/NAME/node.toml`` -> ``D/NAME/node.pid``), once it holds its data
+directory's lock, and removes it when it exits cleanly. So a node started by hand with
+``slurp node start --config`` is found by ``slurp cluster status`` and ``cluster up``,
+and a second daemon on the same data directory (refused by the lock) never overwrites
+the first one's file. A node killed with SIGKILL leaves its file behind: the pid in it is
+then not alive and the node counts as down. (A stale pid reused by an unrelated process
+would count as alive; ``cluster status`` still shows such a node down, since it does
+not answer /health.)
 
 The admin identity is Shamir-split across the nodes (threshold: a majority): each node
 keeps only its own share, encrypted to its node identity.
@@ -20,7 +30,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,24 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from crypto.ca import CertificateAuthority
-from crypto.keyfiles import write_secret_file
-from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
-from crypto.signing import private_key_from_pem
-from node.daemon.config import (
-    ClusterConfig,
-    DiscoveryConfig,
-    HostPort,
-    ListenConfig,
-    NodeConfig,
-    TlsConfig,
-    load_node_config,
-    render_node_config,
-)
+from node.daemon.cluster_init import ClusterError, LocalNode, create_cluster_dir
+from node.daemon.config import NodeConfig, load_node_config
 from node.daemon.lifecycle import NodeDaemon
-from storage.admin_key import OWN_SHARE_FILE, split_admin
+from node.daemon.pidfile import pid_file_for, read_pid_file, remove_pid_file, write_pid_file
 from storage.context_store import ContextStore
 from storage.errors import StorageError
 
@@ -60,18 +56,15 @@ PASSPHRASE_ENV = "SLURP_PASSPHRASE"  # noqa: S105 - the variable's name, not a s
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class ClusterError(Exception):
-    """A local cluster could not be made, started or reached; the message says why."""
-
-
 # -- one node ----------------------------------------------------------------------------------
 
 
 def run_node(config_path: Path, env: Mapping[str, str] = os.environ) -> int:
     """Serve one node in the foreground until SIGINT/SIGTERM; returns the exit status.
 
-    Errors are printed as ``CODE: message`` on stderr (exit 2 for a bad configuration,
-    1 when the data directory is in use or the node cannot start).
+    Writes ``pid_file_for(config_path)`` once the data directory is locked and removes it
+    on exit. Errors are printed as ``CODE: message`` on stderr (exit 2 for a bad
+    configuration, 1 when the data directory is in use or the node cannot start).
     """
     try:
         config = load_node_config(config_path, env)
@@ -83,13 +76,16 @@ def run_node(config_path: Path, env: Mapping[str, str] = os.environ) -> int:
     except StorageError as exc:
         print(f"{exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    pid_file = pid_file_for(config_path)
     try:
+        write_pid_file(pid_file)
         trio.run(_serve, config, store)
     except Exception as exc:
         print(f"UCXL-500-INTERNAL: the node stopped: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
+        remove_pid_file(pid_file)
     return 0
 
 
@@ -110,119 +106,38 @@ async def _serve(config: NodeConfig, store: ContextStore) -> None:
 
 
 @dataclass(frozen=True)
-class LocalNode:
-    """One node of a local cluster."""
+class ClusterUp:
+    """What ``start_cluster`` did: every node (with its pid), and which it started."""
 
-    name: str
-    rpc_port: int
-    http_port: int
-    dht_port: int
-    pid: int = 0
-
-
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _node_key(data_dir: Path) -> Ed25519PrivateKey:
-    path = data_dir / "keys" / "node.ed25519"
-    return private_key_from_pem(path.read_bytes(), str(path))
+    nodes: list[LocalNode]
+    started: list[str]
+    created: bool
 
 
 def cluster_up(root: Path, nodes: int = 3, *, timeout_s: float = 60.0) -> list[LocalNode]:
-    """Create (if new) and start a local cluster of ``nodes`` nodes; wait until healthy.
+    """``start_cluster(...).nodes``: every node of the (now healthy) cluster."""
+    return start_cluster(root, nodes, timeout_s=timeout_s).nodes
+
+
+def start_cluster(root: Path, nodes: int = 3, *, timeout_s: float = 60.0) -> ClusterUp:
+    """Create (if new) a local cluster of ``nodes`` nodes, start those that are down, and
+    wait until every node is healthy.
+
+    On an existing cluster directory ``nodes`` is ignored: the nodes are those of
+    ``cluster.json``; a node whose pid file names a live process is left running.
 
     Raises:
-        ClusterError: ``root`` holds a running cluster, or a node did not become healthy.
+        ClusterError: a node exited during start, or did not become healthy in time.
     """
     root = root.absolute()  # node.toml paths are read relative to node.toml's directory
-    if (root / "cluster.json").exists():
-        running = [n for n in _load(root) if _alive(n.pid)]
-        if running:
-            raise ClusterError(f"a cluster is already running in {root} (slurp cluster down)")
-        members = _load(root)
-    else:
-        members = _create(root, nodes)
-    started = [_start(root, member) for member in members]
-    _save(root, started)
-    _wait_healthy(root, started, timeout_s)
-    return started
-
-
-def _create(root: Path, count: int) -> list[LocalNode]:
-    if count < 1:
-        raise ClusterError("a cluster needs at least one node")
-    root.mkdir(parents=True, exist_ok=True)
-    ca = CertificateAuthority.init(root / "ca", name="slurp local cluster CA")
-    names = [f"node{i}" for i in range(1, count + 1)]
-    members = [
-        LocalNode(
-            name,
-            _free_port(socket.SOCK_STREAM),
-            _free_port(socket.SOCK_STREAM),
-            _free_port(socket.SOCK_DGRAM),
-        )
-        for name in names
-    ]
-    first = root / names[0] / "data"
-    ContextStore.init(first, DEFAULT_ROLES)
-    with ContextStore.open(first) as store:
-        identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
-    for name in names[1:]:
-        ContextStore.init(root / name / "data", DEFAULT_ROLES, role_identities=identities)
-    for member in members:
-        data = root / member.name / "data"
-        ca.issue_node(member.name, ["127.0.0.1", "localhost"], key=_node_key(data))
-        config = NodeConfig(
-            name=member.name,
-            data_dir=data,
-            tls=TlsConfig(
-                ca=root / "ca" / "ca.crt",
-                cert=root / "ca" / f"{member.name}.crt",
-                key=root / "ca" / f"{member.name}.key",
-                crl=root / "ca" / "ca.crl",
-            ),
-            rpc=ListenConfig("127.0.0.1", member.rpc_port),
-            http=ListenConfig("127.0.0.1", member.http_port),
-            discovery=DiscoveryConfig(
-                "127.0.0.1",
-                member.dht_port,
-                tuple(HostPort("127.0.0.1", m.dht_port) for m in members if m is not member),
-            ),
-            cluster=ClusterConfig(n=min(3, count), w=min(2, count), r=min(2, count)),
-        )
-        (root / member.name / "node.toml").write_text(render_node_config(config))
-    _split_admin(root, names)
-    ca.issue_client("client", [role.name for role in DEFAULT_ROLES])
-    seeds = ", ".join(f'"127.0.0.1:{m.rpc_port}"' for m in members)
-    (root / "client.toml").write_text(
-        f'seeds = [{seeds}]\n\n[tls]\nca = "ca/ca.crt"\ncert = "ca/client.crt"\n'
-        'key = "ca/client.key"\n'
-    )
-    return members
-
-
-def _split_admin(root: Path, names: list[str]) -> None:
-    """Split admin across the nodes (majority threshold); each keeps only its share."""
-    recipients = []
-    for name in names:
-        meta = json.loads((root / name / "data" / "keys" / "keyring.json").read_text())
-        recipients.append(str(meta["node_recipient"]))
-    shares_dir = root / "ca" / "admin-shares"
-    with ContextStore.open(root / names[0] / "data") as store:
-        split_admin(
-            store, threshold=len(names) // 2 + 1 if len(names) > 1 else 1,
-            shares=len(names), to=recipients, out_dir=shares_dir,
-        )  # fmt: skip
-    for number, name in enumerate(names, start=1):
-        keys = root / name / "data" / "keys"
-        own = keys / OWN_SHARE_FILE
-        own.unlink(missing_ok=True)
-        write_secret_file(own, (shares_dir / f"share-{number}.age").read_bytes())
-        with ContextStore.open(root / name / "data") as store:
-            store.keyring.forget(ADMIN_ROLE)
+    created = not (root / "cluster.json").exists()
+    members = create_cluster_dir(root, nodes) if created else _load(root)
+    down = [m for m in members if not _alive(m.pid)]
+    started = {m.name: _start(root, m) for m in down}
+    members = [started.get(m.name, m) for m in members]
+    _save(root, members)
+    _wait_healthy(root, members, timeout_s)
+    return ClusterUp(members, [m.name for m in down], created)
 
 
 def _start(root: Path, member: LocalNode) -> LocalNode:
@@ -235,8 +150,7 @@ def _start(root: Path, member: LocalNode) -> LocalNode:
         start_new_session=True, env=env,
     )  # fmt: skip
     log.close()
-    _CHILDREN[process.pid] = process
-    (home / "node.pid").write_text(f"{process.pid}\n")
+    _CHILDREN[process.pid] = process  # the node writes its own pid file (run_node)
     return LocalNode(member.name, member.rpc_port, member.http_port, member.dht_port, process.pid)
 
 
@@ -298,10 +212,14 @@ def _wait_healthy(root: Path, members: list[LocalNode], timeout_s: float) -> Non
 
 
 def cluster_status(root: Path) -> dict[str, Any]:
-    """Every node: pid, up, health, ring ownership and the contexts it holds.
+    """Every node: pid (from its pid file), up, health, ring ownership, contexts held,
+    backlog and anti-entropy.
 
     The JSON of ``slurp cluster status``: ``{"dir", "profile", "nodes": [{"name",
-    "address", "pid", "up", "ownership", "contexts", "health", ...}]}``.
+    "address", "pid", "up", "ownership", "contexts", "backlog": {"hints", "hint_bytes",
+    "repair_pending"}, "antientropy": {"last_pass_age_s", "versions_repaired"}, "health",
+    ...}]}``. ``backlog`` and ``antientropy`` are the node's own ``node.status`` fields
+    (null when the node is down, and each figure null when the node does not know it).
     """
     members = _load(root)
     out = []
@@ -317,6 +235,8 @@ def cluster_status(root: Path) -> dict[str, Any]:
                 "up": up,
                 "ownership": ownership.get(member.name),
                 "contexts": status.get("contexts"),
+                "backlog": status.get("backlog"),
+                "antientropy": status.get("antientropy"),
                 "health": answer,
             }
         )
@@ -386,21 +306,36 @@ def _save(root: Path, members: list[LocalNode]) -> None:
 
 
 def _load(root: Path) -> list[LocalNode]:
+    """The nodes of ``cluster.json``, each with the pid its own pid file names (0: none).
+
+    A node this process started and whose pid file is not written yet keeps its pid.
+    """
     try:
         data = json.loads((root / "cluster.json").read_text())
-        return [LocalNode(**item) for item in data]
+        members = [LocalNode(**item) for item in data]
     except (OSError, ValueError, TypeError) as exc:
         raise ClusterError(f"no local cluster in {root} ({exc})") from None
+    out = []
+    for member in members:
+        pid = read_pid_file(root / member.name / "node.pid")
+        if not pid and member.pid in _CHILDREN and _alive(member.pid):
+            pid = member.pid  # started by this process, not yet past opening its store
+        out.append(LocalNode(member.name, member.rpc_port, member.http_port, member.dht_port,
+                             pid))  # fmt: skip
+    return out
 
 
 __all__ = [
     "ClusterError",
+    "ClusterUp",
     "LocalNode",
     "cluster_down",
     "cluster_status",
     "cluster_up",
     "health",
     "load_node_config",
+    "pid_file_for",
     "run_node",
+    "start_cluster",
     "start_node",
 ]
