@@ -36,9 +36,17 @@ from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
 from node.daemon.http import HealthServer
 from node.daemon.metrics import NodeMetrics
-from node.errors import NodeError
+from node.errors import NodeError, PeerUnavailable, RemoteError
 from node.rpc.peers import PeerPool
-from node.rpc.transport import Caller, Peer, RpcServer, ServerStatistics, open_rpc_client
+from node.rpc.transport import (
+    INTERNAL_CODE,
+    UNAVAILABLE_CODE,
+    Caller,
+    Peer,
+    RpcServer,
+    ServerStatistics,
+    open_rpc_client,
+)
 from storage.context_store import ContextStore
 from storage.errors import StorageError
 
@@ -172,8 +180,17 @@ class NodeDaemon:
             outcome = "ok"
             try:
                 return await handler(peer, method, body)
-            except StorageError as exc:
+            except (StorageError, RemoteError) as exc:
                 outcome = exc.code
+                raise
+            except PeerUnavailable:
+                outcome = UNAVAILABLE_CODE
+                raise
+            except trio.Cancelled:  # the request's deadline passed, or the node is stopping
+                outcome = "cancelled"
+                raise
+            except Exception:  # answered UCXL-500-INTERNAL by the transport
+                outcome = INTERNAL_CODE
                 raise
             finally:
                 self.metrics.observe_request(method, outcome, time.perf_counter() - start)
