@@ -48,6 +48,13 @@ def key_position(ctx: bytes) -> int:
     return int.from_bytes(digest, "big")
 
 
+def partitions_in(start: int, end: int, partitions: int) -> range:
+    """The ring partitions an arc [start, end) of ``Ring.ranges`` covers."""
+    if end <= start:
+        return range(0)
+    return range((start * partitions) >> KEY_BITS, (((end - 1) * partitions) >> KEY_BITS) + 1)
+
+
 def version_hash(ctx: bytes, version_id: str) -> int:
     """The 128-bit hash one version contributes to its context's digest."""
     data = len(ctx).to_bytes(4, "big") + ctx + version_id.encode("ascii")

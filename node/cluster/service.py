@@ -99,6 +99,8 @@ class NodeService:
         self._ring = Ring([], vnodes=config.vnodes)
         self._nursery: trio.Nursery | None = None
         self.quorum_failures = 0
+        self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.extra_replica_methods: dict[str, Callable[[Peer, Body], Awaitable[Body]]] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery where replication finishes after a quorum answered."""
@@ -147,6 +149,7 @@ class NodeService:
             "rep.heads": self._rep_heads,
             "rep.search": self._rep_search,
             "rep.ping": self._rep_ping,
+            **self.extra_replica_methods,
         }
 
     # -- client methods -------------------------------------------------------------------
@@ -246,6 +249,7 @@ class NodeService:
             "contexts": self.store.versions.count_contexts(),
             "refused_versions": self.replica.refused,
             "quorum_failures": self.quorum_failures,
+            **{name: source() for name, source in self.status_sources.items()},
         }  # fmt: skip
 
     # -- replica methods ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from node.cluster.antientropy import (
     differing,
     differing_contexts,
     key_position,
+    partitions_in,
     plan_exchange,
     winning_upto,
 )
@@ -193,3 +194,11 @@ def test_token_bucket_never_exceeds_rate(steps: list[tuple[float, int]]) -> None
         bucket.spend(amount, now=now)
         spent += amount
         assert spent <= burst + rate * now + max(a for _, a in steps) + 1e-6
+
+
+def test_partitions_in_tiles_the_rings_ranges() -> None:
+    ring = Ring([RingMember(n) for n in "abcd"], vnodes=1)
+    seen: list[int] = []
+    for start, end, _ in ring.ranges(2):
+        seen += list(partitions_in(start, end, ring.partitions))
+    assert seen == list(range(ring.partitions))
