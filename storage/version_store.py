@@ -44,6 +44,7 @@ from storage.schema import (
 )
 from storage.versions import VersionId
 
+
 @dataclass(frozen=True)
 class SetChange:
     """One committed change to a context's version ids or purge marker (for observers)."""

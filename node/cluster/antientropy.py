@@ -42,6 +42,18 @@ _PERSON_PURGE = b"slurp-ae-purge"
 _RING_PERSON = b"slurp-ring-key"  # the ring's own key-position hash (node.cluster.ring)
 
 
+@dataclass(frozen=True)
+class AntiEntropyConfig:
+    """The ``[antientropy]`` settings (validated by ``node.daemon.config``)."""
+
+    enabled: bool = True
+    interval_s: float = 60.0
+    bytes_per_s: int = 8 * 1024 * 1024
+    max_repairs_per_exchange: int = 1000
+    leaves: int = DEFAULT_LEAVES
+    poll_s: float = 1.0  # how often liveness is looked at for members coming up
+
+
 def key_position(ctx: bytes) -> int:
     """Where a context key sits on the ring (identical to ``Ring.key_position``)."""
     digest = hashlib.blake2b(ctx, digest_size=KEY_BITS // 8, person=_RING_PERSON).digest()
@@ -165,7 +177,9 @@ class HashTree:
         """The non-zero leaves of a partition: leaf index -> hash."""
         base = partition * self.leaves
         return {
-            leaf: self._leaf[base + leaf] for leaf in range(self.leaves) if base + leaf in self._leaf
+            leaf: self._leaf[base + leaf]
+            for leaf in range(self.leaves)
+            if base + leaf in self._leaf
         }
 
     def contexts_in(self, partition: int, leaf: int) -> dict[bytes, int]:

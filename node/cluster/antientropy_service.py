@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
 from node.cluster.antientropy import (
-    DEFAULT_LEAVES,
+    AntiEntropyConfig,
     ContextState,
     TokenBucket,
     differing,
@@ -46,24 +47,14 @@ from storage.address import ContextName
 from storage.envelope import Envelope
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
+from storage.version_store import VersionStore
 
 if TYPE_CHECKING:
     from node.cluster.service import NodeService
 
+__all__ = ["AntiEntropyConfig", "AntiEntropyService", "AntiEntropyStats"]
 log = logging.getLogger(__name__)
 Body = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class AntiEntropyConfig:
-    """The ``[antientropy]`` settings."""
-
-    enabled: bool = True
-    interval_s: float = 60.0
-    bytes_per_s: int = 8 * 1024 * 1024
-    max_repairs_per_exchange: int = 1000
-    leaves: int = DEFAULT_LEAVES
-    poll_s: float = 1.0  # how often liveness is looked at for members coming up
 
 
 @dataclass
@@ -186,8 +177,7 @@ class AntiEntropyService:
         for chunk in _chunks(segments, MAX_ITEMS):
             answer = await self._call(peer, "rep.digests", {"segments": chunk})
             theirs_d = {
-                ContextName.from_canonical(str(c)).key(): hash_int(h)
-                for c, h in answer["digests"]
+                ContextName.from_canonical(str(c)).key(): hash_int(h) for c, h in answer["digests"]
             }
             mine_d: dict[bytes, int] = {}
             for partition, leaf in chunk:
@@ -211,8 +201,9 @@ class AntiEntropyService:
                 theirs[ContextName.from_canonical(str(canonical)).key()] = (state, parsed)
             for ctx in names:
                 their_state, their_marker = theirs.get(ctx.key(), (ContextState(frozenset()), None))
-                my_marker = await self.service._blocking(lambda c=ctx: versions.purge_marker(c))
-                my_ids = await self.service._blocking(lambda c=ctx: versions.version_ids(c))
+                my_marker, my_ids = await self.service._blocking(
+                    partial(_local_state, versions, ctx)
+                )
                 mine = ContextState(
                     frozenset(my_ids), None if my_marker is None else my_marker.upto
                 )
@@ -241,7 +232,9 @@ class AntiEntropyService:
         wanted = list(plan.pull)
         while wanted:
             await self._throttle(64 * len(wanted))
-            answer = await self._call(peer, "rep.fetch", {"context": ctx.canonical(), "ids": wanted})
+            answer = await self._call(
+                peer, "rep.fetch", {"context": ctx.canonical(), "ids": wanted}
+            )
             blobs = [bytes(b) for b in answer["envelopes"]]
             more = [str(v) for v in answer["more"]]
             if not blobs or not set(more) < set(wanted):
@@ -249,7 +242,7 @@ class AntiEntropyService:
             self.stats.bytes_received += sum(map(len, blobs))
             await self._throttle(sum(map(len, blobs)))
             fresh = self._unexpired(blobs)
-            stored, _ = await self.service._blocking(lambda b=fresh: replica.apply(b))
+            stored, _ = await self.service._blocking(partial(replica.apply, fresh))
             self.stats.versions_repaired += sum(1 for flag in stored if flag)
             wanted = more
 
@@ -294,6 +287,10 @@ class AntiEntropyService:
         if not isinstance(answer, dict):
             raise ExchangeFailed(f"{method} from {peer} is not a map")
         return answer
+
+
+def _local_state(versions: VersionStore, ctx: ContextName) -> tuple[PurgeMarker | None, list[str]]:
+    return versions.purge_marker(ctx), versions.version_ids(ctx)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:

@@ -144,7 +144,8 @@ def test_plan_converges_to_union_minus_purged(
     after_a, after_b = apply_plan(mine, theirs, plan)
     assert after_a == after_b
     union = {v for v in mine.version_ids | theirs.version_ids if not covered(v, upto)}
-    assert after_a.version_ids == union and after_a.upto == upto
+    assert after_a.version_ids == union
+    assert after_a.upto == upto
     assert plan_exchange(after_a, after_b).empty
 
 
@@ -177,7 +178,7 @@ def test_token_bucket_paces_spending() -> None:
     bucket.spend(500, now=0.1)  # larger than the burst: allowed once, leaves debt
     assert bucket.delay(1, now=0.1) == pytest.approx(4.91)
     assert bucket.delay(1, now=10.0) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate"):
         TokenBucket(0, 1, now=0)
 
 
