@@ -193,6 +193,8 @@ class AntiEntropyService:
             names = [ContextName.from_key(ctx) for ctx in chunk]
             answer = await self._call(peer, "rep.ids", {"contexts": [n.canonical() for n in names]})
             theirs: dict[bytes, tuple[ContextState, PurgeMarker | None]] = {}
+            pushes: list[tuple[ContextName, str]] = []
+            pulled: list[bytes] = []
             for canonical, ids, marker in answer["states"]:
                 parsed = None if marker is None else PurgeMarker.decode(bytes(marker))
                 state = ContextState(
@@ -207,7 +209,11 @@ class AntiEntropyService:
                 mine = ContextState(
                     frozenset(my_ids), None if my_marker is None else my_marker.upto
                 )
-                await self._carry_out(peer, ctx, mine, their_state, my_marker, their_marker)
+                pulled += await self._carry_out(
+                    peer, ctx, mine, their_state, my_marker, their_marker, pushes
+                )
+            await self._apply_pulled(pulled)
+            await self._push(peer, pushes)
 
     async def _carry_out(
         self,
@@ -217,7 +223,9 @@ class AntiEntropyService:
         theirs: ContextState,
         my_marker: PurgeMarker | None,
         their_marker: PurgeMarker | None,
-    ) -> None:
+        pushes: list[tuple[ContextName, str]],
+    ) -> list[bytes]:
+        """Markers now; versions to push go to ``pushes``; returns the versions fetched."""
         plan = plan_exchange(mine, theirs)
         replica = self.service.replica
         if plan.take_marker and their_marker is not None:
@@ -227,8 +235,8 @@ class AntiEntropyService:
             body = {"context": ctx.canonical(), "marker": my_marker.encode()}
             await self._call(peer, "rep.purge", body)
             self.stats.markers_repaired += 1
-        if plan.push:
-            await self._push(peer, ctx, plan.push)
+        pushes.extend((ctx, vid) for vid in plan.push)
+        fetched: list[bytes] = []
         wanted = list(plan.pull)
         while wanted:
             await self._throttle(64 * len(wanted))
@@ -241,16 +249,25 @@ class AntiEntropyService:
                 break  # the peer no longer holds them (purged or expired since)
             self.stats.bytes_received += sum(map(len, blobs))
             await self._throttle(sum(map(len, blobs)))
-            fresh = self._unexpired(blobs)
-            stored, _ = await self.service._blocking(partial(replica.apply, fresh))
-            self.stats.versions_repaired += sum(1 for flag in stored if flag)
+            fetched += self._unexpired(blobs)
             wanted = more
+        return fetched
 
-    async def _push(self, peer: str, ctx: ContextName, ids: Sequence[str]) -> None:
+    async def _apply_pulled(self, blobs: Sequence[bytes]) -> None:
+        """Verify and store fetched versions, one synced batch per ``batches_by_bytes``."""
+        replica = self.service.replica
+        for batch in batches_by_bytes(blobs, BATCH_BUDGET):
+            stored, _ = await self.service._blocking(partial(replica.apply, batch))
+            self.stats.versions_repaired += sum(1 for flag in stored if flag)
+
+    async def _push(self, peer: str, items: Sequence[tuple[ContextName, str]]) -> None:
+        if not items:
+            return
         versions = self.service.store.versions
 
         def read() -> list[bytes]:
-            return [d for d in (versions.version(ctx, v) for v in ids) if d is not None]
+            found = (versions.version(ctx, vid) for ctx, vid in items)
+            return [data for data in found if data is not None]
 
         blobs = self._unexpired(await self.service._blocking(read))
         for batch in batches_by_bytes(blobs, BATCH_BUDGET):
