@@ -45,6 +45,9 @@ class KV(Protocol):
         ``after`` (forward scans only) resumes a scan: only keys greater than it.
         """
 
+    def scan_keys(self, prefix: bytes) -> Iterator[bytes]:
+        """Every key that starts with ``prefix``, in key order, without reading values."""
+
     def compact(self) -> None:
         """Reclaim space from deleted and overwritten rows."""
 
@@ -164,6 +167,11 @@ class LevelDBKV:
                     return
                 yield key, value
 
+    def scan_keys(self, prefix: bytes) -> Iterator[bytes]:
+        """Every key under ``prefix``, in key order (values are not read)."""
+        with self._db.iterator(prefix=prefix, include_value=False) as it:
+            yield from it
+
     def compact(self) -> None:
         """Compact the whole key range."""
         self._db.compact_range()
@@ -225,6 +233,11 @@ class MemoryKV:
             keys.append(key)
         for key in reversed(keys) if reverse else keys:
             yield key, self._values[key]
+
+    def scan_keys(self, prefix: bytes) -> Iterator[bytes]:
+        """Every key under ``prefix``, in key order."""
+        for key, _ in self.scan(prefix):
+            yield key
 
     def compact(self) -> None:
         """Nothing to reclaim."""

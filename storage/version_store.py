@@ -11,7 +11,10 @@ Invariants:
   (``storage.rotation``): same id, same clear header, new ciphertext and signature;
 - a head row always describes the version rows committed with it (latest id, count, whether
   the latest is live);
-- versions covered by a purge marker are refused forever.
+- versions covered by a purge marker are refused forever;
+- every committed change to a context's set of version ids or to its purge marker is
+  reported, once, to each observer (``add_observer``) right after its batch is durable
+  (anti-entropy keeps its hash tree by these deltas). ``rewrite`` keeps ids: no report.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from storage.kv import KV
 from storage.schema import (
     HEAD_PREFIX,
     PURGE_PREFIX,
+    SEP,
     TTL_PREFIX,
+    VERSION_PREFIX,
     Head,
     PurgeMarker,
     head_key,
@@ -39,6 +44,19 @@ from storage.schema import (
 )
 from storage.versions import VersionId
 
+
+@dataclass(frozen=True)
+class SetChange:
+    """One committed change to a context's version ids or purge marker (for observers)."""
+
+    ctx: bytes
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    old_upto: str | None = None
+    new_upto: str | None = None
+
+
+ChangeObserver = Callable[[SetChange], None]
 HeadLookup = Callable[[ContextName], Head | None]
 Builder = Callable[[HeadLookup], tuple[Sequence[Envelope], Sequence[tuple[bytes, bytes]]]]
 
@@ -60,6 +78,17 @@ class VersionStore:
         # heads computed for batches that are queued but not yet committed
         self._pending_heads: dict[bytes, Head] = {}
         self._pending_versions: set[bytes] = set()
+        self._observers: list[ChangeObserver] = []
+
+    def add_observer(self, observer: ChangeObserver) -> None:
+        """Report every later committed change to ``observer`` (called in the writer's
+        thread, after the write is durable; it must be quick and thread-safe)."""
+        self._observers.append(observer)
+
+    def _report(self, changes: Sequence[SetChange]) -> None:
+        for observer in self._observers:
+            for change in changes:
+                observer(change)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -94,6 +123,7 @@ class VersionStore:
             envelopes, meta = build(lookup)
             puts: list[tuple[bytes, bytes]] = list(meta)
             heads: dict[bytes, Head | None] = {}
+            added: dict[bytes, list[str]] = {}
             for env in envelopes:
                 ctx = ContextName.from_canonical(env.context).key()
                 vkey = version_key(ctx, env.version_id)
@@ -107,6 +137,7 @@ class VersionStore:
                 heads[ctx] = head
                 results.append(head)
                 puts.append((vkey, env.encode()))
+                added.setdefault(ctx, []).append(env.version_id)
                 self._pending_versions.add(vkey)
                 if env.expires_at_ms is not None:
                     puts.append((ttl_key(env.expires_at_ms, ctx, env.version_id), b""))
@@ -124,17 +155,27 @@ class VersionStore:
                 for ctx, head in new_heads.items():
                     if self._pending_heads.get(ctx) is head:
                         del self._pending_heads[ctx]
+        self._report([SetChange(ctx, added=tuple(vids)) for ctx, vids in added.items()])
         return envelopes, results
 
     def purge(self, context: ContextName, marker: PurgeMarker) -> int:
         """Remove every version of ``context`` and leave ``marker``; returns rows removed."""
         ctx = context.key()
         with self._lock:
+            old = self.kv.get(purge_key(ctx))
             rows = list(self.kv.scan(versions_prefix(ctx)))
             deletes = [key for key, _ in rows] + [head_key(ctx)]
             for _, data in rows:
                 deletes.extend(self._ttl_rows_of(ctx, data))
             self.kv.write([(purge_key(ctx), marker.encode())], deletes, sync=True)
+            prefix = len(versions_prefix(ctx))
+            change = SetChange(
+                ctx,
+                removed=tuple(key[prefix:].decode("ascii") for key, _ in rows),
+                old_upto=None if old is None else PurgeMarker.decode(old).upto,
+                new_upto=marker.upto,
+            )
+            self._report([change])
         return len(rows)
 
     def remove_versions(self, context: ContextName, version_ids: Sequence[str]) -> int:
@@ -143,10 +184,12 @@ class VersionStore:
         with self._lock:
             drop = set(version_ids)
             deletes: list[bytes] = []
+            dropped: list[str] = []
             kept: list[Envelope] = []
             for key, data in self.kv.scan(versions_prefix(ctx)):
                 vid = key[len(versions_prefix(ctx)) :].decode("ascii")
                 if vid in drop:
+                    dropped.append(vid)
                     deletes.append(key)
                     deletes.extend(self._ttl_rows_of(ctx, data))
                 else:
@@ -160,6 +203,7 @@ class VersionStore:
             if head is None:
                 deletes.append(head_key(ctx))
             self.kv.write(puts, deletes, sync=True)
+            self._report([SetChange(ctx, removed=tuple(dropped))])
         return len(drop)
 
     def rewrite(
@@ -220,6 +264,11 @@ class VersionStore:
             for key, data in self.kv.scan(prefix)
         ]
 
+    def version_ids(self, context: ContextName) -> list[str]:
+        """The ids of every version of ``context``, in id order (keys only)."""
+        prefix = versions_prefix(context.key())
+        return [key[len(prefix) :].decode("ascii") for key in self.kv.scan_keys(prefix)]
+
     def heads(self, pattern: ContextName) -> Iterator[tuple[ContextName, Head]]:
         """(context, head) of every context whose key starts with the pattern's prefix."""
         for key, data in self.kv.scan(HEAD_PREFIX + pattern.key_prefix()):
@@ -239,6 +288,30 @@ class VersionStore:
                 break
             out.append((ContextName.from_key(ctx), vid))
         return out
+
+    def version_sets(self) -> Iterator[tuple[bytes, list[str], str | None]]:
+        """(ctx key, version ids, purge marker upto) of every context that has either.
+
+        Reads keys only for versions (one pass over the ``v/`` rows, no envelope is
+        decoded) and every purge marker: for anti-entropy's one tree build at start.
+        """
+        markers = {
+            key[len(PURGE_PREFIX) :]: PurgeMarker.decode(data).upto
+            for key, data in self.kv.scan(PURGE_PREFIX)
+        }
+        current: bytes | None = None
+        ids: list[str] = []
+        for key in self.kv.scan_keys(VERSION_PREFIX):
+            ctx, _, vid = key[len(VERSION_PREFIX) :].rpartition(SEP)
+            if ctx != current:
+                if current is not None:
+                    yield current, ids, markers.pop(current, None)
+                current, ids = ctx, []
+            ids.append(vid.decode("ascii"))
+        if current is not None:
+            yield current, ids, markers.pop(current, None)
+        for ctx, upto in markers.items():
+            yield ctx, [], upto
 
     def count_contexts(self) -> int:
         """How many contexts have a head."""

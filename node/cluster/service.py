@@ -105,6 +105,7 @@ class NodeService:
         self.quorum_failures_by_op: dict[str, int] = {}
         self.replication_acks: dict[str, int] = {"ok": 0, "error": 0}
         self.repair_pending = 0  # read-repair sends started and not yet finished
+        self.extra_replica_methods: dict[str, Callable[[Peer, Body], Awaitable[Body]]] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery where replication finishes after a quorum answered."""
@@ -153,6 +154,7 @@ class NodeService:
             "rep.heads": self._rep_heads,
             "rep.search": self._rep_search,
             "rep.ping": self._rep_ping,
+            **self.extra_replica_methods,
         }
 
     # -- client methods -------------------------------------------------------------------

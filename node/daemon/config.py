@@ -8,10 +8,10 @@ Must not know: sockets, trio, what the values are used for.
 
 Environment: ``SLURP_<TABLE>_<KEY>``, table and key upper-cased, overrides ``table.key``
 of the file. Integers and numbers are written as in TOML; lists as comma-separated items
-(an empty value: an empty list); ``election_timeout_ms`` as ``MIN,MAX``; an empty
-``SLURP_BACKUP_SCHEDULE`` means none. Any other ``SLURP_*`` variable is an error (a typo
-must not be ignored), except those of ``OTHER_ENV_VARS`` (``SLURP_HOME``,
-``SLURP_PASSPHRASE``), which are not configuration: add new ones there.
+(an empty value: an empty list); booleans as ``true``/``false``; ``election_timeout_ms``
+as ``MIN,MAX``; an empty ``SLURP_BACKUP_SCHEDULE`` means none. Any other ``SLURP_*``
+variable is an error (a typo must not be ignored), except those of ``OTHER_ENV_VARS``
+(``SLURP_HOME``, ``SLURP_PASSPHRASE``), which are not configuration: add new ones there.
 
 Relative paths in the file are resolved against the file's directory, relative paths
 from the environment against the current directory; ``~`` is expanded in both.
@@ -44,6 +44,10 @@ from the environment against the current directory; ``~`` is expanded in both.
     [election] heartbeat_ms        SLURP_ELECTION_HEARTBEAT_MS         150 (< MIN below)
     [election] election_timeout_ms SLURP_ELECTION_ELECTION_TIMEOUT_MS  [300, 600] (MIN < MAX)
     [backup] schedule              SLURP_BACKUP_SCHEDULE               none (kept as written)
+    [antientropy] enabled          SLURP_ANTIENTROPY_ENABLED           true
+    [antientropy] interval_s       SLURP_ANTIENTROPY_INTERVAL_S        60.0 (> 0)
+    [antientropy] bytes_per_s      SLURP_ANTIENTROPY_BYTES_PER_S       8388608 (>= 1024)
+    [antientropy] max_repairs_per_exchange  SLURP_ANTIENTROPY_MAX_REPAIRS_PER_EXCHANGE  1000
 
 Invariants: a loaded ``NodeConfig`` holds absolute paths and passed every check;
 ``load_node_config(render_node_config(cfg))`` equals ``cfg`` when ``cfg`` was loaded.
@@ -62,6 +66,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from crypto.tls import TlsFiles
+from node.cluster.antientropy import AntiEntropyConfig
 from storage.datadir import (
     ConfigError,
     KeysConfig,
@@ -101,6 +106,12 @@ SCHEMA: dict[str, dict[str, str]] = {
     "keys": {"max_key_age_days": "int"},
     "election": {"heartbeat_ms": "int", "election_timeout_ms": "int_pair"},
     "backup": {"schedule": "optional_str"},
+    "antientropy": {
+        "enabled": "bool",
+        "interval_s": "float",
+        "bytes_per_s": "int",
+        "max_repairs_per_exchange": "int",
+    },
 }
 
 
@@ -217,6 +228,7 @@ class NodeConfig:
     keys: KeysConfig = field(default_factory=KeysConfig)
     election: ElectionConfig = field(default_factory=ElectionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    antientropy: AntiEntropyConfig = field(default_factory=AntiEntropyConfig)
 
 
 def load_node_config(path: Path, env: Mapping[str, str] = os.environ) -> NodeConfig:
@@ -304,6 +316,7 @@ class _Reader:
             keys=self._delegated("keys", load_keys_config),
             election=self._election(),
             backup=BackupConfig(schedule=self._optional_str("backup.schedule")),
+            antientropy=self._antientropy(),
         )
 
     def _fail(self, name: str, expected: str, value: object = _UNSET) -> NoReturn:
@@ -414,6 +427,26 @@ class _Reader:
             request_timeout_s=2.0 if timeout is None else float(timeout.value),
         )
 
+    def _antientropy(self) -> AntiEntropyConfig:
+        enabled = self.values.get("antientropy.enabled")
+        if enabled is not None and not isinstance(enabled.value, bool):
+            self._fail("antientropy.enabled", "true or false")
+        interval = self.values.get("antientropy.interval_s")
+        if interval is not None and (
+            isinstance(interval.value, bool)
+            or not isinstance(interval.value, int | float)
+            or interval.value <= 0
+        ):
+            self._fail("antientropy.interval_s", "a positive number of seconds")
+        return AntiEntropyConfig(
+            enabled=True if enabled is None else enabled.value,
+            interval_s=60.0 if interval is None else float(interval.value),
+            bytes_per_s=self._int("antientropy.bytes_per_s", 8 * 1024 * 1024, 1024, 1 << 40),
+            max_repairs_per_exchange=self._int(
+                "antientropy.max_repairs_per_exchange", 1000, 1, 1_000_000
+            ),
+        )
+
     def _served(self) -> tuple[str, ...] | None:
         names = self._strings("roles.served", "role names (A-Z a-z 0-9 _ -)")
         if names is None:
@@ -498,6 +531,8 @@ def _from_env(kind: str, text: str) -> Any:
             return [int(part) for part in text.split(",")]
     except ValueError:
         return text
+    if kind == "bool":
+        return {"true": True, "false": False}.get(text.strip().lower(), text)
     if kind == "list":
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "optional_str":
@@ -543,6 +578,12 @@ def render_node_config(cfg: NodeConfig) -> str:
             "election_timeout_ms": list(cfg.election.election_timeout_ms),
         },
         "backup": {"schedule": cfg.backup.schedule},
+        "antientropy": {
+            "enabled": cfg.antientropy.enabled,
+            "interval_s": float(cfg.antientropy.interval_s),
+            "bytes_per_s": cfg.antientropy.bytes_per_s,
+            "max_repairs_per_exchange": cfg.antientropy.max_repairs_per_exchange,
+        },
     }
     parts = ["# slurp node configuration (ARCHITECTURE.md §8); SLURP_<TABLE>_<KEY> overrides.\n"]
     for table, keys in tables.items():

@@ -1,7 +1,7 @@
 """The node daemon: one ContextStore served to a cluster (a trio shell of trio shells).
 
 Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
-peer pool, the node service, Kademlia discovery, failure detection, the /health and
+peer pool, the node service, Kademlia discovery, failure detection, anti-entropy, the /health and
 /metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
 shut them down cleanly (in-flight requests finish or fail, then the store closes).
 
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from crypto.ca import CertificateAuthority
 from crypto.certs import load_certificate
+from node.cluster.antientropy_service import AntiEntropyService
 from node.cluster.discovery import DiscoveryConfig as DhtConfig
 from node.cluster.discovery import DiscoveryService
 from node.cluster.liveness import FailureDetector, StaticCluster
@@ -101,6 +102,8 @@ class NodeDaemon:
         self.exporter = MetricsExporter(
             self.metrics, self.service, config.data_dir, clock=time.monotonic
         )
+        # built before anything is served: its hash tree is scanned once from the store
+        self.antientropy = AntiEntropyService(self.service, config.antientropy)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -165,6 +168,7 @@ class NodeDaemon:
             detector = FailureDetector(self.cluster, self.pool, interval_s=PROBE_INTERVAL_S,
                                        timeout_s=self.config.cluster.request_timeout_s)  # fmt: skip
             await nursery.start(detector.run)
+            await nursery.start(self.antientropy.run)
             nursery.start_soon(self._index_loop)
             self.ready = True
             log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import node.daemon.config
+from node.cluster.antientropy import AntiEntropyConfig
 from node.daemon.config import (
     OTHER_ENV_VARS,
     SCHEMA,
@@ -128,6 +129,11 @@ BAD_FILE_VALUES = [
     ("election", "election_timeout_ms", '"300,600"'),
     ("election", "election_timeout_ms", "[100, 200]"),  # MIN not above the heartbeat
     ("backup", "schedule", "5"),
+    ("antientropy", "enabled", '"yes"'),
+    ("antientropy", "interval_s", "0"),
+    ("antientropy", "interval_s", "true"),
+    ("antientropy", "bytes_per_s", "10"),
+    ("antientropy", "max_repairs_per_exchange", "0"),
 ]
 
 
@@ -160,6 +166,8 @@ BAD_ENV_VALUES = [
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "600,300", "election.election_timeout_ms"),
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "x", "election.election_timeout_ms"),
     ("SLURP_ELECTION_HEARTBEAT_MS", "1000", "election.heartbeat_ms"),
+    ("SLURP_ANTIENTROPY_ENABLED", "maybe", "antientropy.enabled"),
+    ("SLURP_ANTIENTROPY_INTERVAL_S", "-1", "antientropy.interval_s"),
 ]
 
 
@@ -376,3 +384,14 @@ def test_docstring_lists_every_key_and_variable() -> None:
         for key in keys:
             assert f"[{table}] {key} " in doc
             assert env_var(table, key) in doc
+
+
+def test_antientropy_table_from_file_and_environment(tmp_path: Path) -> None:
+    assert load_node_config(write(tmp_path, toml_text()), env={}).antientropy == (
+        AntiEntropyConfig()
+    )
+    path = write(tmp_path, toml_text({"antientropy": {"enabled": "false", "interval_s": "5"}}))
+    env = {"SLURP_ANTIENTROPY_INTERVAL_S": "0.5", "SLURP_ANTIENTROPY_BYTES_PER_S": "4096"}
+    cfg = load_node_config(path, env=env).antientropy
+    assert (cfg.enabled, cfg.interval_s, cfg.bytes_per_s) == (False, 0.5, 4096)
+    assert load_node_config(path, env={"SLURP_ANTIENTROPY_ENABLED": "TRUE"}).antientropy.enabled

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from crypto.roles import DEFAULT_ROLES
+from node.cluster.antientropy_service import AntiEntropyConfig, AntiEntropyService
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
@@ -38,6 +39,7 @@ class SimNode:
     service: NodeService
     cluster: StaticCluster
     pool: PeerPool
+    antientropy: AntiEntropyService
 
 
 @dataclass
@@ -74,6 +76,7 @@ async def open_sim_cluster(
     duplicate: float = 0.0,
     max_delay_s: float = 0.0,
     quorum: Quorum | None = None,
+    antientropy: AntiEntropyConfig | None = None,
 ) -> AsyncIterator[SimCluster]:
     """Start ``size`` nodes; yields once every server is up."""
     names = [f"n{i}" for i in range(1, size + 1)]
@@ -102,13 +105,16 @@ async def open_sim_cluster(
                     quorum=quorum or Quorum(), timeout_s=1.0, blocking_in_threads=False
                 )
                 service = NodeService(stores[name], cluster, pool, config)
+                healer = AntiEntropyService(service, antientropy or AntiEntropyConfig())
                 await nursery.start(pool.run)
                 await nursery.start(service.run)
                 await nursery.start(network.server(name, service.handle).run)
-                nodes[name] = SimNode(name, stores[name], service, cluster, pool)
+                nodes[name] = SimNode(name, stores[name], service, cluster, pool, healer)
             for node in nodes.values():  # every server is up before anyone probes
                 detector = FailureDetector(node.cluster, node.pool, interval_s=0.5, timeout_s=0.5)
                 await nursery.start(detector.run)
+            for node in nodes.values():
+                await nursery.start(node.antientropy.run)
             yield SimCluster(network, nodes)
             nursery.cancel_scope.cancel()
     finally:

@@ -43,6 +43,12 @@ def test_scan_is_ordered_and_bounded_by_prefix(kv: KV) -> None:
     assert list(kv.scan(b"zz")) == []
 
 
+def test_scan_keys_lists_keys_under_a_prefix(kv: KV) -> None:
+    kv.write([(b"p/b", b"2"), (b"p/a", b"1"), (b"q/a", b"x"), (b"p", b"0")])
+    assert list(kv.scan_keys(b"p/")) == [b"p/a", b"p/b"]
+    assert list(kv.scan_keys(b"r/")) == []
+
+
 def test_scan_resumes_after_a_key(kv: KV) -> None:
     """``after`` skips every key up to and including it, and keeps the prefix bound."""
     kv.write([(b"p", b"0"), (b"p/a", b"1"), (b"p/b", b"2"), (b"p/c", b"3"), (b"q/a", b"x")])

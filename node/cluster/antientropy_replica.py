@@ -1,0 +1,181 @@
+"""Anti-entropy, the replica side: the live hash tree of one node and the ``rep.*`` answers.
+
+Owns: keeping ``node.cluster.antientropy.HashTree`` in step with the version store (built
+once at start by a keys-only scan, then XOR deltas from ``VersionStore.add_observer``), and
+answering peers' anti-entropy requests. Must be built before the node accepts writes: a
+change that lands between the observer's registration and the scan would count twice.
+
+Cost of the start-up build: one pass over the ``v/`` keys (no envelope is read or
+decoded) and the ``p/`` rows; memory is one digest per context plus one set entry per
+context in its leaf (~200 bytes per context in CPython).
+
+RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 bytes):
+
+- ``rep.tree`` {partitions: [int], leaves: bool} -> {roots: [bytes]} aligned with
+  ``partitions``, or with ``leaves`` {leaves: [[[leaf, bytes], ...], ...]};
+- ``rep.digests`` {segments: [[partition, leaf], ...]} -> {digests: [[context, bytes]]};
+- ``rep.ids`` {contexts: [str]} -> {states: [[context, [version id], marker | null]]};
+- ``rep.fetch`` {context, ids} -> {envelopes: [bytes], more: [id]}: at most one
+  ``batches_by_bytes`` batch per answer, ``more`` lists the ids still to ask for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from node.cluster.antientropy import HASH_BYTES, HashTree, change_delta, context_digest
+from node.cluster.replication import batches_by_bytes
+from node.rpc.transport import Peer
+from node.rpc.wire import MAX_FRAME_BYTES
+from storage.address import ContextName
+from storage.errors import InvalidPayload
+from storage.version_store import SetChange, VersionStore
+
+Body = dict[str, Any]
+Handler = Callable[[Peer, Body], Awaitable[Body]]
+BATCH_BUDGET = MAX_FRAME_BYTES // 2  # until the fault-isolation branch defines the budget
+MAX_ITEMS = 4096  # partitions, segments or contexts in one request
+
+
+def hash_bytes(value: int) -> bytes:
+    """A tree hash on the wire."""
+    return value.to_bytes(HASH_BYTES, "big")
+
+
+def hash_int(data: Any) -> int:
+    """A tree hash from the wire.
+
+    Raises:
+        ValueError: not 16 bytes.
+    """
+    if not isinstance(data, bytes) or len(data) != HASH_BYTES:
+        raise ValueError(f"a tree hash must be {HASH_BYTES} bytes")
+    return int.from_bytes(data, "big")
+
+
+class TreeKeeper:
+    """The node's hash tree, safe to update from writer threads and read from trio."""
+
+    def __init__(self, versions: VersionStore, partitions: int, leaves: int) -> None:
+        self.versions = versions
+        self._lock = threading.Lock()
+        self.tree = HashTree(partitions, leaves)
+        versions.add_observer(self._on_change)
+        for ctx, ids, upto in versions.version_sets():
+            self.tree.apply(ctx, context_digest(ctx, ids, upto))
+        self.changes = 0
+
+    def _on_change(self, change: SetChange) -> None:
+        delta = change_delta(
+            change.ctx, change.added, change.removed, change.old_upto, change.new_upto
+        )
+        with self._lock:
+            self.tree.apply(change.ctx, delta)
+            self.changes += 1
+
+    def roots(self, partitions: Sequence[int]) -> dict[int, int]:
+        """partition -> root (0 when empty)."""
+        with self._lock:
+            return {p: self.tree.root(p) for p in partitions}
+
+    def leaf_hashes(self, partition: int) -> dict[int, int]:
+        """The non-zero leaves of a partition."""
+        with self._lock:
+            return self.tree.leaf_hashes(partition)
+
+    def contexts_in(self, partition: int, leaf: int) -> dict[bytes, int]:
+        """ctx key -> digest for one leaf."""
+        with self._lock:
+            return self.tree.contexts_in(partition, leaf)
+
+    def check_partition(self, partition: Any) -> int:
+        """A partition index from the wire (ValueError when out of range)."""
+        if isinstance(partition, bool) or not isinstance(partition, int):
+            raise ValueError("a partition must be an integer")
+        if not 0 <= partition < self.tree.partitions:
+            raise ValueError(f"partition {partition} is outside 0..{self.tree.partitions - 1}")
+        return partition
+
+    def check_leaf(self, leaf: Any) -> int:
+        """A leaf index from the wire (ValueError when out of range)."""
+        if isinstance(leaf, bool) or not isinstance(leaf, int) or not 0 <= leaf < self.tree.leaves:
+            raise ValueError(f"leaf {leaf!r} is outside 0..{self.tree.leaves - 1}")
+        return leaf
+
+
+def bounded(items: Any, what: str) -> list[Any]:
+    """A request list, refused when not a list or longer than ``MAX_ITEMS``."""
+    if not isinstance(items, list):
+        raise InvalidPayload(f"{what} must be a list", field=what)
+    if len(items) > MAX_ITEMS:
+        raise InvalidPayload(f"at most {MAX_ITEMS} {what} per request", field=what)
+    return items
+
+
+def replica_handlers(
+    keeper: TreeKeeper, blocking: Callable[[Callable[[], Any]], Awaitable[Any]]
+) -> dict[str, Handler]:
+    """The ``rep.*`` methods anti-entropy adds to the node service."""
+    versions = keeper.versions
+
+    async def tree(peer: Peer, body: Body) -> Body:
+        parts = [keeper.check_partition(p) for p in bounded(body["partitions"], "partitions")]
+        if body.get("leaves"):
+            return {
+                "leaves": [
+                    [[leaf, hash_bytes(h)] for leaf, h in sorted(keeper.leaf_hashes(p).items())]
+                    for p in parts
+                ]
+            }
+        roots = keeper.roots(parts)
+        return {"roots": [hash_bytes(roots[p]) for p in parts]}
+
+    async def digests(peer: Peer, body: Body) -> Body:
+        out: list[list[Any]] = []
+        for item in bounded(body["segments"], "segments"):
+            partition, leaf = item
+            found = keeper.contexts_in(keeper.check_partition(partition), keeper.check_leaf(leaf))
+            for ctx, digest in sorted(found.items()):
+                out.append([ContextName.from_key(ctx).canonical(), hash_bytes(digest)])
+        return {"digests": out}
+
+    async def ids(peer: Peer, body: Body) -> Body:
+        names = [ContextName.from_canonical(str(c)) for c in bounded(body["contexts"], "contexts")]
+
+        def read() -> Body:
+            states = []
+            for ctx in names:
+                marker = versions.purge_marker(ctx)
+                states.append(
+                    [
+                        ctx.canonical(),
+                        versions.version_ids(ctx),
+                        None if marker is None else marker.encode(),
+                    ]
+                )
+            return {"states": states}
+
+        result: Body = await blocking(read)
+        return result
+
+    async def fetch(peer: Peer, body: Body) -> Body:
+        ctx = ContextName.from_canonical(str(body["context"]))
+        wanted = [str(v) for v in bounded(body["ids"], "ids")]
+
+        def read() -> Body:
+            found: list[tuple[str, bytes]] = []
+            for vid in wanted:
+                data = versions.version(ctx, vid)
+                if data is not None:
+                    found.append((vid, data))
+            first = next(batches_by_bytes([data for _, data in found], BATCH_BUDGET), [])
+            sent = {vid for vid, _ in found[: len(first)]}
+            more = [vid for vid, _ in found[len(first) :]]
+            return {"envelopes": first, "more": more, "sent": len(sent)}
+
+        result: Body = await blocking(read)
+        return result
+
+    return {"rep.tree": tree, "rep.digests": digests, "rep.ids": ids, "rep.fetch": fetch}
