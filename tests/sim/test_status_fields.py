@@ -50,6 +50,7 @@ async def test_unregistered_sources_are_null(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with open_sim_cluster(tmp_path, size=1, quorum=Quorum(1, 1, 1)) as sim:
+        sim.nodes["n1"].service.status_sources.clear()  # as if no subsystem had registered
         answer = await sim.call("n1", "node.status", {})
         assert answer["backlog"] == {"hints": None, "hint_bytes": None, "repair_pending": 0}
         assert answer["antientropy"] == {"last_pass_age_s": None, "versions_repaired": None}
