@@ -33,11 +33,14 @@ def test_add_lists_per_target_oldest_first(kv: KV) -> None:
     a1 = hints.add("n2", "ctx-a", [b"v1", b"v2"])
     b1 = hints.add("n3", "ctx-b", [b"w1"])
     a2 = hints.add("n2", "ctx-c", [b"v3"])
-    assert a1 and b1 and a2
+    assert a1
+    assert b1
+    assert a2
     assert hints.targets() == ["n2", "n3"]
     got = hints.pending("n2")
     assert [h.seq for h in got] == [a1.seq, a2.seq]
-    assert got[0].envelopes == (b"v1", b"v2") and got[0].context == "ctx-a"
+    assert got[0].envelopes == (b"v1", b"v2")
+    assert got[0].context == "ctx-a"
     assert got[0].created_ms == clock()
     assert [h.envelopes for h in hints.pending("n3")] == [(b"w1",)]
     assert [h.seq for h in hints.pending("n2", limit=1)] == [a1.seq]
@@ -50,11 +53,13 @@ def test_delete_after_ack_counts_delivered_or_dropped(kv: KV) -> None:
     hints = HintStore(kv, max_bytes=BIG, clock_ms=clock)
     first = hints.add("n2", "c", [b"x"])
     second = hints.add("n2", "c", [b"y"])
-    assert first and second
+    assert first
+    assert second
     hints.delete([first], delivered=True)
     hints.delete([second], delivered=False)
     hints.delete([first], delivered=True)  # twice is a no-op, counted once
-    assert hints.pending("n2") == [] and hints.targets() == []
+    assert hints.pending("n2") == []
+    assert hints.targets() == []
     stats = hints.stats()
     assert (stats.hints, stats.hint_bytes, stats.hints_delivered, stats.hints_dropped) == (
         0, 0, 1, 1,
@@ -71,7 +76,8 @@ def test_byte_bound_drops_oldest_first_and_counts(kv: KV) -> None:
     kept = [h.envelopes[0][:1] for t in hints.targets() for h in hints.pending(t)]
     assert sorted(kept) == [b"2", b"3", b"4"]  # the two oldest went
     stats = hints.stats()
-    assert stats.hints == 3 and stats.hints_dropped == 2
+    assert stats.hints == 3
+    assert stats.hints_dropped == 2
     assert stats.hint_bytes <= hints.max_bytes
 
 
@@ -79,7 +85,8 @@ def test_a_hint_larger_than_the_bound_is_dropped_not_stored(kv: KV) -> None:
     hints = HintStore(kv, max_bytes=200, clock_ms=clock)
     kept = hints.add("n2", "c", [b"small"])
     assert hints.add("n2", "c", [b"x" * 500]) is None
-    assert kept is not None and [h.seq for h in hints.pending("n2")] == [kept.seq]
+    assert kept is not None
+    assert [h.seq for h in hints.pending("n2")] == [kept.seq]
     assert hints.stats().hints_dropped == 1
 
 
@@ -99,7 +106,8 @@ def test_hints_survive_a_restart(tmp_path: Path) -> None:
         after = again.stats()
         assert (after.hints, after.hint_bytes) == (before.hints, before.hint_bytes)
         newer = again.add("n3", "c5", [b"z"])
-        assert newer is not None and newer.seq > max(h.seq for h in again.pending("n3")[:-1])
+        assert newer is not None
+        assert newer.seq > max(h.seq for h in again.pending("n3")[:-1])
     finally:
         kv.close()
 
@@ -108,7 +116,8 @@ def test_damaged_rows_are_skipped_not_fatal(kv: KV) -> None:
     kv.write([(hint_key("n2", 1), b"\xc1garbage"), (HINT_PREFIX + b"junk", b"x")])
     hints = HintStore(kv, max_bytes=BIG, clock_ms=clock)
     good = hints.add("n2", "c", [b"ok"])
-    assert good is not None and good.seq == 2
+    assert good is not None
+    assert good.seq == 2
     assert [h.seq for h in hints.pending("n2")] == [2]
 
 
@@ -127,7 +136,7 @@ def test_bad_rows_raise_corrupt_record() -> None:
     st.integers(100, 3000),
 )
 def test_bound_and_accounting_hold(ops: list[tuple[str, int]], bound: int) -> None:
-    """After any sequence of adds, bytes equal the stored rows' sizes and stay within the bound, and the kept hints are the newest."""
+    """After any adds, bytes equal the stored rows' sizes, within the bound; the newest are kept."""
     kv = MemoryKV()
     hints = HintStore(kv, max_bytes=bound, clock_ms=clock)
     seqs = []
