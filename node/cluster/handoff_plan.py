@@ -1,0 +1,111 @@
+"""Hinted handoff planning: who holds a hint for a missed owner, when a write is done.
+
+A pure core (ARCHITECTURE.md §2, §6; Dynamo §4.6): no I/O, no clock, no randomness. The
+node service and ``node.cluster.handoff`` carry out what it decides.
+
+- Fallbacks (``plan_fallbacks``): each owner of the preference list that missed a write
+  (down, or its store failed) gets one hint holder: the next node clockwise *beyond* the
+  preference list that is up and is neither an owner nor already a fallback for another
+  missed owner. When no such node is left, the coordinator itself holds the hint (it is
+  always up, and may itself be an owner).
+- Write quorum (``write_reached``): strict (the default) counts only owners that stored the
+  versions durably toward W. Sloppy (``[handoff] sloppy_quorum = true``, Dynamo's sloppy
+  quorum) also counts each missed owner whose hint was stored durably (synced) on its
+  holder. A hint is never counted before it is on disk.
+- Delivery (``delivery_outcome``): the owner's answer to ``rep.store`` flags each version
+  True (stored), False (already held, or covered by a purge marker) or None (refused: bad
+  or untrusted signature). Every answer ends the hint: it is deleted, counted delivered
+  when nothing was refused and dropped otherwise; a refused version is never retried.
+- Backoff (``backoff_s``): after a failed delivery to a target, wait the interval doubled
+  per consecutive failure, capped.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from node.cluster.ring import Ring
+
+MAX_BACKOFF_FACTOR = 32
+
+
+@dataclass(frozen=True)
+class FallbackPlan:
+    """Which node holds the hint for each missed owner."""
+
+    holders: Mapping[str, str]  # missed owner -> hint holder
+
+
+def plan_fallbacks(
+    ring: Ring,
+    key: bytes,
+    owners: Sequence[str],
+    missed: Collection[str],
+    up: Collection[str],
+    me: str,
+) -> FallbackPlan:
+    """Choose a hint holder for every missed owner, in preference-list order.
+
+    Args:
+        ring: The current ring.
+        key: The context's ring key.
+        owners: The preference list (the first N distinct nodes clockwise).
+        missed: The owners that did not (or cannot) store the write.
+        up: The nodes believed up.
+        me: The coordinator (the holder of last resort).
+
+    Returns:
+        One holder per missed owner: a distinct up non-owner beyond the preference list
+        clockwise, or ``me`` once those run out.
+    """
+    owned = set(owners)
+    beyond = [
+        node
+        for node in ring.preference_list(key, len(ring))
+        if node not in owned and node in up and node != me
+    ]
+    holders: dict[str, str] = {}
+    spare = iter(beyond)
+    for owner in owners:
+        if owner in missed:
+            holders[owner] = next(spare, me)
+    return FallbackPlan(holders)
+
+
+def write_reached(
+    stored: Collection[str], hinted: Collection[str], w: int, *, sloppy: bool
+) -> bool:
+    """Whether a write has its W: owners that stored it, plus durable hints when sloppy.
+
+    Args:
+        stored: Owners that acknowledged a durable store.
+        hinted: Missed owners whose hint is durably stored on their holder.
+        w: The write quorum.
+        sloppy: Count hints toward W (Dynamo's sloppy quorum).
+    """
+    counted = set(stored) | (set(hinted) if sloppy else set())
+    return len(counted) >= w
+
+
+class Delivery(enum.Enum):
+    """What to do with a hint after its owner answered."""
+
+    DELIVERED = "delivered"  # every version stored or already held: delete, count delivered
+    REFUSED = "refused"  # some version refused for good: delete, count dropped
+
+
+def delivery_outcome(flags: Sequence[bool | None]) -> Delivery:
+    """The end of a hint, from the owner's ``rep.store`` flags (never "retry")."""
+    return Delivery.REFUSED if any(flag is None for flag in flags) else Delivery.DELIVERED
+
+
+def backoff_s(interval_s: float, failures: int) -> float:
+    """Delay before the next delivery attempt to a target after ``failures`` in a row."""
+    if failures <= 0:
+        return 0.0
+    factor: int = (
+        min(1 << (failures - 1), MAX_BACKOFF_FACTOR) if failures < 64 else MAX_BACKOFF_FACTOR
+    )
+    return interval_s * factor
