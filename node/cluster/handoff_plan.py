@@ -29,6 +29,23 @@ from dataclasses import dataclass
 from node.cluster.ring import Ring
 
 MAX_BACKOFF_FACTOR = 32
+DEFAULT_HINT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_HANDOFF_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class HandoffConfig:
+    """The ``[handoff]`` table (validated by ``node.daemon.config``).
+
+    ``enabled``: store and deliver hints at all; ``sloppy_quorum``: a durable hint counts
+    toward W; ``max_bytes``: the bound on every hint this node holds together;
+    ``interval_s``: how often delivery is tried (and the unit of the backoff).
+    """
+
+    enabled: bool = True
+    sloppy_quorum: bool = False
+    max_bytes: int = DEFAULT_HINT_MAX_BYTES
+    interval_s: float = DEFAULT_HANDOFF_INTERVAL_S
 
 
 @dataclass(frozen=True)

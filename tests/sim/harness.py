@@ -17,6 +17,8 @@ from typing import Any
 import trio
 
 from crypto.roles import DEFAULT_ROLES
+from node.cluster.handoff import HandoffService
+from node.cluster.handoff_plan import HandoffConfig
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
@@ -24,6 +26,7 @@ from node.rpc.memory_transport import MemoryNetwork
 from node.rpc.peers import PeerPool
 from node.rpc.transport import Caller
 from storage.context_store import ContextStore
+from storage.hints import HintStore
 from storage.kv import MemoryKV
 
 CLIENT = "client"
@@ -38,6 +41,7 @@ class SimNode:
     service: NodeService
     cluster: StaticCluster
     pool: PeerPool
+    handoff: HandoffService | None = None
 
 
 @dataclass
@@ -74,6 +78,7 @@ async def open_sim_cluster(
     duplicate: float = 0.0,
     max_delay_s: float = 0.0,
     quorum: Quorum | None = None,
+    handoff: HandoffConfig | None = None,
 ) -> AsyncIterator[SimCluster]:
     """Start ``size`` nodes; yields once every server is up."""
     names = [f"n{i}" for i in range(1, size + 1)]
@@ -106,6 +111,17 @@ async def open_sim_cluster(
                 await nursery.start(service.run)
                 await nursery.start(network.server(name, service.handle).run)
                 nodes[name] = SimNode(name, stores[name], service, cluster, pool)
+                settings = handoff or HandoffConfig()
+                if settings.enabled:
+                    hints = HintStore(
+                        stores[name].kv,
+                        max_bytes=settings.max_bytes,
+                        clock_ms=stores[name].clock_ms,
+                    )
+                    handoff_service = HandoffService(service, hints, settings)
+                    nodes[name].handoff = handoff_service
+                    cluster.on_up.append(handoff_service.wake)
+                    await nursery.start(handoff_service.run)
             for node in nodes.values():  # every server is up before anyone probes
                 detector = FailureDetector(node.cluster, node.pool, interval_s=0.5, timeout_s=0.5)
                 await nursery.start(detector.run)
