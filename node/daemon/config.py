@@ -44,6 +44,10 @@ from the environment against the current directory; ``~`` is expanded in both.
     [election] heartbeat_ms        SLURP_ELECTION_HEARTBEAT_MS         150 (< MIN below)
     [election] election_timeout_ms SLURP_ELECTION_ELECTION_TIMEOUT_MS  [300, 600] (MIN < MAX)
     [backup] schedule              SLURP_BACKUP_SCHEDULE               none (kept as written)
+    [handoff] enabled              SLURP_HANDOFF_ENABLED               true (true/false, 1/0)
+    [handoff] sloppy_quorum        SLURP_HANDOFF_SLOPPY_QUORUM         false (hints count toward W)
+    [handoff] max_bytes            SLURP_HANDOFF_MAX_BYTES             268435456 (>= 65536)
+    [handoff] interval_s           SLURP_HANDOFF_INTERVAL_S            2.0 (0.05..3600)
 
 Invariants: a loaded ``NodeConfig`` holds absolute paths and passed every check;
 ``load_node_config(render_node_config(cfg))`` equals ``cfg`` when ``cfg`` was loaded.
@@ -62,6 +66,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from crypto.tls import TlsFiles
+from node.cluster.handoff_plan import (
+    DEFAULT_HANDOFF_INTERVAL_S,
+    DEFAULT_HINT_MAX_BYTES,
+    HandoffConfig,
+)
 from storage.datadir import (
     ConfigError,
     KeysConfig,
@@ -83,7 +92,7 @@ _UNSET = object()
 T = TypeVar("T")
 
 # table -> key -> how an environment value is read ("int", "float", "str", "path",
-# "list", "int_pair", "optional_str"); also the set of known tables and keys.
+# "list", "int_pair", "optional_str", "bool"); also the set of known tables and keys.
 SCHEMA: dict[str, dict[str, str]] = {
     "node": {"name": "str", "data_dir": "path"},
     "rpc": {"host": "str", "port": "int"},
@@ -101,6 +110,12 @@ SCHEMA: dict[str, dict[str, str]] = {
     "keys": {"max_key_age_days": "int"},
     "election": {"heartbeat_ms": "int", "election_timeout_ms": "int_pair"},
     "backup": {"schedule": "optional_str"},
+    "handoff": {
+        "enabled": "bool",
+        "sloppy_quorum": "bool",
+        "max_bytes": "int",
+        "interval_s": "float",
+    },
 }
 
 
@@ -217,6 +232,7 @@ class NodeConfig:
     keys: KeysConfig = field(default_factory=KeysConfig)
     election: ElectionConfig = field(default_factory=ElectionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
 
 
 def load_node_config(path: Path, env: Mapping[str, str] = os.environ) -> NodeConfig:
@@ -304,6 +320,7 @@ class _Reader:
             keys=self._delegated("keys", load_keys_config),
             election=self._election(),
             backup=BackupConfig(schedule=self._optional_str("backup.schedule")),
+            handoff=self._handoff(),
         )
 
     def _fail(self, name: str, expected: str, value: object = _UNSET) -> NoReturn:
@@ -422,6 +439,30 @@ class _Reader:
             self._fail("roles.served", "a list of distinct role names (A-Z a-z 0-9 _ -)")
         return tuple(names)
 
+    def _bool(self, name: str, default: bool) -> bool:
+        if name not in self.values:
+            return default
+        value = self.values[name].value
+        if not isinstance(value, bool):
+            self._fail(name, "true or false")
+        return value
+
+    def _handoff(self) -> HandoffConfig:
+        interval = self.values.get("handoff.interval_s")
+        ok = interval is None or (
+            not isinstance(interval.value, bool)
+            and isinstance(interval.value, int | float)
+            and 0.05 <= interval.value <= 3600
+        )
+        if not ok:
+            self._fail("handoff.interval_s", "a number of seconds in 0.05..3600")
+        return HandoffConfig(
+            enabled=self._bool("handoff.enabled", True),
+            sloppy_quorum=self._bool("handoff.sloppy_quorum", False),
+            max_bytes=self._int("handoff.max_bytes", DEFAULT_HINT_MAX_BYTES, 65536, 1 << 50),
+            interval_s=DEFAULT_HANDOFF_INTERVAL_S if interval is None else float(interval.value),
+        )
+
     def _election(self) -> ElectionConfig:
         heartbeat = self._int("election.heartbeat_ms", 150, 1, 60_000)
         timeout = (300, 600)
@@ -498,6 +539,8 @@ def _from_env(kind: str, text: str) -> Any:
             return [int(part) for part in text.split(",")]
     except ValueError:
         return text
+    if kind == "bool":
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower(), text)
     if kind == "list":
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "optional_str":
@@ -543,6 +586,12 @@ def render_node_config(cfg: NodeConfig) -> str:
             "election_timeout_ms": list(cfg.election.election_timeout_ms),
         },
         "backup": {"schedule": cfg.backup.schedule},
+        "handoff": {
+            "enabled": cfg.handoff.enabled,
+            "sloppy_quorum": cfg.handoff.sloppy_quorum,
+            "max_bytes": cfg.handoff.max_bytes,
+            "interval_s": float(cfg.handoff.interval_s),
+        },
     }
     parts = ["# slurp node configuration (ARCHITECTURE.md §8); SLURP_<TABLE>_<KEY> overrides.\n"]
     for table, keys in tables.items():

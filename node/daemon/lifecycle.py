@@ -1,8 +1,8 @@
 """The node daemon: one ContextStore served to a cluster (a trio shell of trio shells).
 
 Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
-peer pool, the node service, Kademlia discovery, failure detection, the /health and
-/metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
+peer pool, the node service, hinted handoff, Kademlia discovery, failure detection, the
+/health and /metrics HTTP server, and the index refresh timer, all in one nursery; and
 shut them down cleanly (in-flight requests finish or fail, then the store closes).
 
 Membership: every verified node record that discovery finds becomes a member: its RPC
@@ -28,6 +28,7 @@ from crypto.ca import CertificateAuthority
 from crypto.certs import load_certificate
 from node.cluster.discovery import DiscoveryConfig as DhtConfig
 from node.cluster.discovery import DiscoveryService
+from node.cluster.handoff import HandoffService
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.membership import Membership, NodeRecord
 from node.cluster.replication import Quorum
@@ -40,6 +41,7 @@ from node.rpc.peers import PeerPool
 from node.rpc.transport import Caller, Peer, RpcServer, ServerStatistics, open_rpc_client
 from storage.context_store import ContextStore
 from storage.errors import StorageError
+from storage.hints import HintStore
 
 log = logging.getLogger(__name__)
 MEMBERSHIP_SYNC_S = 0.5
@@ -89,6 +91,11 @@ class NodeDaemon:
             self.pool,
             ServiceConfig(quorum, config.cluster.vnodes, config.cluster.request_timeout_s),
         )
+        self.handoff: HandoffService | None = None
+        if config.handoff.enabled:
+            hints = HintStore(store.kv, max_bytes=config.handoff.max_bytes, clock_ms=now_ms)
+            self.handoff = HandoffService(self.service, hints, config.handoff)
+            self.cluster.on_up.append(self.handoff.wake)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -115,6 +122,8 @@ class NodeDaemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pool.run)
             await nursery.start(self.service.run)
+            if self.handoff is not None:
+                await nursery.start(self.handoff.run)
             rpc = RpcServer(self._instrumented(self.service.handle), self._tls,
                             self.config.rpc.host, self.config.rpc.port)  # fmt: skip
             rpc_port = await nursery.start(rpc.run)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import node.daemon.config
+from node.cluster.handoff_plan import HandoffConfig
 from node.daemon.config import (
     OTHER_ENV_VARS,
     SCHEMA,
@@ -128,6 +129,11 @@ BAD_FILE_VALUES = [
     ("election", "election_timeout_ms", '"300,600"'),
     ("election", "election_timeout_ms", "[100, 200]"),  # MIN not above the heartbeat
     ("backup", "schedule", "5"),
+    ("handoff", "enabled", '"yes"'),
+    ("handoff", "sloppy_quorum", "1"),
+    ("handoff", "max_bytes", "1024"),
+    ("handoff", "interval_s", "0"),
+    ("handoff", "interval_s", "true"),
 ]
 
 
@@ -160,7 +166,20 @@ BAD_ENV_VALUES = [
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "600,300", "election.election_timeout_ms"),
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "x", "election.election_timeout_ms"),
     ("SLURP_ELECTION_HEARTBEAT_MS", "1000", "election.heartbeat_ms"),
+    ("SLURP_HANDOFF_ENABLED", "maybe", "handoff.enabled"),
+    ("SLURP_HANDOFF_MAX_BYTES", "lots", "handoff.max_bytes"),
+    ("SLURP_HANDOFF_INTERVAL_S", "-1", "handoff.interval_s"),
 ]
+
+
+def test_handoff_table_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, toml_text({"handoff": {"sloppy_quorum": "true", "max_bytes": "65536"}}))
+    cfg = load_node_config(path, env={})
+    assert cfg.handoff == HandoffConfig(enabled=True, sloppy_quorum=True, max_bytes=65536)
+    env = {"SLURP_HANDOFF_ENABLED": "false", "SLURP_HANDOFF_INTERVAL_S": "0.5"}
+    cfg = load_node_config(path, env=env)
+    assert cfg.handoff == HandoffConfig(False, True, 65536, 0.5)
+    assert load_node_config(write(tmp_path, toml_text()), env={}).handoff == HandoffConfig()
 
 
 @pytest.mark.parametrize(("var", "text", "name"), BAD_ENV_VALUES)
@@ -364,6 +383,12 @@ def test_render_load_round_trip(
             ),
             roles=RolesConfig(served=None if served is None else tuple(served)),
             backup=BackupConfig(schedule=schedule),
+            handoff=HandoffConfig(
+                enabled=data.draw(st.booleans()),
+                sloppy_quorum=data.draw(st.booleans()),
+                max_bytes=data.draw(st.integers(65536, 1 << 40)),
+                interval_s=data.draw(st.floats(0.05, 3600)),
+            ),
         )
         path = base / "config.toml"
         path.write_text(render_node_config(cfg), encoding="utf-8")
