@@ -11,9 +11,10 @@ A trio shell over the pure core ``node.cluster.handoff_plan`` and the durable
 - ``run``: the delivery loop. Every ``interval_s``, and at once when liveness reports an
   owner up again (``wake``), each up target gets its hints oldest first with ``rep.store``,
   in batches of ``batches_by_bytes``. A hint is deleted only after the owner answered
-  for every version in it (its store is synced before it answers). A version the owner
-  refuses (None: bad signature) or that this node's purge marker covers is dropped and
-  counted, never retried; a failed call backs the target off (``backoff_s``).
+  for every version in it (its store is synced before it answers). A version that this
+  node's purge marker covers is dropped at once; one the owner refuses (None: a bad or a
+  not-yet-trusted signature) is retried ``MAX_REFUSALS`` times, then dropped and counted;
+  a failed call or a refusal backs the target off (``backoff_s``).
 
 Order of effects in delivery: send -> owner's durable ack -> delete the hint (synced).
 A crash between ack and delete re-sends versions the owner already holds: harmless, the
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from node.cluster.handoff_plan import (
+    MAX_REFUSALS,
     Delivery,
     HandoffConfig,
     backoff_s,
@@ -75,6 +77,7 @@ class HandoffService:
         self._wake = trio.Event()
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
+        self._refusals: dict[int, int] = {}  # hint seq -> answers that refused part of it
         service.handoff = self
         service.status_sources["handoff"] = self.status
 
@@ -225,15 +228,25 @@ class HandoffService:
             flags.extend(None if flag is None else bool(flag) for flag in stored)
         done: list[Hint] = []
         refused: list[Hint] = []
+        retry = 0
         at = 0
         for hint, keep, covered in sends:
-            mine = flags[at : at + len(keep)] + [None] * covered
+            mine = flags[at : at + len(keep)]
             at += len(keep)
-            (done if delivery_outcome(mine) is Delivery.DELIVERED else refused).append(hint)
+            before = MAX_REFUSALS if covered else self._refusals.get(hint.seq, 0)
+            outcome = delivery_outcome(mine + [None] * covered, before)
+            if outcome is Delivery.RETRY:
+                self._refusals[hint.seq] = before + 1
+                retry += 1
+                continue
+            self._refusals.pop(hint.seq, None)
+            (done if outcome is Delivery.DELIVERED else refused).append(hint)
         if done:
             await self._blocking(lambda: self.hints.delete(done, delivered=True))
         if refused:
             await self._blocking(lambda: self.hints.delete(refused, delivered=False))
+        if retry:
+            raise Unavailable(f"{target} refused versions of {retry} hints (retried later)")
         return len(done)
 
     def _not_purged(self, hint: Hint) -> list[bytes]:

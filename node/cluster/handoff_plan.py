@@ -14,8 +14,11 @@ node service and ``node.cluster.handoff`` carry out what it decides.
   holder. A hint is never counted before it is on disk.
 - Delivery (``delivery_outcome``): the owner's answer to ``rep.store`` flags each version
   True (stored), False (already held, or covered by a purge marker) or None (refused: bad
-  or untrusted signature). Every answer ends the hint: it is deleted, counted delivered
-  when nothing was refused and dropped otherwise; a refused version is never retried.
+  or untrusted signature). With no None the hint is delivered (deleted, counted). A
+  refusal is retried a few times (``MAX_REFUSALS``, with backoff), because a node that
+  has just restarted refuses versions whose signer it has not re-learned from discovery
+  yet; after that the hint is dropped and counted, never retried forever. A version
+  covered by a purge marker is never sent at all (the holder drops it).
 - Backoff (``backoff_s``): after a failed delivery to a target, wait the interval doubled
   per consecutive failure, capped.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from node.cluster.ring import Ring
 
 MAX_BACKOFF_FACTOR = 32
+MAX_REFUSALS = 5
 DEFAULT_HINT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_HANDOFF_INTERVAL_S = 2.0
 
@@ -110,12 +114,20 @@ class Delivery(enum.Enum):
     """What to do with a hint after its owner answered."""
 
     DELIVERED = "delivered"  # every version stored or already held: delete, count delivered
-    REFUSED = "refused"  # some version refused for good: delete, count dropped
+    RETRY = "retry"  # refused, but maybe only for now: keep, back the target off
+    REFUSED = "refused"  # refused MAX_REFUSALS times (or purged here): delete, count dropped
 
 
-def delivery_outcome(flags: Sequence[bool | None]) -> Delivery:
-    """The end of a hint, from the owner's ``rep.store`` flags (never "retry")."""
-    return Delivery.REFUSED if any(flag is None for flag in flags) else Delivery.DELIVERED
+def delivery_outcome(flags: Sequence[bool | None], refusals_before: int) -> Delivery:
+    """What to do with a hint after the owner's ``rep.store`` flags.
+
+    Args:
+        flags: One per version of the hint (None: refused).
+        refusals_before: How many earlier answers refused some version of this hint.
+    """
+    if all(flag is not None for flag in flags):
+        return Delivery.DELIVERED
+    return Delivery.REFUSED if refusals_before + 1 >= MAX_REFUSALS else Delivery.RETRY
 
 
 def backoff_s(interval_s: float, failures: int) -> float:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import node.cluster.handoff_plan as plan_module
 from node.cluster.handoff_plan import (
+    MAX_REFUSALS,
     Delivery,
     backoff_s,
     delivery_outcome,
@@ -63,10 +64,13 @@ def test_strict_counts_owners_only_and_sloppy_counts_durable_hints() -> None:
     assert not write_reached({"a"}, {"a"}, 2, sloppy=True)  # one owner counts once
 
 
-def test_every_owner_answer_ends_the_hint() -> None:
-    assert delivery_outcome([True, False]) is Delivery.DELIVERED
-    assert delivery_outcome([]) is Delivery.DELIVERED
-    assert delivery_outcome([True, None, False]) is Delivery.REFUSED
+def test_refusals_are_retried_a_bounded_number_of_times() -> None:
+    assert delivery_outcome([True, False], 0) is Delivery.DELIVERED
+    assert delivery_outcome([], 0) is Delivery.DELIVERED
+    assert delivery_outcome([True, None, False], 0) is Delivery.RETRY
+    assert delivery_outcome([True, False], MAX_REFUSALS - 1) is Delivery.DELIVERED
+    outcomes = [delivery_outcome([None], before) for before in range(MAX_REFUSALS)]
+    assert outcomes == [Delivery.RETRY] * (MAX_REFUSALS - 1) + [Delivery.REFUSED]
 
 
 def test_backoff_doubles_and_is_capped() -> None:
