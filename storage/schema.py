@@ -22,7 +22,11 @@ key                                     value
 ``t/`` expires-ms(8, big-endian) ctx    empty; the TTL index (ctx SEP version-id follows)
 ``p/`` ctx                              purge marker: msgpack {upto, purged_ms, by}
 ``a/``                                  the audit log (``crypto.audit`` owns the rows)
-``H/``                                  hints for hinted handoff (reserved, cluster issue)
+``H/`` target SEP seq(8, big-endian)     a hint (``storage.hints``): msgpack {v, target,
+                                        context, created_ms, envelopes}; ``v`` is
+                                        ``HINT_SCHEMA``; ``target`` the node name the
+                                        versions are for; ``envelopes`` encoded versions
+                                        of ``context`` (canonical name)
 ======================================  ==================================================
 """
 
@@ -49,6 +53,7 @@ TTL_PREFIX = b"t/"
 PURGE_PREFIX = b"p/"
 AUDIT_PREFIX = b"a/"
 HINT_PREFIX = b"H/"
+HINT_SCHEMA = 1
 
 
 def version_key(ctx: bytes, version_id: str) -> bytes:
@@ -196,6 +201,70 @@ class RotationCursor:
             )
         except (KeyError, TypeError, ValueError):
             raise CorruptRecord("rotation cursor is damaged", field="rotation") from None
+
+
+def hints_prefix(target: str) -> bytes:
+    """The prefix shared by every hint for ``target`` (a node name: no SEP in it)."""
+    return HINT_PREFIX + target.encode("ascii") + SEP
+
+
+def hint_key(target: str, seq: int) -> bytes:
+    """The key of hint number ``seq`` for ``target``."""
+    return hints_prefix(target) + seq.to_bytes(8, "big")
+
+
+def split_hint_key(key: bytes) -> tuple[str, int]:
+    """(target, seq) of a hint key.
+
+    Raises:
+        CorruptRecord: not a hint key.
+    """
+    body = key[len(HINT_PREFIX) :]
+    target, sep, seq = body[:-9], body[-9:-8], body[-8:]  # seq bytes may hold SEP
+    if not key.startswith(HINT_PREFIX) or sep != SEP or not target or not target.isascii():
+        raise CorruptRecord("hint key is damaged", field="hint")
+    return target.decode("ascii"), int.from_bytes(seq, "big")
+
+
+@dataclass(frozen=True)
+class HintRow:
+    """The stored form of one hint: versions of ``context`` waiting for ``target``."""
+
+    target: str
+    context: str
+    created_ms: int
+    envelopes: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        """The stored form."""
+        row = {
+            "v": HINT_SCHEMA,
+            "target": self.target,
+            "context": self.context,
+            "created_ms": self.created_ms,
+            "envelopes": list(self.envelopes),
+        }
+        return bytes(msgpack.packb(row, use_bin_type=True))
+
+    @classmethod
+    def decode(cls, data: bytes) -> HintRow:
+        """Parse the stored form.
+
+        Raises:
+            CorruptRecord: the row is damaged or of another schema.
+        """
+        row = _unpack_dict(data, "hint")
+        try:
+            envelopes = row["envelopes"]
+            if row["v"] != HINT_SCHEMA or not isinstance(envelopes, list):
+                raise ValueError("schema")
+            if not all(isinstance(env, bytes) for env in envelopes):
+                raise ValueError("envelopes")
+            return cls(
+                str(row["target"]), str(row["context"]), int(row["created_ms"]), tuple(envelopes)
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CorruptRecord("hint row is damaged", field="hint") from None
 
 
 def _unpack_dict(data: bytes, what: str) -> dict[str, Any]:

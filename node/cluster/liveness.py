@@ -9,7 +9,7 @@ same state (``PeerPool(on_result=cluster.mark)``), so a dead peer is noticed at 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import trio
@@ -26,6 +26,7 @@ class StaticCluster:
         self.name = name
         self._members = sorted(set(members) | {name})
         self._down: set[str] = set()
+        self.on_up: list[Callable[[str], None]] = []  # called when a down member is back
 
     def member_names(self) -> Sequence[str]:
         """Every member, this node included."""
@@ -47,7 +48,9 @@ class StaticCluster:
         if up:
             if name in self._down:
                 log.info("%s: %s is up", self.name, name)
-            self._down.discard(name)
+                self._down.discard(name)
+                for listener in self.on_up:
+                    listener(name)
         elif name not in self._down:
             log.info("%s: %s is down", self.name, name)
             self._down.add(name)

@@ -14,7 +14,7 @@ answer from the first R version sets, merged -> push what a replica lacked (read
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -64,6 +64,29 @@ class Cluster(Protocol):
         ...
 
 
+class HintSink(Protocol):
+    """Hinted handoff as the write path sees it (``node.cluster.handoff.HandoffService``)."""
+
+    @property
+    def sloppy_quorum(self) -> bool:
+        """Whether a durable hint counts toward W."""
+        ...
+
+    async def store_hints(
+        self,
+        ctx: ContextName,
+        owners: Sequence[str],
+        missed: Collection[str],
+        blobs: Sequence[bytes],
+    ) -> set[str]:
+        """Store hints for missed owners; the owners whose hint is durable."""
+        ...
+
+    async def accept(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer ``rep.hint``."""
+        ...
+
+
 class Dialer(Protocol):
     """Calls to other nodes."""
 
@@ -106,6 +129,7 @@ class NodeService:
         self.replication_acks: dict[str, int] = {"ok": 0, "error": 0}
         self.repair_pending = 0  # read-repair sends started and not yet finished
         self.extra_replica_methods: dict[str, Callable[[Peer, Body], Awaitable[Body]]] = {}
+        self.handoff: HintSink | None = None  # set by HandoffService when enabled
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery where replication finishes after a quorum answered."""
@@ -155,6 +179,7 @@ class NodeService:
             "rep.search": self._rep_search,
             "rep.ping": self._rep_ping,
             **self.extra_replica_methods,
+            "rep.hint": self._rep_hint,
         }
 
     # -- client methods -------------------------------------------------------------------
@@ -298,6 +323,18 @@ class NodeService:
     async def _rep_ping(self, peer: Peer, body: Body) -> Body:
         return {"name": self.name}
 
+    async def _rep_hint(self, peer: Peer, body: Body) -> Body:
+        if self.handoff is None:
+            raise Unavailable(f"{self.name} does not hold hints ([handoff] enabled = false)")
+        return await self.handoff.accept(body)
+
+    async def store_on(self, node: str, blobs: Sequence[bytes]) -> Body:
+        """``rep.store`` of ``blobs`` on ``node`` (locally for this node)."""
+        return await self._on(
+            node, "rep.store", {"envelopes": list(blobs)},
+            lambda: _store_answer(self.replica.apply(blobs)),
+        )  # fmt: skip
+
     def _local_heads(self, body: Body) -> Body:
         infos = self.store.list_contexts(
             str(body["pattern"]), include_deleted=bool(body.get("deleted"))
@@ -405,22 +442,54 @@ class NodeService:
         quorum = self.config.quorum.override(w=None if w is None else int(w))
         placement = self._placement(ctx)
         blobs = [env.encode() for env in envs]
-        tracker = QuorumTracker(placement.live, quorum.w)
+        # hinted handoff (node.cluster.handoff_plan): a sloppy quorum asks every owner and
+        # counts a down or failed owner once its hint is durable; strict asks the live ones
+        sloppy = self.handoff is not None and self.handoff.sloppy_quorum
+        asked = Placement(placement.replicas, placement.replicas) if sloppy else placement
+        tracker = QuorumTracker(asked.live, quorum.w)
         counts: dict[str, int] = {}
 
         async def one(node: str) -> Body:
-            answer = await self._on(
-                node, "rep.store", {"envelopes": blobs},
-                lambda: _store_answer(self.replica.apply(blobs)),
-            )  # fmt: skip
-            if any(flag is None for flag in answer["stored"]):
-                raise Unavailable(f"{node} refused a version (bad or untrusted signature)")
+            if node not in placement.live:
+                return await self._hint(ctx, placement, node, blobs)
+            try:
+                answer = await self.store_on(node, blobs)
+                if any(flag is None for flag in answer["stored"]):
+                    raise Unavailable(f"{node} refused a version (bad or untrusted signature)")
+            except (PeerUnavailable, RemoteError, StorageError):
+                if self.handoff is None:
+                    raise
+                hinted = await self._hint(ctx, placement, node, blobs)
+                if not sloppy:
+                    raise
+                return hinted
             for context, count in answer["heads"].items():
                 counts[context] = max(counts.get(context, 0), int(count))
             return answer
 
-        await self._quorum(placement, tracker, one, op="write")
+        await self._quorum(asked, tracker, one, op="write")
+        if self.handoff is not None and not sloppy and self._nursery is not None:
+            for node in placement.replicas:
+                if node not in placement.live:
+                    self._nursery.start_soon(self._hint_quietly, ctx, placement, node, blobs)
         return counts
+
+    async def _hint(
+        self, ctx: ContextName, placement: Placement, node: str, blobs: list[bytes]
+    ) -> Body:
+        """Store a hint for ``node``; raises Unavailable unless it is durable."""
+        assert self.handoff is not None
+        if node not in await self.handoff.store_hints(ctx, placement.replicas, {node}, blobs):
+            raise Unavailable(f"no durable hint for {node}")
+        return {"hinted": node}
+
+    async def _hint_quietly(
+        self, ctx: ContextName, placement: Placement, node: str, blobs: list[bytes]
+    ) -> None:
+        try:
+            await self._hint(ctx, placement, node, blobs)
+        except (PeerUnavailable, RemoteError, StorageError) as exc:
+            log.debug("hint for %s not stored: %s", node, exc)
 
     async def _quorum(
         self,

@@ -48,6 +48,10 @@ from the environment against the current directory; ``~`` is expanded in both.
     [antientropy] interval_s       SLURP_ANTIENTROPY_INTERVAL_S        60.0 (> 0)
     [antientropy] bytes_per_s      SLURP_ANTIENTROPY_BYTES_PER_S       8388608 (>= 1024)
     [antientropy] max_repairs_per_exchange  SLURP_ANTIENTROPY_MAX_REPAIRS_PER_EXCHANGE  1000
+    [handoff] enabled              SLURP_HANDOFF_ENABLED               true (true/false, 1/0)
+    [handoff] sloppy_quorum        SLURP_HANDOFF_SLOPPY_QUORUM         false (hints count toward W)
+    [handoff] max_bytes            SLURP_HANDOFF_MAX_BYTES             268435456 (>= 65536)
+    [handoff] interval_s           SLURP_HANDOFF_INTERVAL_S            2.0 (0.05..3600)
 
 Invariants: a loaded ``NodeConfig`` holds absolute paths and passed every check;
 ``load_node_config(render_node_config(cfg))`` equals ``cfg`` when ``cfg`` was loaded.
@@ -67,6 +71,11 @@ from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from crypto.tls import TlsFiles
 from node.cluster.antientropy import AntiEntropyConfig
+from node.cluster.handoff_plan import (
+    DEFAULT_HANDOFF_INTERVAL_S,
+    DEFAULT_HINT_MAX_BYTES,
+    HandoffConfig,
+)
 from storage.datadir import (
     ConfigError,
     KeysConfig,
@@ -88,7 +97,7 @@ _UNSET = object()
 T = TypeVar("T")
 
 # table -> key -> how an environment value is read ("int", "float", "str", "path",
-# "list", "int_pair", "optional_str"); also the set of known tables and keys.
+# "list", "int_pair", "optional_str", "bool"); also the set of known tables and keys.
 SCHEMA: dict[str, dict[str, str]] = {
     "node": {"name": "str", "data_dir": "path"},
     "rpc": {"host": "str", "port": "int"},
@@ -111,6 +120,12 @@ SCHEMA: dict[str, dict[str, str]] = {
         "interval_s": "float",
         "bytes_per_s": "int",
         "max_repairs_per_exchange": "int",
+    },
+    "handoff": {
+        "enabled": "bool",
+        "sloppy_quorum": "bool",
+        "max_bytes": "int",
+        "interval_s": "float",
     },
 }
 
@@ -229,6 +244,7 @@ class NodeConfig:
     election: ElectionConfig = field(default_factory=ElectionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     antientropy: AntiEntropyConfig = field(default_factory=AntiEntropyConfig)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
 
 
 def load_node_config(path: Path, env: Mapping[str, str] = os.environ) -> NodeConfig:
@@ -317,6 +333,7 @@ class _Reader:
             election=self._election(),
             backup=BackupConfig(schedule=self._optional_str("backup.schedule")),
             antientropy=self._antientropy(),
+            handoff=self._handoff(),
         )
 
     def _fail(self, name: str, expected: str, value: object = _UNSET) -> NoReturn:
@@ -428,9 +445,6 @@ class _Reader:
         )
 
     def _antientropy(self) -> AntiEntropyConfig:
-        enabled = self.values.get("antientropy.enabled")
-        if enabled is not None and not isinstance(enabled.value, bool):
-            self._fail("antientropy.enabled", "true or false")
         interval = self.values.get("antientropy.interval_s")
         if interval is not None and (
             isinstance(interval.value, bool)
@@ -439,7 +453,7 @@ class _Reader:
         ):
             self._fail("antientropy.interval_s", "a positive number of seconds")
         return AntiEntropyConfig(
-            enabled=True if enabled is None else enabled.value,
+            enabled=self._bool("antientropy.enabled", True),
             interval_s=60.0 if interval is None else float(interval.value),
             bytes_per_s=self._int("antientropy.bytes_per_s", 8 * 1024 * 1024, 1024, 1 << 40),
             max_repairs_per_exchange=self._int(
@@ -454,6 +468,30 @@ class _Reader:
         if not all(_NAME.match(n) for n in names) or len(set(names)) != len(names):
             self._fail("roles.served", "a list of distinct role names (A-Z a-z 0-9 _ -)")
         return tuple(names)
+
+    def _bool(self, name: str, default: bool) -> bool:
+        if name not in self.values:
+            return default
+        value = self.values[name].value
+        if not isinstance(value, bool):
+            self._fail(name, "true or false")
+        return value
+
+    def _handoff(self) -> HandoffConfig:
+        interval = self.values.get("handoff.interval_s")
+        ok = interval is None or (
+            not isinstance(interval.value, bool)
+            and isinstance(interval.value, int | float)
+            and 0.05 <= interval.value <= 3600
+        )
+        if not ok:
+            self._fail("handoff.interval_s", "a number of seconds in 0.05..3600")
+        return HandoffConfig(
+            enabled=self._bool("handoff.enabled", True),
+            sloppy_quorum=self._bool("handoff.sloppy_quorum", False),
+            max_bytes=self._int("handoff.max_bytes", DEFAULT_HINT_MAX_BYTES, 65536, 1 << 50),
+            interval_s=DEFAULT_HANDOFF_INTERVAL_S if interval is None else float(interval.value),
+        )
 
     def _election(self) -> ElectionConfig:
         heartbeat = self._int("election.heartbeat_ms", 150, 1, 60_000)
@@ -532,7 +570,7 @@ def _from_env(kind: str, text: str) -> Any:
     except ValueError:
         return text
     if kind == "bool":
-        return {"true": True, "false": False}.get(text.strip().lower(), text)
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower(), text)
     if kind == "list":
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "optional_str":
@@ -583,6 +621,12 @@ def render_node_config(cfg: NodeConfig) -> str:
             "interval_s": float(cfg.antientropy.interval_s),
             "bytes_per_s": cfg.antientropy.bytes_per_s,
             "max_repairs_per_exchange": cfg.antientropy.max_repairs_per_exchange,
+        },
+        "handoff": {
+            "enabled": cfg.handoff.enabled,
+            "sloppy_quorum": cfg.handoff.sloppy_quorum,
+            "max_bytes": cfg.handoff.max_bytes,
+            "interval_s": float(cfg.handoff.interval_s),
         },
     }
     parts = ["# slurp node configuration (ARCHITECTURE.md §8); SLURP_<TABLE>_<KEY> overrides.\n"]

@@ -1,8 +1,9 @@
 """The node daemon: one ContextStore served to a cluster (a trio shell of trio shells).
 
 Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
-peer pool, the node service, Kademlia discovery, failure detection, anti-entropy, the /health and
-/metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
+peer pool, the node service, hinted handoff, Kademlia discovery, failure detection,
+anti-entropy, the /health and /metrics HTTP server, and the index refresh timer, in that
+order, all in one nursery; and
 shut them down cleanly (in-flight requests finish or fail, then the store closes).
 
 Membership: every verified node record that discovery finds becomes a member: its RPC
@@ -29,6 +30,7 @@ from crypto.certs import load_certificate
 from node.cluster.antientropy_service import AntiEntropyService
 from node.cluster.discovery import DiscoveryConfig as DhtConfig
 from node.cluster.discovery import DiscoveryService
+from node.cluster.handoff import HandoffService
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.membership import Membership, NodeRecord
 from node.cluster.replication import Quorum
@@ -50,6 +52,7 @@ from node.rpc.transport import (
 )
 from storage.context_store import ContextStore
 from storage.errors import StorageError
+from storage.hints import HintStore
 
 log = logging.getLogger(__name__)
 MEMBERSHIP_SYNC_S = 0.5
@@ -104,6 +107,11 @@ class NodeDaemon:
         )
         # built before anything is served: its hash tree is scanned once from the store
         self.antientropy = AntiEntropyService(self.service, config.antientropy)
+        self.handoff: HandoffService | None = None
+        if config.handoff.enabled:
+            hints = HintStore(store.kv, max_bytes=config.handoff.max_bytes, clock_ms=now_ms)
+            self.handoff = HandoffService(self.service, hints, config.handoff)
+            self.cluster.on_up.append(self.handoff.wake)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -130,6 +138,8 @@ class NodeDaemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pool.run)
             await nursery.start(self.service.run)
+            if self.handoff is not None:
+                await nursery.start(self.handoff.run)
             rpc = RpcServer(self._instrumented(self.service.handle), self._tls,
                             self.config.rpc.host, self.config.rpc.port)  # fmt: skip
             rpc_port = await nursery.start(rpc.run)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import node.daemon.config
 from node.cluster.antientropy import AntiEntropyConfig
+from node.cluster.handoff_plan import HandoffConfig
 from node.daemon.config import (
     OTHER_ENV_VARS,
     SCHEMA,
@@ -134,6 +135,11 @@ BAD_FILE_VALUES = [
     ("antientropy", "interval_s", "true"),
     ("antientropy", "bytes_per_s", "10"),
     ("antientropy", "max_repairs_per_exchange", "0"),
+    ("handoff", "enabled", '"yes"'),
+    ("handoff", "sloppy_quorum", "1"),
+    ("handoff", "max_bytes", "1024"),
+    ("handoff", "interval_s", "0"),
+    ("handoff", "interval_s", "true"),
 ]
 
 
@@ -168,7 +174,20 @@ BAD_ENV_VALUES = [
     ("SLURP_ELECTION_HEARTBEAT_MS", "1000", "election.heartbeat_ms"),
     ("SLURP_ANTIENTROPY_ENABLED", "maybe", "antientropy.enabled"),
     ("SLURP_ANTIENTROPY_INTERVAL_S", "-1", "antientropy.interval_s"),
+    ("SLURP_HANDOFF_ENABLED", "maybe", "handoff.enabled"),
+    ("SLURP_HANDOFF_MAX_BYTES", "lots", "handoff.max_bytes"),
+    ("SLURP_HANDOFF_INTERVAL_S", "-1", "handoff.interval_s"),
 ]
+
+
+def test_handoff_table_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, toml_text({"handoff": {"sloppy_quorum": "true", "max_bytes": "65536"}}))
+    cfg = load_node_config(path, env={})
+    assert cfg.handoff == HandoffConfig(enabled=True, sloppy_quorum=True, max_bytes=65536)
+    env = {"SLURP_HANDOFF_ENABLED": "false", "SLURP_HANDOFF_INTERVAL_S": "0.5"}
+    cfg = load_node_config(path, env=env)
+    assert cfg.handoff == HandoffConfig(False, True, 65536, 0.5)
+    assert load_node_config(write(tmp_path, toml_text()), env={}).handoff == HandoffConfig()
 
 
 @pytest.mark.parametrize(("var", "text", "name"), BAD_ENV_VALUES)
@@ -372,6 +391,12 @@ def test_render_load_round_trip(
             ),
             roles=RolesConfig(served=None if served is None else tuple(served)),
             backup=BackupConfig(schedule=schedule),
+            handoff=HandoffConfig(
+                enabled=data.draw(st.booleans()),
+                sloppy_quorum=data.draw(st.booleans()),
+                max_bytes=data.draw(st.integers(65536, 1 << 40)),
+                interval_s=data.draw(st.floats(0.05, 3600)),
+            ),
         )
         path = base / "config.toml"
         path.write_text(render_node_config(cfg), encoding="utf-8")

@@ -18,6 +18,8 @@ import trio
 
 from crypto.roles import DEFAULT_ROLES
 from node.cluster.antientropy_service import AntiEntropyConfig, AntiEntropyService
+from node.cluster.handoff import HandoffService
+from node.cluster.handoff_plan import HandoffConfig
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
@@ -25,6 +27,7 @@ from node.rpc.memory_transport import MemoryNetwork
 from node.rpc.peers import PeerPool
 from node.rpc.transport import Caller
 from storage.context_store import ContextStore
+from storage.hints import HintStore
 from storage.kv import MemoryKV
 
 CLIENT = "client"
@@ -40,6 +43,7 @@ class SimNode:
     cluster: StaticCluster
     pool: PeerPool
     antientropy: AntiEntropyService
+    handoff: HandoffService | None = None
 
 
 @dataclass
@@ -77,6 +81,7 @@ async def open_sim_cluster(
     max_delay_s: float = 0.0,
     quorum: Quorum | None = None,
     antientropy: AntiEntropyConfig | None = None,
+    handoff: HandoffConfig | None = None,
 ) -> AsyncIterator[SimCluster]:
     """Start ``size`` nodes; yields once every server is up."""
     names = [f"n{i}" for i in range(1, size + 1)]
@@ -110,6 +115,17 @@ async def open_sim_cluster(
                 await nursery.start(service.run)
                 await nursery.start(network.server(name, service.handle).run)
                 nodes[name] = SimNode(name, stores[name], service, cluster, pool, healer)
+                settings = handoff or HandoffConfig()
+                if settings.enabled:
+                    hints = HintStore(
+                        stores[name].kv,
+                        max_bytes=settings.max_bytes,
+                        clock_ms=stores[name].clock_ms,
+                    )
+                    handoff_service = HandoffService(service, hints, settings)
+                    nodes[name].handoff = handoff_service
+                    cluster.on_up.append(handoff_service.wake)
+                    await nursery.start(handoff_service.run)
             for node in nodes.values():  # every server is up before anyone probes
                 detector = FailureDetector(node.cluster, node.pool, interval_s=0.5, timeout_s=0.5)
                 await nursery.start(detector.run)

@@ -16,11 +16,13 @@ import trio.testing
 
 from node.cluster.antientropy import HashTree, context_digest
 from node.cluster.antientropy_service import AntiEntropyConfig
+from node.cluster.handoff_plan import HandoffConfig
 from storage.address import ContextName, parse
 from tests.sim.harness import SimCluster, open_sim_cluster
 
 INTERVAL_S = 30.0
 CONFIG = AntiEntropyConfig(interval_s=INTERVAL_S, bytes_per_s=256 * 1024)
+NO_HANDOFF = HandoffConfig(enabled=False)  # anti-entropy alone must converge
 
 
 def address(i: int) -> str:
@@ -52,7 +54,7 @@ def holdings(sim: SimCluster, ctx: ContextName) -> dict[str, tuple[list[str], st
 async def test_partitioned_node_converges_without_reads(
     tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_sim_cluster(tmp_path, seed=seed, antientropy=CONFIG) as sim:
+    async with open_sim_cluster(tmp_path, seed=seed, antientropy=CONFIG, handoff=NO_HANDOFF) as sim:
         before = {i: await put(sim, "n1", i, f"before {i}") for i in range(6)}
         purged = 2
         sim.network.partition(["n3"], ["n1", "n2", "client"])
@@ -103,7 +105,7 @@ def _assert_trees_agree(sim: SimCluster) -> None:
 async def test_malformed_peer_answer_fails_one_exchange_only(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_sim_cluster(tmp_path, antientropy=CONFIG) as sim:
+    async with open_sim_cluster(tmp_path, antientropy=CONFIG, handoff=NO_HANDOFF) as sim:
         await put(sim, "n1", 1, "one")
 
         async def garbage(peer: Any, body: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +123,7 @@ async def test_repairs_per_exchange_are_capped(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = AntiEntropyConfig(interval_s=1000.0, max_repairs_per_exchange=3)
-    async with open_sim_cluster(tmp_path, antientropy=config) as sim:
+    async with open_sim_cluster(tmp_path, antientropy=config, handoff=NO_HANDOFF) as sim:
         sim.network.partition(["n3"], ["n1", "n2", "client"])
         await trio.sleep(2)
         for i in range(10):

@@ -16,6 +16,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.cluster.antientropy_service import AntiEntropyConfig
+from node.cluster.handoff_plan import HandoffConfig
 from node.cluster.replication import Quorum
 from node.cluster.service import Dialer
 from node.daemon.exporter import MetricsExporter
@@ -147,7 +149,9 @@ class GatedDialer:
 async def test_repair_pending_counts_repairs_in_flight(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_sim_cluster(tmp_path, seed=7) as sim:
+    handoff, healer = HandoffConfig(enabled=False), AntiEntropyConfig(enabled=False)
+    # only read repair heals n3
+    async with open_sim_cluster(tmp_path, seed=7, handoff=handoff, antientropy=healer) as sim:
         n1, n3 = sim.nodes["n1"], sim.nodes["n3"]
         sim.network.partition(["n3"], ["n1", "n2"])
         await sim.call("n1", "ctx.put", {"address": ADDRESS, "record": {"summary": "v1"}})
