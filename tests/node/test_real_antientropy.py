@@ -35,6 +35,13 @@ def address(i: int) -> str:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
     root = tmp_path / "cluster"
+    cluster_up(root, 3, timeout_s=90)
+    cluster_down(root)
+    for name in ("node1", "node2", "node3"):  # anti-entropy alone: no hints to deliver
+        toml = root / name / "node.toml"
+        head, sep, tail = toml.read_text().partition("[handoff]\nenabled = true")
+        assert sep, f"{toml} has no [handoff] table"
+        toml.write_text(head + "[handoff]\nenabled = false" + tail)
     members = cluster_up(root, 3, timeout_s=90)
     try:
         yield root, members
