@@ -87,8 +87,13 @@ class NodeDaemon:
             store,
             self.cluster,
             self.pool,
-            ServiceConfig(quorum, config.cluster.vnodes, config.cluster.request_timeout_s),
-        )
+            ServiceConfig(
+                quorum, config.cluster.vnodes, config.cluster.request_timeout_s,
+                max_inflight_requests=config.cluster.max_inflight_requests,
+                max_repair_sends=config.cluster.max_repair_sends,
+            ),
+        )  # fmt: skip
+        self.service.report_faults_to(self.metrics)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(

@@ -26,6 +26,10 @@ Metrics (names carry their unit; counters end in ``_total``):
     slurp_store_contexts                          contexts in the local store
     slurp_leader_term                             the latest election term this node knows
     slurp_is_leader                               1 while this node leads, else 0
+    slurp_internal_errors_total{where}            bugs caught at a request or task boundary
+    slurp_peer_answer_malformed_total{method}     peer answers that did not parse
+    slurp_requests_refused_busy_total             requests refused at max_inflight_requests
+    slurp_repairs_dropped_total                   read-repair sends dropped at max_repair_sends
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ METRIC_NAMES = (
     "slurp_store_contexts",
     "slurp_leader_term",
     "slurp_is_leader",
+    "slurp_internal_errors_total",
+    "slurp_peer_answer_malformed_total",
+    "slurp_requests_refused_busy_total",
+    "slurp_repairs_dropped_total",
 )
 
 
@@ -131,7 +139,45 @@ class NodeMetrics:
         self._is_leader = Gauge(
             "slurp_is_leader", "1 while this node is the leader, else 0.", registry=reg
         )
+        self._internal_errors = Counter(
+            "slurp_internal_errors_total",
+            "Internal errors (bugs) caught at a request or task boundary, by where.",
+            ["where"],
+            registry=reg,
+        )
+        self._malformed = Counter(
+            "slurp_peer_answer_malformed_total",
+            "Peer answers that did not parse (the replica counted as failed), by method.",
+            ["method"],
+            registry=reg,
+        )
+        self._refused_busy = Counter(
+            "slurp_requests_refused_busy_total",
+            "Requests refused because the node was at its in-flight limit.",
+            registry=reg,
+        )
+        self._repairs_dropped = Counter(
+            "slurp_repairs_dropped_total",
+            "Background read-repair sends dropped at the fan-out bound.",
+            registry=reg,
+        )
         self.set_members(up=0, down=0)
+
+    def internal_error(self, where: str) -> None:
+        """Count a bug caught at ``where`` (a method name or a task kind)."""
+        self._internal_errors.labels(where=where).inc()
+
+    def peer_answer_malformed(self, method: str) -> None:
+        """Count a peer answer to ``method`` that did not parse."""
+        self._malformed.labels(method=method).inc()
+
+    def refused_busy(self) -> None:
+        """Count a request refused at the in-flight limit."""
+        self._refused_busy.inc()
+
+    def repair_dropped(self, count: int = 1) -> None:
+        """Count read-repair sends dropped at the fan-out bound."""
+        self._repairs_dropped.inc(count)
 
     def observe_request(self, method: str, outcome: str, seconds: float) -> None:
         """Count one finished request and record how long it took.
