@@ -67,3 +67,32 @@ def test_scripts_are_not_imported_by_packages() -> None:
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             assert "import scripts" not in path.read_text(encoding="utf-8"), path
+
+
+# Pure sans-I/O cores (STYLE.md): add a module here, one line, to hold it to the rule.
+PURE_CORES = (
+    "node/rpc/wire.py",
+    "node/cluster/ring.py",
+    "node/cluster/replication.py",
+    "node/cluster/coordinator.py",
+    "node/cluster/answers.py",
+    "node/cluster/requests.py",
+)
+IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("core", PURE_CORES)
+def test_pure_cores_import_no_io(core: str) -> None:
+    """A pure core imports none of trio, time, random, os, socket (plain or from-import)."""
+    assert _top_level_imports(ROOT / core) & IMPURE_MODULES == set()
