@@ -27,6 +27,9 @@ MAX_ITEM_CHARS = 4096  # one insight; tags and technologies are capped at 128
 MAX_LABEL_CHARS = 128
 MAX_METADATA_BYTES = 64 * 1024
 MAX_TTL_S = 100 * 365 * 24 * 3600
+# The encrypted fields together, msgpack-encoded: what a reader may decompress
+# (storage.envelope.MAX_DECOMPRESSED_BYTES); node/rpc/wire.py sizes the frame limit from it.
+MAX_SECRET_BYTES = 8 * 1024 * 1024
 
 TEXT_FIELDS = ("summary", "purpose", "change_reason")
 LABEL_LIST_FIELDS = ("tags", "technologies")
@@ -95,7 +98,14 @@ class ContextRecord:
             values["confidence"] = _confidence(fields["confidence"])
         if fields.get("ttl") is not None:
             values["ttl"] = _ttl(fields["ttl"])
-        return cls(**values)
+        record = cls(**values)
+        if len(record.encode_secret()) > MAX_SECRET_BYTES:
+            raise InvalidPayload(
+                f"the encrypted fields together (content, texts, insights, metadata) are "
+                f"larger than {MAX_SECRET_BYTES} bytes",
+                field="record",
+            )
+        return record
 
     def secret_fields(self) -> dict[str, Any]:
         """The fields that are encrypted (everything but tags, technologies and links)."""

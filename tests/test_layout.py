@@ -142,3 +142,35 @@ def test_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycles() -> None:
     """No first-party module reaches itself through imports, TYPE_CHECKING imports included."""
     assert _cycles(_module_graph()) == []
+
+
+# Pure sans-I/O cores (STYLE.md): add a module here, one line, to hold it to the rule.
+PURE_CORES = (
+    "node/rpc/wire.py",
+    "node/cluster/ring.py",
+    "node/cluster/replication.py",
+    "node/cluster/coordinator.py",
+    "node/cluster/answers.py",
+    "node/cluster/requests.py",
+    "node/cluster/antientropy.py",
+    "node/cluster/handoff_plan.py",
+    "node/cluster/status.py",
+)
+IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("core", PURE_CORES)
+def test_pure_cores_import_no_io(core: str) -> None:
+    """A pure core imports none of trio, time, random, os, socket (plain or from-import)."""
+    assert _top_level_imports(ROOT / core) & IMPURE_MODULES == set()

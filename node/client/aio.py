@@ -227,9 +227,17 @@ class AsyncClient:
         """Many ``get``s; each slot holds the version or the error for that address."""
         for address in addresses:
             parse(address)
-        request = {"addresses": list(addresses), "as_role": as_role, "r": r}
-        results = _parts(await self._call("ctx.get_batch", request), "results", "ctx.get_batch")
-        return [_batch_item(item) for item in results]
+        out: list[VersionView | StorageError] = []
+        rest = list(addresses)
+        while rest:  # the node answers a prefix that fits its answer budget, then "more"
+            request = {"addresses": rest, "as_role": as_role, "r": r}
+            answer = await self._call("ctx.get_batch", request)
+            results = _parts(answer, "results", "ctx.get_batch")
+            if not results or len(results) > len(rest):
+                raise Internal("ctx.get_batch: the node answered a malformed result")
+            out.extend(_batch_item(item) for item in results)
+            rest = rest[len(results) :] if answer.get("more") else []
+        return out
 
     async def history(self, address: str, *, r: int | None = None) -> list[HistoryEntry]:
         """Every version of the context, oldest first (nothing is decrypted)."""

@@ -86,7 +86,7 @@ class AntiEntropyService:
         self.stats = AntiEntropyStats()
         self._bucket = TokenBucket(config.bytes_per_s, config.bytes_per_s, now=0.0)
         self._pass_lock = trio.Lock()
-        service.extra_replica_methods.update(replica_handlers(self.keeper, service._blocking))
+        service.extra_replica_methods.update(replica_handlers(self.keeper, service.fanout.blocking))
         service.status_sources["antientropy"] = self.status
 
     def status(self) -> dict[str, Any]:
@@ -203,7 +203,7 @@ class AntiEntropyService:
                 theirs[ContextName.from_canonical(str(canonical)).key()] = (state, parsed)
             for ctx in names:
                 their_state, their_marker = theirs.get(ctx.key(), (ContextState(frozenset()), None))
-                my_marker, my_ids = await self.service._blocking(
+                my_marker, my_ids = await self.service.fanout.blocking(
                     partial(_local_state, versions, ctx)
                 )
                 mine = ContextState(
@@ -229,7 +229,7 @@ class AntiEntropyService:
         plan = plan_exchange(mine, theirs)
         replica = self.service.replica
         if plan.take_marker and their_marker is not None:
-            await self.service._blocking(lambda: replica.apply_purge(ctx, their_marker))
+            await self.service.fanout.blocking(lambda: replica.apply_purge(ctx, their_marker))
             self.stats.markers_repaired += 1
         if plan.send_marker and my_marker is not None:
             body = {"context": ctx.canonical(), "marker": my_marker.encode()}
@@ -257,7 +257,7 @@ class AntiEntropyService:
         """Verify and store fetched versions, one synced batch per ``batches_by_bytes``."""
         replica = self.service.replica
         for batch in batches_by_bytes(blobs, BATCH_BUDGET):
-            stored, _ = await self.service._blocking(partial(replica.apply, batch))
+            stored, _ = await self.service.fanout.blocking(partial(replica.apply, batch))
             self.stats.versions_repaired += sum(1 for flag in stored if flag)
 
     async def _push(self, peer: str, items: Sequence[tuple[ContextName, str]]) -> None:
@@ -269,7 +269,7 @@ class AntiEntropyService:
             found = (versions.version(ctx, vid) for ctx, vid in items)
             return [data for data in found if data is not None]
 
-        blobs = self._unexpired(await self.service._blocking(read))
+        blobs = self._unexpired(await self.service.fanout.blocking(read))
         for batch in batches_by_bytes(blobs, BATCH_BUDGET):
             size = sum(map(len, batch))
             await self._throttle(size)

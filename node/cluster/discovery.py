@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ RECORD_KEY_PREFIX = "slurp/node/"
 STATE_VERSION = 1
 ID_BYTES = 20
 MAX_PEERS_PER_REPLY = 128  # ~40 bytes each: a reply stays far below a UDP datagram
+MAX_SPAWNED_RUNNING = 64  # Kademlia tasks running at once; beyond that they wait in the channel
 SPAWN_QUEUE_LEN = 128
 _REQUEST, _RESPONSE = b"\x00", b"\x01"
 _RPC_ARITY = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2, "slurp_peers": 1}
@@ -570,9 +572,22 @@ class DiscoveryService:
             self._counters.spawns_dropped += 1
 
     async def _run_spawned(self, receive: trio.MemoryReceiveChannel[_Work]) -> None:
+        """Run spawned Kademlia work, at most ``MAX_SPAWNED_RUNNING`` at once; a failing
+        task is logged and never reaches the nursery (the bounded channel drops excess)."""
+        slots = trio.Semaphore(MAX_SPAWNED_RUNNING)
+
+        async def guarded(factory: _Work) -> None:
+            try:
+                await trio_asyncio.aio_as_trio(factory)()
+            except Exception:
+                logging.getLogger(__name__).exception("discovery task failed")
+            finally:
+                slots.release()
+
         async with trio.open_nursery() as nursery, receive:
             async for factory in receive:
-                nursery.start_soon(trio_asyncio.aio_as_trio(factory))
+                await slots.acquire()
+                nursery.start_soon(guarded, factory)
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -1,14 +1,22 @@
 """The node service: answers node/rpc/api.py requests, coordinating replicas (a trio shell).
 
-Owns: authorization of callers by certificate roles, coordination of writes (W durable
-acknowledgements) and reads (R answers, merged by union, read repair), coverage queries
-for listing and search, and the replica-side methods. Protocol decisions come from the
-pure cores (``node.cluster.replication``, ``node.cluster.ring``); this module only carries them out.
+Owns: authorization of callers by certificate roles, admission (at most
+``max_inflight_requests`` client requests and as many replica requests at once; beyond
+that ``UCXL-503-UNAVAILABLE`` "busy", nothing queued), carrying out the coordinator's
+decisions (``node.cluster.coordinator``: ranks, delete, wildcard resolution, search role,
+repair plan, budgets) and the replica-side methods. Replica calls, their fault isolation
+and budgets live in ``node.cluster.fanout``; request parsing in ``node.cluster.requests``;
+peer-answer parsing in ``node.cluster.answers``.
+
+Errors: a body that does not parse answers ``UCXL-400-INVALID_PAYLOAD`` naming the field;
+after parsing, an exception that is not a ``StorageError``/``NodeError`` is our bug: it is
+logged with its traceback, counted, and answered ``UCXL-500-INTERNAL``.
 
 Order of effects for a write: validate and encrypt (locally) -> learn the parent from the
-live replicas -> sign -> send to every live replica -> answer once W acknowledged; the
-remaining sends finish in the service's own nursery. For a read: ask the live replicas ->
-answer from the first R version sets, merged -> push what a replica lacked (read repair).
+live replicas -> sign -> send to every live replica in ``MAX_BATCH_BYTES`` batches ->
+answer once W acknowledged every batch; the remaining sends finish in the service's own
+nursery. For a read: page the version sets of the live replicas -> answer from the first
+R, merged -> push what a replica lacked (read repair, bounded fan-out).
 """
 
 from __future__ import annotations
@@ -16,38 +24,43 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from functools import partial
+from typing import Any, Protocol
 
+import msgpack
 import trio
 
 from crypto.roles import ADMIN_ROLE
-from node.cluster import status
+from node.cluster import answers, coordinator, status
+from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.replication import (
-    Outcome,
     Placement,
     Quorum,
     QuorumTracker,
     VersionSet,
+    batches_by_bytes,
     merge_hits,
     merge_listings,
     merge_version_sets,
     place,
 )
+from node.cluster.requests import Parsed, WriteItem, parse_request
 from node.cluster.ring import Ring, RingMember
-from node.errors import PeerUnavailable, RemoteError
+from node.errors import NodeError
 from node.rpc.transport import Peer
+from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import Address, ContextName, Temporal, parse
 from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope
-from storage.errors import Forbidden, InvalidPayload, NotFound, StorageError, Unavailable
-from storage.record import ContextRecord
+from storage.errors import Forbidden, Internal, InvalidPayload, NotFound, StorageError, Unavailable
 from storage.replica import Replica
 from storage.schema import PurgeMarker
-from storage.views import ContextInfo, SearchResult, StoredRef, from_wire, to_wire
+from storage.views import ContextInfo, StoredRef, to_wire
 
+__all__ = ["Cluster", "Dialer", "NodeService", "ReplicateResult", "ServiceConfig"]
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Body = dict[str, Any]
+UNLIMITED_METHODS = frozenset({"rep.ping", "node.status"})  # liveness and ops stay answerable
 
 
 class Cluster(Protocol):
@@ -87,14 +100,7 @@ class HintSink(Protocol):
         ...
 
 
-class Dialer(Protocol):
-    """Calls to other nodes."""
-
-    async def call(
-        self, name: str, method: str, body: dict[str, Any], *, timeout_s: float
-    ) -> dict[str, Any]:
-        """Call ``method`` on node ``name`` (PeerUnavailable / RemoteError on failure)."""
-        ...
+Handler = Callable[[Peer, Body], Awaitable[Body]]
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,18 @@ class ServiceConfig:
     vnodes: int = 64
     timeout_s: float = 2.0
     blocking_in_threads: bool = True  # False in the simulation tier (no real I/O there)
+    max_inflight_requests: int = 256  # per kind (client, replica); beyond: 503 busy
+    max_repair_sends: int = 64  # concurrent background repair sends; excess dropped
+
+
+@dataclass
+class ReplicateResult:
+    """How a replicated write went: who acknowledged, failed, or was down."""
+
+    heads: dict[str, int] = field(default_factory=dict)  # context -> highest count reported
+    acked: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # answered badly or not in time
+    down: list[str] = field(default_factory=list)  # preferred replicas not asked (down)
 
 
 class NodeService:
@@ -119,22 +137,37 @@ class NodeService:
         self.dialer = dialer
         self.config = config
         self.name = cluster.name
+        self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.fanout = Fanout(
+            self.name, dialer, timeout_s=config.timeout_s,
+            blocking_in_threads=config.blocking_in_threads,
+            max_background=config.max_repair_sends,
+        )  # fmt: skip
         self._ring_key: tuple[str, ...] = ()
         self._ring = Ring([], vnodes=config.vnodes)
-        self._nursery: trio.Nursery | None = None
+        self._inflight = {"client": 0, "replica": 0}
         self.quorum_failures = 0
-        self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         # running totals for the metrics (node/daemon/exporter.py reads them)
         self.quorum_failures_by_op: dict[str, int] = {}
         self.replication_acks: dict[str, int] = {"ok": 0, "error": 0}
         self.repair_pending = 0  # read-repair sends started and not yet finished
-        self.extra_replica_methods: dict[str, Callable[[Peer, Body], Awaitable[Body]]] = {}
+        # replica methods of other subsystems (anti-entropy, handoff); each parses its own body
+        self.extra_replica_methods: dict[str, Handler] = {"rep.hint": self._rep_hint}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
+
+    @property
+    def faults(self) -> Any:
+        """The fault counters (``node.cluster.fanout.FaultCounters``)."""
+        return self.fanout.faults
+
+    def report_faults_to(self, sink: FaultSink) -> None:
+        """Report faults to ``sink`` too (the daemon's metrics)."""
+        self.fanout.sink = sink
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery where replication finishes after a quorum answered."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.fanout.nursery = nursery
             task_status.started()
             await trio.sleep_forever()
 
@@ -142,128 +175,150 @@ class NodeService:
 
     async def handle(self, peer: Peer, method: str, body: Body) -> Body:
         """Answer one request (raises StorageError subclasses for UCXL error answers)."""
-        if method.startswith("rep."):
-            if peer.kind != "node":
-                raise Forbidden(f"{method} is for cluster nodes only")
-            handler = self._replica_methods().get(method)
+        kind = "replica" if method.startswith("rep.") else "client"
+        if kind == "replica" and peer.kind != "node":
+            raise Forbidden(f"{method} is for cluster nodes only")
+        if kind == "replica" and method in self.extra_replica_methods:
+            parsed = Parsed(method, body)
         else:
-            handler = self._client_methods().get(method)
-        if handler is None:
-            raise InvalidPayload(f"unknown method {method!r}", field="method")
+            parsed = parse_request(method, body)
+        if method in UNLIMITED_METHODS:
+            return await self._dispatch(peer, parsed)
+        if self._inflight[kind] >= self.config.max_inflight_requests:
+            self.fanout.faults.refused_busy += 1
+            self.fanout.sink.refused_busy()
+            raise Unavailable(
+                f"node {self.name} is busy: {self._inflight[kind]} {kind} requests in flight "
+                f"(limit {self.config.max_inflight_requests}); retry later"
+            )
+        self._inflight[kind] += 1
         try:
-            return await handler(peer, body)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidPayload(f"malformed {method} request: {exc}", field="body") from None
+            return await self._dispatch(peer, parsed)
+        finally:
+            self._inflight[kind] -= 1
 
-    def _client_methods(self) -> Mapping[str, Callable[[Peer, Body], Awaitable[Body]]]:
-        return {
-            "ctx.put": self._put,
-            "ctx.put_batch": self._put_batch,
-            "ctx.get": self._get,
-            "ctx.get_batch": self._get_batch,
-            "ctx.history": self._history,
-            "ctx.ls": self._ls,
-            "ctx.search": self._search,
-            "ctx.delete": self._delete,
-            "ctx.purge": self._purge,
-            "node.status": self._status,
-        }
+    async def _dispatch(self, peer: Peer, parsed: Parsed) -> Body:
+        end = trio.current_effective_deadline()
+        deadline.set(None if end == float("inf") else end)
+        handler = self._methods()[parsed.method]
+        try:
+            return await handler(peer, parsed.args)
+        except (StorageError, NodeError):
+            raise
+        except Exception:
+            self.fanout.internal(parsed.method)
+            raise Internal(f"{parsed.method} failed inside the node (logged)") from None
 
-    def _replica_methods(self) -> Mapping[str, Callable[[Peer, Body], Awaitable[Body]]]:
+    def _methods(self) -> Mapping[str, Callable[[Peer, Body], Awaitable[Body]]]:
         return {
-            "rep.store": self._rep_store,
-            "rep.versions": self._rep_versions,
-            "rep.head": self._rep_head,
-            "rep.purge": self._rep_purge,
-            "rep.heads": self._rep_heads,
-            "rep.search": self._rep_search,
-            "rep.ping": self._rep_ping,
+            "ctx.put": self._put, "ctx.put_batch": self._put_batch, "ctx.get": self._get,
+            "ctx.get_batch": self._get_batch, "ctx.history": self._history, "ctx.ls": self._ls,
+            "ctx.search": self._search, "ctx.delete": self._delete, "ctx.purge": self._purge,
+            "node.status": self._status, "rep.store": self._rep_store,
+            "rep.versions": self._rep_versions, "rep.head": self._rep_head,
+            "rep.purge": self._rep_purge, "rep.heads": self._rep_heads,
+            "rep.search": self._rep_search, "rep.ping": self._rep_ping,
             **self.extra_replica_methods,
-            "rep.hint": self._rep_hint,
-        }
+        }  # fmt: skip
 
     # -- client methods -------------------------------------------------------------------
 
-    async def _put(self, peer: Peer, body: Body) -> Body:
-        refs = await self._write([self._write_request(peer, body)], body.get("w"))
+    async def _put(self, peer: Peer, args: Body) -> Body:
+        refs = await self._write([self._write_request(peer, i) for i in args["items"]], args["w"])
         return {"ref": to_wire(refs[0])}
 
-    async def _put_batch(self, peer: Peer, body: Body) -> Body:
-        requests = [self._write_request(peer, item) for item in body["items"]]
-        refs = await self._write(requests, body.get("w"))
+    async def _put_batch(self, peer: Peer, args: Body) -> Body:
+        refs = await self._write([self._write_request(peer, i) for i in args["items"]], args["w"])
         return {"refs": [to_wire(ref) for ref in refs]}
 
-    async def _get(self, peer: Peer, body: Body) -> Body:
-        view = await self._read(peer, str(body["address"]), body.get("as_role"), body.get("r"))
+    async def _get(self, peer: Peer, args: Body) -> Body:
+        view = await self._read(peer, args["address"], args["as_role"], args["r"])
         return {"version": to_wire(view)}
 
-    async def _get_batch(self, peer: Peer, body: Body) -> Body:
+    async def _get_batch(self, peer: Peer, args: Body) -> Body:
+        """Answers in order while they fit ``MAX_BATCH_BYTES``; ``more``: ask for the rest."""
         results: list[Body] = []
-        for address in body["addresses"]:
+        used = 0
+        for address in args["addresses"]:
             try:
-                view = await self._read(peer, str(address), body.get("as_role"), body.get("r"))
-                results.append({"version": to_wire(view)})
+                view = await self._read(peer, parse(address), args["as_role"], args["r"])
+                item: Body = {"version": to_wire(view)}
             except StorageError as exc:
-                results.append({"error": exc.to_dict()})
-        return {"results": results}
+                item = {"error": exc.to_dict()}
+            size = len(msgpack.packb(item, use_bin_type=True))
+            if results and used + size > MAX_BATCH_BYTES:
+                return {"results": results, "more": True}
+            results.append(item)
+            used += size
+        return {"results": results, "more": False}
 
-    async def _history(self, peer: Peer, body: Body) -> Body:
-        address = str(body["address"])
-        ctx = await self._resolve(peer, parse(address))
-        merged = await self._gather_versions(ctx, body.get("r"))
-        history = self.replica.history(ctx, merged)
+    async def _history(self, peer: Peer, args: Body) -> Body:
+        ctx = await self._resolve(args["address"])
+        merged = await self._gather_versions(ctx, args["r"])
+        history = await self.fanout.blocking(lambda: self.replica.history(ctx, merged))
         return {"history": [to_wire(entry) for entry in history]}
 
-    async def _ls(self, peer: Peer, body: Body) -> Body:
-        infos = await self._coverage_heads(str(body["pattern"]), bool(body.get("deleted")))
+    async def _ls(self, peer: Peer, args: Body) -> Body:
+        infos = await self._coverage_heads(args["pattern"], args["deleted"])
         return {"contexts": [to_wire(info) for info in infos]}
 
-    async def _search(self, peer: Peer, body: Body) -> Body:
-        as_role = self._search_role(peer, body.get("as_role"))
-        query = {**body, "as_role": as_role}
-        answers = await self._everyone("rep.search", query, self._local_search)
-        hits = [from_wire(SearchResult, item) for answer in answers for item in answer["hits"]]
-        ranked = merge_hits(hits, int(body.get("limit") or 20))
+    async def _search(self, peer: Peer, args: Body) -> Body:
+        roles = self.store.keyring.role_set
+        authorities = {name: int(roles.get(name).authority) for name in roles.names}
+        choice = coordinator.search_role(peer.kind, peer.roles, args["as_role"], authorities)
+        if choice.refusal is not None:
+            raise Forbidden(choice.refusal)
+        query = {**args, "as_role": choice.role}
+
+        async def ask(node: str) -> list[Any]:
+            answer = await self.fanout.on(
+                node, "rep.search", query, lambda: self._local_search(query)
+            )
+            return answers.parse_search(answer)
+
+        hits = await self.fanout.everyone(self._up_members(), "rep.search", ask)
+        ranked = merge_hits([hit for part in hits for hit in part], int(args["limit"]))
         return {"hits": [to_wire(hit) for hit in ranked]}
 
-    async def _delete(self, peer: Peer, body: Body) -> Body:
-        addr = parse(str(body["address"]))
+    async def _delete(self, peer: Peer, args: Body) -> Body:
+        addr: Address = args["address"]
         self._authorize_write(peer, addr)
         if addr.has_wildcard:
             raise InvalidPayload("delete needs a concrete address", field="address")
         ctx = addr.context()
         rows = await self._gather_versions(ctx, None)
-        live = [vid for vid, data in rows if not Envelope.decode(data).tombstone]
-        if not rows or rows[-1][0] not in live:
+        kinds = [(vid, Envelope.decode(data).tombstone) for vid, data in rows]
+        decision = coordinator.decide_delete(kinds)
+        if decision is None:
             raise NotFound(f"no such context: {ctx.canonical()}", input=addr.canonical())
-        self.store.observe(rows[-1][0])
-        env = self.replica.seal_tombstone(ctx, rows[-1][0], f"{addr.agent}/{addr.role}@{peer.name}")
-        counts = await self._replicate(ctx, [env], body.get("w"))
-        count = counts.get(ctx.canonical(), len(rows) + 1)
+        self.store.observe(decision.parent)
+        actor = f"{addr.agent}/{addr.role}@{peer.name}"
+        env = self.replica.seal_tombstone(ctx, decision.parent, actor)
+        result = await self.replicate(ctx, [env], args["w"])
+        count = result.heads.get(ctx.canonical(), decision.fallback_count)
         return {"ref": to_wire(_ref(ctx, count, env.version_id))}
 
-    async def _purge(self, peer: Peer, body: Body) -> Body:
+    async def _purge(self, peer: Peer, args: Body) -> Body:
         if peer.kind == "client" and ADMIN_ROLE not in peer.roles:
             raise Forbidden("purge needs a client certificate with the admin role")
-        ctx = parse(str(body["address"])).context()
+        ctx = args["address"].context()
         rows = await self._gather_versions(ctx, None)
         if not rows:
             raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
         marker = self.replica.purge_marker_for(rows[-1][0], f"{peer.name}")
         placement = self._placement(ctx)
-        packed = marker.encode()
-        tracker = QuorumTracker(placement.live, self.config.quorum.w)
+        body = {"context": ctx.canonical(), "marker": marker.encode()}
+        tracker = self._tracker(placement, self.config.quorum.w, "purge")
 
-        async def one(node: str) -> Body:
-            return await self._on(
-                node, "rep.purge", {"context": ctx.canonical(), "marker": packed},
-                lambda: {"removed": self.replica.apply_purge(ctx, marker)},
-            )  # fmt: skip
+        async def one(node: str) -> None:
+            answers.parse_purge(await self.fanout.on(
+                node, "rep.purge", body, lambda: {"removed": self.replica.apply_purge(ctx, marker)}
+            ))  # fmt: skip
 
         await self._quorum(placement, tracker, one, op="purge")
         return {"versions": len(rows)}
 
-    async def _status(self, peer: Peer, body: Body) -> Body:
+    async def _status(self, peer: Peer, args: Body) -> Body:
         ring = self._current_ring()
         return {
             "name": self.name,
@@ -279,6 +334,8 @@ class NodeService:
             "contexts": self.store.versions.count_contexts(),
             "refused_versions": self.replica.refused,
             "quorum_failures": self.quorum_failures,
+            "faults": self.fanout.faults.to_wire(),
+            "inflight": dict(self._inflight),
             **self._operator_status(),
         }  # fmt: skip
 
@@ -292,35 +349,45 @@ class NodeService:
 
     # -- replica methods ------------------------------------------------------------------
 
-    async def _rep_store(self, peer: Peer, body: Body) -> Body:
-        blobs = [bytes(blob) for blob in body["envelopes"]]
-        stored, heads = await self._blocking(lambda: self.replica.apply(blobs))
+    async def _rep_store(self, peer: Peer, args: Body) -> Body:
+        blobs: list[bytes] = args["envelopes"]
+        stored, heads = await self.fanout.blocking(lambda: self.replica.apply(blobs))
         return {"stored": stored, "heads": heads}
 
-    async def _rep_versions(self, peer: Peer, body: Body) -> Body:
-        ctx = ContextName.from_canonical(str(body["context"]))
-        rows, marker = await self._blocking(lambda: self.replica.version_set(ctx))
+    async def _rep_versions(self, peer: Peer, args: Body) -> Body:
+        ctx: ContextName = args["context"]
+        budget = min(args["max_bytes"] or MAX_BATCH_BYTES, MAX_BATCH_BYTES)
+        return await self.fanout.blocking(lambda: self._versions_page(ctx, args["after"], budget))
+
+    def _versions_page(self, ctx: ContextName, after: str | None, budget: int) -> Body:
+        rows, marker = self.replica.version_set(ctx)
+        page, more = coordinator.page_versions(rows, after, budget)
         return {
-            "envelopes": [[vid, data] for vid, data in rows],
+            "envelopes": [[vid, data] for vid, data in page],
             "purge": None if marker is None else marker.encode(),
+            "more": more,
         }
 
-    async def _rep_head(self, peer: Peer, body: Body) -> Body:
-        head = self.replica.head(ContextName.from_canonical(str(body["context"])))
-        return {"latest": None if head is None else head.latest}
+    async def _rep_head(self, peer: Peer, args: Body) -> Body:
+        return self._local_head(args["context"])
 
-    async def _rep_purge(self, peer: Peer, body: Body) -> Body:
-        ctx = ContextName.from_canonical(str(body["context"]))
-        marker = PurgeMarker.decode(bytes(body["marker"]))
-        return {"removed": await self._blocking(lambda: self.replica.apply_purge(ctx, marker))}
+    async def _rep_purge(self, peer: Peer, args: Body) -> Body:
+        ctx: ContextName = args["context"]
+        try:
+            marker = PurgeMarker.decode(args["marker"])
+        except StorageError as exc:
+            raise InvalidPayload(f"marker: {exc.message}", field="marker") from None
+        return {
+            "removed": await self.fanout.blocking(lambda: self.replica.apply_purge(ctx, marker))
+        }
 
-    async def _rep_heads(self, peer: Peer, body: Body) -> Body:
-        return self._local_heads(body)
+    async def _rep_heads(self, peer: Peer, args: Body) -> Body:
+        return self._local_heads(args)
 
-    async def _rep_search(self, peer: Peer, body: Body) -> Body:
-        return await self._blocking(lambda: self._local_search(body))
+    async def _rep_search(self, peer: Peer, args: Body) -> Body:
+        return await self.fanout.blocking(lambda: self._local_search(args))
 
-    async def _rep_ping(self, peer: Peer, body: Body) -> Body:
+    async def _rep_ping(self, peer: Peer, args: Body) -> Body:
         return {"name": self.name}
 
     async def _rep_hint(self, peer: Peer, body: Body) -> Body:
@@ -330,41 +397,32 @@ class NodeService:
 
     async def store_on(self, node: str, blobs: Sequence[bytes]) -> Body:
         """``rep.store`` of ``blobs`` on ``node`` (locally for this node)."""
-        return await self._on(
-            node, "rep.store", {"envelopes": list(blobs)},
-            lambda: _store_answer(self.replica.apply(blobs)),
-        )  # fmt: skip
-
-    def _local_heads(self, body: Body) -> Body:
-        infos = self.store.list_contexts(
-            str(body["pattern"]), include_deleted=bool(body.get("deleted"))
+        batch = list(blobs)
+        return await self.fanout.on(
+            node, "rep.store", {"envelopes": batch}, partial(_apply, self.replica, batch)
         )
+
+    def _local_head(self, ctx: ContextName) -> Body:
+        head = self.replica.head(ctx)
+        return {"latest": None if head is None else head.latest}
+
+    def _local_heads(self, args: Body) -> Body:
+        infos = self.store.list_contexts(args["pattern"], include_deleted=bool(args["deleted"]))
         return {"contexts": [to_wire(info) for info in infos]}
 
-    def _local_search(self, body: Body) -> Body:
+    def _local_search(self, args: Body) -> Body:
         hits = self.store.search(
-            str(body.get("query", "")),
-            project=body.get("project"),
-            task=body.get("task"),
-            tags=[str(tag) for tag in body.get("tags") or []],
-            as_role=body.get("as_role"),
-            limit=int(body.get("limit") or 20),
-        )
+            args["query"], project=args["project"], task=args["task"], tags=list(args["tags"]),
+            as_role=args["as_role"], limit=int(args["limit"]),
+        )  # fmt: skip
         return {"hits": [to_wire(hit) for hit in hits]}
 
     # -- coordination -------------------------------------------------------------------
 
-    def _write_request(self, peer: Peer, item: Body) -> WriteRequest:
-        addr = parse(str(item["address"]))
-        self._authorize_write(peer, addr)
-        record = ContextRecord.from_fields(item.get("record") or {})
-        readers = item.get("readers")
-        return WriteRequest(
-            addr.canonical(),
-            record,
-            None if readers is None else tuple(str(r) for r in readers),
-            actor=f"{addr.agent}/{addr.role}@{peer.name}",
-        )
+    def _write_request(self, peer: Peer, item: WriteItem) -> WriteRequest:
+        self._authorize_write(peer, item.address)
+        actor = f"{item.address.agent}/{item.address.role}@{peer.name}"
+        return WriteRequest(item.address.canonical(), item.record, item.readers, actor=actor)
 
     def _authorize_write(self, peer: Peer, addr: Address) -> None:
         if peer.kind == "client" and ADMIN_ROLE not in peer.roles and addr.role not in peer.roles:
@@ -372,23 +430,17 @@ class NodeService:
                 f"the client's certificate does not grant role {addr.role!r}", field="role"
             )
 
-    def _search_role(self, peer: Peer, as_role: Any) -> str | None:
-        if peer.kind != "client":
-            return None if as_role is None else str(as_role)
-        if as_role is not None:
-            if str(as_role) not in peer.roles:
-                raise Forbidden(f"the client's certificate does not grant role {as_role!r}")
-            return str(as_role)
-        if ADMIN_ROLE in peer.roles:
-            return None
-        roles = self.store.keyring.role_set
-        known = [r for r in peer.roles if r in roles]
-        if not known:
-            raise Forbidden("the client's certificate grants no role of this cluster")
-        return max(known, key=lambda r: roles.get(r).authority)
+    def _quorum_of(self, w: int | None = None, r: int | None = None) -> Quorum:
+        try:
+            return self.config.quorum.override(w=w, r=r)
+        except ValueError:
+            name = "w" if w is not None else "r"
+            raise InvalidPayload(
+                f"{name} must be between 1 and n={self.config.quorum.n}", field=name
+            ) from None
 
-    async def _write(self, requests: Sequence[WriteRequest], w: Any) -> list[StoredRef]:
-        prepared = await self._blocking(lambda: [self.store.prepare(req) for req in requests])
+    async def _write(self, requests: Sequence[WriteRequest], w: int | None) -> list[StoredRef]:
+        prepared = await self.fanout.blocking(lambda: [self.store.prepare(r) for r in requests])
         contexts = {item.address.context() for item in prepared}
         parents: dict[ContextName, str | None] = {}
         for ctx in contexts:
@@ -396,140 +448,122 @@ class NodeService:
             if parents[ctx] is not None:
                 self.store.observe(str(parents[ctx]))
         envelopes = self.store.seal_prepared(prepared, lambda ctx: parents[ctx])
-        refs: list[StoredRef] = []
         by_ctx: dict[ContextName, list[Envelope]] = {}
         for env in envelopes:
             by_ctx.setdefault(ContextName.from_canonical(env.context), []).append(env)
-        counts: dict[str, int] = {}
+        heads: dict[str, int] = {}
         for ctx, envs in by_ctx.items():
-            counts.update(await self._replicate(ctx, envs, w))
-        for env in envelopes:
-            ctx = ContextName.from_canonical(env.context)
-            later = sum(1 for e in by_ctx[ctx] if e.version_id > env.version_id)
-            count = counts.get(env.context, 0) - later
-            refs.append(_ref(ctx, max(count, 1), env.version_id))
-        return refs
+            heads.update((await self.replicate(ctx, envs, w)).heads)
+        batch = {ctx.canonical(): [env.version_id for env in envs] for ctx, envs in by_ctx.items()}
+        ranks = coordinator.write_ranks(batch, heads)
+        return [
+            _ref(ContextName.from_canonical(env.context), ranks[(env.context, env.version_id)],
+                 env.version_id)
+            for env in envelopes
+        ]  # fmt: skip
 
     async def _latest(self, ctx: ContextName) -> str | None:
         """The newest version id any live replica reports (the parent of a new version)."""
+
+        async def ask(node: str) -> str | None:
+            answer = await self.fanout.on(
+                node, "rep.head", {"context": ctx.canonical()}, lambda: self._local_head(ctx)
+            )
+            return answers.parse_head(answer)
+
+        try:
+            heads = await self.fanout.everyone(self._placement(ctx).live, "rep.head", ask)
+        except Unavailable:
+            return None
+        return max((head for head in heads if head is not None), default=None)
+
+    async def replicate(
+        self, ctx: ContextName, envs: Sequence[Envelope], w: int | None
+    ) -> ReplicateResult:
+        """Send versions to the live replicas in batches; return once W stored them all.
+
+        Returns the acknowledging, failed and down replicas (hinted handoff keeps the
+        versions for the failed and down ones).
+        """
+        quorum = self._quorum_of(w=w)
         placement = self._placement(ctx)
-        latest: list[str] = []
-
-        async def ask(node: str) -> None:
-            try:
-                answer = await self._on(
-                    node, "rep.head", {"context": ctx.canonical()},
-                    lambda: self._local_head(ctx),
-                )  # fmt: skip
-            except (PeerUnavailable, RemoteError, StorageError):
-                return
-            if answer.get("latest"):
-                latest.append(str(answer["latest"]))
-
-        async with trio.open_nursery() as nursery:
-            for node in placement.live:
-                nursery.start_soon(ask, node)
-        return max(latest, default=None)
-
-    def _local_head(self, ctx: ContextName) -> Body:
-        head = self.replica.head(ctx)
-        return {"latest": None if head is None else head.latest}
-
-    async def _replicate(
-        self, ctx: ContextName, envs: Sequence[Envelope], w: Any
-    ) -> dict[str, int]:
-        """Send versions to the live replicas; return once W stored them durably."""
-        quorum = self.config.quorum.override(w=None if w is None else int(w))
-        placement = self._placement(ctx)
-        blobs = [env.encode() for env in envs]
+        batches = list(batches_by_bytes([env.encode() for env in envs], MAX_BATCH_BYTES))
         # hinted handoff (node.cluster.handoff_plan): a sloppy quorum asks every owner and
         # counts a down or failed owner once its hint is durable; strict asks the live ones
         sloppy = self.handoff is not None and self.handoff.sloppy_quorum
         asked = Placement(placement.replicas, placement.replicas) if sloppy else placement
-        tracker = QuorumTracker(asked.live, quorum.w)
-        counts: dict[str, int] = {}
+        tracker = self._tracker(asked, quorum.w, "write")
+        result = ReplicateResult(down=[n for n in placement.replicas if n not in placement.live])
 
-        async def one(node: str) -> Body:
-            if node not in placement.live:
-                return await self._hint(ctx, placement, node, blobs)
+        async def one(node: str) -> None:
             try:
-                answer = await self.store_on(node, blobs)
-                if any(flag is None for flag in answer["stored"]):
+                if node not in placement.live:
+                    await self._hint(ctx, placement, node, batches)  # sloppy only
+                    return
+                try:
+                    await store(node)
+                except (NodeError, StorageError):
+                    if self.handoff is None:
+                        raise
+                    await self._hint(ctx, placement, node, batches)
+                    if not sloppy:
+                        raise
+            except Exception:
+                self.replication_acks["error"] += 1
+                raise
+            self.replication_acks["ok"] += 1
+
+        async def store(node: str) -> None:
+            for blobs in batches:
+                answer = answers.parse_store(
+                    await self.fanout.on(
+                        node, "rep.store", {"envelopes": blobs},
+                        partial(_apply, self.replica, blobs),
+                    ), len(blobs),
+                )  # fmt: skip
+                if any(flag is None for flag in answer.stored):
                     raise Unavailable(f"{node} refused a version (bad or untrusted signature)")
-            except (PeerUnavailable, RemoteError, StorageError):
-                if self.handoff is None:
-                    raise
-                hinted = await self._hint(ctx, placement, node, blobs)
-                if not sloppy:
-                    raise
-                return hinted
-            for context, count in answer["heads"].items():
-                counts[context] = max(counts.get(context, 0), int(count))
-            return answer
+                for context, count in answer.heads.items():
+                    result.heads[context] = max(result.heads.get(context, 0), count)
 
         await self._quorum(asked, tracker, one, op="write")
-        if self.handoff is not None and not sloppy and self._nursery is not None:
-            for node in placement.replicas:
-                if node not in placement.live:
-                    self._nursery.start_soon(self._hint_quietly, ctx, placement, node, blobs)
-        return counts
+        result.acked, result.failed = list(tracker.ok), list(tracker.failed)
+        if self.handoff is not None and not sloppy:
+            for node in result.down:
+                self.fanout.background(
+                    "rep.hint", partial(self._hint, ctx, placement, node, batches)
+                )
+        return result
 
     async def _hint(
-        self, ctx: ContextName, placement: Placement, node: str, blobs: list[bytes]
-    ) -> Body:
-        """Store a hint for ``node``; raises Unavailable unless it is durable."""
-        assert self.handoff is not None
-        if node not in await self.handoff.store_hints(ctx, placement.replicas, {node}, blobs):
-            raise Unavailable(f"no durable hint for {node}")
-        return {"hinted": node}
-
-    async def _hint_quietly(
-        self, ctx: ContextName, placement: Placement, node: str, blobs: list[bytes]
+        self, ctx: ContextName, placement: Placement, node: str, batches: list[list[bytes]]
     ) -> None:
-        try:
-            await self._hint(ctx, placement, node, blobs)
-        except (PeerUnavailable, RemoteError, StorageError) as exc:
-            log.debug("hint for %s not stored: %s", node, exc)
+        """Store hints for ``node``, a batch at a time; Unavailable unless all are durable."""
+        assert self.handoff is not None
+        for blobs in batches:
+            if node not in await self.handoff.store_hints(ctx, placement.replicas, {node}, blobs):
+                raise Unavailable(f"no durable hint for {node}")
+
+    def _tracker(self, placement: Placement, needed: int, op: str) -> QuorumTracker:
+        if not placement.can_reach(needed):
+            self._count_quorum_failure(op)
+            raise Unavailable(
+                f"{op}: {len(placement.live)} of {len(placement.replicas)} replicas are up, "
+                f"{needed} needed"
+            )
+        return QuorumTracker(placement.live, needed)
 
     async def _quorum(
         self,
         placement: Placement,
         tracker: QuorumTracker,
-        one: Callable[[str], Awaitable[Body]],
+        one: Callable[[str], Awaitable[None]],
         *,
         op: str,
     ) -> None:
-        """Run ``one`` on every live replica; return once the tracker's quorum is reached.
-
-        Raises:
-            Unavailable: too few replicas are up, or answered in time.
-        """
-        if not placement.can_reach(tracker.needed):
-            self._count_quorum_failure(op)
-            raise Unavailable(
-                f"{op}: {len(placement.live)} of {len(placement.replicas)} replicas are up, "
-                f"{tracker.needed} needed"
-            )
-        decided = trio.Event()
-
-        async def attempt(node: str) -> None:
-            try:
-                await one(node)
-                success = True
-            except (PeerUnavailable, RemoteError, StorageError) as exc:
-                log.debug("%s on %s failed: %s", op, node, exc)
-                success = False
-            if op == "write":
-                self.replication_acks["ok" if success else "error"] += 1
-            if tracker.record(node, success) is not Outcome.PENDING:
-                decided.set()
-
-        assert self._nursery is not None, "NodeService.run must be running"
-        for node in placement.live:
-            self._nursery.start_soon(attempt, node)
-        with trio.move_on_after(self.config.timeout_s):
-            await decided.wait()
-        if tracker.outcome is not Outcome.REACHED:
+        """Run ``one`` on every live replica; Unavailable unless the quorum is reached."""
+        await self.fanout.quorum(placement.live, tracker, one, op=op)
+        if len(tracker.ok) < tracker.needed:
             self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
@@ -539,134 +573,100 @@ class NodeService:
         self.quorum_failures += 1
         self.quorum_failures_by_op[op] = self.quorum_failures_by_op.get(op, 0) + 1
 
-    async def _gather_versions(self, ctx: ContextName, r: Any) -> list[tuple[str, bytes]]:
-        """The merged version set of ``ctx`` from R replicas, with read repair."""
-        quorum = self.config.quorum.override(r=None if r is None else int(r))
+    async def _gather_versions(self, ctx: ContextName, r: int | None) -> list[tuple[str, bytes]]:
+        """The merged version set of ``ctx`` from R replicas (paged), with read repair."""
+        quorum = self._quorum_of(r=r)
         placement = self._placement(ctx)
-        tracker = QuorumTracker(placement.live, quorum.r)
-        answers: dict[str, VersionSet] = {}
+        tracker = self._tracker(placement, quorum.r, "read")
+        found: dict[str, VersionSet] = {}
 
-        async def one(node: str) -> Body:
-            answer = await self._on(
-                node, "rep.versions", {"context": ctx.canonical()},
-                lambda: _versions_answer(self.replica.version_set(ctx)),
-            )  # fmt: skip
-            marker = answer.get("purge")
-            answers[node] = VersionSet(
-                {str(vid): bytes(data) for vid, data in answer["envelopes"]},
-                None if marker is None else PurgeMarker.decode(bytes(marker)),
-            )
-            return answer
+        async def one(node: str) -> None:
+            envelopes: dict[str, bytes] = {}
+            after: str | None = None
+            while True:
+                body = {"context": ctx.canonical(), "after": after, "max_bytes": MAX_BATCH_BYTES}
+                answer = await self.fanout.on(
+                    node, "rep.versions", body,
+                    partial(self._versions_page, ctx, after, MAX_BATCH_BYTES),
+                )  # fmt: skip
+                page = answers.parse_versions(answer, ctx.canonical())
+                envelopes.update(page.envelopes)
+                if not page.more or not page.envelopes:
+                    break
+                after = max(page.envelopes)
+            found[node] = VersionSet(envelopes, page.purge)
 
         await self._quorum(placement, tracker, one, op="read")
-        merged = merge_version_sets(dict(answers))
-        self._repair(ctx, merged.envelopes, merged.missing, merged.purge, merged.stale_purge)
+        merged = merge_version_sets({node: found[node] for node in tracker.ok})
+        self._repair(ctx, merged)
         return list(merged.envelopes)
 
-    def _repair(
-        self,
-        ctx: ContextName,
-        rows: Sequence[tuple[str, bytes]],
-        missing: Mapping[str, Sequence[str]],
-        purge: PurgeMarker | None,
-        stale: Sequence[str],
-    ) -> None:
-        """Push to each replica what it lacked (runs in the service nursery)."""
-        assert self._nursery is not None
-        by_id = dict(rows)
-        for node, vids in missing.items():
-            blobs = [by_id[vid] for vid in vids]
-            self._start_repair(node, "rep.store", {"envelopes": blobs})
-        if purge is not None:
-            body = {"context": ctx.canonical(), "marker": purge.encode()}
-            for node in stale:
+    def _repair(self, ctx: ContextName, merged: Any) -> None:
+        """Carry out the repair plan in the background (bounded; excess dropped, counted)."""
+        plan = coordinator.repair_plan(merged, MAX_BATCH_BYTES)
+        by_id = dict(merged.envelopes)
+        for node, batches in plan.pushes.items():
+            for vids in batches:
+                body: Body = {"envelopes": [by_id[vid] for vid in vids]}
+                self._start_repair(node, "rep.store", body)
+        if merged.purge is not None:
+            body = {"context": ctx.canonical(), "marker": merged.purge.encode()}
+            for node in plan.purges:
                 self._start_repair(node, "rep.purge", body)
 
     def _start_repair(self, node: str, method: str, body: Body) -> None:
-        """Queue one repair send in the service nursery; ``repair_pending`` counts it."""
-        assert self._nursery is not None
+        """One bounded background repair send; ``repair_pending`` counts it until it ends."""
 
-        async def send() -> None:
+        async def send() -> object:
             try:
-                await self._best_effort(node, method, body)
+                if node == self.name:
+                    return await self.handle(_SELF, method, body)
+                return await self.dialer.call(node, method, body, timeout_s=self.config.timeout_s)
             finally:
                 self.repair_pending -= 1
 
         self.repair_pending += 1
-        self._nursery.start_soon(send)
+        if not self.fanout.background(method, send):
+            self.repair_pending -= 1  # dropped (counted): anti-entropy covers it
 
-    async def _best_effort(self, node: str, method: str, body: Body) -> None:
-        try:
-            if node == self.name:
-                await self.handle(_SELF, method, body)
-            else:
-                await self.dialer.call(node, method, body, timeout_s=self.config.timeout_s)
-        except (PeerUnavailable, RemoteError, StorageError) as exc:
-            log.debug("repair %s on %s failed: %s", method, node, exc)
-
-    async def _read(self, peer: Peer, address: str, as_role: Any, r: Any) -> Any:
-        addr = parse(address)
-        ctx = await self._resolve(peer, addr)
+    async def _read(self, peer: Peer, addr: Address, as_role: str | None, r: int | None) -> Any:
+        ctx = await self._resolve(addr)
         rows = await self._gather_versions(ctx, r)
         allowed = peer.roles if peer.kind == "client" else None
-        return await self._blocking(
+        return await self.fanout.blocking(
             lambda: self.replica.view(
-                ctx, rows, addr.temporal,
-                as_role=None if as_role is None else str(as_role),
-                allowed_roles=allowed, where=address,
+                ctx, rows, addr.temporal, as_role=as_role, allowed_roles=allowed,
+                where=addr.canonical(),
             )
         )  # fmt: skip
 
-    async def _resolve(self, peer: Peer, addr: Address) -> ContextName:
+    async def _resolve(self, addr: Address) -> ContextName:
         ctx = addr.context()
         if not ctx.has_wildcard:
             return ctx
         infos = await self._coverage_heads(addr.canonical(), False)
-        live = [info for info in infos if info.live and ctx.matches(parse(info.context).context())]
-        if not live:
+        matches = [ctx.matches(parse(info.context).context()) for info in infos]
+        best = coordinator.choose_context(infos, matches)
+        if best is None:
             raise NotFound(f"no context matches {addr.canonical()}", input=addr.canonical())
-        best = max(live, key=lambda info: (info.updated_at_ms, info.context))
         return parse(best.context).context()
 
     async def _coverage_heads(self, pattern: str, deleted: bool) -> list[ContextInfo]:
         """Every matching context, from every live node (together they hold every range)."""
         body = {"pattern": pattern, "deleted": deleted}
-        answers = await self._everyone("rep.heads", body, lambda b: self._local_heads(b))
-        infos = [from_wire(ContextInfo, item) for a in answers for item in a["contexts"]]
-        return merge_listings(infos)
 
-    async def _everyone(self, method: str, body: Body, local: Callable[[Body], Body]) -> list[Body]:
-        """Ask every live member (this node locally); fail if none answered."""
-        answers: list[Body] = []
+        async def ask(node: str) -> list[ContextInfo]:
+            answer = await self.fanout.on(node, "rep.heads", body, lambda: self._local_heads(body))
+            return answers.parse_heads(answer)
 
-        async def ask(node: str) -> None:
-            try:
-                answers.append(await self._on(node, method, body, lambda: local(body)))
-            except (PeerUnavailable, RemoteError) as exc:
-                log.debug("%s on %s failed: %s", method, node, exc)
+        parts = await self.fanout.everyone(self._up_members(), "rep.heads", ask)
+        return merge_listings([info for part in parts for info in part])
 
-        async with trio.open_nursery() as nursery:
-            for node in self.cluster.member_names():
-                if self.cluster.is_up(node):
-                    nursery.start_soon(ask, node)
-        if not answers:
-            raise Unavailable(f"{method}: no node answered")
-        return answers
-
-    async def _on(self, node: str, method: str, body: Body, local: Callable[[], Body]) -> Body:
-        """Run ``method`` on ``node``: locally (in a thread) for this node, else over RPC."""
-        if node == self.name:
-            return await self._blocking(local)
-        return await self.dialer.call(node, method, body, timeout_s=self.config.timeout_s)
-
-    async def _blocking(self, fn: Callable[[], T]) -> T:
-        if self.config.blocking_in_threads:
-            return await trio.to_thread.run_sync(fn)
-        return fn()
+    def _up_members(self) -> list[str]:
+        return [node for node in self.cluster.member_names() if self.cluster.is_up(node)]
 
     def _placement(self, ctx: ContextName) -> Placement:
-        up = {name for name in self.cluster.member_names() if self.cluster.is_up(name)}
-        return place(self._current_ring(), ctx.key(), self.config.quorum.n, up)
+        return place(self._current_ring(), ctx.key(), self.config.quorum.n, set(self._up_members()))
 
     def _current_ring(self) -> Ring:
         names = tuple(sorted(self.cluster.member_names()))
@@ -683,14 +683,6 @@ def _ref(ctx: ContextName, count: int, version_id: str) -> StoredRef:
     return StoredRef(ctx.address(Temporal("version", count)).canonical(), count, version_id)
 
 
-def _store_answer(result: tuple[list[bool | None], dict[str, int]]) -> Body:
-    stored, heads = result
+def _apply(replica: Replica, blobs: list[bytes]) -> Body:
+    stored, heads = replica.apply(blobs)
     return {"stored": stored, "heads": heads}
-
-
-def _versions_answer(result: tuple[list[tuple[str, bytes]], PurgeMarker | None]) -> Body:
-    rows, marker = result
-    return {
-        "envelopes": [[vid, data] for vid, data in rows],
-        "purge": None if marker is None else marker.encode(),
-    }

@@ -35,6 +35,8 @@ from the environment against the current directory; ``~`` is expanded in both.
     [cluster] r                    SLURP_CLUSTER_R                     2 (1..n)
     [cluster] vnodes               SLURP_CLUSTER_VNODES                64 (1..4096)
     [cluster] request_timeout_s    SLURP_CLUSTER_REQUEST_TIMEOUT_S     2.0
+    [cluster] max_inflight_requests  SLURP_CLUSTER_MAX_INFLIGHT_REQUESTS  256 (1..100000; per kind)
+    [cluster] max_repair_sends     SLURP_CLUSTER_MAX_REPAIR_SENDS      64 (0..100000)
     [roles] served                 SLURP_ROLES_SERVED                  every role in the keyring
     [storage] index_backend        SLURP_STORAGE_INDEX_BACKEND         "tantivy" or "whoosh"
     [storage] index_refresh_s      SLURP_STORAGE_INDEX_REFRESH_S       1.0
@@ -104,7 +106,15 @@ SCHEMA: dict[str, dict[str, str]] = {
     "http": {"host": "str", "port": "int"},
     "discovery": {"host": "str", "port": "int", "seeds": "list"},
     "tls": {"ca": "path", "cert": "path", "key": "path", "crl": "path"},
-    "cluster": {"n": "int", "w": "int", "r": "int", "vnodes": "int", "request_timeout_s": "float"},
+    "cluster": {
+        "n": "int",
+        "w": "int",
+        "r": "int",
+        "vnodes": "int",
+        "request_timeout_s": "float",
+        "max_inflight_requests": "int",
+        "max_repair_sends": "int",
+    },
     "roles": {"served": "list"},
     "storage": {
         "index_backend": "str",
@@ -203,6 +213,8 @@ class ClusterConfig:
     r: int = 2
     vnodes: int = 64
     request_timeout_s: float = 2.0
+    max_inflight_requests: int = 256  # client requests (and, apart, replica requests) at once
+    max_repair_sends: int = 64  # concurrent background read-repair sends
 
 
 @dataclass(frozen=True)
@@ -442,6 +454,8 @@ class _Reader:
             r=self._int("cluster.r", min(2, n), 1, n),
             vnodes=self._int("cluster.vnodes", 64, 1, 4096),
             request_timeout_s=2.0 if timeout is None else float(timeout.value),
+            max_inflight_requests=self._int("cluster.max_inflight_requests", 256, 1, 100_000),
+            max_repair_sends=self._int("cluster.max_repair_sends", 64, 0, 100_000),
         )
 
     def _antientropy(self) -> AntiEntropyConfig:
@@ -602,6 +616,8 @@ def render_node_config(cfg: NodeConfig) -> str:
             "r": cfg.cluster.r,
             "vnodes": cfg.cluster.vnodes,
             "request_timeout_s": float(cfg.cluster.request_timeout_s),
+            "max_inflight_requests": cfg.cluster.max_inflight_requests,
+            "max_repair_sends": cfg.cluster.max_repair_sends,
         },
         "roles": {"served": None if cfg.roles.served is None else list(cfg.roles.served)},
         "storage": {

@@ -100,8 +100,13 @@ class NodeDaemon:
             store,
             self.cluster,
             self.pool,
-            ServiceConfig(quorum, config.cluster.vnodes, config.cluster.request_timeout_s),
-        )
+            ServiceConfig(
+                quorum, config.cluster.vnodes, config.cluster.request_timeout_s,
+                max_inflight_requests=config.cluster.max_inflight_requests,
+                max_repair_sends=config.cluster.max_repair_sends,
+            ),
+        )  # fmt: skip
+        self.service.report_faults_to(self.metrics)
         self.exporter = MetricsExporter(
             self.metrics, self.service, config.data_dir, clock=time.monotonic
         )

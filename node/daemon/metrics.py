@@ -27,6 +27,10 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_quorum_failures_total{op}               requests that missed W or R
     slurp_refused_versions_total                  versions refused (forged, unsigned, garbage)
     slurp_cache_hits_total, _misses_total, _evictions_total   record cache
+    slurp_internal_errors_total{where}            bugs caught at a request or task boundary
+    slurp_peer_answer_malformed_total{method}     peer answers that did not parse
+    slurp_requests_refused_busy_total             requests refused at max_inflight_requests
+    slurp_repairs_dropped_total                   read-repair sends dropped at max_repair_sends
     slurp_hints, slurp_hint_bytes                 hinted-handoff backlog     (status source)
     slurp_hints_dropped_total, _delivered_total   hints given up / delivered (status source)
     slurp_antientropy_last_pass_age_seconds       since the last finished pass (status source)
@@ -91,6 +95,10 @@ FEEDERS: dict[str, str] = {
     "slurp_antientropy_last_pass_age_seconds": "set_antientropy",
     "slurp_antientropy_versions_repaired_total": "set_antientropy",
     "slurp_antientropy_bytes_total": "set_antientropy",
+    "slurp_internal_errors_total": "internal_error",
+    "slurp_peer_answer_malformed_total": "peer_answer_malformed",
+    "slurp_requests_refused_busy_total": "refused_busy",
+    "slurp_repairs_dropped_total": "repair_dropped",
 }
 METRIC_NAMES = tuple(FEEDERS)
 
@@ -170,7 +178,45 @@ class NodeMetrics:
         )
         self._reported = _Reported()
         reg.register(self._reported)
+        self._internal_errors = Counter(
+            "slurp_internal_errors_total",
+            "Internal errors (bugs) caught at a request or task boundary, by where.",
+            ["where"],
+            registry=reg,
+        )
+        self._malformed = Counter(
+            "slurp_peer_answer_malformed_total",
+            "Peer answers that did not parse (the replica counted as failed), by method.",
+            ["method"],
+            registry=reg,
+        )
+        self._refused_busy = Counter(
+            "slurp_requests_refused_busy_total",
+            "Requests refused because the node was at its in-flight limit.",
+            registry=reg,
+        )
+        self._repairs_dropped = Counter(
+            "slurp_repairs_dropped_total",
+            "Background read-repair sends dropped at the fan-out bound.",
+            registry=reg,
+        )
         self.set_members(up=0, down=0)
+
+    def internal_error(self, where: str) -> None:
+        """Count a bug caught at ``where`` (a method name or a task kind)."""
+        self._internal_errors.labels(where=where).inc()
+
+    def peer_answer_malformed(self, method: str) -> None:
+        """Count a peer answer to ``method`` that did not parse."""
+        self._malformed.labels(method=method).inc()
+
+    def refused_busy(self) -> None:
+        """Count a request refused at the in-flight limit."""
+        self._refused_busy.inc()
+
+    def repair_dropped(self, count: int = 1) -> None:
+        """Count read-repair sends dropped at the fan-out bound."""
+        self._repairs_dropped.inc(count)
 
     def observe_request(self, method: str, outcome: str, seconds: float) -> None:
         """Count one finished request and record how long it took.

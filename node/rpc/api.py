@@ -11,7 +11,8 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``ctx.put``: {address, record: {fields}, readers: [role]|None, w: int|None} -> {ref}
 - ``ctx.put_batch``: {items: [{address, record, readers}], w} -> {refs: [ref]}
 - ``ctx.get``: {address, as_role: str|None, r: int|None} -> {version}
-- ``ctx.get_batch``: {addresses, as_role, r} -> {results: [{version} | {error}]}
+- ``ctx.get_batch``: {addresses, as_role, r} -> {results: [{version} | {error}], more: bool}
+  (``more``: the answer stopped at ``MAX_BATCH_BYTES``; ask again for the rest)
 - ``ctx.history``: {address, r} -> {history: [entry]}
 - ``ctx.ls``: {pattern, deleted: bool} -> {contexts: [info]}
 - ``ctx.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
@@ -25,7 +26,10 @@ hit = SearchResult, error = {code, message, field}.)
 Replica methods (node certificates only):
 
 - ``rep.store``: {envelopes: [bytes]} -> {stored: [bool], heads: {context: count}}
-- ``rep.versions``: {context} -> {envelopes: [bytes], purge: bytes|None}
+  (senders split versions with ``batches_by_bytes(blobs, MAX_BATCH_BYTES)``)
+- ``rep.head``: {context} -> {latest: id|None}
+- ``rep.versions``: {context, after: id|None, max_bytes: int|None} -> {envelopes: [[id,
+  bytes]], purge: bytes|None, more: bool} (one page, ids after ``after``, <= MAX_BATCH_BYTES)
 - ``rep.purge``: {context, marker: bytes} -> {removed: int}
 - ``rep.heads``: {pattern, deleted} -> {contexts: [info]}
 - ``rep.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}

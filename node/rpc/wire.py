@@ -34,6 +34,21 @@ frame is ``hello``; the server answers ``welcome`` if it speaks that protocol ve
 when ``hello.node`` is set, the name matches the peer's node certificate. Only then may the
 client send requests. Anything else is a ``ProtocolError``, and the connection closes.
 
+Frame limit (``MAX_FRAME_BYTES``, 16 MiB), sized so that every record validation accepts
+travels in one frame (asserted by tests/node/test_wire_limits.py, which builds the largest
+record): the encrypted part of a record (``storage.record.MAX_SECRET_BYTES`` = 8 MiB, the
+envelope's ``MAX_DECOMPRESSED_BYTES``: 4 MiB content + texts, insights, metadata) is stored
+zstd-compressed only when that shrinks it, so the payload is <= 8 MiB; age adds 16 bytes per
+64 KiB chunk + a header of ~130 bytes per reader role (<= 2.2 KiB + 35 KiB for 256 roles);
+the clear header holds at most 2 x 256 labels of 128 characters (UTF-8: <= 512 bytes each,
+~264 KiB), 2 x 256 influence addresses of <= 2048 ASCII characters (~1.05 MiB), the address
+and writer (<= 2 x 2 KiB); signature and msgpack framing add < 1 KiB. The largest envelope
+is thus < 9.5 MiB, a ``ctx.put`` body or ``ctx.get`` answer (the same fields in clear) is
+no larger, and 16 MiB leaves > 6 MiB of margin. Several versions travel in batches of at
+most ``MAX_BATCH_BYTES`` (``node.cluster.replication.batches_by_bytes``); one envelope
+larger than that travels alone, so a frame carrying versions is at most
+max(``MAX_BATCH_BYTES``, largest envelope) + framing.
+
 Must not know: sockets, TLS, trio, storage, what methods mean. Invariant: every message a
 decoder returns satisfies the table above; malformed input raises ``ProtocolError`` and
 never anything else.
@@ -52,7 +67,10 @@ from node.errors import FrameTooLarge, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = frozenset({PROTOCOL_VERSION})
-MAX_FRAME_BYTES = 4 * 1024 * 1024
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_BATCH_BYTES = (
+    4 * 1024 * 1024
+)  # versions per rep.store batch, rep.versions page, get_batch answer
 MAX_METHOD_LENGTH = 128
 MAX_REQUEST_ID = 2**63 - 1
 LENGTH_PREFIX_BYTES = 4

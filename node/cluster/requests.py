@@ -1,0 +1,158 @@
+"""Request bodies, parsed into typed values before anything runs.
+
+Owns: the shape checks of every request body of node/rpc/api.py. ``parse_request`` turns
+a body into a typed request or raises ``InvalidPayload`` naming the offending field; after
+that, a failure inside the service is the node's own bug (``UCXL-500-INTERNAL``), never
+the caller's. Records and addresses are validated here too (``ContextRecord.from_fields``,
+``storage.address.parse``), so a parsed write is a valid write.
+
+Pure: no I/O, no trio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from storage.address import Address, ContextName, parse
+from storage.errors import AddressError, InvalidPayload
+from storage.record import ContextRecord
+
+MAX_BATCH_ITEMS = 1000  # items of a put_batch, addresses of a get_batch
+MAX_SEARCH_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    """One write: a concrete address, its validated record, optional reader roles."""
+
+    address: Address
+    record: ContextRecord
+    readers: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed request: the method and its typed arguments (``args``)."""
+
+    method: str
+    args: dict[str, Any]
+
+
+def _opt_int(body: dict[str, Any], name: str, low: int = 1, high: int = 64) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidPayload(f"{name} must be a whole number from {low} to {high}", field=name)
+    return value
+
+
+def _str(body: dict[str, Any], name: str, *, optional: bool = False) -> Any:
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{name} must be a string", field=name)
+    return value
+
+
+def _address(body: dict[str, Any], name: str = "address") -> Address:
+    try:
+        return parse(_str(body, name))
+    except AddressError as exc:
+        raise InvalidPayload(f"{name}: {exc.message}", field=name) from None
+
+
+def _context(body: dict[str, Any]) -> ContextName:
+    try:
+        return ContextName.from_canonical(_str(body, "context"))
+    except (AddressError, ValueError) as exc:
+        raise InvalidPayload(f"context is not a context name: {exc}", field="context") from None
+
+
+def _list(body: dict[str, Any], name: str, limit: int = MAX_BATCH_ITEMS) -> list[Any]:
+    value = body.get(name)
+    if not isinstance(value, list):
+        raise InvalidPayload(f"{name} must be a list", field=name)
+    if len(value) > limit:
+        raise InvalidPayload(f"{name} has more than {limit} items", field=name)
+    return value
+
+
+def _bytes(value: Any, name: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidPayload(f"{name} must be bytes", field=name)
+    return value
+
+
+def write_item(item: Any) -> WriteItem:
+    """One ``ctx.put`` body or ``ctx.put_batch`` item."""
+    if not isinstance(item, dict):
+        raise InvalidPayload("a write must be a map", field="items")
+    address = _address(item)
+    record = ContextRecord.from_fields(item.get("record") or {})
+    readers = item.get("readers")
+    if readers is not None and not (
+        isinstance(readers, list) and all(isinstance(role, str) for role in readers)
+    ):
+        raise InvalidPayload("readers must be a list of role names", field="readers")
+    return WriteItem(address, record, None if readers is None else tuple(readers))
+
+
+def _search(body: dict[str, Any]) -> dict[str, Any]:
+    tags = body.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise InvalidPayload("tags must be a list of strings", field="tags")
+    return {
+        "query": _str(body, "query", optional=True) or "",
+        "project": _str(body, "project", optional=True),
+        "task": _str(body, "task", optional=True),
+        "tags": tags,
+        "limit": _opt_int(body, "limit", 1, MAX_SEARCH_LIMIT) or 20,
+        "as_role": _str(body, "as_role", optional=True),
+    }
+
+
+def parse_request(method: str, body: dict[str, Any]) -> Parsed:
+    """The typed arguments of ``method``'s ``body``.
+
+    Raises:
+        InvalidPayload: a field is missing, of the wrong type or out of range (named).
+    """
+    args: dict[str, Any]
+    if method == "ctx.put":
+        args = {"items": [write_item(body)], "w": _opt_int(body, "w")}
+    elif method == "ctx.put_batch":
+        args = {"items": [write_item(i) for i in _list(body, "items")], "w": _opt_int(body, "w")}
+    elif method in ("ctx.get", "ctx.history"):
+        args = {"address": _address(body), "as_role": _str(body, "as_role", optional=True)}
+        args["r"] = _opt_int(body, "r")
+    elif method == "ctx.get_batch":
+        addresses = _list(body, "addresses")
+        if not all(isinstance(address, str) for address in addresses):
+            raise InvalidPayload("addresses must be a list of strings", field="addresses")
+        args = {"addresses": addresses, "as_role": _str(body, "as_role", optional=True)}
+        args["r"] = _opt_int(body, "r")
+    elif method in ("ctx.ls", "rep.heads"):
+        args = {"pattern": _str(body, "pattern"), "deleted": bool(body.get("deleted"))}
+    elif method in ("ctx.search", "rep.search"):
+        args = _search(body)
+    elif method in ("ctx.delete", "ctx.purge"):
+        args = {"address": _address(body), "w": _opt_int(body, "w")}
+    elif method == "rep.store":
+        blobs = _list(body, "envelopes", 100_000)
+        args = {"envelopes": [_bytes(blob, "envelopes") for blob in blobs]}
+    elif method == "rep.versions":
+        after = _str(body, "after", optional=True)
+        args = {"context": _context(body), "after": after}
+        args["max_bytes"] = _opt_int(body, "max_bytes", 1, 2**40)
+    elif method == "rep.head":
+        args = {"context": _context(body)}
+    elif method == "rep.purge":
+        args = {"context": _context(body), "marker": _bytes(body.get("marker"), "marker")}
+    elif method in ("node.status", "rep.ping"):
+        args = {}
+    else:
+        raise InvalidPayload(f"unknown method {method!r}", field="method")
+    return Parsed(method, args)
