@@ -242,13 +242,20 @@ class MemoryServer:
                 self._nursery = nursery
                 self._network._servers[self.name] = self
                 task_status.started(self.name)
-                await trio.sleep_forever()
+                try:
+                    await trio.sleep_forever()
+                finally:  # no new calls while the held ones wind down
+                    self._leave()
         finally:
             self._nursery = None
-            del self._network._servers[self.name]
+            self._leave()
             for call in self._holding:
                 call.finish(PeerUnavailable(f"connection to {self.name} lost"))
             self._holding.clear()
+
+    def _leave(self) -> None:
+        if self._network._servers.get(self.name) is self:
+            del self._network._servers[self.name]
 
     def _accept(self, frame: bytes, from_name: str, call: _Call, fate: _Fate, delay: float) -> None:
         assert self._nursery is not None

@@ -1,0 +1,394 @@
+"""The simulation engine: runs one ``Schedule`` on a whole cluster inside one trio run.
+
+Owns: simulated nodes (a real ``NodeService`` over a real ``ContextStore`` whose LevelDB is
+a ``MemoryKV`` behind a fault-injecting wrapper), their crash and restart, the nemesis
+steps, the client operations, the quiet period and the invariant checks of
+``tests.sim.model``. Used by ``scripts/sim`` (``tests.sim.run``) and by pytest.
+
+Crash and restart: the node's ``MemoryKV`` and its data directory (keys, index files)
+survive; the ``ContextStore`` (cache, clock, index writer), the ``NodeService``, the peer
+pool, the failure detector, the server and every extra service are torn down (the index
+is closed, as the index directory lock must be released in one process) and built again.
+
+Extension point for the integrator: ``EXTRA_SERVICES`` (or ``run_schedule(...,
+extra_services=...)``) lists factories ``(SimNodeContext) -> service``; each service's
+``run(task_status=...)`` is started in the node's nursery and restarted with the node.
+``CONVERGENCE_REQUIRED`` turns on the "identical replicas after one quiet period, with no
+reads" invariant; it can hold only once hinted handoff and anti-entropy are plugged in.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+import trio.testing
+
+from crypto.roles import DEFAULT_ROLES
+from node.cluster.liveness import FailureDetector, StaticCluster
+from node.cluster.replication import Quorum, place
+from node.cluster.service import NodeService, ServiceConfig
+from node.errors import PeerUnavailable
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.peers import PeerPool
+from node.rpc.transport import Caller
+from storage.address import ContextName, parse
+from storage.context_store import ContextStore
+from storage.errors import Unavailable
+from storage.kv import Deletes, MemoryKV, Puts
+from tests.sim import model
+from tests.sim.ops import ClientOps
+from tests.sim.schedule import CONTEXTS, Schedule
+
+CLIENT = "client"
+CONVERGENCE_REQUIRED = False  # True once handoff + anti-entropy are wired into EXTRA_SERVICES
+QUIET_S = 5.0  # simulated seconds of a fault-free network after the last step
+BASE_MS = 1_700_000_000_000  # the wall clock of the simulation at trio time 0
+
+
+class SimService(Protocol):
+    """An extra per-node service (hinted handoff, anti-entropy)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled."""
+
+
+@dataclass
+class SimNodeContext:
+    """What a service factory gets to build one node's extra service."""
+
+    name: str
+    store: ContextStore
+    service: NodeService
+    cluster: StaticCluster
+    pool: PeerPool
+    network: MemoryNetwork
+    names: Sequence[str]
+
+
+ServiceFactory = Callable[[SimNodeContext], SimService]
+EXTRA_SERVICES: list[ServiceFactory] = []
+
+
+class FaultyKV:
+    """A node's durable ``MemoryKV`` seen through a disk that can fail; ``close`` leaves the
+    durable store intact (it outlives the process that crashed)."""
+
+    def __init__(self, durable: MemoryKV, node: SimNode) -> None:
+        self._durable = durable
+        self._node = node
+        self._closed = False
+
+    def get(self, key: bytes) -> bytes | None:
+        """Read through."""
+        self._check()
+        return self._durable.get(key)
+
+    def write(self, puts: Puts, deletes: Deletes = (), *, sync: bool = True) -> None:
+        """Write through, or fail as ``LevelDBKV`` does when the disk is full."""
+        self._check()
+        if self._node.disk_failing:
+            self._node.disk_failures += 1
+            raise Unavailable(
+                "the database write failed: IO error: No space left on device (simulated)",
+                field="data_dir",
+            )
+        self._durable.write(puts, deletes, sync=sync)
+
+    def scan(self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None) -> Any:
+        """Scan through."""
+        self._check()
+        return self._durable.scan(prefix, reverse=reverse, after=after)
+
+    def compact(self) -> None:
+        """Nothing to reclaim."""
+
+    def close(self) -> None:
+        """This process lets go; the durable store stays."""
+        self._closed = True
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError("a crashed node's store was used after the crash")
+
+
+@dataclass
+class SimNode:
+    """One simulated node across its lives."""
+
+    name: str
+    root: Path
+    durable: MemoryKV = field(default_factory=MemoryKV)
+    disk_failing: bool = False
+    disk_failures: int = 0
+    crash_after_sends: int | None = None
+    store: ContextStore | None = None
+    service: NodeService | None = None
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event | None = None
+    failures: list[str] = field(default_factory=list)
+    lives: int = 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the node is up (started and not crashed)."""
+        return self.stopped is not None and not self.stopped.is_set()
+
+
+class _CrashingDialer:
+    """The service's dialer: the pool, except that an armed node dies on a replica send."""
+
+    def __init__(self, pool: PeerPool, node: SimNode) -> None:
+        self._pool = pool
+        self._node = node
+
+    async def call(
+        self, name: str, method: str, body: dict[str, Any], *, timeout_s: float
+    ) -> dict[str, Any]:
+        node = self._node
+        if method == "rep.store" and node.crash_after_sends is not None:
+            if node.crash_after_sends == 0:
+                node.crash_after_sends = None
+                assert node.scope is not None
+                node.scope.cancel()
+                await trio.lowlevel.checkpoint()
+                raise PeerUnavailable("unreachable: the coordinator crashed")
+            node.crash_after_sends -= 1
+        return await self._pool.call(name, method, body, timeout_s=timeout_s)
+
+
+_TEMPLATES: dict[int, tuple[Path, list[bytes]]] = {}
+
+
+def template(nodes: int) -> tuple[Path, list[bytes]]:
+    """Initialised data directories ``n1``..``nK`` sharing role identities, and their
+    signing keys; built once per process (age identities and keyrings are slow to make)
+    and copied per schedule."""
+    if nodes not in _TEMPLATES:
+        root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-"))
+        names = [f"n{i}" for i in range(1, nodes + 1)]
+        ContextStore.init(root / names[0], DEFAULT_ROLES)
+        with ContextStore.open(root / names[0], kv=MemoryKV()) as store:
+            identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
+        for name in names[1:]:
+            ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
+        keys = []
+        for name in names:
+            with ContextStore.open(root / name, kv=MemoryKV()) as store:
+                keys.append(store.keyring.signer.public_key)
+        _TEMPLATES[nodes] = (root, keys)
+    return _TEMPLATES[nodes]
+
+
+def sim_clock_ms() -> int:
+    """Wall milliseconds of the simulation: trio's (mock) clock from ``BASE_MS``."""
+    try:
+        return BASE_MS + int(trio.current_time() * 1000)
+    except RuntimeError:  # outside trio (opening the template)
+        return BASE_MS
+
+
+class Simulation:
+    """One cluster running one schedule; see the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        schedule: Schedule,
+        extra_services: Sequence[ServiceFactory],
+        *,
+        quorum: Quorum | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.names = schedule.names
+        self.quorum = quorum or Quorum()
+        self.extra_services = list(extra_services)
+        self.network = MemoryNetwork(random.Random(schedule.seed))
+        self.network.set_identity(CLIENT, kind="client", roles=("admin",))
+        for name in self.names:
+            self.network.set_identity(name, kind="node", roles=())
+        source, self._signers = template(schedule.nodes)
+        shutil.copytree(source, root, dirs_exist_ok=True)
+        self.nodes = {name: SimNode(name, root / name) for name in self.names}
+        self.history = model.History()
+        self._nursery: trio.Nursery | None = None
+
+    # -- node lifecycle -------------------------------------------------------------------
+
+    async def start(self, name: str) -> None:
+        """Start ``name`` (no-op when it runs); returns once its server is up."""
+        node = self.nodes[name]
+        if node.running:
+            return
+        assert self._nursery is not None
+        await self._nursery.start(self._node_main, node)
+
+    async def crash(self, name: str) -> None:
+        """Kill ``name`` now; returns once its tasks are gone."""
+        node = self.nodes[name]
+        if node.running:
+            assert node.scope is not None and node.stopped is not None
+            node.scope.cancel()
+            await node.stopped.wait()
+
+    async def _node_main(self, node: SimNode, *, task_status: trio.TaskStatus[None]) -> None:
+        node.stopped = trio.Event()
+        node.lives += 1
+        store = ContextStore.open(node.root, kv=FaultyKV(node.durable, node), clock_ms=sim_clock_ms)
+        for key in self._signers:
+            store.trust_signer(key)
+        node.store = store
+        try:
+            with trio.CancelScope() as scope:
+                node.scope = scope
+                cluster = StaticCluster(node.name, self.names)
+
+                def connect(peer: str) -> AbstractAsyncContextManager[Caller]:
+                    return self.network.open_client(node.name, peer)
+
+                pool = PeerPool(connect, on_result=cluster.mark)
+                config = ServiceConfig(
+                    quorum=self.quorum, timeout_s=1.0,
+                    blocking_in_threads=self.schedule.threaded,
+                )  # fmt: skip
+                service = NodeService(store, cluster, _CrashingDialer(pool, node), config)
+                node.service = service
+                detector = FailureDetector(cluster, pool, interval_s=0.5, timeout_s=0.5)
+                context = SimNodeContext(
+                    node.name, store, service, cluster, pool, self.network, self.names
+                )
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(pool.run)
+                        await nursery.start(service.run)
+                        await nursery.start(self.network.server(node.name, service.handle).run)
+                        await nursery.start(detector.run)
+                        for factory in self.extra_services:
+                            await nursery.start(factory(context).run)
+                        task_status.started()
+                except* Exception as group:  # a node that stops by itself breaks an invariant
+                    for exc in _leaves(group):
+                        node.failures.append(f"{node.name} stopped: {type(exc).__name__}: {exc}")
+        finally:
+            store.close()
+            node.service = None
+            node.stopped.set()
+
+    # -- running a schedule ---------------------------------------------------------------
+
+    async def run(self) -> list[str]:
+        """Run the schedule, the quiet period and the checks; the violations found."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for name in self.names:
+                await self.start(name)
+            ops = ClientOps(self)
+            async with trio.open_nursery() as clients:
+                for step in self.schedule.steps:
+                    await ops.step(clients, step)
+            await self.quiet()
+            problems = self.check()
+            problems += await ops.final_reads()
+            nursery.cancel_scope.cancel()
+        for node in self.nodes.values():
+            problems += node.failures
+        return problems
+
+    async def quiet(self) -> None:
+        """Faults stop: links healed, disks fixed, crashed nodes back; then ``QUIET_S``."""
+        self.network.heal()
+        self.network.drop = self.network.duplicate = self.network.max_delay_s = 0.0
+        for node in self.nodes.values():
+            node.disk_failing = False
+            node.crash_after_sends = None
+        for name in self.names:
+            await self.start(name)
+        await trio.sleep(QUIET_S)
+
+    def snapshot(self) -> dict[str, model.NodeSnapshot]:
+        """Every node's durable version sets (straight from its KV, no RPC, no repair)."""
+        snaps = {}
+        for name, node in self.nodes.items():
+            assert node.store is not None
+            snap = model.NodeSnapshot()
+            for ctx in range(CONTEXTS):
+                name_ = context_name(ctx)
+                snap.versions[ctx] = {row.version_id for row in node.store.versions.versions(name_)}
+                marker = node.store.versions.purge_marker(name_)
+                snap.purge_upto[ctx] = None if marker is None else marker.upto
+            snaps[name] = snap
+        return snaps
+
+    def check(self) -> list[str]:
+        """The invariants over the history and the durable state after the quiet period."""
+        snaps = self.snapshot()
+        problems = model.acked_writes_kept(self.history, snaps)
+        problems += model.reads_were_written(self.history)
+        problems += model.purged_stay_purged(
+            self.history, snaps, everywhere=CONVERGENCE_REQUIRED
+        )
+        if CONVERGENCE_REQUIRED:
+            problems += model.converged(self.replicas(), snaps)
+        return problems
+
+    def replicas(self) -> dict[int, list[str]]:
+        """The N replicas of each context with every node up."""
+        any_node = self.nodes[self.names[0]]
+        assert any_node.service is not None
+        ring = any_node.service._current_ring()
+        return {
+            ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
+            for ctx in range(CONTEXTS)
+        }
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
+
+
+def address(ctx: int) -> str:
+    """The latest-version address of simulated context ``ctx``."""
+    return f"ucxl://agent{ctx}:backend_developer@sim:t{ctx}/*^/doc{ctx}.md"
+
+
+def context_name(ctx: int) -> ContextName:
+    """The ``ContextName`` of simulated context ``ctx``."""
+    return parse(address(ctx)).context()
+
+
+async def run_schedule(
+    schedule: Schedule,
+    root: Path,
+    *,
+    extra_services: Sequence[ServiceFactory] | None = None,
+) -> list[str]:
+    """Run ``schedule`` in the current trio run (under a MockClock); the violations."""
+    sim = Simulation(root, schedule, EXTRA_SERVICES if extra_services is None else extra_services)
+    return await sim.run()
+
+
+def run_schedule_sync(
+    schedule: Schedule, *, extra_services: Sequence[ServiceFactory] | None = None
+) -> list[str]:
+    """Run ``schedule`` in its own trio run and temporary directory; the violations.
+
+    Trio's scheduler shuffles ready tasks with its own random stream; it is seeded from
+    the schedule so that a replay runs the same interleaving. Threaded schedules use an
+    autojump threshold so the mock clock waits briefly for a worker thread before jumping.
+    """
+    trio._core._run._r.seed(schedule.seed)  # type: ignore[attr-defined]
+    clock = trio.testing.MockClock(autojump_threshold=0.005 if schedule.threaded else 0)
+    with tempfile.TemporaryDirectory(prefix="slurp-sim-") as tmp:
+        return trio.run(
+            lambda: run_schedule(schedule, Path(tmp), extra_services=extra_services), clock=clock
+        )
