@@ -43,7 +43,8 @@ from storage.address import ContextName, parse
 from storage.context_store import ContextStore
 from storage.errors import Unavailable
 from storage.kv import Deletes, MemoryKV, Puts
-from tests.sim import model
+from storage.version_store import VersionStore
+from tests.sim import memory_index, model
 from tests.sim.ops import ClientOps
 from tests.sim.schedule import CONTEXTS, Schedule
 
@@ -126,6 +127,7 @@ class SimNode:
     name: str
     root: Path
     durable: MemoryKV = field(default_factory=MemoryKV)
+    index_docs: dict[str, Any] = field(default_factory=dict)  # committed index documents
     disk_failing: bool = False
     disk_failures: int = 0
     crash_after_sends: int | None = None
@@ -134,6 +136,7 @@ class SimNode:
     scope: trio.CancelScope | None = None
     stopped: trio.Event | None = None
     failures: list[str] = field(default_factory=list)
+    teardown_errors: int = 0
     lives: int = 0
 
     @property
@@ -181,6 +184,9 @@ def template(nodes: int) -> tuple[Path, list[bytes]]:
             ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
         keys = []
         for name in names:
+            config = root / name / "config.toml"  # index commits only on purge, close, 256 docs
+            text = config.read_text(encoding="utf-8")
+            config.write_text(text.replace("index_refresh_s = 1.0", "index_refresh_s = 3600.0"))
             with ContextStore.open(root / name, kv=MemoryKV()) as store:
                 keys.append(store.keyring.signer.public_key)
         _TEMPLATES[nodes] = (root, keys)
@@ -217,6 +223,8 @@ class Simulation:
         source, self._signers = template(schedule.nodes)
         shutil.copytree(source, root, dirs_exist_ok=True)
         self.nodes = {name: SimNode(name, root / name) for name in self.names}
+        for node in self.nodes.values():
+            memory_index.use_memory_index(node.root, node.index_docs)
         self.history = model.History()
         self._nursery: trio.Nursery | None = None
 
@@ -274,10 +282,15 @@ class Simulation:
                             await nursery.start(factory(context).run)
                         task_status.started()
                 except* Exception as group:  # a node that stops by itself breaks an invariant
-                    for exc in _leaves(group):
-                        node.failures.append(f"{node.name} stopped: {type(exc).__name__}: {exc}")
+                    if not scope.cancel_called:  # (errors while it is being killed do not)
+                        for exc in _leaves(group):
+                            node.failures.append(
+                                f"{node.name} stopped: {type(exc).__name__}: {exc}"
+                            )
+                    else:
+                        node.teardown_errors += len(_leaves(group))
         finally:
-            store.close()
+            _abandon(store)
             node.service = None
             node.stopped.set()
 
@@ -299,6 +312,7 @@ class Simulation:
             nursery.cancel_scope.cancel()
         for node in self.nodes.values():
             problems += node.failures
+            memory_index.forget(node.root)
         return problems
 
     async def quiet(self) -> None:
@@ -316,12 +330,12 @@ class Simulation:
         """Every node's durable version sets (straight from its KV, no RPC, no repair)."""
         snaps = {}
         for name, node in self.nodes.items():
-            assert node.store is not None
+            versions = VersionStore(node.durable)
             snap = model.NodeSnapshot()
             for ctx in range(CONTEXTS):
                 name_ = context_name(ctx)
-                snap.versions[ctx] = {row.version_id for row in node.store.versions.versions(name_)}
-                marker = node.store.versions.purge_marker(name_)
+                snap.versions[ctx] = {row.version_id for row in versions.versions(name_)}
+                marker = versions.purge_marker(name_)
                 snap.purge_upto[ctx] = None if marker is None else marker.upto
             snaps[name] = snap
         return snaps
@@ -347,6 +361,17 @@ class Simulation:
             ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
             for ctx in range(CONTEXTS)
         }
+
+
+def _abandon(store: ContextStore) -> None:
+    """Let go of a store as a dying process does: buffered index changes are lost (not
+    committed; the watermark stays unclean, so the next open re-indexes) and the index
+    directory's locks are released; the durable KV is untouched."""
+    index: Any = store.index._index  # the BufferedIndex under IndexSync (sim-only reach-in)
+    store.index._closed = True
+    if not index._closed:
+        memory_index.abandon(index)
+    store.kv.close()
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
