@@ -20,7 +20,6 @@ reads" invariant; it can hold only once hinted handoff and anti-entropy are plug
 from __future__ import annotations
 
 import random
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -34,6 +33,7 @@ import trio.testing
 from crypto.roles import DEFAULT_ROLES
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum, place
+from node.cluster.ring import Ring
 from node.cluster.service import NodeService, ServiceConfig
 from node.errors import PeerUnavailable
 from node.rpc.memory_transport import MemoryNetwork
@@ -50,7 +50,8 @@ from tests.sim.schedule import CONTEXTS, Schedule
 
 CLIENT = "client"
 CONVERGENCE_REQUIRED = False  # True once handoff + anti-entropy are wired into EXTRA_SERVICES
-QUIET_S = 5.0  # simulated seconds of a fault-free network after the last step
+QUIET_S = 2.0  # simulated seconds of a fault-free network after the last step (integrator: raise
+# it to cover one handoff + anti-entropy round once CONVERGENCE_REQUIRED is on)
 BASE_MS = 1_700_000_000_000  # the wall clock of the simulation at trio time 0
 
 
@@ -221,7 +222,10 @@ class Simulation:
         for name in self.names:
             self.network.set_identity(name, kind="node", roles=())
         source, self._signers = template(schedule.nodes)
-        shutil.copytree(source, root, dirs_exist_ok=True)
+        for name in self.names:  # keys, config and the (unopened) db are only read: link them
+            (root / name / "index").mkdir(parents=True)
+            for part in ("keys", "config.toml", "db"):
+                (root / name / part).symlink_to(source / name / part)
         self.nodes = {name: SimNode(name, root / name) for name in self.names}
         for node in self.nodes.values():
             memory_index.use_memory_index(node.root, node.index_docs)
@@ -267,6 +271,7 @@ class Simulation:
                     blocking_in_threads=self.schedule.threaded,
                 )  # fmt: skip
                 service = NodeService(store, cluster, _CrashingDialer(pool, node), config)
+                _share_ring(service, self.names)
                 node.service = service
                 detector = FailureDetector(cluster, pool, interval_s=0.5, timeout_s=0.5)
                 context = SimNodeContext(
@@ -302,6 +307,7 @@ class Simulation:
             self._nursery = nursery
             for name in self.names:
                 await self.start(name)
+            await trio.sleep(0.6)  # nodes started before their peers re-probe them
             ops = ClientOps(self)
             async with trio.open_nursery() as clients:
                 for step in self.schedule.steps:
@@ -361,6 +367,19 @@ class Simulation:
             ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
             for ctx in range(CONTEXTS)
         }
+
+
+_RINGS: dict[tuple[str, ...], Ring] = {}
+
+
+def _share_ring(service: NodeService, names: Sequence[str]) -> None:
+    """Give a new service the process's ring of ``names`` (rings are immutable and slow to
+    build; the service would build the same one on its first request)."""
+    key = tuple(sorted(names))
+    if key not in _RINGS:
+        service._current_ring()
+        _RINGS[key] = service._ring
+    service._ring, service._ring_key = _RINGS[key], key
 
 
 def _abandon(store: ContextStore) -> None:

@@ -89,6 +89,14 @@ class History:
             p.ctx == put.ctx and (p.end is None or p.end > put.start) for p in self.purges
         )
 
+    def purge_between(self, put: PutRecord, before: int) -> bool:
+        """Whether a purge of ``put``'s context started before tick ``before`` and had not
+        finished when ``put`` started (it may have removed ``put`` by then)."""
+        return any(
+            p.ctx == put.ctx and p.start < before and (p.end is None or p.end > put.start)
+            for p in self.purges
+        )
+
     def purged_by_finished(self, put: PutRecord, before: int) -> bool:
         """Whether an acknowledged purge started after ``put`` was acked and ended before
         tick ``before`` (so ``put`` must be gone from then on)."""
@@ -135,7 +143,8 @@ def reads_were_written(history: History) -> list[str]:
             if (
                 earlier.ctx == read.ctx and earlier.version_id is not None
                 and earlier.end is not None and earlier.end < read.start
-                and earlier.version_id > read.version_id and not history.exempt(earlier)
+                and earlier.version_id > read.version_id
+                and not history.purge_between(earlier, read.end)
             ):  # fmt: skip
                 problems.append(
                     f"{where} returned {read.version_id}, older than {earlier.version_id} "

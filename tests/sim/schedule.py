@@ -58,7 +58,8 @@ class Restart:
 
 @dataclass(frozen=True)
 class CrashMidWrite:
-    """A write through ``node`` whose coordinator dies after ``sends`` replica sends."""
+    """A write through ``node`` whose coordinator dies at its next replica send after
+    ``sends`` sends went out (0: before any remote replica heard of it; 1: one did)."""
 
     node: str
     ctx: int
@@ -180,13 +181,13 @@ def _random_step(rng: random.Random, names: list[str]) -> Step:
     if roll < 0.52:
         return Purge(node, ctx)
     if roll < 0.70:
-        return Sleep(rng.choice((0.01, 0.01, 0.1, 0.5, 1.0, 2.0)))
+        return Sleep(rng.choice((0.01, 0.01, 0.1, 0.3, 0.6, 1.2)))
     if roll < 0.75:
         return Crash(node)
     if roll < 0.82:
         return Restart(node)
     if roll < 0.85:
-        return CrashMidWrite(node, ctx, rng.randrange(3))
+        return CrashMidWrite(node, ctx, rng.randrange(2))
     if roll < 0.89:
         return Block(node, rng.choice([n for n in names if n != node]))
     if roll < 0.91:
