@@ -33,7 +33,7 @@ import trio.testing
 from crypto.roles import DEFAULT_ROLES
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum, place
-from node.cluster.ring import Ring
+from node.cluster.ring import Ring, RingMember
 from node.cluster.service import NodeService, ServiceConfig
 from node.errors import PeerUnavailable
 from node.rpc.memory_transport import MemoryNetwork
@@ -237,6 +237,9 @@ class Simulation:
     async def start(self, name: str) -> None:
         """Start ``name`` (no-op when it runs); returns once its server is up."""
         node = self.nodes[name]
+        if node.running and node.scope is not None and node.scope.cancel_called:
+            assert node.stopped is not None
+            await node.stopped.wait()  # it is dying (crashed mid-write): restart it after
         if node.running:
             return
         assert self._nursery is not None
@@ -360,9 +363,7 @@ class Simulation:
 
     def replicas(self) -> dict[int, list[str]]:
         """The N replicas of each context with every node up."""
-        any_node = self.nodes[self.names[0]]
-        assert any_node.service is not None
-        ring = any_node.service._current_ring()
+        ring = ring_of(self.names)
         return {
             ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
             for ctx in range(CONTEXTS)
@@ -372,14 +373,18 @@ class Simulation:
 _RINGS: dict[tuple[str, ...], Ring] = {}
 
 
-def _share_ring(service: NodeService, names: Sequence[str]) -> None:
-    """Give a new service the process's ring of ``names`` (rings are immutable and slow to
-    build; the service would build the same one on its first request)."""
+def ring_of(names: Sequence[str]) -> Ring:
+    """The ring of ``names`` as a ``NodeService`` builds it, built once per process."""
     key = tuple(sorted(names))
     if key not in _RINGS:
-        service._current_ring()
-        _RINGS[key] = service._ring
-    service._ring, service._ring_key = _RINGS[key], key
+        _RINGS[key] = Ring([RingMember(name) for name in key], vnodes=ServiceConfig().vnodes)
+    return _RINGS[key]
+
+
+def _share_ring(service: NodeService, names: Sequence[str]) -> None:
+    """Give a new service the process's ring (rings are immutable and slow to build; the
+    service would build the same one on its first request)."""
+    service._ring, service._ring_key = ring_of(names), tuple(sorted(names))
 
 
 def _abandon(store: ContextStore) -> None:

@@ -141,6 +141,9 @@ class ClientOps:
         problems = []
         gone = model.must_be_gone(self.history)
         for name in self.sim.names:
+            if not self.sim.nodes[name].running:
+                problems.append(f"{name} is not running after the quiet period")
+                continue
             for ctx in range(len(self.sim.replicas())):
                 expected = {
                     put.version_id

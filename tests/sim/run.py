@@ -53,7 +53,10 @@ def run_many(
         schedule = random_schedule(
             current, nodes, length=length, threaded_every=THREADED_EVERY
         )
-        problems = run_schedule_sync(schedule)
+        try:
+            problems = run_schedule_sync(schedule)
+        except Exception as exc:  # the engine itself broke: still a failing seed to replay
+            problems = [f"the simulation raised {type(exc).__name__}: {exc}"]
         summary.schedules += 1
         if problems:
             summary.failures.append((current, problems))
