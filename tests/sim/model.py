@@ -85,9 +85,7 @@ class History:
 
     def exempt(self, put: PutRecord) -> bool:
         """Whether a purge may legitimately have removed ``put`` (one overlapped or followed)."""
-        return any(
-            p.ctx == put.ctx and (p.end is None or p.end > put.start) for p in self.purges
-        )
+        return any(p.ctx == put.ctx and (p.end is None or p.end > put.start) for p in self.purges)
 
     def purge_between(self, put: PutRecord, before: int) -> bool:
         """Whether a purge of ``put``'s context started before tick ``before`` and had not
@@ -113,7 +111,9 @@ def acked_writes_kept(history: History, nodes: Mapping[str, NodeSnapshot]) -> li
     for put in history.puts:
         if put.version_id is None or history.exempt(put):
             continue
-        holders = [n for n, snap in nodes.items() if put.version_id in snap.versions.get(put.ctx, ())]
+        holders = [
+            n for n, snap in nodes.items() if put.version_id in snap.versions.get(put.ctx, ())
+        ]
         if len(holders) < W:
             problems.append(
                 f"acknowledged write {put.summary} ({put.version_id}) of ctx {put.ctx} is held "
@@ -178,9 +178,7 @@ def purged_stay_purged(
     return problems
 
 
-def converged(
-    replicas: Mapping[int, list[str]], nodes: Mapping[str, NodeSnapshot]
-) -> list[str]:
+def converged(replicas: Mapping[int, list[str]], nodes: Mapping[str, NodeSnapshot]) -> list[str]:
     """Every replica of each context holds the same version ids and purge marker."""
     problems = []
     for ctx, names in sorted(replicas.items()):

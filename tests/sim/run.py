@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from tests.sim.engine import run_schedule_sync, template
+from tests.sim.engine import run_schedule_sync
+from tests.sim.node_parts import template
 from tests.sim.schedule import random_schedule
 
 THREADED_EVERY = 10  # every 10th seed runs the service's blocking work in threads
@@ -50,9 +51,7 @@ def run_many(
     summary = Summary()
     start = time.perf_counter()
     for current in range(seed, seed + schedules):
-        schedule = random_schedule(
-            current, nodes, length=length, threaded_every=THREADED_EVERY
-        )
+        schedule = random_schedule(current, nodes, length=length, threaded_every=THREADED_EVERY)
         try:
             problems = run_schedule_sync(schedule)
         except Exception as exc:  # the engine itself broke: still a failing seed to replay

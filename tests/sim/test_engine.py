@@ -59,7 +59,8 @@ async def test_a_full_disk_fails_that_replica_only_and_the_node_keeps_serving(
     )
     assert problems == []
     assert sim.nodes["n1"].disk_failures >= 1
-    assert sim.nodes["n1"].lives == 1 and sim.nodes["n1"].failures == []
+    assert sim.nodes["n1"].lives == 1
+    assert sim.nodes["n1"].failures == []
     assert len(_acked(sim)) == 3
 
 
@@ -98,7 +99,9 @@ async def test_extra_services_start_with_every_life_of_a_node(
             self.name = ctx.name
             assert ctx.store is ctx.service.store
 
-        async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(
+            self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
             started.append(self.name)
             task_status.started()
             await trio.sleep_forever()
@@ -123,7 +126,7 @@ def test_a_seed_replays_the_same_run() -> None:
                 assert await sim.run() == []
                 seen.extend((p.summary, p.version_id, p.error) for p in sim.history.puts)
 
-        trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
+        trio._core._run._r.seed(seed)
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         return seen
 
