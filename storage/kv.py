@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import plyvel
 
-from storage.errors import DataDirInUse, Internal, StorageError
+from storage.errors import DataDirInUse, Internal, StorageError, Unavailable
 
 Puts = Sequence[tuple[bytes, bytes]]
 Deletes = Sequence[bytes]
@@ -140,16 +140,27 @@ class LevelDBKV:
 
     @staticmethod
     def _raise_if_failed(pending: _Pending) -> None:
+        if isinstance(pending.error, StorageError):
+            raise Unavailable(f"group commit failed: {pending.error.message}", field="data_dir")
         if pending.error is not None:
             raise Internal(f"group commit failed: {type(pending.error).__name__}")
 
     def _apply(self, group: list[_Pending], *, sync: bool) -> None:
-        with self._db.write_batch(sync=sync) as batch:
-            for pending in group:
-                for key in pending.deletes:
-                    batch.delete(key)
-                for key, value in pending.puts:
-                    batch.put(key, value)
+        """Write one batch.
+
+        Raises:
+            Unavailable: LevelDB refused the write (disk full, I/O error); nothing of the
+                batch is applied, and the node keeps serving.
+        """
+        try:
+            with self._db.write_batch(sync=sync) as batch:
+                for pending in group:
+                    for key in pending.deletes:
+                        batch.delete(key)
+                    for key, value in pending.puts:
+                        batch.put(key, value)
+        except plyvel.Error as exc:
+            raise Unavailable(f"the database write failed: {exc}", field="data_dir") from None
 
     def scan(
         self, prefix: bytes, *, reverse: bool = False, after: bytes | None = None

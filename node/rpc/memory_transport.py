@@ -19,8 +19,10 @@ Semantics, chosen to match the TLS transport where it matters to callers:
   seeded from the network's ``rng``; each call draws the same six numbers whatever the
   configuration. So the outcome of the calls on one link depends only on the seed and
   their order on that link, not on how trio schedules other links.
-- A partition cuts both directions between two sets of names until ``heal()``; it is
-  checked when each leg of a call is sent (request at the call, answer when ready).
+- A partition cuts both directions between two sets of names until ``heal()``; ``block``
+  cuts one direction only (a -> b dropped, b -> a delivered: an asymmetric partition, so
+  a request may arrive while its answer is lost). Both are checked when each leg of a call
+  is sent (request at the call, answer when ready).
 
 Must not know: sockets, TLS, what methods mean.
 """
@@ -112,6 +114,7 @@ class MemoryNetwork:
         self._servers: dict[str, MemoryServer] = {}
         self._identities: dict[str, Peer] = {}
         self._partitions: list[tuple[frozenset[str], frozenset[str]]] = []
+        self._blocked: set[tuple[str, str]] = set()
         self._stats = NetworkStatistics()
 
     def statistics(self) -> NetworkStatistics:
@@ -132,12 +135,19 @@ class MemoryNetwork:
         """Cut every link between a name in ``a_names`` and one in ``b_names``, both ways."""
         self._partitions.append((frozenset(a_names), frozenset(b_names)))
 
+    def block(self, from_name: str, to_name: str) -> None:
+        """Drop every message from ``from_name`` to ``to_name`` (one direction only)."""
+        self._blocked.add((from_name, to_name))
+
     def heal(self) -> None:
-        """Remove every partition."""
+        """Remove every partition and one-way block."""
         self._partitions.clear()
+        self._blocked.clear()
 
     def reachable(self, a: str, b: str) -> bool:
-        """Whether a message from ``a`` to ``b`` can pass the partitions now."""
+        """Whether a message from ``a`` to ``b`` can pass the partitions and blocks now."""
+        if (a, b) in self._blocked:
+            return False
         return not any(
             (a in left and b in right) or (a in right and b in left)
             for left, right in self._partitions
@@ -232,13 +242,20 @@ class MemoryServer:
                 self._nursery = nursery
                 self._network._servers[self.name] = self
                 task_status.started(self.name)
-                await trio.sleep_forever()
+                try:
+                    await trio.sleep_forever()
+                finally:  # no new calls while the held ones wind down
+                    self._leave()
         finally:
             self._nursery = None
-            del self._network._servers[self.name]
+            self._leave()
             for call in self._holding:
                 call.finish(PeerUnavailable(f"connection to {self.name} lost"))
             self._holding.clear()
+
+    def _leave(self) -> None:
+        if self._network._servers.get(self.name) is self:
+            del self._network._servers[self.name]
 
     def _accept(self, frame: bytes, from_name: str, call: _Call, fate: _Fate, delay: float) -> None:
         assert self._nursery is not None

@@ -515,6 +515,44 @@ async def test_partition_blocks_both_ways_until_heal(
         nursery.cancel_scope.cancel()
 
 
+async def test_one_way_block_drops_one_direction_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """block(a, b): a's requests to b are lost, b's requests to a are answered (but the
+    answers of a request b received from a would be lost too); heal restores both."""
+    network = MemoryNetwork(random.Random(SEED))
+    runs = 0
+
+    async def counting(peer: Peer, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        nonlocal runs
+        runs += 1
+        return {}
+
+    async with trio.open_nursery() as nursery:
+        for name in ("node-a", "node-b"):
+            await nursery.start(network.server(name, counting).run)
+
+        async def reaches(a: str, b: str) -> bool:
+            async with network.open_client(a, b) as client:
+                try:
+                    await client.call("ping", {}, timeout_s=1)
+                    return True
+                except PeerUnavailable:
+                    return False
+
+        network.block("node-a", "node-b")
+        assert not network.reachable("node-a", "node-b")
+        assert network.reachable("node-b", "node-a")
+        assert not await reaches("node-a", "node-b")
+        assert runs == 0  # the request never arrived
+        assert not await reaches("node-b", "node-a")  # the request arrives, the answer is lost
+        assert runs == 1
+        network.heal()
+        assert await reaches("node-a", "node-b")
+        assert await reaches("node-b", "node-a")
+        nursery.cancel_scope.cancel()
+
+
 async def test_duplicates_run_the_handler_twice_but_answer_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -128,3 +128,35 @@ def test_group_commit_folds_concurrent_synced_writes(tmp_path: Path) -> None:
     reopened = LevelDBKV(tmp_path / "db")
     assert len(list(reopened.scan(b""))) == threads_n * per_thread
     reopened.close()
+
+
+class _FullDisk:
+    """A plyvel database whose writes fail as LevelDB's do when the disk is full."""
+
+    closed = False
+
+    def write_batch(self, **_: object) -> object:
+        import plyvel
+
+        raise plyvel.IOError(b"IO error: No space left on device")
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_failed_leveldb_write_is_a_storage_error(tmp_path: Path, sync: bool) -> None:
+    """Disk full surfaces as Unavailable (a StorageError the node answers), not a raw
+    plyvel error that would escape the service; the store stays usable."""
+    from storage.errors import Unavailable
+
+    kv = LevelDBKV(tmp_path / "db")
+    real = kv._db
+    kv._db = _FullDisk()
+    with pytest.raises(Unavailable, match="No space left") as caught:
+        kv.write([(b"k", b"v")], sync=sync)
+    assert caught.value.field == "data_dir"
+    kv._db = real
+    kv.write([(b"k", b"v")], sync=sync)
+    assert kv.get(b"k") == b"v"
+    kv.close()

@@ -1,0 +1,289 @@
+"""The simulation engine: runs one ``Schedule`` on a whole cluster inside one trio run.
+
+Owns: simulated nodes (a real ``NodeService`` over a real ``ContextStore`` whose LevelDB is
+a ``MemoryKV`` behind a fault-injecting wrapper), their crash and restart, the nemesis
+steps, the client operations, the quiet period and the invariant checks of
+``tests.sim.model``. Used by ``scripts/sim`` (``tests.sim.run``) and by pytest.
+
+Crash and restart: the node's ``MemoryKV`` and its data directory (keys, index files)
+survive; the ``ContextStore`` (cache, clock, index writer), the ``NodeService``, the peer
+pool, the failure detector, the server and every extra service are torn down (the index
+is closed, as the index directory lock must be released in one process) and built again.
+
+Extension point for the integrator: ``EXTRA_SERVICES`` (or ``run_schedule(...,
+extra_services=...)``) lists factories ``(SimNodeContext) -> service``; each service's
+``run(task_status=...)`` is started in the node's nursery and restarted with the node.
+``CONVERGENCE_REQUIRED`` turns on the "identical replicas after one quiet period, with no
+reads" invariant; it can hold only once hinted handoff and anti-entropy are plugged in.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+import trio.testing
+
+from node.cluster.liveness import FailureDetector, StaticCluster
+from node.cluster.replication import Quorum, place
+from node.cluster.service import NodeService, ServiceConfig
+from node.rpc.memory_transport import MemoryNetwork
+from node.rpc.peers import PeerPool
+from node.rpc.transport import Caller
+from storage.address import ContextName, parse
+from storage.context_store import ContextStore
+from storage.version_store import VersionStore
+from tests.sim import memory_index, model
+from tests.sim.node_parts import (
+    CrashingDialer,
+    FaultyKV,
+    SimNode,
+    abandon,
+    leaves,
+    ring_of,
+    share_ring,
+    sim_clock_ms,
+    template,
+)
+from tests.sim.ops import ClientOps
+from tests.sim.schedule import CONTEXTS, Schedule
+
+CLIENT = "client"
+CONVERGENCE_REQUIRED = False  # True once handoff + anti-entropy are wired into EXTRA_SERVICES
+QUIET_S = 2.0  # simulated seconds of a fault-free network after the last step (integrator: raise
+# it to cover one handoff + anti-entropy round once CONVERGENCE_REQUIRED is on)
+
+
+class SimService(Protocol):
+    """An extra per-node service (hinted handoff, anti-entropy)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled."""
+
+
+@dataclass
+class SimNodeContext:
+    """What a service factory gets to build one node's extra service."""
+
+    name: str
+    store: ContextStore
+    service: NodeService
+    cluster: StaticCluster
+    pool: PeerPool
+    network: MemoryNetwork
+    names: Sequence[str]
+
+
+ServiceFactory = Callable[[SimNodeContext], SimService]
+EXTRA_SERVICES: list[ServiceFactory] = []
+
+
+class Simulation:
+    """One cluster running one schedule; see the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        schedule: Schedule,
+        extra_services: Sequence[ServiceFactory],
+        *,
+        quorum: Quorum | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.names = schedule.names
+        self.quorum = quorum or Quorum()
+        self.extra_services = list(extra_services)
+        self.network = MemoryNetwork(random.Random(schedule.seed))
+        self.network.set_identity(CLIENT, kind="client", roles=("admin",))
+        for name in self.names:
+            self.network.set_identity(name, kind="node", roles=())
+        source, self._signers = template(schedule.nodes)
+        for name in self.names:  # keys, config and the (unopened) db are only read: link them
+            (root / name / "index").mkdir(parents=True)
+            for part in ("keys", "config.toml", "db"):
+                (root / name / part).symlink_to(source / name / part)
+        self.nodes = {name: SimNode(name, root / name) for name in self.names}
+        for node in self.nodes.values():
+            memory_index.use_memory_index(node.root, node.index_docs)
+        self.history = model.History()
+        self._nursery: trio.Nursery | None = None
+
+    # -- node lifecycle -------------------------------------------------------------------
+
+    async def start(self, name: str) -> None:
+        """Start ``name`` (no-op when it runs); returns once its server is up."""
+        node = self.nodes[name]
+        if node.running and node.scope is not None and node.scope.cancel_called:
+            assert node.stopped is not None
+            await node.stopped.wait()  # it is dying (crashed mid-write): restart it after
+        if node.running:
+            return
+        assert self._nursery is not None
+        await self._nursery.start(self._node_main, node)
+
+    async def crash(self, name: str) -> None:
+        """Kill ``name`` now; returns once its tasks are gone."""
+        node = self.nodes[name]
+        if node.running:
+            assert node.scope is not None
+            assert node.stopped is not None
+            node.scope.cancel()
+            await node.stopped.wait()
+
+    async def _node_main(self, node: SimNode, *, task_status: trio.TaskStatus[None]) -> None:
+        node.stopped = trio.Event()
+        node.lives += 1
+        store = ContextStore.open(node.root, kv=FaultyKV(node.durable, node), clock_ms=sim_clock_ms)
+        for key in self._signers:
+            store.trust_signer(key)
+        node.store = store
+        try:
+            with trio.CancelScope() as scope:
+                node.scope = scope
+                cluster = StaticCluster(node.name, self.names)
+
+                def connect(peer: str) -> AbstractAsyncContextManager[Caller]:
+                    return self.network.open_client(node.name, peer)
+
+                pool = PeerPool(connect, on_result=cluster.mark)
+                config = ServiceConfig(
+                    quorum=self.quorum, timeout_s=1.0,
+                    blocking_in_threads=self.schedule.threaded,
+                )  # fmt: skip
+                service = NodeService(store, cluster, CrashingDialer(pool, node), config)
+                share_ring(service, self.names)
+                node.service = service
+                detector = FailureDetector(cluster, pool, interval_s=0.5, timeout_s=0.5)
+                context = SimNodeContext(
+                    node.name, store, service, cluster, pool, self.network, self.names
+                )
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(pool.run)
+                        await nursery.start(service.run)
+                        await nursery.start(self.network.server(node.name, service.handle).run)
+                        await nursery.start(detector.run)
+                        for factory in self.extra_services:
+                            await nursery.start(factory(context).run)
+                        task_status.started()
+                except* Exception as group:  # a node that stops by itself breaks an invariant
+                    if not scope.cancel_called:  # (errors while it is being killed do not)
+                        for exc in leaves(group):
+                            node.failures.append(
+                                f"{node.name} stopped: {type(exc).__name__}: {exc}"
+                            )
+                    else:
+                        node.teardown_errors += len(leaves(group))
+        finally:
+            abandon(store)
+            node.service = None
+            node.stopped.set()
+
+    # -- running a schedule ---------------------------------------------------------------
+
+    async def run(self) -> list[str]:
+        """Run the schedule, the quiet period and the checks; the violations found."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for name in self.names:
+                await self.start(name)
+            await trio.sleep(0.6)  # nodes started before their peers re-probe them
+            ops = ClientOps(self)
+            async with trio.open_nursery() as clients:
+                for step in self.schedule.steps:
+                    await ops.step(clients, step)
+            await self.quiet()
+            problems = self.check()
+            problems += await ops.final_reads()
+            nursery.cancel_scope.cancel()
+        for node in self.nodes.values():
+            problems += node.failures
+            memory_index.forget(node.root)
+        return problems
+
+    async def quiet(self) -> None:
+        """Faults stop: links healed, disks fixed, crashed nodes back; then ``QUIET_S``."""
+        self.network.heal()
+        self.network.drop = self.network.duplicate = self.network.max_delay_s = 0.0
+        for node in self.nodes.values():
+            node.disk_failing = False
+            node.crash_after_sends = None
+        for name in self.names:
+            await self.start(name)
+        await trio.sleep(QUIET_S)
+
+    def snapshot(self) -> dict[str, model.NodeSnapshot]:
+        """Every node's durable version sets (straight from its KV, no RPC, no repair)."""
+        snaps = {}
+        for name, node in self.nodes.items():
+            versions = VersionStore(node.durable)
+            snap = model.NodeSnapshot()
+            for ctx in range(CONTEXTS):
+                name_ = context_name(ctx)
+                snap.versions[ctx] = {row.version_id for row in versions.versions(name_)}
+                marker = versions.purge_marker(name_)
+                snap.purge_upto[ctx] = None if marker is None else marker.upto
+            snaps[name] = snap
+        return snaps
+
+    def check(self) -> list[str]:
+        """The invariants over the history and the durable state after the quiet period."""
+        snaps = self.snapshot()
+        problems = model.acked_writes_kept(self.history, snaps)
+        problems += model.reads_were_written(self.history)
+        problems += model.purged_stay_purged(self.history, snaps, everywhere=CONVERGENCE_REQUIRED)
+        if CONVERGENCE_REQUIRED:
+            problems += model.converged(self.replicas(), snaps)
+        return problems
+
+    def replicas(self) -> dict[int, list[str]]:
+        """The N replicas of each context with every node up."""
+        ring = ring_of(self.names)
+        return {
+            ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
+            for ctx in range(CONTEXTS)
+        }
+
+
+def address(ctx: int) -> str:
+    """The latest-version address of simulated context ``ctx``."""
+    return f"ucxl://agent{ctx}:backend_developer@sim:t{ctx}/*^/doc{ctx}.md"
+
+
+def context_name(ctx: int) -> ContextName:
+    """The ``ContextName`` of simulated context ``ctx``."""
+    return parse(address(ctx)).context()
+
+
+async def run_schedule(
+    schedule: Schedule,
+    root: Path,
+    *,
+    extra_services: Sequence[ServiceFactory] | None = None,
+) -> list[str]:
+    """Run ``schedule`` in the current trio run (under a MockClock); the violations."""
+    sim = Simulation(root, schedule, EXTRA_SERVICES if extra_services is None else extra_services)
+    return await sim.run()
+
+
+def run_schedule_sync(
+    schedule: Schedule, *, extra_services: Sequence[ServiceFactory] | None = None
+) -> list[str]:
+    """Run ``schedule`` in its own trio run and temporary directory; the violations.
+
+    Trio's scheduler shuffles ready tasks with its own random stream; it is seeded from
+    the schedule so that a replay runs the same interleaving. Threaded schedules use an
+    autojump threshold so the mock clock waits briefly for a worker thread before jumping.
+    """
+    trio._core._run._r.seed(schedule.seed)
+    clock = trio.testing.MockClock(autojump_threshold=0.005 if schedule.threaded else 0)
+    with tempfile.TemporaryDirectory(prefix="slurp-sim-") as tmp:
+        return trio.run(
+            lambda: run_schedule(schedule, Path(tmp), extra_services=extra_services), clock=clock
+        )

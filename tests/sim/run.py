@@ -1,0 +1,94 @@
+"""``scripts/sim``: run many seeded simulation schedules and report failures and speed.
+
+Owns: the command line (``--schedules N --seed S --nodes K``), the loop over seeds
+``S, S+1, ...``, and the report: schedules run, failures (each with its seed, its
+schedule and a one-line replay command) and schedules per minute. Exit status 1 when any
+schedule broke an invariant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from tests.sim.engine import run_schedule_sync
+from tests.sim.node_parts import template
+from tests.sim.schedule import random_schedule
+
+THREADED_EVERY = 10  # every 10th seed runs the service's blocking work in threads
+
+
+@dataclass
+class Summary:
+    """What a batch of schedules came to."""
+
+    schedules: int = 0
+    failures: list[tuple[int, list[str]]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def per_minute(self) -> float:
+        """Schedules per minute of wall time."""
+        return 60.0 * self.schedules / self.seconds if self.seconds else 0.0
+
+
+def replay_command(seed: int, nodes: int) -> str:
+    """The one-line command that runs exactly one schedule again."""
+    return f"scripts/sim --seed {seed} --schedules 1 --nodes {nodes}"
+
+
+def run_many(
+    schedules: int, seed: int, nodes: int, *, length: int = 24, out: TextIO | None = None
+) -> Summary:
+    """Run ``schedules`` schedules from ``seed`` on; print each failure as it happens."""
+    stream = out or sys.stdout
+    template(nodes)  # built once, outside the timing
+    summary = Summary()
+    start = time.perf_counter()
+    for current in range(seed, seed + schedules):
+        schedule = random_schedule(current, nodes, length=length, threaded_every=THREADED_EVERY)
+        try:
+            problems = run_schedule_sync(schedule)
+        except Exception as exc:  # the engine itself broke: still a failing seed to replay
+            problems = [f"the simulation raised {type(exc).__name__}: {exc}"]
+        summary.schedules += 1
+        if problems:
+            summary.failures.append((current, problems))
+            print(f"FAIL seed={current}", file=stream)
+            for problem in problems:
+                print(f"  {problem}", file=stream)
+            print(schedule.describe(), file=stream)
+            print(f"  replay: {replay_command(current, nodes)}", file=stream)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/sim``."""
+    parser = argparse.ArgumentParser(prog="scripts/sim", description=__doc__)
+    parser.add_argument("--schedules", type=int, default=100, help="how many (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--nodes", type=int, default=3, help="cluster size, >= 3 (default 3)")
+    parser.add_argument("--steps", type=int, default=24, help="steps per schedule (default 24)")
+    args = parser.parse_args(argv)
+    if args.schedules < 1 or args.nodes < 3 or args.steps < 1:
+        parser.error("--schedules and --steps must be >= 1 and --nodes >= 3")
+    logging.disable(logging.CRITICAL)  # nodes log expected faults; invariants decide
+    summary = run_many(args.schedules, args.seed, args.nodes, length=args.steps)
+    print(
+        f"{summary.schedules} schedules ({args.nodes} nodes, seeds {args.seed}.."
+        f"{args.seed + args.schedules - 1}), {len(summary.failures)} failed, "
+        f"{summary.seconds:.1f} s, {summary.per_minute:.0f} schedules/minute"
+    )
+    for seed, _ in summary.failures:
+        print(f"  failed seed={seed}: {replay_command(seed, args.nodes)}")
+    return 1 if summary.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Simulation schedules: the steps a simulated cluster goes through, and a seeded generator.
+
+Owns: the step vocabulary (client operations and nemesis faults), the seeded random
+schedule generator behind ``scripts/sim``, and the one-line text form of a schedule that a
+failure report prints. Pure: no trio, no time, no I/O; the engine (``tests.sim.engine``)
+carries the steps out.
+
+Invariant: the same ``(seed, nodes)`` always yields the same schedule, step for step.
+Client operations are started in the background (they overlap one another and the
+faults); ``Sleep`` is the only step that lets simulated time pass.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+CONTEXTS = 3  # contexts written per schedule: few, so that writes collide
+
+
+@dataclass(frozen=True)
+class Put:
+    """A client writes a new version of context ``ctx`` through ``node``."""
+
+    node: str
+    ctx: int
+
+
+@dataclass(frozen=True)
+class Get:
+    """A client reads the latest version of ``ctx`` through ``node``."""
+
+    node: str
+    ctx: int
+
+
+@dataclass(frozen=True)
+class Purge:
+    """A client (admin) purges ``ctx`` through ``node``."""
+
+    node: str
+    ctx: int
+
+
+@dataclass(frozen=True)
+class Crash:
+    """``node`` dies: its tasks stop, its memory is lost, its durable KV survives."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    """``node`` starts again over its durable KV (no-op when it is running)."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class CrashMidWrite:
+    """A write through ``node`` whose coordinator dies at its next replica send after
+    ``sends`` sends went out (0: before any remote replica heard of it; 1: one did)."""
+
+    node: str
+    ctx: int
+    sends: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """Messages from ``src`` to ``dst`` are lost (one direction: asymmetric partition)."""
+
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The nodes in ``side`` are cut off from every other node, both ways."""
+
+    side: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Heal:
+    """Every partition and block is lifted."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Per-message drop and duplicate probabilities and the maximum delay, from now on."""
+
+    drop: float
+    duplicate: float
+    max_delay_s: float
+
+
+@dataclass(frozen=True)
+class DiskFail:
+    """``node``'s synced writes fail (disk full) while ``failing``."""
+
+    node: str
+    failing: bool
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Let ``seconds`` of simulated time pass."""
+
+    seconds: float
+
+
+Step = (
+    Put | Get | Purge | Crash | Restart | CrashMidWrite | Block | Partition | Heal | Faults
+    | DiskFail | Sleep
+)  # fmt: skip
+
+CLIENT_STEPS = (Put, Get, Purge, CrashMidWrite)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A whole run: how many nodes, the network's seed, the steps, and the thread mode."""
+
+    nodes: int
+    seed: int
+    steps: tuple[Step, ...]
+    threaded: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        """The node names, ``n1`` .. ``nK``."""
+        return node_names(self.nodes)
+
+    def describe(self) -> str:
+        """One line per step, for failure reports."""
+        mode = " threaded" if self.threaded else ""
+        head = f"schedule seed={self.seed} nodes={self.nodes}{mode}: {len(self.steps)} steps"
+        return "\n".join([head, *(f"  {i:2d}. {step!r}" for i, step in enumerate(self.steps))])
+
+
+def node_names(count: int) -> list[str]:
+    """``n1`` .. ``n<count>``."""
+    return [f"n{i}" for i in range(1, count + 1)]
+
+
+def random_schedule(
+    seed: int, nodes: int, *, length: int = 24, threaded_every: int = 0
+) -> Schedule:
+    """The schedule of ``seed``: ``length`` steps mixing client operations and faults.
+
+    Args:
+        seed: the only source of randomness (the network's faults derive from it too).
+        nodes: cluster size (at least 3, as N=3).
+        length: number of steps.
+        threaded_every: when > 0, every schedule whose seed is a multiple of it runs the
+            service's blocking work in threads.
+
+    Raises:
+        ValueError: fewer than 3 nodes or a non-positive length.
+    """
+    if nodes < 3 or length < 1:
+        raise ValueError("a schedule needs at least 3 nodes and 1 step")
+    rng = random.Random(f"slurp-sim:{seed}:{nodes}")
+    names = node_names(nodes)
+    steps: list[Step] = []
+    for _ in range(length):
+        steps.append(_random_step(rng, names))
+    threaded = threaded_every > 0 and seed % threaded_every == 0
+    return Schedule(nodes, seed, tuple(steps), threaded)
+
+
+def _random_step(rng: random.Random, names: list[str]) -> Step:
+    node = rng.choice(names)
+    ctx = rng.randrange(CONTEXTS)
+    roll = rng.random()
+    if roll < 0.34:
+        return Put(node, ctx)
+    if roll < 0.48:
+        return Get(node, ctx)
+    if roll < 0.52:
+        return Purge(node, ctx)
+    if roll < 0.70:
+        return Sleep(rng.choice((0.01, 0.01, 0.1, 0.3, 0.6, 1.2)))
+    if roll < 0.75:
+        return Crash(node)
+    if roll < 0.82:
+        return Restart(node)
+    if roll < 0.85:
+        return CrashMidWrite(node, ctx, rng.randrange(2))
+    if roll < 0.89:
+        return Block(node, rng.choice([n for n in names if n != node]))
+    if roll < 0.91:
+        side = tuple(sorted(rng.sample(names, rng.randrange(1, len(names) // 2 + 1))))
+        return Partition(side)
+    if roll < 0.95:
+        return Heal()
+    if roll < 0.97:
+        drop = rng.choice((0.0, 0.02, 0.1))
+        duplicate = rng.choice((0.0, 0.1))
+        return Faults(drop, duplicate, rng.choice((0.0, 0.01, 0.05)))
+    return DiskFail(node, rng.random() < 0.5)
