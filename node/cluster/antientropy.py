@@ -28,11 +28,12 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from node.cluster.ring import KEY_BITS
+from node.cluster.ring import KEY_BITS, Ring
 from storage.versions import VersionId
 
 HASH_BYTES = 16
@@ -65,6 +66,23 @@ def partitions_in(start: int, end: int, partitions: int) -> range:
     if end <= start:
         return range(0)
     return range((start * partitions) >> KEY_BITS, (((end - 1) * partitions) >> KEY_BITS) + 1)
+
+
+@functools.lru_cache(maxsize=32)
+def shared_partitions(ring: Ring, n: int, me: str) -> Mapping[str, tuple[int, ...]]:
+    """peer -> the partitions it and ``me`` both replicate (N replicas), in order.
+
+    Cached per (ring, n, me): a ring is immutable, and walking every partition's
+    preference list is the costly part of a pass that finds nothing to do.
+    """
+    shared: dict[str, set[int]] = {}
+    for start, end, replicas in ring.ranges(n):
+        if me in replicas:
+            parts = partitions_in(start, end, ring.partitions)
+            for peer in replicas:
+                if peer != me:
+                    shared.setdefault(peer, set()).update(parts)
+    return {peer: tuple(sorted(parts)) for peer, parts in shared.items()}
 
 
 def version_hash(ctx: bytes, version_id: str) -> int:
@@ -172,6 +190,10 @@ class HashTree:
     def root(self, partition: int) -> int:
         """A partition's root (0 when empty)."""
         return self._root.get(partition, 0)
+
+    def nonzero_roots(self) -> Mapping[int, int]:
+        """partition -> root, for the partitions that hold something (a live view)."""
+        return self._root
 
     def leaf_hashes(self, partition: int) -> dict[int, int]:
         """The non-zero leaves of a partition: leaf index -> hash."""

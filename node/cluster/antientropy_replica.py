@@ -11,8 +11,9 @@ context in its leaf (~200 bytes per context in CPython).
 
 RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 bytes):
 
-- ``rep.tree`` {partitions: [int], leaves: bool} -> {roots: [bytes]} aligned with
-  ``partitions``, or with ``leaves`` {leaves: [[[leaf, bytes], ...], ...]};
+- ``rep.tree`` {partitions: [int], leaves: bool, summary: bool} -> {roots: [bytes]} aligned
+  with ``partitions``; with ``summary`` {summary: bytes}, one hash over those roots in order
+  (an idle pass asks only this); with ``leaves`` {leaves: [[[leaf, bytes], ...], ...]};
 - ``rep.digests`` {segments: [[partition, leaf], ...]} -> {digests: [[context, bytes]]};
 - ``rep.ids`` {contexts: [str]} -> {states: [[context, [version id], marker | null]]};
 - ``rep.fetch`` {context, ids} -> {envelopes: [bytes], more: [id]}: at most one
@@ -21,6 +22,7 @@ RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 b
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -28,14 +30,14 @@ from typing import Any
 from node.cluster.antientropy import HASH_BYTES, HashTree, change_delta, context_digest
 from node.cluster.replication import batches_by_bytes
 from node.rpc.transport import Peer
-from node.rpc.wire import MAX_FRAME_BYTES
+from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import ContextName
 from storage.errors import InvalidPayload
 from storage.version_store import SetChange, VersionStore
 
 Body = dict[str, Any]
 Handler = Callable[[Peer, Body], Awaitable[Body]]
-BATCH_BUDGET = MAX_FRAME_BYTES // 2  # until the fault-isolation branch defines the budget
+BATCH_BUDGET = MAX_BATCH_BYTES
 MAX_ITEMS = 4096  # partitions, segments or contexts in one request
 
 
@@ -80,6 +82,23 @@ class TreeKeeper:
         with self._lock:
             return {p: self.tree.root(p) for p in partitions}
 
+    def summary(self, partitions: Sequence[int]) -> bytes:
+        """One hash over the non-empty roots among ``partitions`` (equal sets, equal summary).
+
+        Costs the smaller of the two sets: empty partitions contribute nothing.
+        """
+        wanted = set(partitions)
+        with self._lock:
+            roots = self.tree.nonzero_roots()
+            if len(roots) <= len(wanted):
+                picked = sorted((p, r) for p, r in roots.items() if p in wanted)
+            else:
+                picked = sorted((p, roots[p]) for p in wanted if p in roots)
+        digest = hashlib.blake2b(digest_size=HASH_BYTES)
+        for partition, root in picked:
+            digest.update(partition.to_bytes(4, "big") + root.to_bytes(HASH_BYTES, "big"))
+        return digest.digest()
+
     def leaf_hashes(self, partition: int) -> dict[int, int]:
         """The non-zero leaves of a partition."""
         with self._lock:
@@ -97,6 +116,14 @@ class TreeKeeper:
         if not 0 <= partition < self.tree.partitions:
             raise ValueError(f"partition {partition} is outside 0..{self.tree.partitions - 1}")
         return partition
+
+    def check_partitions(self, partitions: list[Any]) -> list[int]:
+        """Partition indexes from the wire (ValueError when one is out of range)."""
+        if all(type(p) is int for p in partitions) and (
+            not partitions or (min(partitions) >= 0 and max(partitions) < self.tree.partitions)
+        ):
+            return partitions
+        return [self.check_partition(p) for p in partitions]  # names the bad one
 
     def check_leaf(self, leaf: Any) -> int:
         """A leaf index from the wire (ValueError when out of range)."""
@@ -121,7 +148,7 @@ def replica_handlers(
     versions = keeper.versions
 
     async def tree(peer: Peer, body: Body) -> Body:
-        parts = [keeper.check_partition(p) for p in bounded(body["partitions"], "partitions")]
+        parts = keeper.check_partitions(bounded(body["partitions"], "partitions"))
         if body.get("leaves"):
             return {
                 "leaves": [
@@ -129,6 +156,8 @@ def replica_handlers(
                     for p in parts
                 ]
             }
+        if body.get("summary"):
+            return {"summary": keeper.summary(parts)}
         roots = keeper.roots(parts)
         return {"roots": [hash_bytes(roots[p]) for p in parts]}
 

@@ -17,7 +17,7 @@ answer ends that exchange only (counted in ``exchanges_failed``), never the node
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,8 @@ from node.cluster.antientropy import (
     TokenBucket,
     differing,
     differing_contexts,
-    partitions_in,
     plan_exchange,
+    shared_partitions,
 )
 from node.cluster.antientropy_replica import (
     BATCH_BUDGET,
@@ -132,18 +132,10 @@ class AntiEntropyService:
             self.stats.passes += 1
             self.stats.last_pass_at = trio.current_time()
 
-    def _shared_partitions(self) -> dict[str, list[int]]:
+    def _shared_partitions(self) -> Mapping[str, tuple[int, ...]]:
+        """peer -> the partitions it replicates with this node (cached per ring)."""
         ring = self.service._current_ring()
-        me = self.service.name
-        shared: dict[str, list[int]] = {}
-        for start, end, replicas in ring.ranges(self.service.config.quorum.n):
-            if me in replicas:
-                for peer in replicas:
-                    if peer != me:
-                        shared.setdefault(peer, []).extend(
-                            partitions_in(start, end, ring.partitions)
-                        )
-        return {peer: sorted(set(parts)) for peer, parts in shared.items()}
+        return shared_partitions(ring, self.service.config.quorum.n, self.service.name)
 
     async def exchange(self, peer: str, partitions: Sequence[int]) -> None:
         """Compare and repair every shared partition with ``peer`` (one exchange)."""
@@ -158,6 +150,10 @@ class AntiEntropyService:
         keeper = self.keeper
         diff_parts: list[int] = []
         for chunk in _chunks(partitions, MAX_ITEMS):
+            body = {"partitions": chunk, "summary": True}
+            summary = (await self._call(peer, "rep.tree", body))["summary"]
+            if summary == keeper.summary(chunk):
+                continue  # the whole chunk agrees (the common, idle case): one round trip
             answer = await self._call(peer, "rep.tree", {"partitions": chunk})
             roots = [hash_int(r) for r in answer["roots"]]
             if len(roots) != len(chunk):

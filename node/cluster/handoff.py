@@ -40,7 +40,7 @@ from node.cluster.handoff_plan import (
 )
 from node.cluster.replication import batches_by_bytes
 from node.errors import PeerUnavailable, RemoteError
-from node.rpc.wire import MAX_FRAME_BYTES
+from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import ContextName
 from storage.envelope import Envelope
 from storage.errors import CorruptRecord, InvalidPayload, StorageError, Unavailable
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Body = dict[str, Any]
-BATCH_BYTES = MAX_FRAME_BYTES // 2  # until the fault-isolation branch defines the budget
+BATCH_BYTES = MAX_BATCH_BYTES
 HINTS_PER_ROUND = 256
 MAX_TARGET_CHARS = 64
 

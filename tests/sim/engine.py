@@ -30,6 +30,10 @@ from typing import Any, Protocol
 import trio
 import trio.testing
 
+from node.cluster.antientropy import AntiEntropyConfig
+from node.cluster.antientropy_service import AntiEntropyService
+from node.cluster.handoff import HandoffService
+from node.cluster.handoff_plan import HandoffConfig
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum, place
 from node.cluster.service import NodeService, ServiceConfig
@@ -38,6 +42,7 @@ from node.rpc.peers import PeerPool
 from node.rpc.transport import Caller
 from storage.address import ContextName, parse
 from storage.context_store import ContextStore
+from storage.hints import HintStore
 from storage.version_store import VersionStore
 from tests.sim import memory_index, model
 from tests.sim.node_parts import (
@@ -55,9 +60,12 @@ from tests.sim.ops import ClientOps
 from tests.sim.schedule import CONTEXTS, Schedule
 
 CLIENT = "client"
-CONVERGENCE_REQUIRED = False  # True once handoff + anti-entropy are wired into EXTRA_SERVICES
-QUIET_S = 2.0  # simulated seconds of a fault-free network after the last step (integrator: raise
-# it to cover one handoff + anti-entropy round once CONVERGENCE_REQUIRED is on)
+CONVERGENCE_REQUIRED = True  # hinted handoff + anti-entropy run in every node (EXTRA_SERVICES)
+HANDOFF_INTERVAL_S = 0.5
+ANTIENTROPY_INTERVAL_S = 2.0
+# simulated seconds of a fault-free network after the last step: failure detection sees every
+# node up, hints drain, and at least one anti-entropy pass runs after the last restart
+QUIET_S = 3 * ANTIENTROPY_INTERVAL_S
 
 
 class SimService(Protocol):
@@ -81,7 +89,25 @@ class SimNodeContext:
 
 
 ServiceFactory = Callable[[SimNodeContext], SimService]
-EXTRA_SERVICES: list[ServiceFactory] = []
+
+
+def handoff_service(context: SimNodeContext) -> SimService:
+    """Hinted handoff over the node's durable store (hints survive a crash)."""
+    settings = HandoffConfig(interval_s=HANDOFF_INTERVAL_S)
+    hints = HintStore(
+        context.store.kv, max_bytes=settings.max_bytes, clock_ms=context.store.clock_ms
+    )
+    service = HandoffService(context.service, hints, settings)
+    context.cluster.on_up.append(service.wake)
+    return service
+
+
+def antientropy_service(context: SimNodeContext) -> SimService:
+    """Active anti-entropy (its hash tree is rebuilt from the durable store at each start)."""
+    return AntiEntropyService(context.service, AntiEntropyConfig(interval_s=ANTIENTROPY_INTERVAL_S))
+
+
+EXTRA_SERVICES: list[ServiceFactory] = [handoff_service, antientropy_service]
 
 
 class Simulation:

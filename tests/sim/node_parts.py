@@ -10,7 +10,7 @@ store as a dying process does. Used by ``tests.sim.engine``.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ class FaultyKV:
         """Scan through."""
         self._check()
         return self._durable.scan(prefix, reverse=reverse, after=after)
+
+    def scan_keys(self, prefix: bytes) -> Iterator[bytes]:
+        """Scan keys through."""
+        self._check()
+        return self._durable.scan_keys(prefix)
 
     def compact(self) -> None:
         """Nothing to reclaim."""

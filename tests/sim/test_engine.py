@@ -27,7 +27,9 @@ from tests.sim.schedule import (
 
 
 async def _run(tmp_path: Path, *steps: Any, **kwargs: Any) -> tuple[Simulation, list[str]]:
-    sim = Simulation(tmp_path, Schedule(3, 7, tuple(steps)), kwargs.get("extra", []))
+    sim = Simulation(
+        tmp_path, Schedule(3, 7, tuple(steps)), kwargs.get("extra", engine.EXTRA_SERVICES)
+    )
     return sim, await sim.run()
 
 
@@ -122,7 +124,7 @@ def test_a_seed_replays_the_same_run() -> None:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                sim = Simulation(Path(tmp), schedule, [])
+                sim = Simulation(Path(tmp), schedule, engine.EXTRA_SERVICES)
                 assert await sim.run() == []
                 seen.extend((p.summary, p.version_id, p.error) for p in sim.history.puts)
 
@@ -136,11 +138,6 @@ def test_a_seed_replays_the_same_run() -> None:
         assert outcomes(seed) == first, f"seed={seed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replicas converge without reads only once hinted handoff + anti-entropy are "
-    "wired into engine.EXTRA_SERVICES (then set engine.CONVERGENCE_REQUIRED = True)",
-)
 async def test_replicas_converge_after_a_quiet_period(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
