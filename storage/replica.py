@@ -57,7 +57,9 @@ class Replica:
         refused; and context -> version count after).
 
         A blob that fails verification is refused and counted; the others are stored in
-        one synced batch. Already-held versions are no-ops (merge by union).
+        one synced batch. Already-held versions are no-ops (merge by union). A version a
+        purge marker here covers is refused too (None), never reported as held: a writer
+        must not count it as a durable copy.
         """
         verified: list[Envelope | None] = []
         for data in blobs:
@@ -81,7 +83,19 @@ class Replica:
             self.store.index.refresh_context(ctx, head)
         self.store.index.maybe_commit()
         flags = iter(stored_flags)
-        return [None if env is None else next(flags) for env in verified], heads
+        result: list[bool | None] = []
+        for item in verified:
+            flag: bool | None = None if item is None else next(flags)
+            if flag is False and item is not None and self._covered(item):
+                flag = None
+            result.append(flag)
+        return result, heads
+
+    def _covered(self, env: Envelope) -> bool:
+        marker = self.store.versions.purge_marker(ContextName.from_canonical(env.context))
+        return marker is not None and VersionId.parse(env.version_id) <= VersionId.parse(
+            marker.upto
+        )
 
     def version_set(self, ctx: ContextName) -> tuple[list[tuple[str, bytes]], PurgeMarker | None]:
         """Every version row of ``ctx`` this node holds, and its purge marker."""
@@ -94,6 +108,7 @@ class Replica:
 
     def apply_purge(self, ctx: ContextName, marker: PurgeMarker) -> int:
         """Remove the versions a purge marker covers and keep the marker."""
+        self.store.observe(marker.upto)  # a write coordinated here later sorts after it
         current = self.store.versions.purge_marker(ctx)
         if current is not None and VersionId.parse(current.upto) >= VersionId.parse(marker.upto):
             return 0

@@ -122,6 +122,18 @@ def parse_head(answer: Any) -> str | None:
     return None if latest is None or latest == "" else str(latest)
 
 
+def parse_head_purge(answer: Any) -> str | None:
+    """``rep.head``: the ``upto`` of the replica's purge marker, or None (also when absent)."""
+    if not isinstance(answer, dict) or answer.get("purged_upto") is None:
+        return None
+    upto = answer["purged_upto"]
+    try:
+        VersionId.parse(upto if isinstance(upto, str) else "")
+    except StorageError:
+        raise MalformedAnswer("rep.head", "'purged_upto' is not a version id") from None
+    return str(upto)
+
+
 def parse_purge(answer: Any) -> int:
     """``rep.purge``: how many versions the replica removed."""
     removed = _field("rep.purge", answer, "removed", int)

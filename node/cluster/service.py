@@ -55,6 +55,7 @@ from storage.envelope import Envelope
 from storage.errors import Forbidden, Internal, InvalidPayload, NotFound, StorageError, Unavailable
 from storage.replica import Replica
 from storage.schema import PurgeMarker
+from storage.versions import VersionId
 from storage.views import ContextInfo, StoredRef, to_wire
 
 __all__ = ["Cluster", "Dialer", "NodeService", "ReplicateResult", "ServiceConfig"]
@@ -404,7 +405,11 @@ class NodeService:
 
     def _local_head(self, ctx: ContextName) -> Body:
         head = self.replica.head(ctx)
-        return {"latest": None if head is None else head.latest}
+        marker = self.store.versions.purge_marker(ctx)
+        return {
+            "latest": None if head is None else head.latest,
+            "purged_upto": None if marker is None else marker.upto,
+        }
 
     def _local_heads(self, args: Body) -> Body:
         infos = self.store.list_contexts(args["pattern"], include_deleted=bool(args["deleted"]))
@@ -444,9 +449,10 @@ class NodeService:
         contexts = {item.address.context() for item in prepared}
         parents: dict[ContextName, str | None] = {}
         for ctx in contexts:
-            parents[ctx] = await self._latest(ctx)
-            if parents[ctx] is not None:
-                self.store.observe(str(parents[ctx]))
+            parents[ctx], purged_upto = await self._latest(ctx)
+            for seen in (parents[ctx], purged_upto):  # the new version sorts after both
+                if seen is not None:
+                    self.store.observe(seen)
         envelopes = self.store.seal_prepared(prepared, lambda ctx: parents[ctx])
         by_ctx: dict[ContextName, list[Envelope]] = {}
         for env in envelopes:
@@ -462,20 +468,24 @@ class NodeService:
             for env in envelopes
         ]  # fmt: skip
 
-    async def _latest(self, ctx: ContextName) -> str | None:
-        """The newest version id any live replica reports (the parent of a new version)."""
+    async def _latest(self, ctx: ContextName) -> tuple[str | None, str | None]:
+        """The newest version id any live replica reports (the parent of a new version),
+        and the newest purge marker's ``upto`` (a new version must sort after it, or the
+        replicas would refuse it as purged)."""
 
-        async def ask(node: str) -> str | None:
+        async def ask(node: str) -> tuple[str | None, str | None]:
             answer = await self.fanout.on(
                 node, "rep.head", {"context": ctx.canonical()}, lambda: self._local_head(ctx)
             )
-            return answers.parse_head(answer)
+            return answers.parse_head(answer), answers.parse_head_purge(answer)
 
         try:
-            heads = await self.fanout.everyone(self._placement(ctx).live, "rep.head", ask)
+            seen = await self.fanout.everyone(self._placement(ctx).live, "rep.head", ask)
         except Unavailable:
-            return None
-        return max((head for head in heads if head is not None), default=None)
+            return None, None
+        latest = [head for head, _ in seen if head is not None]
+        purged = [upto for _, upto in seen if upto is not None]
+        return max(latest, default=None), max(purged, key=VersionId.parse, default=None)
 
     async def replicate(
         self, ctx: ContextName, envs: Sequence[Envelope], w: int | None
@@ -522,7 +532,9 @@ class NodeService:
                     ), len(blobs),
                 )  # fmt: skip
                 if any(flag is None for flag in answer.stored):
-                    raise Unavailable(f"{node} refused a version (bad or untrusted signature)")
+                    raise Unavailable(
+                        f"{node} refused a version (bad or untrusted signature, or purged)"
+                    )
                 for context, count in answer.heads.items():
                     result.heads[context] = max(result.heads.get(context, 0), count)
 
