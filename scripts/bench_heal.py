@@ -1,4 +1,6 @@
-"""Anti-entropy benchmark: tree build, idle pass cost and catch-up rate (not a timed test).
+"""Self-healing benchmark: anti-entropy and hinted-handoff catch-up, simulation speed.
+
+Not a timed test.
 
 Three nodes run in one process over the in-memory network (``node.rpc.memory_transport``),
 each a real ``NodeService`` over a real ``ContextStore`` on LevelDB, with the real
@@ -13,7 +15,13 @@ each a real ``NodeService`` over a real ``ContextStore`` on LevelDB, with the re
   through node1 (``ctx.put_batch``, real encryption and signatures), the cut heals, and
   node3's passes alone (no reads) run until it holds every version. Reported: the time
   and versions/s, with ``max_repairs_per_exchange`` raised to the write count and the
-  default ``bytes_per_s`` throttle.
+  default ``bytes_per_s`` throttle;
+- hinted handoff: the same cut-off node, the same writes, now with ``HandoffService`` on
+  every node (anti-entropy off): the coordinator keeps a durable hint per write for node3
+  (with three nodes and N = 3 it is its own fallback) and delivers them when node3 is seen
+  up again. Reported: hints stored, the time until node3 holds every version, versions/s;
+- simulation: ``scripts/sim`` schedules per minute with two processes on disjoint seeds
+  (one per core), and what ten minutes buy at that speed.
 
 Output: a table on stdout and Markdown between ``<!-- bench:heal:start -->`` and
 ``<!-- bench:heal:end -->`` in BENCHMARKS.md. Scratch data goes to a temporary directory.
@@ -22,12 +30,14 @@ Output: a table on stdout and Markdown between ``<!-- bench:heal:start -->`` and
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +48,8 @@ from bench_report import git_revision, write_section  # scripts/, on sys.path
 from crypto.roles import DEFAULT_ROLES
 from node.cluster.antientropy import AntiEntropyConfig
 from node.cluster.antientropy_service import AntiEntropyService
+from node.cluster.handoff import HandoffService
+from node.cluster.handoff_plan import HandoffConfig
 from node.cluster.liveness import StaticCluster
 from node.cluster.service import NodeService, ServiceConfig
 from node.rpc.memory_transport import MemoryNetwork
@@ -45,6 +57,7 @@ from node.rpc.peers import PeerPool
 from node.rpc.transport import Caller
 from storage.address import parse
 from storage.context_store import ContextStore
+from storage.hints import HintStore
 from storage.schema import version_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +73,7 @@ class Node:
     service: NodeService
     cluster: StaticCluster
     healer: AntiEntropyService
+    handoff: HandoffService | None
 
 
 def _init(root: Path) -> None:
@@ -78,7 +92,11 @@ def _ctx_key(i: int) -> bytes:
 
 @asynccontextmanager
 async def _cluster(
-    root: Path, network: MemoryNetwork, config: AntiEntropyConfig, stores: dict[str, ContextStore]
+    root: Path,
+    network: MemoryNetwork,
+    config: AntiEntropyConfig,
+    stores: dict[str, ContextStore],
+    handoff: HandoffConfig | None = None,
 ) -> AsyncIterator[dict[str, Node]]:
     nodes: dict[str, Node] = {}
     network.set_identity("client", kind="client", roles=("admin",))
@@ -93,10 +111,19 @@ async def _cluster(
             pool = PeerPool(connect, on_result=cluster.mark)
             service = NodeService(stores[name], cluster, pool, ServiceConfig(timeout_s=30.0))
             healer = AntiEntropyService(service, config)
+            hinter = None
+            if handoff is not None:
+                hints = HintStore(
+                    stores[name].kv, max_bytes=handoff.max_bytes, clock_ms=stores[name].clock_ms
+                )
+                hinter = HandoffService(service, hints, handoff)
+                cluster.on_up.append(hinter.wake)
             await nursery.start(pool.run)
             await nursery.start(service.run)
             await nursery.start(network.server(name, service.handle).run)
-            nodes[name] = Node(stores[name], service, cluster, healer)
+            if hinter is not None:
+                await nursery.start(hinter.run)
+            nodes[name] = Node(stores[name], service, cluster, healer, hinter)
         yield nodes
         nursery.cancel_scope.cancel()
 
@@ -157,17 +184,7 @@ async def bench_catch_up(root: Path, writes: int) -> dict[str, float]:
     try:
         network = MemoryNetwork(random.Random(0))
         async with _cluster(root, network, config, stores) as nodes:
-            network.partition(["n3"], ["n1", "n2", "client"])
-            nodes["n1"].cluster.mark("n3", False)
-            nodes["n2"].cluster.mark("n3", False)
-            async with network.open_client("client", "n1") as client:
-                for start in range(0, writes, 200):
-                    items = [
-                        {"address": f"ucxl://a{i % 5}:backend_developer@bench:heal/*^/d{i}.md",
-                         "record": {"summary": f"write {i}"}}
-                        for i in range(start, min(writes, start + 200))
-                    ]  # fmt: skip
-                    await client.call("ctx.put_batch", {"items": items, "w": 2}, timeout_s=300)
+            await _write_while_cut_off(network, nodes, writes)
             network.heal()
             n3 = nodes["n3"]
             wall = time.perf_counter()
@@ -190,10 +207,85 @@ async def bench_catch_up(root: Path, writes: int) -> dict[str, float]:
             store.close()
 
 
-def report(idle: dict[str, float], catch: dict[str, float]) -> str:
+async def _write_while_cut_off(network: MemoryNetwork, nodes: dict[str, Node], writes: int) -> None:
+    """Cut node3 off and acknowledge ``writes`` writes through node1 (W=2)."""
+    network.partition(["n3"], ["n1", "n2", "client"])
+    nodes["n1"].cluster.mark("n3", False)
+    nodes["n2"].cluster.mark("n3", False)
+    async with network.open_client("client", "n1") as client:
+        for start in range(0, writes, 200):
+            items = [
+                {"address": f"ucxl://a{i % 5}:backend_developer@bench:heal/*^/d{i}.md",
+                 "record": {"summary": f"write {i}"}}
+                for i in range(start, min(writes, start + 200))
+            ]  # fmt: skip
+            await client.call("ctx.put_batch", {"items": items, "w": 2}, timeout_s=300)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` every 50 ms (the services run in the same trio loop)."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.05)
+
+
+async def bench_hints(root: Path, writes: int) -> dict[str, float]:
+    _init(root)
+    stores = _open(root)
+    healer = AntiEntropyConfig(enabled=False)
+    handoff = HandoffConfig(interval_s=0.5)
+    try:
+        network = MemoryNetwork(random.Random(0))
+        async with _cluster(root, network, healer, stores, handoff) as nodes:
+            await _write_while_cut_off(network, nodes, writes)
+            hinter = nodes["n1"].handoff
+            assert hinter is not None
+            stored = hinter.hints.stats().hints
+            n3 = nodes["n3"]
+            network.heal()
+            wall = time.perf_counter()
+            nodes["n1"].cluster.mark("n3", True)  # failure detection sees n3 again: wake
+            await _until(lambda: n3.store.versions.count_contexts() >= writes)
+            elapsed = time.perf_counter() - wall
+            await _until(lambda: hinter.hints.stats().hints == 0)  # deleted after the acks
+            return {
+                "writes": writes,
+                "hints": stored,
+                "seconds": elapsed,
+                "rate": writes / elapsed,
+            }
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def bench_sim(schedules: int) -> dict[str, float]:
+    """``scripts/sim`` in two processes (one per core) on disjoint seed ranges."""
+    runner = [sys.executable, "-m", "tests.sim.run", "--schedules", str(schedules)]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen([*runner, "--seed", str(seed)], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+        for seed in (0, schedules)
+    ]
+    outputs = [proc.communicate()[0].decode() for proc in procs]
+    elapsed = time.perf_counter() - started
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError("a simulation schedule failed:\n" + "\n".join(outputs))
+    per_minute = 2 * schedules / elapsed * 60
+    return {"schedules": 2 * schedules, "seconds": elapsed, "per_minute": per_minute}
+
+
+def report(
+    idle: dict[str, float],
+    catch: dict[str, float],
+    hints: dict[str, float],
+    sim: dict[str, float],
+) -> str:
     return "\n".join(
         [
-            "## Anti-entropy (scripts/bench_heal.py)",
+            "## Self-healing: anti-entropy, hinted handoff, simulation (`scripts/bench heal`)",
             "",
             f"Revision {git_revision()}, Python {sys.version.split()[0]}; three nodes in one "
             "process over the in-memory network, LevelDB stores.",
@@ -211,6 +303,13 @@ def report(idle: dict[str, float], catch: dict[str, float]) -> str:
             f"| catch-up time, anti-entropy alone | {catch['seconds']:.1f} s in "
             f"{catch['passes']:.0f} passes ({catch['held']:,} contexts held after) |",
             f"| catch-up rate | {catch['rate']:,.0f} versions/s, {catch['mib']:.1f} MiB fetched |",
+            f"| catch-up by hinted handoff alone: hints stored | {hints['hints']:,.0f} for "
+            f"{hints['writes']:,.0f} writes |",
+            f"| catch-up time, hints alone | {hints['seconds']:.1f} s "
+            f"({hints['rate']:,.0f} versions/s) |",
+            f"| simulation, 2 processes x 1 core | {sim['per_minute']:,.0f} schedules/minute "
+            f"({sim['schedules']:,.0f} in {sim['seconds']:.0f} s): "
+            f"{sim['per_minute'] * 10:,.0f} per 10 minutes (target 10,000) |",
         ]
     )
 
@@ -219,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, default=100_000)
     parser.add_argument("--writes", type=int, default=10_000)
+    parser.add_argument("--schedules", type=int, default=300, help="per simulation process")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -226,9 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         idle = trio.run(bench_idle, scratch / "idle", args.contexts)
         catch = trio.run(bench_catch_up, scratch / "catch", args.writes)
+        hints = trio.run(bench_hints, scratch / "hints", args.writes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    body = report(idle, catch)
+    sim = bench_sim(args.schedules)
+    body = report(idle, catch, hints, sim)
     print(body)
     if not args.no_write:
         write_section(args.out, body, START_MARKER, END_MARKER)

@@ -10,11 +10,12 @@ survive; the ``ContextStore`` (cache, clock, index writer), the ``NodeService``,
 pool, the failure detector, the server and every extra service are torn down (the index
 is closed, as the index directory lock must be released in one process) and built again.
 
-Extension point for the integrator: ``EXTRA_SERVICES`` (or ``run_schedule(...,
-extra_services=...)``) lists factories ``(SimNodeContext) -> service``; each service's
-``run(task_status=...)`` is started in the node's nursery and restarted with the node.
-``CONVERGENCE_REQUIRED`` turns on the "identical replicas after one quiet period, with no
-reads" invariant; it can hold only once hinted handoff and anti-entropy are plugged in.
+Per-node services: ``EXTRA_SERVICES`` (or ``run_schedule(..., extra_services=...)``) lists
+factories ``(SimNodeContext) -> service``; each service's ``run(task_status=...)`` is
+started in the node's nursery and restarted with the node. By default every node runs
+hinted handoff and anti-entropy (the real ``HandoffService`` and ``AntiEntropyService``,
+with short intervals), and ``CONVERGENCE_REQUIRED`` demands identical replicas after the
+quiet period, with no reads.
 """
 
 from __future__ import annotations
