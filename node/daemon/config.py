@@ -441,34 +441,31 @@ class _Reader:
 
     def _cluster(self) -> ClusterConfig:
         n = self._int("cluster.n", 3, 1, 64)
-        timeout = self.values.get("cluster.request_timeout_s")
-        if timeout is not None and (
-            isinstance(timeout.value, bool)
-            or not isinstance(timeout.value, int | float)
-            or timeout.value <= 0
-        ):
-            self._fail("cluster.request_timeout_s", "a positive number of seconds")
         return ClusterConfig(
             n=n,
             w=self._int("cluster.w", min(2, n), 1, n),
             r=self._int("cluster.r", min(2, n), 1, n),
             vnodes=self._int("cluster.vnodes", 64, 1, 4096),
-            request_timeout_s=2.0 if timeout is None else float(timeout.value),
+            request_timeout_s=self._seconds("cluster.request_timeout_s", 2.0),
             max_inflight_requests=self._int("cluster.max_inflight_requests", 256, 1, 100_000),
             max_repair_sends=self._int("cluster.max_repair_sends", 64, 0, 100_000),
         )
 
+    def _seconds(self, name: str, default: float) -> float:
+        """A positive number of seconds (``default`` when unset)."""
+        item = self.values.get(name)
+        if item is None:
+            return default
+        if isinstance(item.value, bool) or not isinstance(item.value, int | float):
+            self._fail(name, "a positive number of seconds")
+        if item.value <= 0:
+            self._fail(name, "a positive number of seconds")
+        return float(item.value)
+
     def _antientropy(self) -> AntiEntropyConfig:
-        interval = self.values.get("antientropy.interval_s")
-        if interval is not None and (
-            isinstance(interval.value, bool)
-            or not isinstance(interval.value, int | float)
-            or interval.value <= 0
-        ):
-            self._fail("antientropy.interval_s", "a positive number of seconds")
         return AntiEntropyConfig(
             enabled=self._bool("antientropy.enabled", True),
-            interval_s=60.0 if interval is None else float(interval.value),
+            interval_s=self._seconds("antientropy.interval_s", 60.0),
             bytes_per_s=self._int("antientropy.bytes_per_s", 8 * 1024 * 1024, 1024, 1 << 40),
             max_repairs_per_exchange=self._int(
                 "antientropy.max_repairs_per_exchange", 1000, 1, 1_000_000

@@ -12,16 +12,13 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
-from crypto.tls import TlsFiles
 from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
 from node.errors import PeerUnavailable
-from node.rpc.transport import open_rpc_client
-from storage.address import parse
+from tests.node.real_cluster import call, held_by, tls
 
 pytestmark = pytest.mark.slow
 WRITES = 40
@@ -49,32 +46,11 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
         cluster_down(root)
 
 
-def files(root: Path, name: str) -> TlsFiles:
-    return TlsFiles(
-        ca_cert=root / "ca" / "ca.crt", cert=root / "ca" / f"{name}.crt",
-        key=root / "ca" / f"{name}.key", crl=root / "ca" / "ca.crl",
-    )  # fmt: skip
-
-
-async def call(
-    port: int, tls: TlsFiles, method: str, body: dict[str, Any], *, node: str | None = None
-) -> dict[str, Any]:
-    async with open_rpc_client("127.0.0.1", port, tls, node=node, connect_timeout_s=5) as client:
-        return await client.call(method, body, timeout_s=20)
-
-
-async def held_by(root: Path, member: LocalNode, i: int) -> set[str]:
-    """The version ids ``member`` holds of context ``i`` (asked as node1, a cluster node)."""
-    body = {"context": parse(address(i)).context().canonical()}
-    answer = await call(member.rpc_port, files(root, "node1"), "rep.versions", body, node="node1")
-    return {str(vid) for vid, _ in answer["envelopes"]}
-
-
 async def test_a_restarted_node_converges_with_no_reads(
     cluster: tuple[Path, list[LocalNode]],
 ) -> None:
     root, (n1, _n2, n3) = cluster
-    client = files(root, "client")
+    client = tls(root, "client")
     # a short schedule for the restarted node (its peers also start a pass when it comes up)
     toml = root / "node3" / "node.toml"
     text = toml.read_text()
@@ -94,7 +70,7 @@ async def test_a_restarted_node_converges_with_no_reads(
     while missing and time.monotonic() < deadline:
         for i in list(missing):
             try:
-                if missing[i] in await held_by(root, restarted, i):
+                if missing[i] in await held_by(root, restarted, [address(i)]):
                     del missing[i]
             except PeerUnavailable:
                 break
@@ -102,7 +78,7 @@ async def test_a_restarted_node_converges_with_no_reads(
             await trio.sleep(0.5)
     assert not missing, f"node3 never caught up on {len(missing)} of {WRITES} contexts"
     for i in (0, WRITES - 1):  # identical version sets on every replica
-        sets = [await held_by(root, m, i) for m in (n1, _n2, restarted)]
+        sets = [await held_by(root, m, [address(i)]) for m in (n1, _n2, restarted)]
         assert sets[0] == sets[1] == sets[2] == {acked[i]}
     repaired = 0
     for member in (n1, _n2, restarted):

@@ -14,16 +14,13 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
-from crypto.tls import TlsFiles
 from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
 from node.errors import PeerUnavailable, RemoteError
-from node.rpc.transport import open_rpc_client
-from storage.address import parse
+from tests.node.real_cluster import call, held_by, tls
 
 pytestmark = pytest.mark.slow
 WRITES = 40
@@ -42,29 +39,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
         yield root, members
     finally:
         cluster_down(root)
-
-
-def tls(root: Path, name: str) -> TlsFiles:
-    ca = root / "ca"
-    return TlsFiles(ca_cert=ca / "ca.crt", cert=ca / f"{name}.crt", key=ca / f"{name}.key",
-                    crl=ca / "ca.crl")  # fmt: skip
-
-
-async def call(
-    port: int, files: TlsFiles, method: str, body: dict[str, Any], *, node: str | None = None
-) -> dict[str, Any]:
-    async with open_rpc_client("127.0.0.1", port, files, node=node, connect_timeout_s=10) as c:
-        return await c.call(method, body, timeout_s=20)
-
-
-async def held_by(member: LocalNode, root: Path, addresses: list[str]) -> set[str]:
-    """Every version id ``member`` holds locally of the given contexts (as node1 asks)."""
-    found: set[str] = set()
-    for addr in addresses:
-        body = {"context": parse(addr).context().canonical()}
-        answer = await call(member.rpc_port, tls(root, "node1"), "rep.versions", body, node="node1")
-        found.update(str(vid) for vid, _ in answer["envelopes"])
-    return found
 
 
 async def test_a_restarted_node_catches_up_by_hints_without_reads(
@@ -87,7 +61,7 @@ async def test_a_restarted_node_catches_up_by_hints_without_reads(
     with trio.move_on_after(CATCH_UP_TIMEOUT_S):
         while not set(acked) <= held:
             with contextlib.suppress(PeerUnavailable, RemoteError):  # still starting
-                held = await held_by(restarted, root, addresses)
+                held = await held_by(root, restarted, addresses)
             await trio.sleep(0.5)
     missing = set(acked) - held
     assert not missing, f"node3 lacks {len(missing)} of {len(acked)} acknowledged versions"

@@ -1,0 +1,49 @@
+"""Helpers of the real-tier cluster tests: certificates, one RPC call, a node's holdings.
+
+A node's holdings are read with ``rep.versions`` under a node certificate (``node1``'s),
+straight from its store: no client read, so no read repair is triggered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from crypto.tls import TlsFiles
+from node.daemon.ops import LocalNode
+from node.rpc.transport import open_rpc_client
+from storage.address import parse
+
+
+def tls(root: Path, name: str) -> TlsFiles:
+    """The certificate files of ``name`` (a node or ``client``) in cluster directory ``root``."""
+    ca = root / "ca"
+    return TlsFiles(
+        ca_cert=ca / "ca.crt", cert=ca / f"{name}.crt", key=ca / f"{name}.key", crl=ca / "ca.crl"
+    )
+
+
+async def call(
+    port: int, files: TlsFiles, method: str, body: dict[str, Any], *, node: str | None = None
+) -> dict[str, Any]:
+    """One request to the node listening on ``port`` (``node``: the caller's node name)."""
+    async with open_rpc_client("127.0.0.1", port, files, node=node, connect_timeout_s=10) as c:
+        return await c.call(method, body, timeout_s=20)
+
+
+async def held_by(root: Path, member: LocalNode, addresses: list[str]) -> set[str]:
+    """Every version id ``member`` holds locally of the contexts of ``addresses``."""
+    found: set[str] = set()
+    for addr in addresses:
+        after: str | None = None
+        while True:
+            body = {"context": parse(addr).context().canonical(), "after": after}
+            answer = await call(
+                member.rpc_port, tls(root, "node1"), "rep.versions", body, node="node1"
+            )
+            page = [str(vid) for vid, _ in answer["envelopes"]]
+            found.update(page)
+            if not answer.get("more") or not page:
+                break
+            after = max(page)
+    return found
