@@ -4,19 +4,25 @@ Owns: authorization of callers by certificate roles, admission (at most
 ``max_inflight_requests`` client requests and as many replica requests at once; beyond
 that ``UCXL-503-UNAVAILABLE`` "busy", nothing queued), carrying out the coordinator's
 decisions (``node.cluster.coordinator``: ranks, delete, wildcard resolution, search role,
-repair plan, budgets) and the replica-side methods. Replica calls, their fault isolation
-and budgets live in ``node.cluster.fanout``; request parsing in ``node.cluster.requests``;
-peer-answer parsing in ``node.cluster.answers``.
+repair plan, budgets), hinted handoff's hook on the write path (``HintSink``), and the
+operator status. The replica-side methods live in ``node.cluster.replica_side``; replica
+calls, their fault isolation and budgets in ``node.cluster.fanout``; request parsing in
+``node.cluster.requests``; peer-answer parsing in ``node.cluster.answers``. Other
+subsystems add replica methods through ``extra_replica_methods`` (anti-entropy's
+``rep.tree``/``rep.digests``/``rep.ids``/``rep.fetch``, handoff's ``rep.hint``) and
+figures through ``status_sources``.
+
+Order of effects for a write: validate and encrypt (locally) -> learn the parent and the
+purge floor from the live replicas -> sign -> send to every live replica in
+``MAX_BATCH_BYTES`` batches -> answer once W acknowledged every batch (strict quorum; with
+``[handoff] sloppy_quorum`` a durable hint for a down or failed owner counts too); hints
+for the owners that missed it, and the remaining sends, finish in the service's own
+nursery. For a read: page the version sets of the live replicas -> answer from the first
+R, merged -> push what a replica lacked (read repair, bounded fan-out).
 
 Errors: a body that does not parse answers ``UCXL-400-INVALID_PAYLOAD`` naming the field;
 after parsing, an exception that is not a ``StorageError``/``NodeError`` is our bug: it is
 logged with its traceback, counted, and answered ``UCXL-500-INTERNAL``.
-
-Order of effects for a write: validate and encrypt (locally) -> learn the parent from the
-live replicas -> sign -> send to every live replica in ``MAX_BATCH_BYTES`` batches ->
-answer once W acknowledged every batch; the remaining sends finish in the service's own
-nursery. For a read: page the version sets of the live replicas -> answer from the first
-R, merged -> push what a replica lacked (read repair, bounded fan-out).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import trio
 from crypto.roles import ADMIN_ROLE
 from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
+from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
     Placement,
     Quorum,
@@ -54,7 +61,6 @@ from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope
 from storage.errors import Forbidden, Internal, InvalidPayload, NotFound, StorageError, Unavailable
 from storage.replica import Replica
-from storage.schema import PurgeMarker
 from storage.versions import VersionId
 from storage.views import ContextInfo, StoredRef, to_wire
 
@@ -144,6 +150,7 @@ class NodeService:
             blocking_in_threads=config.blocking_in_threads,
             max_background=config.max_repair_sends,
         )  # fmt: skip
+        self.local = ReplicaSide(self.name, self.replica, self.fanout.blocking)
         self._ring_key: tuple[str, ...] = ()
         self._ring = Ring([], vnodes=config.vnodes)
         self._inflight = {"client": 0, "replica": 0}
@@ -215,10 +222,8 @@ class NodeService:
             "ctx.put": self._put, "ctx.put_batch": self._put_batch, "ctx.get": self._get,
             "ctx.get_batch": self._get_batch, "ctx.history": self._history, "ctx.ls": self._ls,
             "ctx.search": self._search, "ctx.delete": self._delete, "ctx.purge": self._purge,
-            "node.status": self._status, "rep.store": self._rep_store,
-            "rep.versions": self._rep_versions, "rep.head": self._rep_head,
-            "rep.purge": self._rep_purge, "rep.heads": self._rep_heads,
-            "rep.search": self._rep_search, "rep.ping": self._rep_ping,
+            "node.status": self._status,
+            **self.local.methods(),
             **self.extra_replica_methods,
         }  # fmt: skip
 
@@ -273,7 +278,7 @@ class NodeService:
 
         async def ask(node: str) -> list[Any]:
             answer = await self.fanout.on(
-                node, "rep.search", query, lambda: self._local_search(query)
+                node, "rep.search", query, lambda: self.local.search(query)
             )
             return answers.parse_search(answer)
 
@@ -348,48 +353,7 @@ class NodeService:
             "antientropy": status.antientropy(snapshot),
         }
 
-    # -- replica methods ------------------------------------------------------------------
-
-    async def _rep_store(self, peer: Peer, args: Body) -> Body:
-        blobs: list[bytes] = args["envelopes"]
-        stored, heads = await self.fanout.blocking(lambda: self.replica.apply(blobs))
-        return {"stored": stored, "heads": heads}
-
-    async def _rep_versions(self, peer: Peer, args: Body) -> Body:
-        ctx: ContextName = args["context"]
-        budget = min(args["max_bytes"] or MAX_BATCH_BYTES, MAX_BATCH_BYTES)
-        return await self.fanout.blocking(lambda: self._versions_page(ctx, args["after"], budget))
-
-    def _versions_page(self, ctx: ContextName, after: str | None, budget: int) -> Body:
-        rows, marker = self.replica.version_set(ctx)
-        page, more = coordinator.page_versions(rows, after, budget)
-        return {
-            "envelopes": [[vid, data] for vid, data in page],
-            "purge": None if marker is None else marker.encode(),
-            "more": more,
-        }
-
-    async def _rep_head(self, peer: Peer, args: Body) -> Body:
-        return self._local_head(args["context"])
-
-    async def _rep_purge(self, peer: Peer, args: Body) -> Body:
-        ctx: ContextName = args["context"]
-        try:
-            marker = PurgeMarker.decode(args["marker"])
-        except StorageError as exc:
-            raise InvalidPayload(f"marker: {exc.message}", field="marker") from None
-        return {
-            "removed": await self.fanout.blocking(lambda: self.replica.apply_purge(ctx, marker))
-        }
-
-    async def _rep_heads(self, peer: Peer, args: Body) -> Body:
-        return self._local_heads(args)
-
-    async def _rep_search(self, peer: Peer, args: Body) -> Body:
-        return await self.fanout.blocking(lambda: self._local_search(args))
-
-    async def _rep_ping(self, peer: Peer, args: Body) -> Body:
-        return {"name": self.name}
+    # -- replica methods (node.cluster.replica_side) ---------------------------------------
 
     async def _rep_hint(self, peer: Peer, body: Body) -> Body:
         if self.handoff is None:
@@ -400,27 +364,8 @@ class NodeService:
         """``rep.store`` of ``blobs`` on ``node`` (locally for this node)."""
         batch = list(blobs)
         return await self.fanout.on(
-            node, "rep.store", {"envelopes": batch}, partial(_apply, self.replica, batch)
+            node, "rep.store", {"envelopes": batch}, partial(self.local.apply, batch)
         )
-
-    def _local_head(self, ctx: ContextName) -> Body:
-        head = self.replica.head(ctx)
-        marker = self.store.versions.purge_marker(ctx)
-        return {
-            "latest": None if head is None else head.latest,
-            "purged_upto": None if marker is None else marker.upto,
-        }
-
-    def _local_heads(self, args: Body) -> Body:
-        infos = self.store.list_contexts(args["pattern"], include_deleted=bool(args["deleted"]))
-        return {"contexts": [to_wire(info) for info in infos]}
-
-    def _local_search(self, args: Body) -> Body:
-        hits = self.store.search(
-            args["query"], project=args["project"], task=args["task"], tags=list(args["tags"]),
-            as_role=args["as_role"], limit=int(args["limit"]),
-        )  # fmt: skip
-        return {"hits": [to_wire(hit) for hit in hits]}
 
     # -- coordination -------------------------------------------------------------------
 
@@ -475,7 +420,7 @@ class NodeService:
 
         async def ask(node: str) -> tuple[str | None, str | None]:
             answer = await self.fanout.on(
-                node, "rep.head", {"context": ctx.canonical()}, lambda: self._local_head(ctx)
+                node, "rep.head", {"context": ctx.canonical()}, lambda: self.local.head(ctx)
             )
             return answers.parse_head(answer), answers.parse_head_purge(answer)
 
@@ -528,7 +473,7 @@ class NodeService:
                 answer = answers.parse_store(
                     await self.fanout.on(
                         node, "rep.store", {"envelopes": blobs},
-                        partial(_apply, self.replica, blobs),
+                        partial(self.local.apply, blobs),
                     ), len(blobs),
                 )  # fmt: skip
                 if any(flag is None for flag in answer.stored):
@@ -599,7 +544,7 @@ class NodeService:
                 body = {"context": ctx.canonical(), "after": after, "max_bytes": MAX_BATCH_BYTES}
                 answer = await self.fanout.on(
                     node, "rep.versions", body,
-                    partial(self._versions_page, ctx, after, MAX_BATCH_BYTES),
+                    partial(self.local.versions_page, ctx, after, MAX_BATCH_BYTES),
                 )  # fmt: skip
                 page = answers.parse_versions(answer, ctx.canonical())
                 envelopes.update(page.envelopes)
@@ -668,7 +613,7 @@ class NodeService:
         body = {"pattern": pattern, "deleted": deleted}
 
         async def ask(node: str) -> list[ContextInfo]:
-            answer = await self.fanout.on(node, "rep.heads", body, lambda: self._local_heads(body))
+            answer = await self.fanout.on(node, "rep.heads", body, lambda: self.local.heads(body))
             return answers.parse_heads(answer)
 
         parts = await self.fanout.everyone(self._up_members(), "rep.heads", ask)
@@ -693,8 +638,3 @@ _SELF = Peer(name="self", kind="node", roles=(), fingerprint="")
 
 def _ref(ctx: ContextName, count: int, version_id: str) -> StoredRef:
     return StoredRef(ctx.address(Temporal("version", count)).canonical(), count, version_id)
-
-
-def _apply(replica: Replica, blobs: list[bytes]) -> Body:
-    stored, heads = replica.apply(blobs)
-    return {"stored": stored, "heads": heads}

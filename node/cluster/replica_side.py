@@ -1,0 +1,124 @@
+"""The replica side of the node service: the ``rep.*`` answers from this node's own store.
+
+Owns: answering other nodes' replica requests (``rep.store``, ``rep.versions`` paged,
+``rep.head``, ``rep.purge``, ``rep.heads``, ``rep.search``, ``rep.ping``) over the local
+``storage.replica.Replica``, and the same operations as plain calls for the coordinator
+when it is itself one of the replicas. Must not know: quorums, the ring, other nodes.
+Bodies arrive parsed (``node.cluster.requests``); slow storage work runs through
+``blocking`` (a worker thread on a real node, inline in the simulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from node.cluster import coordinator
+from node.rpc.transport import Peer
+from node.rpc.wire import MAX_BATCH_BYTES
+from storage.address import ContextName
+from storage.errors import InvalidPayload, StorageError
+from storage.replica import Replica
+from storage.schema import PurgeMarker
+from storage.views import to_wire
+
+Body = dict[str, Any]
+T = TypeVar("T")
+
+
+class Blocking(Protocol):
+    """Runs slow storage work off the event loop (``Fanout.blocking``)."""
+
+    def __call__(self, fn: Callable[[], T]) -> Awaitable[T]:
+        """The result of ``fn()``."""
+        ...
+
+
+class ReplicaSide:
+    """This node as one replica: its ``rep.*`` methods and their local forms."""
+
+    def __init__(self, name: str, replica: Replica, blocking: Blocking) -> None:
+        self.name = name
+        self.replica = replica
+        self.store = replica.store
+        self._blocking = blocking
+
+    def methods(self) -> Mapping[str, Callable[[Peer, Body], Awaitable[Body]]]:
+        """The replica methods, by RPC name."""
+        return {
+            "rep.store": self._rep_store, "rep.versions": self._rep_versions,
+            "rep.head": self._rep_head, "rep.purge": self._rep_purge,
+            "rep.heads": self._rep_heads, "rep.search": self._rep_search,
+            "rep.ping": self._rep_ping,
+        }  # fmt: skip
+
+    # -- local forms (the coordinator calls these for itself) ------------------------------
+
+    def apply(self, blobs: list[bytes]) -> Body:
+        """Store verified versions; per blob True stored, False held, None refused."""
+        stored, heads = self.replica.apply(blobs)
+        return {"stored": stored, "heads": heads}
+
+    def versions_page(self, ctx: ContextName, after: str | None, budget: int) -> Body:
+        """One page of the version set of ``ctx`` after version ``after``."""
+        rows, marker = self.replica.version_set(ctx)
+        page, more = coordinator.page_versions(rows, after, budget)
+        return {
+            "envelopes": [[vid, data] for vid, data in page],
+            "purge": None if marker is None else marker.encode(),
+            "more": more,
+        }
+
+    def head(self, ctx: ContextName) -> Body:
+        """The newest version id held, and the purge marker's ``upto`` (new ids sort after)."""
+        head = self.replica.head(ctx)
+        marker = self.store.versions.purge_marker(ctx)
+        return {
+            "latest": None if head is None else head.latest,
+            "purged_upto": None if marker is None else marker.upto,
+        }
+
+    def heads(self, args: Body) -> Body:
+        """The contexts held that match a pattern."""
+        infos = self.store.list_contexts(args["pattern"], include_deleted=bool(args["deleted"]))
+        return {"contexts": [to_wire(info) for info in infos]}
+
+    def search(self, args: Body) -> Body:
+        """A search of the local index for the given role."""
+        hits = self.store.search(
+            args["query"], project=args["project"], task=args["task"], tags=list(args["tags"]),
+            as_role=args["as_role"], limit=int(args["limit"]),
+        )  # fmt: skip
+        return {"hits": [to_wire(hit) for hit in hits]}
+
+    # -- RPC handlers ---------------------------------------------------------------------
+
+    async def _rep_store(self, peer: Peer, args: Body) -> Body:
+        blobs: list[bytes] = args["envelopes"]
+        return await self._blocking(lambda: self.apply(blobs))
+
+    async def _rep_versions(self, peer: Peer, args: Body) -> Body:
+        ctx: ContextName = args["context"]
+        budget = min(args["max_bytes"] or MAX_BATCH_BYTES, MAX_BATCH_BYTES)
+        return await self._blocking(lambda: self.versions_page(ctx, args["after"], budget))
+
+    async def _rep_head(self, peer: Peer, args: Body) -> Body:
+        return self.head(args["context"])
+
+    async def _rep_purge(self, peer: Peer, args: Body) -> Body:
+        ctx: ContextName = args["context"]
+        try:
+            marker = PurgeMarker.decode(args["marker"])
+        except StorageError as exc:
+            raise InvalidPayload(f"marker: {exc.message}", field="marker") from None
+        removed = await self._blocking(lambda: self.replica.apply_purge(ctx, marker))
+        return {"removed": removed}
+
+    async def _rep_heads(self, peer: Peer, args: Body) -> Body:
+        return self.heads(args)
+
+    async def _rep_search(self, peer: Peer, args: Body) -> Body:
+        return await self._blocking(lambda: self.search(args))
+
+    async def _rep_ping(self, peer: Peer, args: Body) -> Body:
+        return {"name": self.name}
