@@ -443,18 +443,25 @@ class NodeService:
         quorum = self._quorum_of(w=w)
         placement = self._placement(ctx)
         batches = list(batches_by_bytes([env.encode() for env in envs], MAX_BATCH_BYTES))
-        # hinted handoff (node.cluster.handoff_plan): a sloppy quorum asks every owner and
-        # counts a down or failed owner once its hint is durable; strict asks the live ones
+        # hinted handoff (node.cluster.handoff_plan): every owner gets an attempt; a down
+        # owner's attempt stores its hint. Strict (default): only owners that stored the
+        # write count toward W, and too few live owners fail at once. Sloppy: a durable
+        # hint for a down or failed owner counts too.
         sloppy = self.handoff is not None and self.handoff.sloppy_quorum
-        asked = Placement(placement.replicas, placement.replicas) if sloppy else placement
+        if not sloppy:
+            self._tracker(placement, quorum.w, "write")  # UNAVAILABLE now, nothing sent
+        every = Placement(placement.replicas, placement.replicas)
+        asked = placement if self.handoff is None else every
         tracker = self._tracker(asked, quorum.w, "write")
         result = ReplicateResult(down=[n for n in placement.replicas if n not in placement.live])
 
         async def one(node: str) -> None:
+            if node not in placement.live:  # hints are not bounded by the repair fan-out
+                await self._hint(ctx, placement, node, batches)
+                if not sloppy:
+                    raise Unavailable(f"{node} is down (its hint is stored)")
+                return
             try:
-                if node not in placement.live:
-                    await self._hint(ctx, placement, node, batches)  # sloppy only
-                    return
                 try:
                     await store(node)
                 except (NodeError, StorageError):
@@ -484,12 +491,8 @@ class NodeService:
                     result.heads[context] = max(result.heads.get(context, 0), count)
 
         await self._quorum(asked, tracker, one, op="write")
-        result.acked, result.failed = list(tracker.ok), list(tracker.failed)
-        if self.handoff is not None and not sloppy:
-            for node in result.down:
-                self.fanout.background(
-                    "rep.hint", partial(self._hint, ctx, placement, node, batches)
-                )
+        result.acked = list(tracker.ok)
+        result.failed = [node for node in tracker.failed if node in placement.live]
         return result
 
     async def _hint(
