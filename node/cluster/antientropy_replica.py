@@ -119,8 +119,10 @@ class TreeKeeper:
 
     def check_partitions(self, partitions: list[Any]) -> list[int]:
         """Partition indexes from the wire (ValueError when one is out of range)."""
-        if all(type(p) is int for p in partitions) and (
-            not partitions or (min(partitions) >= 0 and max(partitions) < self.tree.partitions)
+        if not partitions:
+            return partitions
+        if set(map(type, partitions)) == {int} and (
+            min(partitions) >= 0 and max(partitions) < self.tree.partitions
         ):
             return partitions
         return [self.check_partition(p) for p in partitions]  # names the bad one
