@@ -242,10 +242,13 @@ class AsyncClient:
     async def history(self, address: str, *, r: int | None = None) -> list[HistoryEntry]:
         """Every version of the context, oldest first (nothing is decrypted)."""
         parse(address)
-        body = await self._call("ctx.history", {"address": address, "r": r})
-        return [
-            _view(HistoryEntry, e, "ctx.history") for e in _parts(body, "history", "ctx.history")
-        ]
+        out: list[HistoryEntry] = []
+        while True:  # the node answers what fits its answer budget, then "more"
+            body = await self._call("ctx.history", {"address": address, "r": r, "from": len(out)})
+            page = _parts(body, "history", "ctx.history")
+            out.extend(_view(HistoryEntry, e, "ctx.history") for e in page)
+            if not body.get("more") or not page:
+                return out
 
     async def ls(self, pattern: str, *, deleted: bool = False) -> list[ContextInfo]:
         """Contexts matching ``pattern`` (wildcards; its path matches as a prefix)."""

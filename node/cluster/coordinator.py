@@ -179,6 +179,16 @@ def page_versions(
     return page, len(page) < len(rest)
 
 
+def fitting(sizes: Sequence[int], budget_bytes: int) -> int:
+    """How many leading items of these sizes fit the budget (at least one when any)."""
+    used = 0
+    for count, size in enumerate(sizes):
+        if count and used + size > budget_bytes:
+            return count
+        used += size
+    return len(sizes)
+
+
 def inner_timeout(
     configured_s: float, remaining_s: float | None, margin_s: float = DEADLINE_MARGIN_S
 ) -> float:

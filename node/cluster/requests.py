@@ -128,6 +128,8 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
     elif method in ("ctx.get", "ctx.history"):
         args = {"address": _address(body), "as_role": _str(body, "as_role", optional=True)}
         args["r"] = _opt_int(body, "r")
+        if method == "ctx.history":
+            args["from"] = _opt_int(body, "from", 0, 2**31) or 0
     elif method == "ctx.get_batch":
         addresses = _list(body, "addresses")
         if not all(isinstance(address, str) for address in addresses):

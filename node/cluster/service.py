@@ -262,7 +262,10 @@ class NodeService:
         ctx = await self._resolve(args["address"])
         merged = await self._gather_versions(ctx, args["r"])
         history = await self.fanout.blocking(lambda: self.replica.history(ctx, merged))
-        return {"history": [to_wire(entry) for entry in history]}
+        rest = [to_wire(entry) for entry in history[args["from"] :]]
+        sizes = [len(msgpack.packb(entry, use_bin_type=True)) for entry in rest]
+        count = coordinator.fitting(sizes, MAX_BATCH_BYTES)
+        return {"history": rest[:count], "more": count < len(rest)}
 
     async def _ls(self, peer: Peer, args: Body) -> Body:
         infos = await self._coverage_heads(args["pattern"], args["deleted"])

@@ -13,7 +13,8 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``ctx.get``: {address, as_role: str|None, r: int|None} -> {version}
 - ``ctx.get_batch``: {addresses, as_role, r} -> {results: [{version} | {error}], more: bool}
   (``more``: the answer stopped at ``MAX_BATCH_BYTES``; ask again for the rest)
-- ``ctx.history``: {address, r} -> {history: [entry]}
+- ``ctx.history``: {address, r, from: int|None} -> {history: [entry], more: bool}
+  (entries from index ``from``, oldest first, while they fit ``MAX_BATCH_BYTES``)
 - ``ctx.ls``: {pattern, deleted: bool} -> {contexts: [info]}
 - ``ctx.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
 - ``ctx.delete``: {address, w} -> {ref}

@@ -36,7 +36,7 @@ REQUEST_KEYS: dict[str, frozenset[str]] = {
     "ctx.put_batch": frozenset({"items", "w"}),
     "ctx.get": frozenset({"address", "as_role", "r"}),
     "ctx.get_batch": frozenset({"addresses", "as_role", "r"}),
-    "ctx.history": frozenset({"address", "r"}),
+    "ctx.history": frozenset({"address", "r", "from"}),
     "ctx.ls": frozenset({"pattern", "deleted"}),
     "ctx.search": frozenset({"query", "project", "task", "tags", "limit", "as_role"}),
     "ctx.delete": frozenset({"address", "w"}),
@@ -56,6 +56,7 @@ class FakeNode:
         self.calls: list[str] = []  # methods received, in order
         self.crash_on: set[str] = set()
         self.hang_on: set[str] = set()
+        self.history_page: int | None = None  # entries per ctx.history answer (None: all)
         self._scope = trio.CancelScope()
         self._actions: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ctx.put": self._put,
@@ -130,7 +131,9 @@ class FakeNode:
         }
 
     def _history(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"history": [to_wire(e) for e in self.store.history(body["address"])]}
+        entries = self.store.history(body["address"])[body.get("from") or 0 :]
+        page = entries if self.history_page is None else entries[: self.history_page]
+        return {"history": [to_wire(e) for e in page], "more": len(page) < len(entries)}
 
     def _ls(self, body: dict[str, Any]) -> dict[str, Any]:
         found = self.store.list_contexts(body["pattern"], include_deleted=body["deleted"])

@@ -167,6 +167,20 @@ async def test_every_method_round_trips_typed_views(
         assert client.peer.name == "node-a"
 
 
+async def test_history_follows_more_until_the_whole_history_arrived(
+    cluster: TlsCluster, store: ContextStore
+) -> None:
+    node = FakeNode(store)
+    node.history_page = 2  # the node answers two entries at a time, then "more"
+    seed = await cluster.start(node)
+    async with open_client(cluster.config(seed), connect=cluster.connect) as client:
+        for i in range(5):
+            await client.put(DEV, {**RECORD, "summary": f"v{i}"})
+        history = await client.history(DEV)
+    assert [entry.version for entry in history] == [1, 2, 3, 4, 5]
+    assert node.calls.count("ctx.history") == 3
+
+
 async def test_error_answers_raise_the_storage_error_of_their_code(
     cluster: TlsCluster, store: ContextStore
 ) -> None:

@@ -9,6 +9,7 @@ from node.cluster.coordinator import (
     RepairPlan,
     choose_context,
     decide_delete,
+    fitting,
     inner_timeout,
     page_versions,
     repair_plan,
@@ -109,3 +110,14 @@ def test_an_inner_call_never_outlives_the_clients_deadline(
     assert 0 <= budget <= configured
     if remaining is not None:
         assert budget <= max(remaining - margin, 0)
+
+
+@given(st.lists(st.integers(0, 50)), st.integers(1, 120))
+def test_fitting_takes_the_longest_prefix_within_budget(sizes: list[int], budget: int) -> None:
+    """The prefix fits the budget (or is one item), and one more item would not fit."""
+    count = fitting(sizes, budget)
+    assert (count == 0) == (not sizes)
+    if count > 1:
+        assert sum(sizes[:count]) <= budget
+    if 0 < count < len(sizes):
+        assert sum(sizes[: count + 1]) > budget
