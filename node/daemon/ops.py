@@ -278,6 +278,7 @@ def cluster_down(root: Path, *, timeout_s: float = 15.0) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running slurp node (not another process that reused the pid)."""
     if pid <= 0:
         return False
     _reap(pid)
@@ -286,8 +287,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return _is_node_process(pid)
+
+
+def _is_node_process(pid: int) -> bool:
+    """Where /proc tells (Linux): the process runs ``... node start ...``; else assume so."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return not Path("/proc/self").exists()  # no /proc here: trust the pid
+    return any(args[i : i + 2] == [b"node", b"start"] for i in range(len(args)))
 
 
 def _reap(pid: int) -> None:

@@ -1,0 +1,38 @@
+"""A pid file that names a live process which is not a slurp node counts as down, so
+``cluster up`` restarts the node and ``cluster down`` never signals that process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.daemon import ops
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+
+
+def test_a_live_process_that_is_not_a_node_is_not_taken_for_one() -> None:
+    assert ops._alive(os.getpid()) is False  # pytest, not `node start`
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert ops._alive(other.pid) is False
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_process_running_node_start_is_taken_for_a_node() -> None:
+    # argv[0] is the interpreter; the arguments are what `cluster up` passes (never run here)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "node", "start", "--config", "x"]
+    )
+    try:
+        assert ops._alive(fake.pid) is True
+    finally:
+        fake.kill()
+        fake.wait()
+    assert ops._alive(fake.pid) is False
