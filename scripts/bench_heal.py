@@ -40,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -287,8 +288,9 @@ def report(
         [
             "## Self-healing: anti-entropy, hinted handoff, simulation (`scripts/bench heal`)",
             "",
-            f"Revision {git_revision()}, Python {sys.version.split()[0]}; three nodes in one "
-            "process over the in-memory network, LevelDB stores.",
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · commit {git_revision()} · "
+            f"{os.cpu_count()} cores · Python {sys.version.split()[0]} · three nodes in one "
+            "process over the in-memory network, LevelDB stores",
             "",
             "| figure | value |",
             "|---|---|",
