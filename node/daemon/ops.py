@@ -281,6 +281,12 @@ def _alive(pid: int) -> bool:
     """Whether ``pid`` is a running slurp node (not another process that reused the pid)."""
     if pid <= 0:
         return False
+    child = _CHILDREN.get(pid)
+    if child is not None:  # ours: it may not have exec'd yet, so ask Popen, not /proc
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     _reap(pid)
     try:
         os.kill(pid, 0)
