@@ -36,3 +36,18 @@ def test_a_process_running_node_start_is_taken_for_a_node() -> None:
         fake.kill()
         fake.wait()
     assert ops._alive(fake.pid) is False
+
+
+def test_a_node_this_process_started_is_alive_before_it_execs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between fork and exec a child's /proc cmdline is still ours: Popen decides."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    monkeypatch.setitem(ops._CHILDREN, child.pid, child)
+    try:
+        assert ops._alive(child.pid) is True  # no `node start` in its cmdline, yet ours
+    finally:
+        child.kill()
+        child.wait()
+    assert ops._alive(child.pid) is False
+    assert child.pid not in ops._CHILDREN
