@@ -1,15 +1,19 @@
 """``scripts/sim``: run many seeded simulation schedules and report failures and speed.
 
-Owns: the command line (``--schedules N --seed S --nodes K``), the loop over seeds
-``S, S+1, ...``, and the report: schedules run, failures (each with its seed, its
-schedule and a one-line replay command) and schedules per minute. Exit status 1 when any
-schedule broke an invariant.
+Owns: the command line (``--schedules N --seed S --nodes K --steps L --jobs J``), the loop
+over seeds ``S, S+1, ...`` (split into J disjoint ranges, one process each, when J > 1),
+and the report: schedules run, failures (each with its seed, its schedule and a one-line
+replay command) and schedules per minute of wall time. Exit status 1 when any schedule
+broke an invariant.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -68,6 +72,52 @@ def run_many(
     return summary
 
 
+def run_jobs(schedules: int, seed: int, nodes: int, length: int, jobs: int) -> Summary:
+    """Run the seeds in ``jobs`` processes on disjoint ranges; their output passes through."""
+    share, extra = divmod(schedules, jobs)
+    ranges, start = [], seed
+    for job in range(jobs):
+        count = share + (1 if job < extra else 0)
+        if count:
+            ranges.append((start, count))
+        start += count
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    began = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sim.run",
+                "--seed",
+                str(first),
+                "--schedules",
+                str(count),
+                "--nodes",
+                str(nodes),
+                "--steps",
+                str(length),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for first, count in ranges
+    ]
+    summary = Summary()
+    for proc in procs:
+        output = proc.communicate()[0]
+        sys.stdout.write(output)  # its failures (schedule, replay command) and its total
+        done = re.search(r"^(\d+) schedules", output, re.MULTILINE)
+        summary.schedules += int(done.group(1)) if done else 0
+        for failed in re.findall(r"failed seed=(\d+)", output):
+            summary.failures.append((int(failed), ["see its output above"]))
+        if proc.returncode and not done:
+            summary.failures.append((-1, [f"a job exited with status {proc.returncode}"]))
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/sim``."""
     parser = argparse.ArgumentParser(prog="scripts/sim", description=__doc__)
@@ -75,11 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--nodes", type=int, default=3, help="cluster size, >= 3 (default 3)")
     parser.add_argument("--steps", type=int, default=24, help="steps per schedule (default 24)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes, one per core (default 1)")
     args = parser.parse_args(argv)
-    if args.schedules < 1 or args.nodes < 3 or args.steps < 1:
-        parser.error("--schedules and --steps must be >= 1 and --nodes >= 3")
+    if args.schedules < 1 or args.nodes < 3 or args.steps < 1 or args.jobs < 1:
+        parser.error("--schedules, --steps and --jobs must be >= 1 and --nodes >= 3")
     logging.disable(logging.CRITICAL)  # nodes log expected faults; invariants decide
-    summary = run_many(args.schedules, args.seed, args.nodes, length=args.steps)
+    if args.jobs > 1:
+        summary = run_jobs(args.schedules, args.seed, args.nodes, args.steps, args.jobs)
+    else:
+        summary = run_many(args.schedules, args.seed, args.nodes, length=args.steps)
     print(
         f"{summary.schedules} schedules ({args.nodes} nodes, seeds {args.seed}.."
         f"{args.seed + args.schedules - 1}), {len(summary.failures)} failed, "
