@@ -37,6 +37,7 @@ from node.cluster.ring import KEY_BITS, Ring
 from storage.versions import VersionId
 
 HASH_BYTES = 16
+MAX_ITEMS = 4096  # partitions, segments, contexts or ids in one anti-entropy request
 DEFAULT_LEAVES = 16  # segments per ring partition: 4,096 x 16 leaves by default
 _PERSON_VERSION = b"slurp-ae-version"  # <= 16 bytes (blake2b personalisation)
 _PERSON_PURGE = b"slurp-ae-purge"

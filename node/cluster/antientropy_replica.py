@@ -18,6 +18,9 @@ RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 b
 - ``rep.ids`` {contexts: [str]} -> {states: [[context, [version id], marker | null]]};
 - ``rep.fetch`` {context, ids} -> {envelopes: [bytes], more: [id]}: at most one
   ``batches_by_bytes`` batch per answer, ``more`` lists the ids still to ask for.
+
+Bodies arrive parsed by ``node.cluster.requests`` (types, at most ``MAX_ITEMS`` items);
+indexes outside this tree answer ``UCXL-400-INVALID_PAYLOAD`` naming the field.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from node.cluster.antientropy import HASH_BYTES, HashTree, change_delta, context_digest
+from node.cluster.antientropy import (
+    HASH_BYTES,
+    HashTree,
+    change_delta,
+    context_digest,
+)
 from node.cluster.replication import batches_by_bytes
 from node.rpc.transport import Peer
 from node.rpc.wire import MAX_BATCH_BYTES
@@ -37,8 +45,8 @@ from storage.version_store import SetChange, VersionStore
 
 Body = dict[str, Any]
 Handler = Callable[[Peer, Body], Awaitable[Body]]
+T = TypeVar("T")
 BATCH_BUDGET = MAX_BATCH_BYTES
-MAX_ITEMS = 4096  # partitions, segments or contexts in one request
 
 
 def hash_bytes(value: int) -> bytes:
@@ -134,13 +142,12 @@ class TreeKeeper:
         return leaf
 
 
-def bounded(items: Any, what: str) -> list[Any]:
-    """A request list, refused when not a list or longer than ``MAX_ITEMS``."""
-    if not isinstance(items, list):
-        raise InvalidPayload(f"{what} must be a list", field=what)
-    if len(items) > MAX_ITEMS:
-        raise InvalidPayload(f"at most {MAX_ITEMS} {what} per request", field=what)
-    return items
+def in_range(check: Callable[[Any], T], value: Any, field: str) -> T:
+    """``check(value)``, with an index outside the tree answered as the caller's fault."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise InvalidPayload(str(exc), field=field) from None
 
 
 def replica_handlers(
@@ -150,7 +157,7 @@ def replica_handlers(
     versions = keeper.versions
 
     async def tree(peer: Peer, body: Body) -> Body:
-        parts = keeper.check_partitions(bounded(body["partitions"], "partitions"))
+        parts = in_range(keeper.check_partitions, body["partitions"], "partitions")
         if body.get("leaves"):
             return {
                 "leaves": [
@@ -165,15 +172,17 @@ def replica_handlers(
 
     async def digests(peer: Peer, body: Body) -> Body:
         out: list[list[Any]] = []
-        for item in bounded(body["segments"], "segments"):
-            partition, leaf = item
-            found = keeper.contexts_in(keeper.check_partition(partition), keeper.check_leaf(leaf))
+        for partition, leaf in body["segments"]:
+            found = keeper.contexts_in(
+                in_range(keeper.check_partition, partition, "segments"),
+                in_range(keeper.check_leaf, leaf, "segments"),
+            )
             for ctx, digest in sorted(found.items()):
                 out.append([ContextName.from_key(ctx).canonical(), hash_bytes(digest)])
         return {"digests": out}
 
     async def ids(peer: Peer, body: Body) -> Body:
-        names = [ContextName.from_canonical(str(c)) for c in bounded(body["contexts"], "contexts")]
+        names: list[ContextName] = body["contexts"]
 
         def read() -> Body:
             states = []
@@ -192,8 +201,8 @@ def replica_handlers(
         return result
 
     async def fetch(peer: Peer, body: Body) -> Body:
-        ctx = ContextName.from_canonical(str(body["context"]))
-        wanted = [str(v) for v in bounded(body["ids"], "ids")]
+        ctx: ContextName = body["context"]
+        wanted: list[str] = body["ids"]
 
         def read() -> Body:
             found: list[tuple[str, bytes]] = []

@@ -26,6 +26,7 @@ import msgpack
 import trio
 
 from node.cluster.antientropy import (
+    MAX_ITEMS,
     AntiEntropyConfig,
     ContextState,
     TokenBucket,
@@ -36,7 +37,6 @@ from node.cluster.antientropy import (
 )
 from node.cluster.antientropy_replica import (
     BATCH_BUDGET,
-    MAX_ITEMS,
     TreeKeeper,
     hash_int,
     replica_handlers,

@@ -14,12 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from node.cluster.antientropy import MAX_ITEMS
 from storage.address import Address, ContextName, parse
 from storage.errors import AddressError, InvalidPayload
 from storage.record import ContextRecord
 
 MAX_BATCH_ITEMS = 1000  # items of a put_batch, addresses of a get_batch
 MAX_SEARCH_LIMIT = 1000
+MAX_TARGET_CHARS = 64  # a node name in rep.hint
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,40 @@ def _address(body: dict[str, Any], name: str = "address") -> Address:
         raise InvalidPayload(f"{name}: {exc.message}", field=name) from None
 
 
-def _context(body: dict[str, Any]) -> ContextName:
+def _context(body: dict[str, Any], name: str = "context") -> ContextName:
+    return _context_name(_str(body, name), name)
+
+
+def _context_name(value: Any, name: str) -> ContextName:
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{name} must be context names", field=name)
     try:
-        return ContextName.from_canonical(_str(body, "context"))
+        return ContextName.from_canonical(value)
     except (AddressError, ValueError) as exc:
-        raise InvalidPayload(f"context is not a context name: {exc}", field="context") from None
+        raise InvalidPayload(f"{name}: not a context name: {exc}", field=name) from None
+
+
+def _ints(values: list[Any], name: str, size: int = 1) -> list[Any]:
+    """Whole numbers (``size`` 1) or lists of ``size`` whole numbers, as tuples."""
+    out: list[Any] = []
+    for value in values:
+        parts = [value] if size == 1 else value
+        if (
+            not isinstance(parts, list | tuple)
+            or len(parts) != size
+            or not all(isinstance(part, int) and not isinstance(part, bool) for part in parts)
+        ):
+            kind = "whole numbers" if size == 1 else f"pairs of {size} whole numbers"
+            raise InvalidPayload(f"{name} must be {kind}", field=name)
+        out.append(value if size == 1 else tuple(parts))
+    return out
+
+
+def _target(body: dict[str, Any]) -> str:
+    target = _str(body, "target")
+    if not 0 < len(target) <= MAX_TARGET_CHARS or not (target.isascii() and target.isprintable()):
+        raise InvalidPayload("rep.hint target must be a printable ASCII node name", field="target")
+    return str(target)
 
 
 def _list(body: dict[str, Any], name: str, limit: int = MAX_BATCH_ITEMS) -> list[Any]:
@@ -155,6 +186,23 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         args = {"context": _context(body), "marker": _bytes(body.get("marker"), "marker")}
     elif method in ("node.status", "rep.ping"):
         args = {}
+    elif method == "rep.hint":
+        blobs = _list(body, "envelopes", 100_000)
+        args = {"target": _target(body), "context": _context(body)}
+        args["envelopes"] = [_bytes(blob, "envelopes") for blob in blobs]
+    elif method == "rep.tree":
+        args = {"partitions": _ints(_list(body, "partitions", MAX_ITEMS), "partitions")}
+        args.update(leaves=bool(body.get("leaves")), summary=bool(body.get("summary")))
+    elif method == "rep.digests":
+        args = {"segments": _ints(_list(body, "segments", MAX_ITEMS), "segments", size=2)}
+    elif method == "rep.ids":
+        names = _list(body, "contexts", MAX_ITEMS)
+        args = {"contexts": [_context_name(name, "contexts") for name in names]}
+    elif method == "rep.fetch":
+        ids = _list(body, "ids", MAX_ITEMS)
+        if not all(isinstance(vid, str) for vid in ids):
+            raise InvalidPayload("ids must be version ids", field="ids")
+        args = {"context": _context(body), "ids": ids}
     else:
         raise InvalidPayload(f"unknown method {method!r}", field="method")
     return Parsed(method, args)

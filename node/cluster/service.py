@@ -186,10 +186,7 @@ class NodeService:
         kind = "replica" if method.startswith("rep.") else "client"
         if kind == "replica" and peer.kind != "node":
             raise Forbidden(f"{method} is for cluster nodes only")
-        if kind == "replica" and method in self.extra_replica_methods:
-            parsed = Parsed(method, body)
-        else:
-            parsed = parse_request(method, body)
+        parsed = parse_request(method, body)
         if method in UNLIMITED_METHODS:
             return await self._dispatch(peer, parsed)
         if self._inflight[kind] >= self.config.max_inflight_requests:

@@ -46,6 +46,36 @@ async def test_bad_input_answers_400_naming_the_field(
         await sim.call("n1", "ctx.put", {"address": A, "record": {"summary": "still serving"}})
 
 
+@pytest.mark.parametrize(
+    ("method", "body", "field"),
+    [
+        ("rep.tree", {}, "partitions"),
+        ("rep.tree", {"partitions": ["x"]}, "partitions"),
+        ("rep.tree", {"partitions": [10**9]}, "partitions"),  # outside the tree
+        ("rep.digests", {"segments": [[0]]}, "segments"),
+        ("rep.ids", {"contexts": [7]}, "contexts"),
+        ("rep.fetch", {"context": "nope", "ids": []}, "context"),
+        ("rep.hint", {"target": "", "context": "x", "envelopes": []}, "target"),
+        ("rep.hint", {"target": "n3", "context": "x", "envelopes": []}, "context"),
+    ],
+)
+async def test_bad_replica_bodies_of_handoff_and_anti_entropy_answer_400(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    method: str,
+    body: dict[str, Any],
+    field: str,
+) -> None:
+    """Their bodies are parsed like every other method's: the caller's fault, never a 500."""
+    async with open_sim_cluster(tmp_path) as sim:
+        async with sim.network.open_client("n2", "n1") as peer:  # a cluster node's identity
+            with pytest.raises(RemoteError) as caught:
+                await peer.call(method, body, timeout_s=1)
+        assert caught.value.code == "UCXL-400-INVALID_PAYLOAD"
+        assert caught.value.field == field
+        assert sim.nodes["n1"].service.faults.internal_errors == {}
+
+
 async def test_an_internal_bug_answers_500_is_counted_and_the_node_keeps_serving(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
