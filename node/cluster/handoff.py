@@ -24,9 +24,9 @@ store is a union and a re-sent version is a no-op.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from node.cluster.service import NodeService
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Body = dict[str, Any]
 BATCH_BYTES = MAX_BATCH_BYTES
 HINTS_PER_ROUND = 256
@@ -77,6 +76,7 @@ class HandoffService:
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
         self._refusals: dict[int, int] = {}  # hint seq -> answers that refused part of it
+        self._blocking = service.fanout.blocking  # storage work, off the event loop
         service.handoff = self
         service.status_sources["handoff"] = self.status
 
@@ -259,11 +259,6 @@ class HandoffService:
             if upto is None or vid > upto:
                 keep.append(blob)
         return keep
-
-    async def _blocking(self, fn: Callable[[], T]) -> T:
-        if self.service.config.blocking_in_threads:
-            return await trio.to_thread.run_sync(fn)
-        return fn()
 
 
 def _groups(hints: Sequence[Hint], budget_bytes: int) -> list[list[Hint]]:
