@@ -13,8 +13,8 @@ node service and ``node.cluster.handoff`` carry out what it decides.
   quorum) also counts each missed owner whose hint was stored durably (synced) on its
   holder. A hint is never counted before it is on disk.
 - Delivery (``delivery_outcome``): the owner's answer to ``rep.store`` flags each version
-  True (stored), False (already held, or covered by a purge marker) or None (refused: bad
-  or untrusted signature). With no None the hint is delivered (deleted, counted). A
+  True (stored), False (already held) or None (refused: a bad or untrusted signature, or
+  covered by the owner's purge marker). With no None the hint is delivered (deleted, counted). A
   refusal is retried a few times (``MAX_REFUSALS``, with backoff), because a node that
   has just restarted refuses versions whose signer it has not re-learned from discovery
   yet; after that the hint is dropped and counted, never retried forever. A version
@@ -95,10 +95,18 @@ def plan_fallbacks(
     return FallbackPlan(holders)
 
 
+def counts_toward_w(*, stored: bool, hinted: bool, sloppy: bool) -> bool:
+    """Whether one owner's outcome counts toward W (the rule the write path applies per
+    owner; ``QuorumTracker`` counts them): a durable store always, a durable hint only
+    under a sloppy quorum."""
+    return stored or (hinted and sloppy)
+
+
 def write_reached(
     stored: Collection[str], hinted: Collection[str], w: int, *, sloppy: bool
 ) -> bool:
-    """Whether a write has its W: owners that stored it, plus durable hints when sloppy.
+    """Whether a write has its W, over whole sets of owners (the reference the per-owner
+    rule ``counts_toward_w`` is checked against).
 
     Args:
         stored: Owners that acknowledged a durable store.
@@ -106,7 +114,10 @@ def write_reached(
         w: The write quorum.
         sloppy: Count hints toward W (Dynamo's sloppy quorum).
     """
-    counted = set(stored) | (set(hinted) if sloppy else set())
+    owners = set(stored) | set(hinted)
+    counted = [
+        o for o in owners if counts_toward_w(stored=o in stored, hinted=o in hinted, sloppy=sloppy)
+    ]
     return len(counted) >= w
 
 

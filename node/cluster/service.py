@@ -39,6 +39,7 @@ import trio
 from crypto.roles import ADMIN_ROLE
 from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
+from node.cluster.handoff_plan import counts_toward_w
 from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
     Placement,
@@ -442,7 +443,8 @@ class NodeService:
         """
         quorum = self._quorum_of(w=w)
         placement = self._placement(ctx)
-        batches = list(batches_by_bytes([env.encode() for env in envs], MAX_BATCH_BYTES))
+        blobs = [env.encode() for env in envs]
+        batches = list(batches_by_bytes(blobs, MAX_BATCH_BYTES))
         # hinted handoff (node.cluster.handoff_plan): every owner gets an attempt; a down
         # owner's attempt stores its hint. Strict (default): only owners that stored the
         # write count toward W, and too few live owners fail at once. Sloppy: a durable
@@ -456,24 +458,29 @@ class NodeService:
         result = ReplicateResult(down=[n for n in placement.replicas if n not in placement.live])
 
         async def one(node: str) -> None:
-            if node not in placement.live:  # hints are not bounded by the repair fan-out
-                await self._hint(ctx, placement, node, batches)
-                if not sloppy:
-                    raise Unavailable(f"{node} is down (its hint is stored)")
-                return
+            live = node in placement.live
             try:
-                try:
-                    await store(node)
-                except (NodeError, StorageError):
-                    if self.handoff is None:
-                        raise
-                    await self._hint(ctx, placement, node, batches)
-                    if not sloppy:
-                        raise
+                failure = await stored_on(node) if live else Unavailable(f"{node} is down")
+                hinted = failure is not None and self.handoff is not None
+                if hinted:  # by this attempt, so hints are not bounded by the repair fan-out
+                    await self._hint(ctx, placement, node, blobs)
+                counted = counts_toward_w(stored=failure is None, hinted=hinted, sloppy=sloppy)
+                if failure is not None and not counted:
+                    raise failure
             except Exception:
-                self.replication_acks["error"] += 1
+                if live:
+                    self.replication_acks["error"] += 1
                 raise
-            self.replication_acks["ok"] += 1
+            if live:
+                self.replication_acks["ok"] += 1
+
+        async def stored_on(node: str) -> Exception | None:
+            """None once ``node`` stored every batch durably, else what went wrong."""
+            try:
+                await store(node)
+            except (NodeError, StorageError) as exc:
+                return exc
+            return None
 
         async def store(node: str) -> None:
             for blobs in batches:
@@ -496,13 +503,12 @@ class NodeService:
         return result
 
     async def _hint(
-        self, ctx: ContextName, placement: Placement, node: str, batches: list[list[bytes]]
+        self, ctx: ContextName, placement: Placement, node: str, blobs: list[bytes]
     ) -> None:
-        """Store hints for ``node``, a batch at a time; Unavailable unless all are durable."""
+        """Store the hint for ``node`` (the handoff batches it); Unavailable unless durable."""
         assert self.handoff is not None
-        for blobs in batches:
-            if node not in await self.handoff.store_hints(ctx, placement.replicas, {node}, blobs):
-                raise Unavailable(f"no durable hint for {node}")
+        if node not in await self.handoff.store_hints(ctx, placement.replicas, {node}, blobs):
+            raise Unavailable(f"no durable hint for {node}")
 
     def _tracker(self, placement: Placement, needed: int, op: str) -> QuorumTracker:
         if not placement.can_reach(needed):

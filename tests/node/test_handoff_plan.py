@@ -13,6 +13,7 @@ from node.cluster.handoff_plan import (
     MAX_REFUSALS,
     Delivery,
     backoff_s,
+    counts_toward_w,
     delivery_outcome,
     plan_fallbacks,
     write_reached,
@@ -124,3 +125,10 @@ def test_fallback_properties(scenario: tuple[Ring, list[str], set[str], set[str]
     spare = [n for n in ring.preference_list(KEY, len(ring)) if n not in owners and n in up]
     spare = [n for n in spare if n != me]
     assert len(others) == min(len(missed), len(spare))  # self only once the spares ran out
+
+
+def test_one_owner_counts_toward_w_by_its_store_or_under_a_sloppy_quorum_by_its_hint() -> None:
+    assert counts_toward_w(stored=True, hinted=False, sloppy=False)
+    assert not counts_toward_w(stored=False, hinted=True, sloppy=False)
+    assert counts_toward_w(stored=False, hinted=True, sloppy=True)
+    assert not counts_toward_w(stored=False, hinted=False, sloppy=True)
