@@ -1,0 +1,1 @@
+"""The control plane: Raft core, cluster-metadata state machine, duties, admin custody."""
