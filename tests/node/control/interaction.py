@@ -91,7 +91,9 @@ def fmt_msg(m: Message) -> str:
     if m.context:
         out += f" Round:{m.context}"
     if m.reject:
-        out += f" Rejected (Hint: {m.reject_hint})"
+        out += " Rejected"
+        if m.type is MessageType.APP_RESP:
+            out += f" (Hint: {m.reject_hint})"
     if m.entries:
         out += " Entries:[" + ", ".join(fmt_entry(e) for e in m.entries) + "]"
     if m.snapshot is not None:
@@ -115,6 +117,7 @@ class Node:
     rng: random.Random
     disk: Disk
     applied: list[str] = field(default_factory=list)
+    cluster: str = ""  # nodes bootstrapped into one cluster share committed-entry checks
 
 
 def applied_at(index: int, applied: list[str]) -> list[str]:
@@ -134,7 +137,7 @@ class Env:
         self.isolated: set[str] = set()
         self.out: list[str] = []
         # Observations for invariant checks (the property test reads them).
-        self.committed: dict[int, Entry] = {}
+        self.committed: dict[tuple[str, int], Entry] = {}
         self.leaders: dict[int, set[str]] = {}
 
     # -- plumbing -------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class Env:
         if rd.snapshot is not None:
             node.applied = decode_applied(rd.snapshot.data)
         for e in rd.committed_entries:
-            seen = self.committed.setdefault(e.index, e)
+            seen = self.committed.setdefault((node.cluster, e.index), e)
             assert seen == e, f"committed entries differ at {e.index}: {seen} vs {e}"
             node.applied.append(applied_text(e))
         raw.advance(rd)
@@ -198,7 +201,8 @@ class Env:
         if rd.messages:
             say("  Messages:")
             for m in rd.messages:
-                say(f"  {fmt_msg(m)}")
+                cut = m.src in self.isolated or m.dst in self.isolated
+                say(f"  {fmt_msg(m)}" + (" (dropped: isolated)" if cut else ""))
 
     @staticmethod
     def persist(node: Node, rd: Ready) -> None:
@@ -274,6 +278,7 @@ class Env:
             else:
                 rng = ZeroRandom()
             node = Node(self.boot(nid, config, rng, disk), config, rng, disk)
+            node.cluster = min(voters, key=_id_key) if voters else nid
             self.nodes[nid] = node
 
     @staticmethod
@@ -318,7 +323,7 @@ class Env:
         self.changes(node, before, "")
 
     def cmd_tick(self, pos: list[str], kw: dict[str, str]) -> None:
-        self.tick(pos[0], int(pos[1]))
+        self.tick(pos[0], int(pos[1]) if len(pos) > 1 else 1)
 
     def cmd_tick_election(self, pos: list[str], kw: dict[str, str]) -> None:
         self.tick(pos[0], self.nodes[pos[0]].config.election_ticks)
