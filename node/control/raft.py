@@ -153,6 +153,7 @@ class RawNode:
         self._prev_hs = self.hard_state()
         self._prev_ss = self.soft_state()
         self._pending: Ready | None = None
+        self._leader_start = 0  # index of this leader's no-op
 
     # -- state read by the shell ----------------------------------------------------------
 
@@ -431,6 +432,7 @@ class RawNode:
         self._reset(self._term)
         self._role, self._lead = Role.LEADER, self._id
         last = self._log.last_index()
+        self._leader_start = last + 1
         for peer in self._members() | {self._id}:
             self._progress[peer] = _Progress(match=0, next=last + 1)
         self._append_own(Entry(0, 0))  # §5.4.2 / §8: commit an entry of this term first
@@ -616,7 +618,9 @@ class RawNode:
         return True
 
     def _committed_own_term(self) -> bool:
-        return self._log.term(self._log.committed) == self._term
+        """This leader's first entry (its no-op) is committed (an index, not a term test:
+        a bootstrap snapshot may carry the term of the first election)."""
+        return self._role is Role.LEADER and self._log.committed >= self._leader_start
 
     def _check_can_propose(self) -> None:
         if self._role is not Role.LEADER:
