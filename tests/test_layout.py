@@ -155,6 +155,9 @@ PURE_CORES = (
     "node/cluster/antientropy.py",
     "node/cluster/handoff_plan.py",
     "node/cluster/status.py",
+    "node/control/raft_types.py",
+    "node/control/raft_log.py",
+    "node/control/raft.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -44,8 +44,8 @@ Invariants:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from typing import Protocol
 
 from node.control.raft_log import RaftLog
 from node.control.raft_types import (
@@ -66,6 +66,12 @@ MT = MessageType
 LEADER_TO_FOLLOWER = frozenset({MT.APP, MT.HEARTBEAT, MT.SNAP})
 RESPONSES = frozenset({MT.APP_RESP, MT.HEARTBEAT_RESP, MT.VOTE_RESP, MT.PRE_VOTE_RESP})
 KEPT_ROUNDS = 64  # heartbeat rounds remembered for lease accounting
+
+
+class Rng(Protocol):
+    """The randomness the core needs (a ``random.Random`` fits)."""
+
+    def randrange(self, stop: int, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class RawNode:
         self,
         node_id: str,
         config: RaftConfig,
-        rng: random.Random,
+        rng: Rng,
         state: PersistedState,
         *,
         applied: int = 0,
@@ -276,9 +282,10 @@ class RawNode:
                 self._become_follower(msg.term, msg.src)
             self._election_elapsed = 0
             self._step_follower(msg)
-        elif self._role is Role.PRE_CANDIDATE and msg.type is MT.PRE_VOTE_RESP:
-            self._count_vote(msg)
-        elif self._role is Role.CANDIDATE and msg.type is MT.VOTE_RESP:
+        elif (self._role, msg.type) in (
+            (Role.PRE_CANDIDATE, MT.PRE_VOTE_RESP),
+            (Role.CANDIDATE, MT.VOTE_RESP),
+        ):
             self._count_vote(msg)
 
     # -- outputs --------------------------------------------------------------------------
@@ -401,7 +408,9 @@ class RawNode:
             self._on_won()
             return
         for peer in sorted(self._log.conf.voters - {self._id}):
-            self._send(kind, peer, term, log_term=self._log.last_term(), index=self._log.last_index())
+            self._send(
+                kind, peer, term, log_term=self._log.last_term(), index=self._log.last_index()
+            )
 
     def _tally(self) -> int:
         """1: won, -1: lost, 0: undecided."""
@@ -570,9 +579,14 @@ class RawNode:
             pr.next, prev, prev_term = log.last_index() + 1, log.last_index(), log.last_term()
         entries = tuple(log.slice(pr.next, self._cfg.max_entries_per_msg))
         self._send(
-            MT.APP, peer, self._term, log_term=prev_term, index=prev, entries=entries,
+            MT.APP,
+            peer,
+            self._term,
+            log_term=prev_term,
+            index=prev,
+            entries=entries,
             commit=log.committed,
-        )  # fmt: skip
+        )
         if pr.probing:
             pr.paused = True
         elif entries:
@@ -674,9 +688,19 @@ class RawNode:
     ) -> None:
         self._msgs.append(
             Message(
-                kind, self._id, dst, term, log_term, index, entries, commit, reject,
-                reject_hint, snapshot, context,
-            )  # fmt: skip
+                kind,
+                self._id,
+                dst,
+                term,
+                log_term,
+                index,
+                entries,
+                commit,
+                reject,
+                reject_hint,
+                snapshot,
+                context,
+            )
         )
 
 

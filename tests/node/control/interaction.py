@@ -56,7 +56,7 @@ WITH_LOG = frozenset(
 class ZeroRandom(random.Random):
     """An rng whose every ``randrange`` is 0 (fixed election timeouts in transcripts)."""
 
-    def randrange(self, *args: object, **kwargs: object) -> int:  # type: ignore[override]
+    def randrange(self, *args: object, **kwargs: object) -> int:
         return 0
 
 
@@ -70,7 +70,8 @@ def _id_key(node: str) -> tuple[int, str]:
 
 def fmt_entry(e: Entry) -> str:
     if e.kind is EntryKind.CONF and e.conf is not None:
-        return f"{e.term}/{e.index} EntryConf voters={ids(e.conf.voters)} learners={ids(e.conf.learners)}"
+        conf = f"voters={ids(e.conf.voters)} learners={ids(e.conf.learners)}"
+        return f"{e.term}/{e.index} EntryConf {conf}"
     return f'{e.term}/{e.index} EntryNormal "{e.data.decode(errors="replace")}"'
 
 
@@ -105,7 +106,7 @@ def fmt_msg(m: Message) -> str:
 class Disk:
     """What a node's shell has persisted."""
 
-    hard_state: HardState = HardState()
+    hard_state: HardState = field(default_factory=HardState)
     snapshot: Snapshot | None = None
     entries: list[Entry] = field(default_factory=list)
 

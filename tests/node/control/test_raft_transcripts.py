@@ -45,7 +45,8 @@ def parse(text: str) -> list[Stanza]:
             comments.append(line)
             i += 1
             continue
-        assert i + 1 < len(lines) and lines[i + 1] == "----", f"line {i + 2}: expected ----"
+        assert i + 1 < len(lines), f"line {i + 1}: a command needs ----"
+        assert lines[i + 1] == "----", f"line {i + 2}: expected ----"
         out: list[str] = []
         i += 2
         while i < len(lines) and lines[i].strip():
