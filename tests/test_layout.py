@@ -155,6 +155,11 @@ PURE_CORES = (
     "node/cluster/antientropy.py",
     "node/cluster/handoff_plan.py",
     "node/cluster/status.py",
+    "node/control/metadata.py",
+    "node/control/metadata_types.py",
+    "node/control/metadata_codec.py",
+    "node/control/metadata_fields.py",
+    "node/control/duties.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -1,0 +1,1 @@
+"""Tests of node.control: the Raft core, the metadata state machine, persistence."""
