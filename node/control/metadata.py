@@ -87,6 +87,7 @@ from node.control.metadata_types import (
 from node.control.raft_types import EntryKind, MalformedRaftData
 
 __all__ = [
+    "BOOTSTRAP_INDEX",
     "DEFAULT_DUTIES",
     "STATES",
     "TRANSITIONS",
@@ -100,7 +101,18 @@ __all__ = [
     "apply",
     "apply_entry",
     "bootstrap_state",
+    "cmd_custody",
+    "cmd_duty_finished",
+    "cmd_duty_progress",
+    "cmd_duty_schedule",
+    "cmd_duty_started",
+    "cmd_key_epoch",
+    "cmd_member_add",
+    "cmd_member_address",
+    "cmd_member_state",
+    "cmd_ring",
     "decode_state",
+    "encode_command",
     "encode_state",
 ]
 
