@@ -84,7 +84,7 @@ from node.control.metadata_types import (
     RingEpoch,
     frozen_map,
 )
-from node.control.raft_types import EntryKind, MalformedRaftData
+from node.control.raft_types import Entry, EntryKind, MalformedRaftData
 
 __all__ = [
     "BOOTSTRAP_INDEX",
@@ -239,11 +239,10 @@ def apply(state: ClusterMetadata, index: int, data: bytes) -> tuple[ClusterMetad
     return after, ApplyResult(True, None, value)
 
 
-def apply_entry(
-    state: ClusterMetadata, kind: EntryKind, index: int, data: bytes
-) -> tuple[ClusterMetadata, ApplyResult]:
-    """``apply`` for any committed entry: a CONF entry only advances ``applied_index``."""
-    return apply(state, index, b"" if kind is EntryKind.CONF else data)
+def apply_entry(state: ClusterMetadata, entry: Entry) -> tuple[ClusterMetadata, ApplyResult]:
+    """``apply`` for any committed entry: a CONF entry only advances ``applied_index``
+    (the configuration itself is the Raft core's)."""
+    return apply(state, entry.index, b"" if entry.kind is EntryKind.CONF else entry.data)
 
 
 def _unpack(data: bytes) -> Any:

@@ -33,7 +33,7 @@ from node.control.metadata import (
     encode_command,
     encode_state,
 )
-from node.control.raft_types import EntryKind, MalformedRaftData
+from node.control.raft_types import ConfState, Entry, EntryKind, MalformedRaftData
 from tests.node.control.metadata_fixtures import IDS, three_members, three_node_state
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
@@ -115,10 +115,12 @@ def test_an_index_that_skips_or_repeats_changes_nothing(index: int) -> None:
 
 def test_a_conf_entry_only_advances_the_applied_index() -> None:
     state = three_node_state()
-    after, result = apply_entry(state, EntryKind.CONF, 2, cmd_duty_schedule("x", 1))
+    conf = ConfState(frozenset(IDS))
+    data = cmd_duty_schedule("x", 1)
+    after, result = apply_entry(state, Entry(2, 1, EntryKind.CONF, data, conf))
     assert result.ok
     assert after == replace(state, applied_index=2)
-    after, result = apply_entry(state, EntryKind.NORMAL, 2, cmd_duty_schedule("x", 1))
+    after, result = apply_entry(state, Entry(2, 1, EntryKind.NORMAL, data))
     assert result.ok
     assert "x" in after.duties
 
