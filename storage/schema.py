@@ -27,6 +27,15 @@ key                                     value
                                         ``HINT_SCHEMA``; ``target`` the node name the
                                         versions are for; ``envelopes`` encoded versions
                                         of ``context`` (canonical name)
+``r/hs``                                Raft hard state (``node.control.log_store``):
+                                        msgpack {v, term, vote, commit}; ``vote`` a node
+                                        id or nil
+``r/snap``                              the latest Raft snapshot: msgpack
+                                        ``Snapshot.to_wire()`` plus ``v``; its ``data`` is
+                                        the cluster metadata (``node.control.metadata``)
+``r/e/`` index(8, big-endian)           a Raft log entry after the snapshot: msgpack
+                                        ``Entry.to_wire()`` plus ``v``; the ``r/e/`` rows
+                                        are contiguous from snapshot index + 1
 ======================================  ==================================================
 """
 
@@ -54,6 +63,11 @@ PURGE_PREFIX = b"p/"
 AUDIT_PREFIX = b"a/"
 HINT_PREFIX = b"H/"
 HINT_SCHEMA = 1
+RAFT_PREFIX = b"r/"
+RAFT_HARD_STATE = b"r/hs"
+RAFT_SNAPSHOT = b"r/snap"
+RAFT_ENTRY_PREFIX = b"r/e/"
+RAFT_SCHEMA = 1
 
 
 def version_key(ctx: bytes, version_id: str) -> bytes:
@@ -201,6 +215,22 @@ class RotationCursor:
             )
         except (KeyError, TypeError, ValueError):
             raise CorruptRecord("rotation cursor is damaged", field="rotation") from None
+
+
+def raft_entry_key(index: int) -> bytes:
+    """The key of the Raft log entry at ``index``."""
+    return RAFT_ENTRY_PREFIX + index.to_bytes(8, "big")
+
+
+def split_raft_entry_key(key: bytes) -> int:
+    """The index of a Raft entry key.
+
+    Raises:
+        CorruptRecord: not a Raft entry key.
+    """
+    if not key.startswith(RAFT_ENTRY_PREFIX) or len(key) != len(RAFT_ENTRY_PREFIX) + 8:
+        raise CorruptRecord("raft entry key is damaged", field="raft")
+    return int.from_bytes(key[len(RAFT_ENTRY_PREFIX) :], "big")
 
 
 def hints_prefix(target: str) -> bytes:

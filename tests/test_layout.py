@@ -158,6 +158,11 @@ PURE_CORES = (
     "node/control/raft_types.py",
     "node/control/raft_log.py",
     "node/control/raft.py",
+    "node/control/metadata.py",
+    "node/control/metadata_types.py",
+    "node/control/metadata_codec.py",
+    "node/control/metadata_fields.py",
+    "node/control/duties.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -3,7 +3,9 @@
 Owns the layout ``node.daemon.ops`` documents (D/ca, D/NAME/data, D/NAME/node.toml,
 D/client.toml) and the one-time setup: a CA, one data directory per node sharing the
 role identities, node certificates issued for each node's signing key, free loopback
-ports, and the admin identity Shamir-split across the nodes (each keeps only its share).
+ports, the admin identity Shamir-split across the nodes (each keeps only its share), and
+one Raft bootstrap snapshot of the cluster metadata (``node.control.bootstrap``: every node
+a normal member and a voter) written into every node's store.
 Must not start processes (``node.daemon.ops`` does).
 """
 
@@ -20,6 +22,8 @@ from crypto.ca import CertificateAuthority
 from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
 from crypto.signing import private_key_from_pem
+from node.control.bootstrap import cluster_snapshot, custody_of, key_epochs_of, member_of
+from node.control.log_store import write_bootstrap
 from node.daemon.config import (
     ClusterConfig,
     DiscoveryConfig,
@@ -103,6 +107,7 @@ def create_cluster_dir(root: Path, count: int) -> list[LocalNode]:
         )
         (root / member.name / "node.toml").write_text(render_node_config(config))
     _split_admin(root, names)
+    _bootstrap_raft(root, members)
     ca.issue_client("client", [role.name for role in DEFAULT_ROLES])
     seeds = ", ".join(f'"127.0.0.1:{m.rpc_port}"' for m in members)
     (root / "client.toml").write_text(
@@ -131,3 +136,22 @@ def _split_admin(root: Path, names: list[str]) -> None:
         write_secret_file(own, (shares_dir / f"share-{number}.age").read_bytes())
         with ContextStore.open(root / name / "data") as store:
             store.keyring.forget(ADMIN_ROLE)
+
+
+def _bootstrap_raft(root: Path, members: list[LocalNode]) -> None:
+    """Write one bootstrap snapshot (all nodes normal voters) into every node's store.
+
+    Share number i of the admin split is held by the i-th node (``_split_admin``).
+    """
+    founding = []
+    for member in members:
+        with ContextStore.open(root / member.name / "data") as store:
+            founding.append(member_of(store.keyring, member.name, "127.0.0.1", member.rpc_port))
+    with ContextStore.open(root / members[0].name / "data") as store:
+        holders = {m.node_id: number for number, m in enumerate(founding, start=1)}
+        snapshot = cluster_snapshot(
+            founding, custody_of(store, holders), key_epochs_of(store.keyring)
+        )
+    for member in members:
+        with ContextStore.open(root / member.name / "data") as store:
+            write_bootstrap(store.kv, snapshot)

@@ -1,1 +1,1 @@
-"""Tests of the control plane: the Raft core and its transcripts."""
+"""Tests of node.control: the Raft core and its transcripts, the metadata state machine, persistence, custody."""
