@@ -76,7 +76,8 @@ def status(
     if as_json:
         render.print_json(data)
         return
-    table = Table("name", "address", "pid", "up", "members up", "ring share", "contexts",
+    table = Table("name", "address", "pid", "up", "role", "term", "leader", "members up",
+                  "ring share", "contexts",
                   "hints", "hint bytes", "repairs", "last AE pass", "AE repaired")  # fmt: skip
     for node in data["nodes"]:
         checks = (node["health"] or {}).get("checks", {})
@@ -85,6 +86,8 @@ def status(
         antientropy = node["antientropy"] or {}
         table.add_row(
             node["name"], node["address"], str(node["pid"]), "up" if node["up"] else "down",
+            (node["role"] or "-") + (" (admin key)" if node["admin_key_held"] else ""),
+            render.figure(node["term"]), node["leader"] or "-",
             str(checks.get("members_up", "-")), "-" if share is None else f"{share:.1%}",
             render.figure(node["contexts"]),
             render.figure(backlog.get("hints")), render.figure(backlog.get("hint_bytes")),

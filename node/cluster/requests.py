@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.cluster.antientropy import MAX_ITEMS
+from node.control.raft_types import MalformedRaftData, message_from_wire
 from storage.address import Address, ContextName, parse
 from storage.errors import AddressError, InvalidPayload
 from storage.record import ContextRecord
@@ -22,6 +23,8 @@ from storage.record import ContextRecord
 MAX_BATCH_ITEMS = 1000  # items of a put_batch, addresses of a get_batch
 MAX_SEARCH_LIMIT = 1000
 MAX_TARGET_CHARS = 64  # a node name in rep.hint
+MAX_RAFT_MESSAGES = 256  # messages of one raft.msg
+MAX_PROPOSAL_BYTES = 1 << 20  # one control-plane command
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,32 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         if not all(isinstance(vid, str) for vid in ids):
             raise InvalidPayload("ids must be version ids", field="ids")
         args = {"context": _context(body), "ids": ids}
+    elif method == "raft.msg":
+        args = {"msgs": _raft_messages(_list(body, "msgs", MAX_RAFT_MESSAGES))}
+    elif method == "raft.propose":
+        data = _bytes(body.get("data"), "data")
+        if len(data) > MAX_PROPOSAL_BYTES:
+            raise InvalidPayload(f"data: over {MAX_PROPOSAL_BYTES} bytes", field="data")
+        args = {"data": data}
+    elif method == "ctl.maintain":
+        duty = _str(body, "duty")
+        if duty not in ("ttl_sweep", "compaction"):
+            raise InvalidPayload(f"duty: unknown duty {duty!r}", field="duty")
+        term = body.get("term")
+        if isinstance(term, bool) or not isinstance(term, int) or not 0 < term < 2**63:
+            raise InvalidPayload("term must be a positive integer", field="term")
+        args = {"duty": duty, "term": term}
     else:
         raise InvalidPayload(f"unknown method {method!r}", field="method")
     return Parsed(method, args)
+
+
+def _raft_messages(items: list[Any]) -> list[Any]:
+    """The Raft messages of a ``raft.msg`` body (node/control/raft_types.py's wire form)."""
+    messages = []
+    for number, item in enumerate(items):
+        try:
+            messages.append(message_from_wire(item))
+        except MalformedRaftData as exc:
+            raise InvalidPayload(f"msgs[{number}].{exc}", field="msgs") from None
+    return messages

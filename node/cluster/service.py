@@ -68,7 +68,8 @@ from storage.views import ContextInfo, StoredRef, to_wire
 __all__ = ["Cluster", "Dialer", "NodeService", "ReplicateResult", "ServiceConfig"]
 log = logging.getLogger(__name__)
 Body = dict[str, Any]
-UNLIMITED_METHODS = frozenset({"rep.ping", "node.status"})  # liveness and ops stay answerable
+# liveness, ops and the control plane's messages stay answerable under load
+UNLIMITED_METHODS = frozenset({"rep.ping", "node.status", "raft.msg"})
 
 
 class Cluster(Protocol):
@@ -146,6 +147,8 @@ class NodeService:
         self.config = config
         self.name = cluster.name
         self.status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # top-level ``node.status`` fields of other parts (the control plane's role, term...)
+        self.status_fields: list[Callable[[], dict[str, Any]]] = []
         self.fanout = Fanout(
             self.name, dialer, timeout_s=config.timeout_s,
             blocking_in_threads=config.blocking_in_threads,
@@ -344,6 +347,7 @@ class NodeService:
             "faults": self.fanout.faults.to_wire(),
             "inflight": dict(self._inflight),
             **self._operator_status(),
+            **{k: v for fields in self.status_fields for k, v in fields().items()},
         }  # fmt: skip
 
     def _operator_status(self) -> Body:

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from node.cluster import status
 from node.cluster.service import NodeService
@@ -77,6 +78,7 @@ class MetricsExporter:
             metrics.set_store_contexts(service.store.versions.count_contexts())
             self._contexts_at = now
         self.export_sources()
+        self.export_control()
 
     def export_sources(self) -> None:
         """The ``handoff`` and ``antientropy`` figures (absent when their source is)."""
@@ -94,3 +96,26 @@ class MetricsExporter:
             bytes_sent=status.count(snapshot, ae, "bytes_sent"),
             bytes_received=status.count(snapshot, ae, "bytes_received"),
         )
+
+    def export_control(self) -> None:
+        """The control plane's figures, from the same ``node.status`` fields (absent until it
+        runs)."""
+        fields: dict[str, Any] = {}
+        for source in self.service.status_fields:
+            try:
+                fields.update(source())
+            except Exception:
+                log.exception("a status source failed")
+        raft = fields.get("raft")
+        if not isinstance(raft, dict):
+            self.metrics.set_control(is_leader=None, term=None, elections=None,
+                                     commit_index=None, applied_index=None,
+                                     admin_key_held=None)  # fmt: skip
+            return
+        held = fields.get("admin_key_held")
+        self.metrics.set_control(
+            is_leader=fields.get("role") == "leader", term=fields.get("term"),
+            elections=raft.get("elections"), commit_index=raft.get("commit_index"),
+            applied_index=raft.get("applied_index"),
+            admin_key_held=held if isinstance(held, bool) else None,
+        )  # fmt: skip

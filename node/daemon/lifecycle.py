@@ -1,20 +1,24 @@
 """The node daemon: one ContextStore served to a cluster (a trio shell of trio shells).
 
 Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
-peer pool, the node service, hinted handoff, Kademlia discovery, failure detection,
-anti-entropy, the /health and /metrics HTTP server, and the index refresh timer, in that
-order, all in one nursery; and
+peer pool, the node service, hinted handoff, the control plane (Raft, leader duties,
+admin-key custody), Kademlia discovery, failure detection, anti-entropy, the /health and
+/metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
 shut them down cleanly (in-flight requests finish or fail, then the store closes).
 
-Membership: every verified node record that discovery finds becomes a member: its RPC
-address is dialled, and the public key of its CA-issued certificate is trusted to sign
-versions (a node's certificate is issued for its version-signing key, so one key ties
-its TLS identity to what it writes). A record signed under another CA is ignored.
+Membership: the ring is placed from the members of the cluster metadata the control
+plane applied (node/control/metadata.py); discovery supplies addresses and liveness.
+Every verified node record that discovery finds is dialled, and the public key of its
+CA-issued certificate is trusted to sign versions (a node's certificate is issued for its
+version-signing key, so one key ties its TLS identity to what it writes). A record signed
+under another CA is ignored. Until the control plane has applied its metadata (the first
+moments after start), discovery's members are placed, as before it existed.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -35,6 +39,8 @@ from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.membership import Membership, NodeRecord
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
+from node.control.maintenance import Maintenance
+from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
 from node.daemon.http import HealthServer
@@ -117,6 +123,15 @@ class NodeDaemon:
             hints = HintStore(store.kv, max_bytes=config.handoff.max_bytes, clock_ms=now_ms)
             self.handoff = HandoffService(self.service, hints, config.handoff)
             self.cluster.on_up.append(self.handoff.wake)
+        election = config.election
+        self.control = ControlService(
+            self.service,
+            ControlConfig.from_election(election.heartbeat_ms, election.election_timeout_ms),
+            rng=random.Random(),  # seeded from the OS: election jitter differs per node
+            clock_ms=now_ms, rpc_host=config.rpc.host, rpc_port=config.rpc.port,
+        )  # fmt: skip
+        self.service.status_fields.append(self.control.status)
+        Maintenance(self.control, max_key_age_days=config.keys.max_key_age_days)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -149,6 +164,7 @@ class NodeDaemon:
                             self.config.rpc.host, self.config.rpc.port)  # fmt: skip
             rpc_port = await nursery.start(rpc.run)
             self._rpc = rpc
+            await nursery.start(self.control.run)
             http = HealthServer(self.config.http, self._health, self.metrics)
             http_port = await nursery.start(http.run)
             record = NodeRecord.signed(
@@ -223,6 +239,9 @@ class NodeDaemon:
             "members": len(self.cluster.member_names()),
             "members_up": len(up),
             "quorum_possible": len(up) >= self.config.cluster.w,
+            "leader_known": self.control.leader_name() is not None,
+            "leader": self.control.leader_name(),
+            "role": self.control.status()["role"],
         }
         return self.ready, checks
 
@@ -248,8 +267,14 @@ class NodeDaemon:
         self._seen = now
 
     def _sync_members(self) -> None:
-        """Dial, trust and place every verified member."""
+        """Dial and trust every verified member; place the members of the applied cluster
+        metadata (discovery's members until the control plane has applied it)."""
         names = []
+        applied = self.control.metadata
+        if applied is not None:
+            for member in applied.members.values():
+                if member.rpc_port and member.name not in self.addresses:
+                    self.addresses[member.name] = (member.rpc_host, member.rpc_port)
         for record in self.membership.members():
             names.append(record.name)
             self.addresses[record.name] = (record.rpc_host, record.rpc_port)
@@ -258,6 +283,8 @@ class NodeDaemon:
                 self.store.trust_signer(
                     public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                 )
+        if applied is not None and applied.ring_members():
+            names = list(applied.ring_members())
         self.cluster.set_members(names)
         up = sum(1 for name in names if self.cluster.is_up(name))
         self.metrics.set_members(up=up, down=len(names) - up)

@@ -99,6 +99,12 @@ FEEDERS: dict[str, str] = {
     "slurp_peer_answer_malformed_total": "peer_answer_malformed",
     "slurp_requests_refused_busy_total": "refused_busy",
     "slurp_repairs_dropped_total": "repair_dropped",
+    "slurp_is_leader": "set_control",
+    "slurp_term": "set_control",
+    "slurp_elections_total": "set_control",
+    "slurp_raft_commit_index": "set_control",
+    "slurp_raft_applied_index": "set_control",
+    "slurp_admin_key_held": "set_control",
 }
 METRIC_NAMES = tuple(FEEDERS)
 
@@ -309,6 +315,25 @@ class NodeMetrics:
         self._report("slurp_hints_delivered_total", "counter",
                      "Hints delivered to their member.", delivered)  # fmt: skip
 
+    def set_control(
+        self, *, is_leader: bool | None, term: int | None, elections: int | None,
+        commit_index: int | None, applied_index: int | None, admin_key_held: bool | None,
+    ) -> None:  # fmt: skip
+        """The control plane's figures; None leaves a figure out (no control plane yet)."""
+        self._report("slurp_is_leader", "gauge", "1 while this node is the control-plane leader.",
+                     _flag(is_leader))  # fmt: skip
+        self._report("slurp_term", "gauge", "This node's Raft term.", term)
+        self._report("slurp_elections_total", "counter",
+                     "Elections this node started (as a candidate).", elections)  # fmt: skip
+        self._report("slurp_raft_commit_index", "gauge",
+                     "The highest control-log index this node knows committed.",
+                     commit_index)  # fmt: skip
+        self._report("slurp_raft_applied_index", "gauge",
+                     "The highest control-log index this node applied.", applied_index)  # fmt: skip
+        self._report("slurp_admin_key_held", "gauge",
+                     "1 while this node holds the rebuilt admin identity (leaders only).",
+                     _flag(admin_key_held))  # fmt: skip
+
     def set_antientropy(
         self, *, last_pass_age_s: float | None, versions_repaired: int | None,
         bytes_sent: int | None, bytes_received: int | None,
@@ -338,3 +363,7 @@ class NodeMetrics:
     def render(self) -> bytes:
         """Every metric in the Prometheus text exposition format, version 0.0.4."""
         return generate_latest(self.registry)
+
+
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(value)

@@ -217,9 +217,11 @@ def cluster_status(root: Path) -> dict[str, Any]:
 
     The JSON of ``slurp cluster status``: ``{"dir", "profile", "nodes": [{"name",
     "address", "pid", "up", "ownership", "contexts", "backlog": {"hints", "hint_bytes",
-    "repair_pending"}, "antientropy": {"last_pass_age_s", "versions_repaired"}, "health",
-    ...}]}``. ``backlog`` and ``antientropy`` are the node's own ``node.status`` fields
-    (null when the node is down, and each figure null when the node does not know it).
+    "repair_pending"}, "antientropy": {"last_pass_age_s", "versions_repaired"}, "role",
+    "term", "leader", "admin_key_held", "health", ...}]}``. ``backlog``, ``antientropy``,
+    ``role`` ("leader", "follower", "candidate"), ``term``, ``leader`` (a node name) and
+    ``admin_key_held`` are the node's own ``node.status`` fields (null when the node is
+    down, and each figure null when the node does not know it).
     """
     members = _load(root)
     out = []
@@ -237,6 +239,10 @@ def cluster_status(root: Path) -> dict[str, Any]:
                 "contexts": status.get("contexts"),
                 "backlog": status.get("backlog"),
                 "antientropy": status.get("antientropy"),
+                "role": status.get("role"),
+                "term": status.get("term"),
+                "leader": status.get("leader"),
+                "admin_key_held": status.get("admin_key_held"),
                 "health": answer,
             }
         )

@@ -62,6 +62,8 @@ def busy_metrics() -> NodeMetrics:
     metrics.set_handoff(hints=4, hint_bytes=4096, dropped=1, delivered=7)
     metrics.set_antientropy(last_pass_age_s=12.5, versions_repaired=3, bytes_sent=100,
                             bytes_received=200)  # fmt: skip
+    metrics.set_control(is_leader=True, term=3, elections=2, commit_index=9, applied_index=9,
+                        admin_key_held=True)  # fmt: skip
     return metrics
 
 
@@ -161,6 +163,8 @@ async def test_metrics_parse_and_name_every_family(nursery: trio.Nursery) -> Non
     assert samples[("slurp_requests_total", (("method", "put"), ("outcome", "ok")))] == 1.0
     assert samples[("slurp_members", (("state", "down"),))] == 1.0
     assert samples[("slurp_hints", ())] == 4.0
+    assert samples[("slurp_is_leader", ())] == 1.0
+    assert samples[("slurp_term", ())] == 3.0
     assert samples[("slurp_antientropy_bytes_total", (("direction", "sent"),))] == 100.0
     assert samples[("slurp_request_duration_seconds_count", (("method", "get"),))] == 1.0
     # nothing is exported that METRIC_NAMES (and so FEEDERS) does not list

@@ -1,1 +1,1 @@
-"""Tests of node.control: the Raft core and its transcripts, the metadata state machine, persistence, custody."""
+"""Tests of node.control: Raft core and transcripts, metadata, persistence, custody."""
