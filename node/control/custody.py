@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -207,7 +208,7 @@ class AdminCustody:
         expected = self.keyring.recipient(ADMIN_ROLE)
         own = await self.service.fanout.blocking(self._own_share)
         shares = [] if own is None else [own]
-        rebuilt = _try_combine(shares, need, expected)
+        rebuilt = await self.service.fanout.blocking(partial(_try_combine, shares, need, expected))
         if rebuilt is None:
             rebuilt = await self._gather(term, shares, need, expected)
         if rebuilt is None:
@@ -244,13 +245,24 @@ class AdminCustody:
                 self.service.fanout.failed("admin.share", node, exc)
                 return
             shares.append(share)
-            if not found and (rebuilt := _try_combine(shares, need, expected)) is not None:
+            if found or len(shares) < need:
+                return
+            combine = partial(_try_combine, list(shares), need, expected)  # PBKDF2: ~10 ms
+            rebuilt = await self.service.fanout.blocking(combine)
+            if rebuilt is not None and found:  # another answer combined first
+                rebuilt.wipe()
+            elif rebuilt is not None:
                 found.append(rebuilt)
                 cancel.cancel()
 
-        async with trio.open_nursery() as nursery:
-            for node in others:
-                nursery.start_soon(ask, node, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                for node in others:
+                    nursery.start_soon(ask, node, nursery.cancel_scope)
+        except BaseException:  # cancelled (stopping) with an identity rebuilt: never kept
+            for rebuilt in found:
+                rebuilt.wipe()
+            raise
         return found[0] if found else None
 
     def _own_share(self) -> str | None:
