@@ -197,6 +197,14 @@ class AdminCustody:
         log.info("admin identity wiped (held for term %s): %s", self._held_term, why)
         self._held, self._held_term = None, None
         self.wipes += 1
+        self._audit("custody.wipe")
+
+    def _audit(self, op: str) -> None:
+        """Record a custody event in the audit log (after the fact; never blocks a wipe)."""
+        try:
+            self.service.store.audit_event(op, None, "ok")
+        except (CryptoError, StorageError) as exc:
+            log.warning("audit of %s failed: %s", op, exc)
 
     # -- collecting ---------------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class AdminCustody:
         self._held, self._held_term = rebuilt, term
         self.collections += 1
         log.info("admin identity rebuilt from %d shares for term %d", len(shares), term)
+        self._audit("custody.hold")
         return True
 
     async def _gather(
