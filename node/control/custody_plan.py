@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from enum import Enum
 
-ADMIN_ROLE = "admin"  # crypto.roles.ADMIN_ROLE (kept literal: a pure core imports no crypto)
+from crypto.roles import ADMIN_ROLE
+
 MAX_RETRY_S = 2.0  # the longest wait between two share collections of one term
 # client methods that need the admin identity when read as admin; purge always is leader-only
 ADMIN_READS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history"})
