@@ -15,6 +15,10 @@ key                                     value
 ``m/format``                            ASCII format version (``b"1"``)
 ``m/hlc``                               last hybrid-logical-clock id issued (ASCII)
 ``m/node_id``                           the node id (ASCII)
+``m/fence``                             the highest leader (Raft) term whose leader-only
+                                        operation this node accepted (ASCII decimal;
+                                        never decreases; written synced;
+                                        ``node.control.fence``)
 ``m/rotation/`` role                    cursor of a key rotation in progress: msgpack
                                         {v, to_version, after, since_ms, scanned, rewritten}
 ``v/`` ctx SEP version-id               a version envelope (``storage.envelope``, msgpack)
@@ -55,6 +59,7 @@ META_FORMAT = b"m/format"
 META_HLC = b"m/hlc"
 META_NODE_ID = b"m/node_id"
 META_ROTATION_PREFIX = b"m/rotation/"
+META_FENCE = b"m/fence"
 ROTATION_CURSOR_SCHEMA = 1
 VERSION_PREFIX = b"v/"
 HEAD_PREFIX = b"h/"

@@ -178,3 +178,12 @@ def _views(method: str, items: list[Any], cls: type[Any]) -> list[Any]:
                 raise MalformedAnswer(method, f"a {cls.__name__}'s {name} has the wrong type")
         out.append(view)
     return out
+
+
+def parse_share(answer: Any) -> bytes:
+    """The answer to ``admin.share``: one Shamir share, age-encrypted to the recipient asked
+    for (``node.control.custody`` decrypts and checks it)."""
+    share = _field("admin.share", answer, "share", bytes)
+    if not share:
+        raise MalformedAnswer("admin.share", "'share' is empty")
+    return bytes(share)

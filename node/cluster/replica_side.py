@@ -3,9 +3,13 @@
 Owns: answering other nodes' replica requests (``rep.store``, ``rep.versions`` paged,
 ``rep.head``, ``rep.purge``, ``rep.heads``, ``rep.search``, ``rep.ping``) over the local
 ``storage.replica.Replica``, and the same operations as plain calls for the coordinator
-when it is itself one of the replicas. Must not know: quorums, the ring, other nodes.
-Bodies arrive parsed (``node.cluster.requests``); slow storage work runs through
-``blocking`` (a worker thread on a real node, inline in the simulation).
+when it is itself one of the replicas. Must not know: quorums, the ring, other nodes,
+leadership (a leader's ``rep.purge`` carries its ``term``, checked through the
+``admit_leader_term`` hook that the control plane installs: ``node.control.fence``; a
+``rep.purge`` without a term is a repair or anti-entropy send of a marker some replica
+already accepted, and is not fenced). Bodies arrive parsed (``node.cluster.requests``);
+slow storage work runs through ``blocking`` (a worker thread on a real node, inline in
+the simulation).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class ReplicaSide:
         self.replica = replica
         self.store = replica.store
         self._blocking = blocking
+        # the fence of leader-only operations (node.control.fence.Fence.admit); None: no
+        # control plane, terms are accepted unchecked
+        self.admit_leader_term: Callable[[int], None] | None = None
 
     def methods(self) -> Mapping[str, Callable[[Peer, Body], Awaitable[Body]]]:
         """The replica methods, by RPC name."""
@@ -68,6 +75,17 @@ class ReplicaSide:
             "purge": None if marker is None else marker.encode(),
             "more": more,
         }
+
+    def purge(self, ctx: ContextName, marker: PurgeMarker, term: int | None) -> Body:
+        """Apply a purge marker; a leader's (``term`` given) only if the fence admits it.
+
+        Raises:
+            StaleTerm (``node.control.fence``): ``term`` is older than a leader seen here.
+        """
+        admit = self.admit_leader_term
+        if term is not None and admit is not None:
+            admit(term)  # raises the fence (synced) before the purge is applied
+        return {"removed": self.replica.apply_purge(ctx, marker)}
 
     def head(self, ctx: ContextName) -> Body:
         """The newest version id held, and the purge marker's ``upto`` (new ids sort after)."""
@@ -111,8 +129,7 @@ class ReplicaSide:
             marker = PurgeMarker.decode(args["marker"])
         except StorageError as exc:
             raise InvalidPayload(f"marker: {exc.message}", field="marker") from None
-        removed = await self._blocking(lambda: self.replica.apply_purge(ctx, marker))
-        return {"removed": removed}
+        return await self._blocking(lambda: self.purge(ctx, marker, args["term"]))
 
     async def _rep_heads(self, peer: Peer, args: Body) -> Body:
         return self.heads(args)

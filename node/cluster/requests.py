@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pyrage
+from pyrage import x25519
+
 from node.cluster.antientropy import MAX_ITEMS
 from node.control.raft_types import MalformedRaftData, message_from_wire
 from storage.address import Address, ContextName, parse
@@ -25,6 +28,10 @@ MAX_SEARCH_LIMIT = 1000
 MAX_TARGET_CHARS = 64  # a node name in rep.hint
 MAX_RAFT_MESSAGES = 256  # messages of one raft.msg
 MAX_PROPOSAL_BYTES = 1 << 20  # one control-plane command
+MAX_TERM = 2**63 - 1  # a Raft term (fits a signed 64-bit integer, as etcd's uint64 mostly does)
+MAX_ROLES = 64  # roles of a forwarded client
+# client methods a node may forward to the leader in ``admin.forward``
+FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,63 @@ def _ints(values: list[Any], name: str, size: int = 1) -> list[Any]:
             raise InvalidPayload(f"{name} must be {kind}", field=name)
         out.append(value if size == 1 else tuple(parts))
     return out
+
+
+def _term(body: dict[str, Any], *, optional: bool = False) -> int | None:
+    value = body.get("term")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TERM:
+        raise InvalidPayload(f"term must be a whole number from 0 to {MAX_TERM}", field="term")
+    return value
+
+
+def _name(value: Any, name: str) -> str:
+    """A printable ASCII name (a node, client or role name) of at most MAX_TARGET_CHARS."""
+    if not (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_TARGET_CHARS
+        and value.isascii()
+        and value.isprintable()
+    ):
+        raise InvalidPayload(f"{name} must be a printable ASCII name", field=name)
+    return value
+
+
+def _recipient(body: dict[str, Any]) -> str:
+    value = _str(body, "recipient")
+    try:
+        x25519.Recipient.from_str(value)
+    except pyrage.RecipientError:
+        raise InvalidPayload(
+            "recipient must be an age X25519 recipient", field="recipient"
+        ) from None
+    return str(value)
+
+
+def _forward(body: dict[str, Any]) -> dict[str, Any]:
+    """``admin.forward {method, body, client: {name, roles}}``."""
+    method = _str(body, "method")
+    if method not in FORWARDABLE_METHODS:
+        raise InvalidPayload(
+            f"method {method!r} is not forwarded (only {sorted(FORWARDABLE_METHODS)})",
+            field="method",
+        )
+    inner = body.get("body")
+    if not isinstance(inner, dict):
+        raise InvalidPayload("body must be a map", field="body")
+    client = body.get("client")
+    if not isinstance(client, dict):
+        raise InvalidPayload("client must be a map {name, roles}", field="client")
+    roles = client.get("roles")
+    if not isinstance(roles, list) or len(roles) > MAX_ROLES:
+        raise InvalidPayload(f"client.roles must be a list of at most {MAX_ROLES}", field="client")
+    return {
+        "method": method,
+        "body": inner,
+        "client_name": _name(client.get("name"), "client"),
+        "client_roles": tuple(_name(role, "client") for role in roles),
+    }
 
 
 def _target(body: dict[str, Any]) -> str:
@@ -187,6 +251,7 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         args = {"context": _context(body)}
     elif method == "rep.purge":
         args = {"context": _context(body), "marker": _bytes(body.get("marker"), "marker")}
+        args["term"] = _term(body, optional=True)  # a leader's purge; absent: repair
     elif method in ("node.status", "rep.ping"):
         args = {}
     elif method == "rep.hint":
@@ -221,6 +286,10 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         if isinstance(term, bool) or not isinstance(term, int) or not 0 < term < 2**63:
             raise InvalidPayload("term must be a positive integer", field="term")
         args = {"duty": duty, "term": term}
+    elif method == "admin.share":
+        args = {"term": _term(body), "recipient": _recipient(body)}
+    elif method == "admin.forward":
+        args = _forward(body)
     else:
         raise InvalidPayload(f"unknown method {method!r}", field="method")
     return Parsed(method, args)

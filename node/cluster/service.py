@@ -9,8 +9,16 @@ operator status. The replica-side methods live in ``node.cluster.replica_side``;
 calls, their fault isolation and budgets in ``node.cluster.fanout``; request parsing in
 ``node.cluster.requests``; peer-answer parsing in ``node.cluster.answers``. Other
 subsystems add replica methods through ``extra_replica_methods`` (anti-entropy's
-``rep.tree``/``rep.digests``/``rep.ids``/``rep.fetch``, handoff's ``rep.hint``) and
-figures through ``status_sources``.
+``rep.tree``/``rep.digests``/``rep.ids``/``rep.fetch``, handoff's ``rep.hint``, admin
+custody's ``admin.share``/``admin.forward``: node certificates only) and figures through
+``status_sources``.
+
+The control plane (``node.control.custody``) adds two hooks: ``forwarder``, consulted
+with each parsed client request (it may answer it by forwarding it to the leader, or
+return None to let this node answer; a request that arrived forwarded is never forwarded
+again), and ``leader_term_for_ops``, the fencing token a leader-only operation carries
+(``ctx.purge`` stamps its ``rep.purge`` with it; it raises when this node is not the
+leader). Without them (no control plane) purge runs unfenced, as before.
 
 Order of effects for a write: validate and encrypt (locally) -> learn the parent and the
 purge floor from the live replicas -> sign -> send to every live replica in
@@ -110,6 +118,8 @@ class HintSink(Protocol):
 
 
 Handler = Callable[[Peer, Body], Awaitable[Body]]
+# (client, parsed request, raw body) -> the answer, or None to answer here
+Forwarder = Callable[[Peer, Parsed, Body], Awaitable[Body | None]]
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,10 @@ class NodeService:
         # replica methods of other subsystems (anti-entropy, handoff); each parses its own body
         self.extra_replica_methods: dict[str, Handler] = {"rep.hint": self._rep_hint}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
+        self.forwarder: Forwarder | None = None  # set by the control plane (admin custody)
+        # the leader's term for leader-only operations (raises Unavailable on a non-leader);
+        # set by the control plane; None: no control plane, leader operations unfenced
+        self.leader_term_for_ops: Callable[[], int] | None = None
 
     @property
     def faults(self) -> Any:
@@ -185,9 +199,14 @@ class NodeService:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def handle(self, peer: Peer, method: str, body: Body) -> Body:
-        """Answer one request (raises StorageError subclasses for UCXL error answers)."""
-        kind = "replica" if method.startswith("rep.") else "client"
+    async def handle(self, peer: Peer, method: str, body: Body, *, forwarded: bool = False) -> Body:
+        """Answer one request (raises StorageError subclasses for UCXL error answers).
+
+        ``forwarded``: the request was forwarded by another node (``admin.forward``) and is
+        answered here, never forwarded again.
+        """
+        node_only = method.startswith("rep.") or method in self.extra_replica_methods
+        kind = "replica" if node_only else "client"
         if kind == "replica" and peer.kind != "node":
             raise Forbidden(f"{method} is for cluster nodes only")
         parsed = parse_request(method, body)
@@ -202,15 +221,19 @@ class NodeService:
             )
         self._inflight[kind] += 1
         try:
-            return await self._dispatch(peer, parsed)
+            return await self._dispatch(peer, parsed, None if forwarded else body)
         finally:
             self._inflight[kind] -= 1
 
-    async def _dispatch(self, peer: Peer, parsed: Parsed) -> Body:
+    async def _dispatch(self, peer: Peer, parsed: Parsed, raw: Body | None = None) -> Body:
         end = trio.current_effective_deadline()
         deadline.set(None if end == float("inf") else end)
         handler = self._methods()[parsed.method]
         try:
+            if raw is not None and self.forwarder is not None and peer.kind == "client":
+                answer = await self.forwarder(peer, parsed, raw)
+                if answer is not None:
+                    return answer
             return await handler(peer, parsed.args)
         except (StorageError, NodeError):
             raise
@@ -311,18 +334,23 @@ class NodeService:
     async def _purge(self, peer: Peer, args: Body) -> Body:
         if peer.kind == "client" and ADMIN_ROLE not in peer.roles:
             raise Forbidden("purge needs a client certificate with the admin role")
+        # a leader-only operation: stamped with the leader's term (fencing), when there is
+        # a control plane; this raises on a node that is not (or no longer) the leader
+        term = None if self.leader_term_for_ops is None else self.leader_term_for_ops()
         ctx = args["address"].context()
         rows = await self._gather_versions(ctx, None)
         if not rows:
             raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
         marker = self.replica.purge_marker_for(rows[-1][0], f"{peer.name}")
         placement = self._placement(ctx)
-        body = {"context": ctx.canonical(), "marker": marker.encode()}
+        body: Body = {"context": ctx.canonical(), "marker": marker.encode()}
+        if term is not None:
+            body["term"] = term
         tracker = self._tracker(placement, self.config.quorum.w, "purge")
 
         async def one(node: str) -> None:
             answers.parse_purge(await self.fanout.on(
-                node, "rep.purge", body, lambda: {"removed": self.replica.apply_purge(ctx, marker)}
+                node, "rep.purge", body, lambda: self.local.purge(ctx, marker, term)
             ))  # fmt: skip
 
         await self._quorum(placement, tracker, one, op="purge")
