@@ -58,7 +58,10 @@ def key_epochs_of(keyring: Keyring) -> dict[str, KeyEpoch]:
 
 def member_of(keyring: Keyring, name: str, rpc_host: str, rpc_port: int) -> Member:
     """The founding (normal) member for the node whose keyring is ``keyring``."""
-    return Member(keyring.node_id, name, "normal", keyring.node_recipient, rpc_host, rpc_port)
+    return Member(
+        keyring.node_id, name, "normal", keyring.node_recipient, rpc_host, rpc_port,
+        signing_key=keyring.signer.public_key,
+    )  # fmt: skip
 
 
 def custody_of(store: ContextStore, holders: Mapping[str, int]) -> Custody | None:

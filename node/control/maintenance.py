@@ -9,7 +9,8 @@ Must not know: Raft, when a duty is due (the duties core), how the log records i
 control shell proposes ``duty.started`` / ``duty.finished`` around each handler).
 
 Invariants: ``ctl.maintain`` carries the leader's term and is refused by a member whose
-term is higher (a deposed leader's late order is not obeyed); a member that does not
+term or persisted fence (node/control/fence.py) is higher (a deposed leader's late order
+is not obeyed); a member that does not
 answer is reported in the duty's message and the duty still finishes: the next run covers
 it (sweeps and compaction are idempotent).
 """
@@ -24,6 +25,7 @@ import trio
 
 from node.cluster.service import NodeService
 from node.control.duties import DutyAction
+from node.control.fence import Fence
 from node.control.service import ControlService
 from node.errors import NodeError
 from node.rpc.transport import Peer
@@ -39,8 +41,9 @@ MAINTAIN_TIMEOUT_S = 300.0
 class Maintenance:
     """Registers the duty handlers and ``ctl.maintain`` on one node."""
 
-    def __init__(self, control: ControlService, *, max_key_age_days: int) -> None:
+    def __init__(self, control: ControlService, fence: Fence, *, max_key_age_days: int) -> None:
         self.control = control
+        self.fence = fence
         self.service: NodeService = control.service
         self.max_key_age_days = max_key_age_days
         for duty in MEMBER_DUTIES:
@@ -77,12 +80,13 @@ class Maintenance:
     async def _maintain(self, peer: Peer, args: Body) -> Body:
         if peer.kind != "node":
             raise Forbidden("ctl.maintain is for cluster nodes only")
-        if args["term"] < self.control.term:
-            raise Forbidden(
-                f"stale leader term {args['term']} < {self.control.term}: ctl.maintain refused"
-            )
-        duty = args["duty"]
-        return await self.service.fanout.blocking(lambda: self._run_local(duty))
+        duty, term = args["duty"], args["term"]
+
+        def admitted() -> Body:
+            self.fence.admit(term)  # StaleTerm (403) below the persisted fence or our term
+            return self._run_local(duty)
+
+        return await self.service.fanout.blocking(admitted)
 
     async def _rotation_check(self, action: DutyAction, term: int) -> str:
         """Warn (status, log) when a role key is older than ``keys.max_key_age_days``."""

@@ -45,6 +45,7 @@ from node.control.metadata_types import (
 from node.control.raft_types import MalformedRaftData
 
 STATE_SCHEMA = 1
+SIGNING_KEY_BYTES = 32  # a raw Ed25519 public key
 
 
 def member_wire(member: Member) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def member_wire(member: Member) -> dict[str, Any]:
         "recipient": member.age_recipient,
         "host": member.rpc_host,
         "port": member.rpc_port,
+        "sign": member.signing_key,
     }
 
 
@@ -71,6 +73,7 @@ def member_from_wire(fields: Fields) -> Member:
         age_recipient=fields.str_("recipient", MAX_RECIPIENT, empty=True),
         rpc_host=fields.str_("host", MAX_NAME, empty=True),
         rpc_port=fields.int_("port", 0, 65535),
+        signing_key=fields.bytes_("sign", SIGNING_KEY_BYTES) if fields.has("sign") else b"",
     )
 
 

@@ -56,7 +56,9 @@ def frozen_map(items: Mapping[K, V]) -> Mapping[K, V]:
 class Member:
     """A cluster member. ``node_id`` is the keyring's node id (never reused); ``name`` the
     node's name (what the ring and the data plane use); ``age_recipient`` its node
-    recipient (shares and role identities are sealed to it)."""
+    recipient (shares and role identities are sealed to it); ``signing_key`` its raw
+    Ed25519 version-signing public key (b"": not recorded), trusted by every node that
+    applies the member, so replicas accept its versions before discovery finds it."""
 
     node_id: str
     name: str
@@ -64,6 +66,7 @@ class Member:
     age_recipient: str
     rpc_host: str = ""
     rpc_port: int = 0
+    signing_key: bytes = b""
 
 
 @dataclass(frozen=True)

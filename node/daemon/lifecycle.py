@@ -39,6 +39,7 @@ from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.membership import Membership, NodeRecord
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
+from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
@@ -131,7 +132,9 @@ class NodeDaemon:
             clock_ms=now_ms, rpc_host=config.rpc.host, rpc_port=config.rpc.port,
         )  # fmt: skip
         self.service.status_fields.append(self.control.status)
-        Maintenance(self.control, max_key_age_days=config.keys.max_key_age_days)
+        self.custody = AdminCustody(self.service, self.control)
+        self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
+        Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -165,6 +168,8 @@ class NodeDaemon:
             rpc_port = await nursery.start(rpc.run)
             self._rpc = rpc
             await nursery.start(self.control.run)
+            self._sync_members()  # the applied metadata's members: addresses, trust, ring
+            await nursery.start(self.custody.run)
             http = HealthServer(self.config.http, self._health, self.metrics)
             http_port = await nursery.start(http.run)
             record = NodeRecord.signed(
@@ -275,6 +280,8 @@ class NodeDaemon:
             for member in applied.members.values():
                 if member.rpc_port and member.name not in self.addresses:
                     self.addresses[member.name] = (member.rpc_host, member.rpc_port)
+                if member.signing_key and member.state != "removed":
+                    self.store.trust_signer(member.signing_key)
         for record in self.membership.members():
             names.append(record.name)
             self.addresses[record.name] = (record.rpc_host, record.rpc_port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,20 @@ def test_a_process_running_node_start_is_taken_for_a_node() -> None:
         [sys.executable, "-c", "import time; time.sleep(30)", "node", "start", "--config", "x"]
     )
     try:
+        _wait_exec(fake.pid, b"node")  # until then /proc shows the forking parent's cmdline
         assert ops._alive(fake.pid) is True
     finally:
         fake.kill()
         fake.wait()
     assert ops._alive(fake.pid) is False
+
+
+def _wait_exec(pid: int, marker: bytes, timeout_s: float = 30.0) -> None:
+    """Wait until ``pid`` has exec'd a command line holding ``marker``."""
+    deadline = time.monotonic() + timeout_s
+    while marker not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+        assert time.monotonic() < deadline, f"process {pid} never exec'd"
+        time.sleep(0.01)
 
 
 def test_a_node_this_process_started_is_alive_before_it_execs(

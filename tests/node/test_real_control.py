@@ -73,7 +73,7 @@ async def read_secret(root: Path, member: LocalNode) -> str:
     while True:
         try:
             answer = await call(member.rpc_port, tls(root, "client"), "ctx.get", body)
-            return str(answer["record"]["summary"])
+            return str(answer["version"]["fields"]["summary"])
         except (NodeError, StorageError) as exc:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{member.name} never served the admin context") from exc

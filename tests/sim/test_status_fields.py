@@ -67,6 +67,12 @@ async def test_unregistered_sources_are_null(
         assert ("slurp_repair_pending", ()) in samples(metrics)
 
 
+CONTROL = {
+    "role": "leader", "term": 4, "leader": "n1", "admin_key_held": True,
+    "raft": {"commit_index": 9, "applied_index": 8, "elections": 2},
+}  # fmt: skip
+
+
 async def test_sources_reach_status_and_metrics_alike(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -74,8 +80,10 @@ async def test_sources_reach_status_and_metrics_alike(
         service = sim.nodes["n1"].service
         service.status_sources["handoff"] = lambda: dict(HANDOFF)
         service.status_sources["antientropy"] = lambda: dict(ANTIENTROPY)
+        service.status_fields.append(lambda: dict(CONTROL))
         await sim.call("n1", "ctx.put", {"address": ADDRESS, "record": {"summary": "x"}})
         answer = await sim.call("n1", "node.status", {})
+        assert {key: answer[key] for key in CONTROL} == CONTROL
         assert answer["backlog"] == {"hints": 4, "hint_bytes": 4096, "repair_pending": 0}
         assert answer["antientropy"] == {"last_pass_age_s": 12.5, "versions_repaired": 3}
         assert answer["contexts"] == 1
@@ -95,6 +103,12 @@ async def test_sources_reach_status_and_metrics_alike(
         assert got[("slurp_antientropy_bytes_total", (("direction", "sent"),))] == 700
         assert got[("slurp_antientropy_bytes_total", (("direction", "received"),))] == 800
         assert got[("slurp_store_contexts", ())] == answer["contexts"]
+        assert got[("slurp_is_leader", ())] == 1
+        assert got[("slurp_term", ())] == answer["term"]
+        assert got[("slurp_admin_key_held", ())] == 1
+        assert got[("slurp_elections_total", ())] == answer["raft"]["elections"]
+        assert got[("slurp_raft_commit_index", ())] == answer["raft"]["commit_index"]
+        assert got[("slurp_raft_applied_index", ())] == answer["raft"]["applied_index"]
         assert got[("slurp_replication_acks_total", (("outcome", "ok"),))] == 1
         # with every source registered, one pass feeds every metric the exporter owns
         text = metrics.render().decode()
