@@ -12,7 +12,9 @@ Every verified node record that discovery finds is dialled, and the public key o
 CA-issued certificate is trusted to sign versions (a node's certificate is issued for its
 version-signing key, so one key ties its TLS identity to what it writes). A record signed
 under another CA is ignored. Until the control plane has applied its metadata (the first
-moments after start), discovery's members are placed, as before it existed.
+moments after start), and on a node that bootstrapped itself alone (no bootstrap written
+by ``cluster up``: a node started by hand), discovery's members are placed, as before the
+control plane existed; such a node leads a control plane of one.
 """
 
 from __future__ import annotations
@@ -290,8 +292,8 @@ class NodeDaemon:
                 self.store.trust_signer(
                     public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                 )
-        if applied is not None and applied.ring_members():
-            names = list(applied.ring_members())
+        if applied is not None and len(applied.ring_members()) > 1:
+            names = list(applied.ring_members())  # else a standalone node (bootstrap_single)
         self.cluster.set_members(names)
         up = sum(1 for name in names if self.cluster.is_up(name))
         self.metrics.set_members(up=up, down=len(names) - up)
