@@ -7,12 +7,13 @@ apply, ``advance``). All messages wait for the Ready, so nothing leaves before t
 it depends on is durable (synchronous mode; research/control-plane.md §1).
 
 Owns: term, vote, role and known leader; elections (Raft §5.2) with a randomized timeout
-in [election_ticks, 2*election_ticks); pre-vote (thesis §9.6, etcd semantics incl. #8288
-and #8334); check-quorum and leader stickiness (§6.2, §4.2.3); the restarted-voter quiet
-period; replication with probing and backtracking (§5.3); commitment by counting only
-current-term entries (§5.4.2); snapshots sent to laggards and installed (ch. 5);
-single-server membership changes adopted on append (§4.1, with the 2015 fix); the
-leader lease (§6.4.1, in this node's ticks).
+in [election_ticks, election_ticks + jitter) (jitter: election_ticks unless set);
+pre-vote (thesis §9.6, etcd semantics incl. #8288 and #8334); check-quorum and leader
+stickiness (§6.2, §4.2.3); the restarted-voter quiet period; replication with probing
+and backtracking (§5.3); commitment by counting only current-term entries (§5.4.2);
+snapshots sent to laggards and installed (ch. 5); single-server membership changes
+adopted on append (§4.1, with the 2015 fix); the leader lease (§6.4.1, in this node's
+ticks).
 
 Must not know: what entries mean (data is opaque; CONF entries carry a ``ConfState``),
 the disk, the network, the wall clock, node names (ids are opaque strings).
@@ -80,6 +81,7 @@ class RaftConfig:
 
     election_ticks: int = 10
     heartbeat_ticks: int = 1
+    election_jitter_ticks: int = 0  # timeout in [T, T + jitter); 0: jitter = T, as etcd
     pre_vote: bool = True
     check_quorum: bool = True
     lease_ratio: float = 0.9
@@ -91,6 +93,8 @@ class RaftConfig:
             raise ValueError("need 0 < heartbeat_ticks < election_ticks")
         if not 0 < self.lease_ratio < 1:
             raise ValueError("lease_ratio must be in (0, 1)")
+        if self.election_jitter_ticks < 0:
+            raise ValueError("election_jitter_ticks must be >= 0")
         if self.max_entries_per_msg < 1 or self.max_uncommitted_entries < 1:
             raise ValueError("message and uncommitted limits must be positive")
 
@@ -212,6 +216,12 @@ class RawNode:
         if not self._cfg.check_quorum or not self._committed_own_term():
             return False
         return self._ticks < self._lease_from + self._cfg.lease_ratio * self._cfg.election_ticks
+
+    def lease_from(self) -> int | None:
+        """The tick the current lease counts from (the send tick of the latest heartbeat
+        round a majority acknowledged), while ``lease_valid()``; else None. A shell whose
+        ticks can fall behind real time maps it to the real time of that tick."""
+        return self._lease_from if self.lease_valid() else None
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -364,7 +374,8 @@ class RawNode:
 
     def _reset_timer(self) -> None:
         self._election_elapsed = 0
-        self._timeout = self._cfg.election_ticks + self._rng.randrange(self._cfg.election_ticks)
+        jitter = self._cfg.election_jitter_ticks or self._cfg.election_ticks
+        self._timeout = self._cfg.election_ticks + self._rng.randrange(jitter)
 
     # -- roles ----------------------------------------------------------------------------
 

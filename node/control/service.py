@@ -1,7 +1,7 @@
 """The control plane's trio shell: runs the Raft core over the node's RPC and its store.
 
 Owns: one ``RawNode`` (node/control/raft.py) per node, its clock (a tick every
-``heartbeat_s`` of trio's clock), the Ready loop (persist synced through
+``tick_s`` of trio's clock), the Ready loop (persist synced through
 ``node/control/log_store.py`` -> send -> apply to the metadata state machine ->
 advance), the ``raft.msg`` and ``raft.propose`` methods, proposals from this node
 (forwarded to the leader when it is not one), log compaction into snapshots of the
@@ -19,8 +19,8 @@ Invariants:
 - Every core call (tick, step, propose, ready, advance) happens under one lock, so a
   Ready is never interleaved with another input.
 - ``leader_term()`` is the term only while this node leads and its lease holds, checked
-  at each call: the lease is counted in ticks, and a tick loop that fell behind (the event
-  loop stalled) voids it.
+  at each call in real time (trio's clock) from the send time of the heartbeat round a
+  majority acknowledged: a tick loop that fell behind cannot stretch it.
 - A peer's message is stepped only when its sender id belongs to the certificate name it
   came over (a node cannot speak for another) and it is addressed to this node.
 """
@@ -54,10 +54,14 @@ DutyHandler = Callable[[duties.DutyAction, int], Awaitable[str]]
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """Timing of the control plane (from the node's ``[election]`` table)."""
+    """Timing of the control plane (from the node's ``[election]`` table), in ticks of
+    ``tick_s`` of trio's clock."""
 
-    heartbeat_s: float = 0.15
-    election_ticks: int = 2
+    tick_s: float = 0.05
+    heartbeat_ticks: int = 3
+    election_ticks: int = 6
+    election_jitter_ticks: int = 6  # the election timeout is in [T, T + jitter) ticks
+    lease_ratio: float = 0.9
     compact_every: int = 1000  # entries applied past the last snapshot before compacting
     max_queued_messages: int = 256  # per peer; beyond it messages are dropped (Raft resends)
     duties_interval_s: float = 1.0
@@ -67,10 +71,21 @@ class ControlConfig:
     def from_election(
         cls, heartbeat_ms: int, election_timeout_ms: tuple[int, int]
     ) -> ControlConfig:
-        """Ticks of ``heartbeat_ms``; the election timeout is randomized in [T, 2T) ticks
-        with T the configured minimum (the configured maximum bounds nothing more)."""
-        ticks = max(2, math.ceil(election_timeout_ms[0] / heartbeat_ms))
-        return cls(heartbeat_s=heartbeat_ms / 1000, election_ticks=ticks)
+        """A tick of a third of the heartbeat (at least 10 ms); the election timeout is
+        randomized in [MIN, MAX) of ``election_timeout_ms``, to the tick."""
+        tick_ms = max(10, heartbeat_ms // 3)
+        heartbeat = max(1, round(heartbeat_ms / tick_ms))
+        low, high = election_timeout_ms
+        election = max(heartbeat + 1, math.ceil(low / tick_ms))
+        jitter = max(1, math.ceil((high - low) / tick_ms))
+        return cls(tick_ms / 1000, heartbeat, election, jitter)
+
+    def raft(self) -> RaftConfig:
+        """The core's configuration."""
+        return RaftConfig(
+            election_ticks=self.election_ticks, heartbeat_ticks=self.heartbeat_ticks,
+            election_jitter_ticks=self.election_jitter_ticks, lease_ratio=self.lease_ratio,
+        )  # fmt: skip
 
 
 @dataclass
@@ -115,7 +130,8 @@ class ControlService:
         self._waiters: dict[int, _Waiter] = {}
         self._queues: dict[str, trio.MemorySendChannel[Message]] = {}
         self._nursery: trio.Nursery | None = None
-        self._last_tick = -math.inf
+        self._ticks = 0  # the core's tick count: tick n happened at _tick_times[n]
+        self._tick_times: dict[int, float] = {0: -math.inf}
         self._soft = SoftState(None, Role.FOLLOWER)
         self._duty_scope: trio.CancelScope | None = None
         self._snapshot_index = 0
@@ -158,9 +174,14 @@ class ControlService:
         node = self._node
         if node is None or self.halted is not None or node.role is not Role.LEADER:
             return None
-        if trio.current_time() - self._last_tick > 1.5 * self.config.heartbeat_s:
-            return None  # the tick loop fell behind: the lease, counted in ticks, is void
-        return node.term if node.lease_valid() else None
+        since_tick = node.lease_from()
+        started = None if since_tick is None else self._tick_times.get(since_tick)
+        if started is None:
+            return None
+        # the lease counts in real time from the tick its heartbeat round was sent at, so a
+        # tick loop that fell behind (a stalled event loop) cannot stretch it
+        length = self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
+        return node.term if trio.current_time() < started + length else None
 
     def status(self) -> Body:
         """``role``, ``term``, ``leader`` and the log's figures, for ``node.status``."""
@@ -198,8 +219,7 @@ class ControlService:
         if state.snapshot is not None:
             self.metadata = metadata.decode_state(state.snapshot.data)
             applied = self._snapshot_index = state.snapshot.meta.index
-        raft_config = RaftConfig(election_ticks=self.config.election_ticks)
-        self._node = RawNode(self.node_id, raft_config, self._rng, state, applied=applied)
+        self._node = RawNode(self.node_id, self.config.raft(), self._rng, state, applied=applied)
         self._soft = self._node.soft_state()
         try:
             async with trio.open_nursery() as nursery:
@@ -215,13 +235,16 @@ class ControlService:
                 waiter.done.set()
 
     async def _tick_loop(self) -> None:
+        keep = 4 * (self.config.election_ticks + self.config.election_jitter_ticks)
         while self.halted is None:
             async with self._lock:
                 assert self._node is not None
                 self._node.tick()
-                self._last_tick = trio.current_time()
+                self._ticks += 1
+                self._tick_times[self._ticks] = trio.current_time()
+                self._tick_times.pop(self._ticks - keep, None)
             self._wake.set()
-            await trio.sleep(self.config.heartbeat_s)
+            await trio.sleep(self.config.tick_s)
 
     async def _ready_loop(self) -> None:
         while self.halted is None:
@@ -326,7 +349,7 @@ class ControlService:
 
     async def _sender(self, name: str, queue: trio.MemoryReceiveChannel[Message]) -> None:
         """Deliver queued messages to ``name`` in batches, one call in flight."""
-        timeout = max(4 * self.config.heartbeat_s, 0.5)
+        timeout = max(4 * self.config.heartbeat_ticks * self.config.tick_s, 0.5)
         async for first in queue:
             batch = [first]
             while len(batch) < 64:
