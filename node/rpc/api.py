@@ -19,7 +19,10 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``ctx.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
 - ``ctx.delete``: {address, w} -> {ref}
 - ``ctx.purge``: {address} -> {versions: int}
-- ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r}}
+- ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r},
+  role: "leader"|"follower"|"candidate"|None, term, leader: name|None, admin_key_held,
+  raft: {node_id, commit_index, applied_index, lease, elections, halted, voters,
+  ring_epoch, warnings}, ...} (docs/control.md)
 
 (ref = StoredRef, version = VersionView, entry = HistoryEntry, info = ContextInfo,
 hit = SearchResult, error = {code, message, field}.)
@@ -31,10 +34,24 @@ Replica methods (node certificates only):
 - ``rep.head``: {context} -> {latest: id|None}
 - ``rep.versions``: {context, after: id|None, max_bytes: int|None} -> {envelopes: [[id,
   bytes]], purge: bytes|None, more: bool} (one page, ids after ``after``, <= MAX_BATCH_BYTES)
-- ``rep.purge``: {context, marker: bytes} -> {removed: int}
+- ``rep.purge``: {context, marker: bytes, term: int|None} -> {removed: int} (``term``: the
+  purging leader's, checked against the replica's fence; absent: a repair, not fenced)
 - ``rep.heads``: {pattern, deleted} -> {contexts: [info]}
 - ``rep.search``: {query, project, task, tags, limit, as_role} -> {hits: [hit]}
 - ``rep.ping``: {} -> {name}
+
+Control-plane methods (node certificates only; docs/control.md):
+
+- ``raft.msg``: {msgs: [message]} -> {stepped: int} (``node.control.raft_types`` wire
+  form; a message is stepped only if addressed to this node and its sender id is the
+  caller's member id)
+- ``raft.propose``: {data: bytes} -> {ok, error, value, index} (to the leader)
+- ``admin.share``: {term, recipient: "age1..."} -> {share: bytes} (to the leader of
+  ``term`` only: the holder's Shamir share, age-encrypted to ``recipient``)
+- ``admin.forward``: {method, body, client: {name, roles}} -> the inner method's answer
+  (to the leader, which runs it as that client if it holds the admin identity)
+- ``ctl.maintain``: {duty: "ttl_sweep"|"compaction", term} -> {removed: int} (a leader
+  duty on this member's store; a term below the member's fence is refused)
 
 Authorization: a client may write a context whose role is one of its certificate roles
 (or any context, with ``admin``); it may read as one of its roles only; ``ctx.purge``
