@@ -645,6 +645,16 @@ class Bench:
                 etcd, rounds, payloads.raw
             )
         for name, done in self.results.failover.items():
+            self.results.notes.append(
+                f"{name} failover rounds (killed → new leader: ms to the first success, longest"
+                " write gap ms, failed writes): "
+                + "; ".join(
+                    f"{r.killed} → {r.new_leader}: {r.failover_s * 1000:.0f},"
+                    f" {r.longest_gap_s * 1000:.0f}, {r.failed_writes}"
+                    for r in done
+                )
+                + "."
+            )
             errors = [e for r in done for e in r.errors]
             if errors:
                 self.results.notes.append(

@@ -115,6 +115,10 @@ async def steady_writer(write: Attempt, writes: Writes, stop_at: float) -> None:
         try:
             with trio.fail_after(WRITE_TIMEOUT_S):
                 await write(number)
+        except trio.TooSlowError:
+            good = False
+            if len(writes.errors) < 3:
+                writes.errors.append(f"no answer within {WRITE_TIMEOUT_S:g} s")
         except Exception as exc:
             good = False
             if len(writes.errors) < 3:
