@@ -67,7 +67,7 @@ def streamed_in_metadata(state: ClusterMetadata) -> Mapping[str, int] | None:
     return streamed if isinstance(streamed, Mapping) else None
 
 
-class Membership:
+class Transitions:
     """The membership methods and the transition driver of one node."""
 
     def __init__(

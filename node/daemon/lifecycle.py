@@ -43,7 +43,7 @@ from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
-from node.control.membership import Membership
+from node.control.membership import Transitions
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
@@ -138,7 +138,7 @@ class NodeDaemon:
         self.custody = AdminCustody(self.service, self.control)
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
-        self.transitions = Membership(self.control)  # ctl.member_* and the transition driver
+        self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
