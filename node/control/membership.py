@@ -94,8 +94,19 @@ class Transitions:
         control.on_apply.append(lambda _entry: self.wake())
 
     def status(self) -> Body:
-        """``member_state``: this node's member state in the applied metadata."""
-        return {"member_state": member_state(self.control.metadata, self.control.node_id)}
+        """``member_state``: this node's member state in the applied metadata;
+        ``member_states``: name -> state of every member (a removed one while its name is
+        not reused); ``transition``: the driver's last step (None: none yet)."""
+        state = self.control.metadata
+        states: dict[str, str] = {}
+        if state is not None:
+            for member in sorted(state.members.values(), key=lambda m: m.state != "removed"):
+                states[member.name] = member.state  # the member not removed wins a name
+        return {
+            "member_state": member_state(state, self.control.node_id),
+            "member_states": states,
+            "transition": self.last_step,
+        }
 
     def wake(self) -> None:
         """Run the driver soon (a leadership change, an applied entry)."""
