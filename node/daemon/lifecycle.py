@@ -152,6 +152,8 @@ class NodeDaemon:
             )
 
     def _connect(self, name: str) -> AbstractAsyncContextManager[Caller]:
+        if name not in self.addresses:  # e.g. a joiner, before discovery or the metadata
+            raise PeerUnavailable(f"no address known for {name} yet")
         host, port = self.addresses[name]
         return open_rpc_client(
             host, port, self._tls, node=self.config.name,

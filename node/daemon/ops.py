@@ -315,15 +315,18 @@ def _propose(root: Path, members: list[LocalNode], call: Callable[[Any], Any],
 def _states(root: Path, members: list[LocalNode], names: list[str]) -> dict[str, dict[str, Any]]:
     """name -> {state, rebalance} as the live nodes see it (a node's own status first)."""
     seen: dict[str, dict[str, Any]] = {n: {"state": None, "rebalance": None} for n in names}
+    own: set[str] = set()
     for member in members:
         if not _alive(member.pid):
             continue
         status = _node_status(root, member)
         states = status.get("member_states") or {}
         for name in names:
-            if name == member.name:
+            if name == member.name:  # a node's own view wins: it must know its own state
                 seen[name]["rebalance"] = status.get("rebalance")
-            if seen[name]["state"] is None and name in states:
+                seen[name]["state"] = status.get("member_state")
+                own.add(name)
+            elif name not in own and name in states:
                 seen[name]["state"] = states[name]
     return seen
 
