@@ -116,6 +116,7 @@ class ControlService:
         self._queues: dict[str, trio.MemorySendChannel[Message]] = {}
         self._nursery: trio.Nursery | None = None
         self._last_tick = -math.inf
+        self._lease_seen: int | None = None  # leader_term() at the last tick
         self._soft = SoftState(None, Role.FOLLOWER)
         self._duty_scope: trio.CancelScope | None = None
         self._snapshot_index = 0
@@ -220,6 +221,10 @@ class ControlService:
                 assert self._node is not None
                 self._node.tick()
                 self._last_tick = trio.current_time()
+                lease = self.leader_term()
+            if lease != self._lease_seen:  # a lease that lapses changes no role or term:
+                self._lease_seen = lease  # custody must hear of it at once (on_change)
+                self._notify()
             self._wake.set()
             await trio.sleep(self.config.heartbeat_s)
 
