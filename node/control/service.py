@@ -20,7 +20,8 @@ Invariants:
   Ready is never interleaved with another input.
 - ``leader_term()`` is the term only while this node leads and its lease holds, checked
   at each call: the lease is counted in ticks, and a tick loop that fell behind (the event
-  loop stalled) voids it.
+  loop stalled) voids it. ``on_change`` runs when it lapses or returns (checked at each
+  tick), not only when the role, term or leader changes.
 - A peer's message is stepped only when its sender id belongs to the certificate name it
   came over (a node cannot speak for another) and it is addressed to this node.
 """
