@@ -31,7 +31,9 @@ async def test_a_lapsing_lease_is_announced_while_still_in_the_leader_role(
     async with open_sim_cluster(tmp_path) as sim:
         names = sorted(sim.nodes)
         stores = [sim.nodes[name].store for name in names]
-        founding = [member_of(s.keyring, n, "127.0.0.1", 0) for n, s in zip(names, stores)]
+        founding = [
+            member_of(s.keyring, n, "127.0.0.1", 0) for n, s in zip(names, stores, strict=True)
+        ]
         snapshot = cluster_snapshot(
             founding, None, key_epochs_of(stores[0].keyring), cluster_id="t"
         )
@@ -48,14 +50,14 @@ async def test_a_lapsing_lease_is_announced_while_still_in_the_leader_role(
             for control in controls.values():
                 await nursery.start(control.run)
             with trio.fail_after(10):
-                while not any(c.leader_term() is not None for c in controls.values()):
+                while not any(c.leader_term() is not None for c in controls.values()):  # noqa: ASYNC110
                     await trio.sleep(CONFIG.heartbeat_s)
             leader = next(n for n, c in controls.items() if c.leader_term() is not None)
             mine = controls[leader]
             mine.on_change.append(lambda: seen.append((mine.leader_term(), mine.role())))
             sim.network.partition([leader], [n for n in names if n != leader])
             with trio.fail_after(10):
-                while mine.role() is Role.LEADER:
+                while mine.role() is Role.LEADER:  # noqa: ASYNC110
                     await trio.sleep(CONFIG.heartbeat_s / 5)
             nursery.cancel_scope.cancel()
     # the lapse was announced on its own, while the node still had the leader role
