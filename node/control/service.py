@@ -20,7 +20,10 @@ Invariants:
   Ready is never interleaved with another input.
 - ``leader_term()`` is the term only while this node leads and its lease holds, checked
   at each call in real time (trio's clock) from the send time of the heartbeat round a
-  majority acknowledged: a tick loop that fell behind cannot stretch it.
+  majority acknowledged: a tick loop that fell behind cannot stretch it. ``on_change``
+  runs when it lapses or returns, not only when the role, term or leader changes: the
+  tick loop wakes at the lease's end, and any ``leader_term()`` call that sees a change
+  notifies first (so a listener never sees a lapsed lease before being told).
 - A peer's message is stepped only when its sender id belongs to the certificate name it
   came over (a node cannot speak for another) and it is addressed to this node.
 
@@ -150,6 +153,8 @@ class ControlService:
         self._nursery: trio.Nursery | None = None
         self._ticks = 0  # the core's tick count: tick n happened at _tick_times[n]
         self._tick_times: dict[int, float] = {0: -math.inf}
+        self._lease_seen: int | None = None  # leader_term() as listeners were last told
+        self._notifying = False
         self._soft = SoftState(None, Role.FOLLOWER)
         self._duty_scope: trio.CancelScope | None = None
         self._snapshot_index = 0
@@ -205,7 +210,19 @@ class ControlService:
         return {node_id: match for node_id, (match, _) in self._node.progress().items()}
 
     def leader_term(self) -> int | None:
-        """The term, while this node leads and its lease holds (checked now)."""
+        """The term, while this node leads and its lease holds (checked now). A change
+        since listeners were last told is told first (``on_change``)."""
+        expiry = self._lease_expiry()
+        term = None if expiry is None or trio.current_time() >= expiry else self.term
+        if term != self._lease_seen and not self._notifying:
+            self._lease_seen = term
+            self._notify()
+        return term
+
+    def _lease_expiry(self) -> float | None:
+        """When the current lease ends, on trio's clock (None: no lease). It counts in real
+        time from the tick its heartbeat round was sent at, so a tick loop that fell
+        behind (a stalled event loop) cannot stretch it."""
         node = self._node
         if node is None or self.halted is not None or node.role is not Role.LEADER:
             return None
@@ -213,10 +230,7 @@ class ControlService:
         started = None if since_tick is None else self._tick_times.get(since_tick)
         if started is None:
             return None
-        # the lease counts in real time from the tick its heartbeat round was sent at, so a
-        # tick loop that fell behind (a stalled event loop) cannot stretch it
-        length = self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
-        return node.term if trio.current_time() < started + length else None
+        return started + self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
 
     def status(self) -> Body:
         """``role``, ``term``, ``leader`` and the log's figures, for ``node.status``."""
@@ -279,15 +293,23 @@ class ControlService:
 
     async def _tick_loop(self) -> None:
         keep = 4 * (self.config.election_ticks + self.config.election_jitter_ticks)
+        next_tick = trio.current_time()
         while self.halted is None:
-            async with self._lock:
-                assert self._node is not None
-                self._node.tick()
-                self._ticks += 1
-                self._tick_times[self._ticks] = trio.current_time()
-                self._tick_times.pop(self._ticks - keep, None)
-            self._wake.set()
-            await trio.sleep(self.config.tick_s)
+            if trio.current_time() >= next_tick:
+                async with self._lock:
+                    assert self._node is not None
+                    self._node.tick()
+                    self._ticks += 1
+                    self._tick_times[self._ticks] = trio.current_time()
+                    self._tick_times.pop(self._ticks - keep, None)
+                next_tick = trio.current_time() + self.config.tick_s
+                self._wake.set()
+            self.leader_term()  # tells listeners when the lease lapsed or came back
+            expiry = self._lease_expiry()
+            now = trio.current_time()
+            await trio.sleep_until(
+                next_tick if expiry is None or expiry <= now else min(next_tick, expiry)
+            )
 
     async def _ready_loop(self) -> None:
         while self.halted is None:
