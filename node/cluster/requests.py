@@ -95,6 +95,8 @@ def _context_name(value: Any, name: str) -> ContextName:
 
 def _ints(values: list[Any], name: str, size: int = 1) -> list[Any]:
     """Whole numbers (``size`` 1) or lists of ``size`` whole numbers, as tuples."""
+    if size == 1 and all(type(value) is int for value in values):
+        return values  # the common case, checked at C speed (bool is not exactly int)
     out: list[Any] = []
     for value in values:
         parts = [value] if size == 1 else value
