@@ -175,6 +175,8 @@ class NodeService:
         self.repair_pending = 0  # read-repair sends started and not yet finished
         # replica methods of other subsystems (anti-entropy, handoff); each parses its own body
         self.extra_replica_methods: dict[str, Handler] = {"rep.hint": self._rep_hint}
+        # client methods of other subsystems (key rotation's ``keys.rotate``)
+        self.extra_client_methods: dict[str, Handler] = {}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
         self.forwarder: Forwarder | None = None  # set by the control plane (admin custody)
         # the leader's term for leader-only operations (raises Unavailable on a non-leader);
@@ -248,6 +250,7 @@ class NodeService:
             "ctx.search": self._search, "ctx.delete": self._delete, "ctx.purge": self._purge,
             "node.status": self._status,
             **self.local.methods(),
+            **self.extra_client_methods,
             **self.extra_replica_methods,
         }  # fmt: skip
 

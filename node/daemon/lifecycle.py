@@ -43,6 +43,7 @@ from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
+from node.control.rotation import ClusterRotation
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
@@ -137,6 +138,7 @@ class NodeDaemon:
         self.custody = AdminCustody(self.service, self.control)
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
+        self.rotation = ClusterRotation(self.control, self.custody.fence)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
