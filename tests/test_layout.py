@@ -164,6 +164,7 @@ PURE_CORES = (
     "node/control/metadata_fields.py",
     "node/control/duties.py",
     "node/control/custody_plan.py",
+    "node/control/rotation_plan.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -42,6 +42,7 @@ from pyrage import x25519
 from crypto.errors import CryptoError
 from crypto.keyfiles import parse_identity
 from crypto.roles import ADMIN_ROLE
+from node.cluster.service import NodeService
 from node.control import metadata
 from node.control.duties import DutyAction
 from node.control.fence import Fence
@@ -78,9 +79,18 @@ def seal_identity(identity: x25519.Identity, recipient: str) -> bytes:
 class MemberKeys:
     """A member's side of a cluster-wide rotation, over its store (blocking calls)."""
 
-    def __init__(self, store: ContextStore, fence: Fence) -> None:
+    def __init__(
+        self,
+        store: ContextStore,
+        fence: Fence,
+        *,
+        batch_size: int = 200,
+        max_batches: int = MAX_BATCHES,
+    ) -> None:
         self.store = store
         self.fence = fence
+        self.batch_size = batch_size
+        self.max_batches = max_batches
 
     def install(self, term: int, role: str, version: int, sealed: bytes) -> Body:
         """Unseal the identity with this node's identity and install it as ``version``.
@@ -101,12 +111,13 @@ class MemberKeys:
         installed = keyring.install_rotation(role, identity, version)
         return {"version": installed.version}
 
-    def reseal(self, term: int, role: str, version: int, max_batches: int = MAX_BATCHES) -> Body:
+    def reseal(self, term: int, role: str, version: int) -> Body:
         """Re-encrypt up to ``max_batches`` batches of rows (``reseal_step``)."""
         self.fence.admit(term)
         report = reseal_step(
-            self.store, role, version, trusted=self.store.reader.trusted, max_batches=max_batches
-        )
+            self.store, role, version, trusted=self.store.reader.trusted,
+            batch_size=self.batch_size, max_batches=self.max_batches,
+        )  # fmt: skip
         return report.to_dict()
 
     def retire(self, term: int, role: str, version: int) -> Body:
@@ -248,6 +259,23 @@ class RotationDriver:
         return seal_identity(keyring.current_identity(cursor.role), recipient)
 
 
+def register_member_methods(service: NodeService, member: MemberKeys) -> None:
+    """``keys.install``, ``keys.reseal`` and ``keys.retire`` (node peers only) on ``service``."""
+
+    def method(name: str, run: Callable[[Body], Body]) -> None:
+        async def handler(peer: Peer, args: Body) -> Body:
+            if peer.kind != "node":
+                raise Forbidden(f"{name} is for cluster nodes only")
+            return await service.fanout.blocking(lambda: run(args))
+
+        service.extra_replica_methods[name] = handler
+
+    method("keys.install", lambda a: member.install(a["term"], a["role"], a["version"],
+                                                    a["identity"]))  # fmt: skip
+    method("keys.reseal", lambda a: member.reseal(a["term"], a["role"], a["version"]))
+    method("keys.retire", lambda a: member.retire(a["term"], a["role"], a["version"]))
+
+
 class ClusterRotation:
     """Registers the rotation duties, ``keys.*`` methods and status on one node."""
 
@@ -264,11 +292,8 @@ class ClusterRotation:
         )
         for role in self.service.store.keyring.role_set.names:
             control.duty_handlers[duty_name(role)] = self.driver.run
-        methods = self.service.extra_replica_methods
-        methods["keys.install"] = self._install
-        methods["keys.reseal"] = self._reseal
-        methods["keys.retire"] = self._retire
-        methods["keys.rotate_leader"] = self._rotate_leader
+        register_member_methods(self.service, self.member)
+        self.service.extra_replica_methods["keys.rotate_leader"] = self._rotate_leader
         self.service.extra_client_methods["keys.rotate"] = self._rotate
         self.service.status_fields.append(self.status)
 
@@ -382,26 +407,3 @@ class ClusterRotation:
         if peer.kind != "node":
             raise Forbidden("keys.rotate_leader is for cluster nodes only")
         return await self.start(args["role"])
-
-    def _node_only(self, peer: Peer, method: str) -> None:
-        if peer.kind != "node":
-            raise Forbidden(f"{method} is for cluster nodes only")
-
-    async def _install(self, peer: Peer, args: Body) -> Body:
-        self._node_only(peer, "keys.install")
-        return await self.service.fanout.blocking(
-            lambda: self.member.install(args["term"], args["role"], args["version"],
-                                        args["identity"])
-        )  # fmt: skip
-
-    async def _reseal(self, peer: Peer, args: Body) -> Body:
-        self._node_only(peer, "keys.reseal")
-        return await self.service.fanout.blocking(
-            lambda: self.member.reseal(args["term"], args["role"], args["version"])
-        )
-
-    async def _retire(self, peer: Peer, args: Body) -> Body:
-        self._node_only(peer, "keys.retire")
-        return await self.service.fanout.blocking(
-            lambda: self.member.retire(args["term"], args["role"], args["version"])
-        )
