@@ -300,18 +300,32 @@ class ClusterRotation:
     # -- status -----------------------------------------------------------------------------
 
     def status(self) -> Body:
-        """``rotation``: the running rotation's progress (from the log), or None."""
+        """``rotation``: the running rotation's progress (from the log): ``{role, version,
+        phase, members_done, members_total, rows_done, rows_total}``; when none runs, the
+        last one that ran: ``{role, phase: "done" | "failed", message, finished_ms}``;
+        None when there never was one."""
         state = self.control.metadata
         if state is None:
             return {"rotation": None}
         members = list(state.names())
+        last: Body | None = None
         for name, duty in sorted(state.duties.items()):
-            if role_of(name) is not None and duty.running and duty.cursor:
+            role = role_of(name)
+            if role is None or duty.last_term == 0:
+                continue
+            if duty.running and duty.cursor:
                 try:
                     return {"rotation": WalkCursor.decode(duty.cursor).status(members)}
                 except MalformedCursor:
                     continue
-        return {"rotation": None}
+            if not duty.running and (last is None or duty.last_finished_ms > last["finished_ms"]):
+                last = {
+                    "role": role,
+                    "phase": "done" if duty.last_ok else "failed",
+                    "message": duty.last_message,
+                    "finished_ms": duty.last_finished_ms,
+                }
+        return {"rotation": last}
 
     # -- the leader's side ------------------------------------------------------------------
 
