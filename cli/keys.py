@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pyrage import x25519
@@ -14,7 +15,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cli import render
-from cli.common import PASSPHRASE_ENV, JsonOpt, opened, run
+from cli.backend import connect
+from cli.common import PASSPHRASE_ENV, STATE, JsonOpt, opened, run
 from crypto.keyring import read_identity_file
 from storage.admin_key import combine_admin, gather_shares, split_admin
 from storage.errors import InvalidPayload
@@ -123,7 +125,13 @@ def list_keys(as_json: JsonOpt = False) -> None:
 
 @app.command("rotate")
 def rotate(role: str, as_json: JsonOpt = False) -> None:
-    """New key version for ROLE; re-encrypt what it reads; retire the old key (resumable)."""
+    """New key version for ROLE; re-encrypt what it reads; retire the old key (resumable).
+
+    With --node/--profile the cluster's leader rotates it on every node (progress polled
+    from ``node.status``'s ``rotation``)."""
+    if STATE.remote.given:
+        _rotate_cluster(role, as_json)
+        return
     with opened(as_json) as store:
         if as_json:
 
@@ -150,6 +158,52 @@ def rotate(role: str, as_json: JsonOpt = False) -> None:
             + ("old key retired" if report.finished else "not finished: run it again"),
             markup=False,
         )
+
+
+POLL_S = 1.0
+
+
+def _rotate_cluster(role: str, as_json: bool) -> None:
+    """Ask the leader to rotate ROLE cluster-wide and follow it until it finishes."""
+    STATE.refused = None  # the one keys command that goes to a cluster
+    started_ms = int(time.time() * 1000)
+    remote = run(as_json, lambda: connect(STATE.remote))
+    try:
+        client = remote.client
+        started = run(as_json, lambda: client.rotate_role(role))
+        last: dict[str, Any] | None = None
+        seen_running = False
+        with Progress(console=render.err, disable=as_json) as bar:
+            task = bar.add_task(f"rotating {role} cluster-wide", total=None)
+            while True:
+                found = run(as_json, client.status).get("rotation") or {}
+                ended = found.get("role") == role and found.get("phase") in ("done", "failed")
+                recent = seen_running or int(found.get("finished_ms", 0)) >= started_ms - 60_000
+                if ended and recent:
+                    last = found
+                    break
+                if found.get("role") != role or "rows_done" not in found:
+                    time.sleep(POLL_S)
+                    continue
+                seen_running = True
+                last = found
+                bar.update(
+                    task,
+                    description=f"{role} v{found['version']}: {found['phase']}",
+                    completed=found["rows_done"],
+                    total=found["rows_total"] or None,
+                )
+                time.sleep(POLL_S)
+    finally:
+        remote.close()
+    ok = (last or {}).get("phase") == "done"
+    summary = {"role": role, "started": started, "result": last, "finished": ok}
+    if as_json:
+        render.print_json(summary)
+    else:
+        render.out.print(f"{role}: {(last or {}).get('message', '')}", markup=False)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def _new_passphrase() -> str:

@@ -489,13 +489,49 @@ class Keyring:
             KeyringError: a rotation of ``role`` is already in progress, or this keyring
                 does not hold the role's current identity.
         """
+        return self._begin(role, x25519.Identity.generate(), None)
+
+    def install_rotation(self, role: str, identity: x25519.Identity, version: int) -> KeyVersion:
+        """Make ``identity`` (generated elsewhere: the cluster leader) key version
+        ``version`` of ``role`` and current, as ``begin_rotation`` does with a fresh one.
+
+        Idempotent: when the role already has a version with this identity's recipient,
+        that version is returned and nothing is written (a retried install is acknowledged
+        again). Same file order and crash repair as ``begin_rotation``.
+
+        Returns:
+            The installed (or already installed) key version.
+
+        Raises:
+            UnknownRole: ``role`` is not a known role.
+            KeyringError: another rotation of ``role`` is in progress, this keyring does not
+                hold the role's current identity, or its next version is not ``version``.
+        """
+        recipient = str(identity.to_public())
+        with self._lock:
+            rk = self._roles[self.role_set.get(role).name]
+            for known in rk.versions:
+                if known.recipient == recipient:
+                    if known.version != version:
+                        raise KeyringError(
+                            f"that identity is key version {known.version} of role {role!r} "
+                            f"here, not {version}"
+                        )
+                    return known
+        return self._begin(role, identity, version)
+
+    def _begin(self, role: str, identity: x25519.Identity, expect: int | None) -> KeyVersion:
         with self._lock:
             self.role_set.get(role)
             if not self.has_identity(role):
                 raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
-            identity = x25519.Identity.generate()
             now = _now_iso()
             meta, old, new = with_rotation_begun(self._meta, role, str(identity.to_public()), now)
+            if expect is not None and new != expect:
+                raise KeyringError(
+                    f"role {role!r} would get key version {new} here, not {expect}: this "
+                    "node's key history differs from the cluster's"
+                )
             self._identity(role, old)  # the file to keep must be sound (and unsealed once)
             text = identity_file_text(identity, now).encode()
             self._files.write(f"{role}.v{new}.key", text, sealed=self.protected)  # 1

@@ -12,6 +12,19 @@ readers plus admin), zstd-compressed first when larger than ``COMPRESS_THRESHOLD
 The signature covers the context address, the version id, a SHA-256 digest of the clear
 header and a SHA-256 digest of the ciphertext (``crypto.signing.signing_message``), so
 neither the header nor the ciphertext can be changed or swapped without detection.
+
+**Seal epoch** (``seal_epoch``, issue 9): a cluster-wide key rotation re-seals a version
+in place (``storage.rotation``): same version id, new ciphertext, new signature.
+``seal_epoch`` says which copy: 0 for a version as written (schema 1, the format before
+rotations), and for a re-sealed one the sum of the current key versions of its recipients
+(readers plus admin) when it was re-encrypted, and at least one more than the copy it
+replaced (schema 2: one more clear, signed header field after ``compression``). A
+rotation raises one role's key version, so a re-seal always has a higher ``seal_epoch``
+than the copy it replaces. The convergence rule (``Envelope.supersedes``): of two copies of
+one version id, the one with the higher ``seal_epoch`` wins; a replica holding the lower
+takes the higher (``Replica.apply``, ``VersionStore.rewrite``), never the reverse. Two
+copies with the same ``seal_epoch`` are equivalent (both open with the same keys; their
+ciphertexts differ since age is randomized) and neither replaces the other.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from crypto.signing import SignatureInvalid, Signer, signing_message, verify
 from storage.errors import CorruptRecord
 
 ENVELOPE_SCHEMA = 1
+SEALED_SCHEMA = 2  # the schema of a re-sealed version (``seal_epoch`` > 0)
 COMPRESS_THRESHOLD_BYTES = 1024
 MAX_DECOMPRESSED_BYTES = 8 * 1024 * 1024
 Kind = Literal["put", "tombstone"]
@@ -69,6 +83,12 @@ class Envelope:
     ciphertext: bytes
     signer: bytes = b""
     signature: bytes = b""
+    seal_epoch: int = 0
+
+    def supersedes(self, other: Envelope) -> bool:
+        """Whether this copy replaces ``other``, a copy of the same version (module
+        docstring: the higher seal epoch wins; equal epochs never replace each other)."""
+        return self.seal_epoch > other.seal_epoch
 
     @property
     def tombstone(self) -> bool:
@@ -76,8 +96,10 @@ class Envelope:
         return self.kind == "tombstone"
 
     def header(self) -> list[Any]:
-        """The clear header as a msgpack-ready list, in ``_HEADER_FIELDS`` order."""
-        return [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
+        """The clear header as a msgpack-ready list, in ``_HEADER_FIELDS`` order (then
+        ``seal_epoch`` when it is not 0)."""
+        fields = [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
+        return [*fields, self.seal_epoch] if self.seal_epoch else fields
 
     def signing_message(self) -> bytes:
         """The bytes the signature covers."""
@@ -111,7 +133,8 @@ class Envelope:
 
     def encode(self) -> bytes:
         """The stored (and replicated) form."""
-        row = [ENVELOPE_SCHEMA, *self.header(), self.ciphertext, self.signer, self.signature]
+        schema = SEALED_SCHEMA if self.seal_epoch else ENVELOPE_SCHEMA
+        row = [schema, *self.header(), self.ciphertext, self.signer, self.signature]
         return bytes(msgpack.packb(row, use_bin_type=True))
 
     @classmethod
@@ -125,12 +148,18 @@ class Envelope:
             row = msgpack.unpackb(data, raw=False, use_list=True)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
             raise CorruptRecord("stored version does not decode", field="envelope") from None
-        if not isinstance(row, list) or len(row) != len(_HEADER_FIELDS) + 4:
+        if not isinstance(row, list) or not row:
             raise CorruptRecord("stored version has the wrong shape", field="envelope")
-        if row[0] != ENVELOPE_SCHEMA:
+        if row[0] not in (ENVELOPE_SCHEMA, SEALED_SCHEMA):
             raise CorruptRecord(f"stored version has unknown schema {row[0]!r}", field="envelope")
-        values = dict(zip(_HEADER_FIELDS, row[1:-3], strict=True))
+        extra = 1 if row[0] == SEALED_SCHEMA else 0
+        if len(row) != len(_HEADER_FIELDS) + 4 + extra:
+            raise CorruptRecord("stored version has the wrong shape", field="envelope")
+        values = dict(zip(_HEADER_FIELDS, row[1 : 1 + len(_HEADER_FIELDS)], strict=True))
         try:
+            sealed = _int(row[-4]) if extra else 0
+            if extra and sealed < 1:
+                raise ValueError("a re-sealed version has a seal epoch below 1")
             return cls(
                 context=_str(values["context"]),
                 version_id=_str(values["version_id"]),
@@ -152,6 +181,7 @@ class Envelope:
                 ciphertext=_bytes(row[-3]),
                 signer=_bytes(row[-2]),
                 signature=_bytes(row[-1]),
+                seal_epoch=sealed,
             )
         except (TypeError, ValueError):
             raise CorruptRecord(

@@ -32,6 +32,7 @@ class Replica:
         self.store = store
         self._lock = threading.Lock()
         self.refused = 0
+        self.resealed = 0  # held copies replaced by a newer re-seal (convergence rule)
 
     # -- as a replica ---------------------------------------------------------------------
 
@@ -57,7 +58,9 @@ class Replica:
         refused; and context -> version count after).
 
         A blob that fails verification is refused and counted; the others are stored in
-        one synced batch. Already-held versions are no-ops (merge by union). A version a
+        one synced batch. Already-held versions are no-ops (merge by union), except that a
+        re-sealed copy with a higher seal epoch replaces the held one (key rotation's
+        convergence rule, ``storage.envelope``). A version a
         purge marker here covers is refused too (None), never reported as held: a writer
         must not count it as a durable copy.
         """
@@ -73,6 +76,7 @@ class Replica:
         for env in good:
             self.store.observe(env.version_id)
         stored_flags = self.store.versions.append(good) if good else []
+        self._take_newer_seals(good, stored_flags)
         heads: dict[str, int] = {}
         for env in good:
             ctx = ContextName.from_canonical(env.context)
@@ -90,6 +94,23 @@ class Replica:
                 flag = None
             result.append(flag)
         return result, heads
+
+    def _take_newer_seals(self, envs: Sequence[Envelope], stored: Sequence[bool]) -> None:
+        """Replace held copies that an arriving re-seal supersedes (the convergence rule,
+        ``storage.envelope``: the higher seal epoch wins; never the reverse)."""
+        newer = []
+        for env, flag in zip(envs, stored, strict=True):
+            if flag or not env.seal_epoch:
+                continue
+            ctx = ContextName.from_canonical(env.context)
+            held = self.store.versions.version(ctx, env.version_id)
+            try:
+                if held is not None and env.supersedes(Envelope.decode(held)):
+                    newer.append(env)
+            except CorruptRecord:
+                newer.append(env)  # a damaged held copy: the verified arrival replaces it
+        if newer:
+            self.resealed += self.store.versions.rewrite(newer)
 
     def _covered(self, env: Envelope) -> bool:
         marker = self.store.versions.purge_marker(ContextName.from_canonical(env.context))

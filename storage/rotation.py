@@ -44,10 +44,10 @@ Rotations are serialised within a process; LevelDB's lock keeps other processes 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
-from crypto.errors import DecryptionError
+from crypto.errors import DecryptionError, KeyringError
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE
 from storage.address import ContextName
@@ -69,6 +69,7 @@ from storage.versions import VersionId
 DEFAULT_BATCH_SIZE = 200
 TAIL_MARGIN_MS = 60_000
 Progress = Callable[[int, int], None]
+Trusted = Callable[[bytes], bool]  # is this signing key a trusted cluster node's?
 _ROTATION_LOCK = threading.Lock()
 
 
@@ -112,6 +113,7 @@ class _Run:
     rewritten: int = 0
     batches: int = 0
     skipped: set[bytes] = field(default_factory=set)  # keys, as the tail pass sees rows twice
+    trusted: Trusted | None = None  # None: only rows signed by this node are re-signed
 
 
 def rotate_role(
@@ -177,6 +179,128 @@ def rotate_role(
         )
 
 
+# -- cluster-wide rotation: the member's side (node/control/rotation.py drives it) ------
+
+
+@dataclass(frozen=True)
+class ResealReport:
+    """One ``reseal_step``: ``done`` when every row after the cursor and the tail are
+    checked; ``scanned`` / ``total`` count over the whole rotation (for progress)."""
+
+    role: str
+    to_version: int
+    done: bool
+    scanned: int
+    total: int
+    rewritten: int
+    skipped: int
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def reseal_step(
+    store: ContextStore,
+    role: str,
+    to_version: int,
+    *,
+    trusted: Trusted,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batches: int = 50,
+) -> ResealReport:
+    """Re-encrypt up to ``max_batches`` batches of this node's rows that ``role`` reads so
+    that key version ``to_version`` (already installed and current) opens them.
+
+    The same walk as ``rotate_role`` (main pass after the durable cursor, then the tail
+    pass), but it neither begins nor finishes the keyring's rotation: the cluster leader
+    installs the key and retires the old one. Rows signed by any key ``trusted`` accepts
+    are re-sealed (they were verified when stored; the signature is checked again here).
+    Asking again after ``done`` checks the tail again and is otherwise a no-op.
+
+    Raises:
+        UnknownRole: ``role`` is not a known role.
+        KeyringError: no rotation of ``role`` to ``to_version`` is in progress here.
+        ValueError: ``batch_size`` or ``max_batches`` is below 1.
+    """
+    if batch_size < 1 or max_batches < 1:
+        raise ValueError("batch_size and max_batches must be at least 1")
+    keyring = store.keyring
+    with _ROTATION_LOCK:
+        rotation = keyring.rotation_in_progress(role)
+        if rotation is None or int(rotation["to_version"]) != to_version:
+            raise KeyringError(f"no rotation of role {role!r} to key version {to_version} here")
+        cursor = _load_cursor(store, role, to_version)
+        if cursor is None:
+            since_ms = max(_last_write_ms(store) - TAIL_MARGIN_MS, 0)
+            cursor = RotationCursor(to_version, b"", since_ms)
+            store.kv.write([(rotation_cursor_key(role), cursor.encode())], sync=True)
+        run = _Run(store, role, to_version, cursor, batch_size, _count_versions(store))
+        run.trusted = trusted
+        done = _main_pass(run, None, max_batches) and _tail_pass(run, max_batches)
+        if run.rewritten:
+            store.cache.clear()
+        return ResealReport(
+            role=role,
+            to_version=to_version,
+            done=done,
+            scanned=run.cursor.scanned,
+            total=max(run.total, run.cursor.scanned),
+            rewritten=run.rewritten,
+            skipped=len(run.skipped),
+        )
+
+
+def reseal_context(
+    store: ContextStore, ctx: ContextName, role: str, to_version: int, *, trusted: Trusted
+) -> tuple[int, int]:
+    """Re-encrypt one context's rows that ``role`` reads for key version ``to_version``.
+
+    Returns:
+        (rows rewritten, rows skipped: failing their integrity check or opened by no held
+        identity).
+
+    Raises:
+        UnknownRole: ``role`` is not a known role.
+    """
+    keyring = store.keyring
+    keyring.role_set.get(role)
+    with _ROTATION_LOCK:
+        cursor = RotationCursor(to_version, b"", 0)
+        run = _Run(store, role, to_version, cursor, DEFAULT_BATCH_SIZE, 0, trusted=trusted)
+        prefix = version_key(ctx.key(), "")
+        rows = list(store.kv.scan(prefix))
+        rewritten = [env for env in (_rotated(run, key, data) for key, data in rows) if env]
+        count = store.versions.rewrite(rewritten)
+        if count:
+            store.cache.invalidate_context(ctx.key())
+        return count, len(run.skipped)
+
+
+def retire_old_version(store: ContextStore, role: str, version: int) -> bool:
+    """Retire key version ``version`` of ``role`` here (its identity file is deleted) and
+    drop the rotation cursor; False when it was already retired (idempotent).
+
+    Raises:
+        UnknownRole: ``role`` is not a known role.
+        KeyringError: the rotation in progress here replaces another version.
+    """
+    keyring = store.keyring
+    with _ROTATION_LOCK:
+        rotation = keyring.rotation_in_progress(role)
+        if rotation is None:
+            return False
+        if int(rotation["from_version"]) != version:
+            raise KeyringError(
+                f"the rotation of role {role!r} here replaces key version "
+                f"{rotation['from_version']}, not {version}"
+            )
+        keyring.finish_rotation(role)
+        store.kv.write([], [rotation_cursor_key(role)], sync=True)
+        store.cache.clear()
+        return True
+
+
 # -- the passes -------------------------------------------------------------------------
 
 
@@ -234,7 +358,7 @@ def _rotated(run: _Run, key: bytes, data: bytes) -> Envelope | None:
         return None
     if env.tombstone or not (run.role == ADMIN_ROLE or run.role in env.readers):
         return None
-    if not _sound(env, key, keyring):
+    if not _sound(env, key, keyring, run.trusted):
         run.skipped.add(key)
         return None
     try:
@@ -248,12 +372,24 @@ def _rotated(run: _Run, key: bytes, data: bytes) -> Envelope | None:
         run.skipped.add(key)
         return None
     ciphertext = keyring.encrypt(plain, env.readers)
-    return replace(env, ciphertext=ciphertext).sealed(keyring.signer)
+    epoch = max(seal_epoch(keyring, env.readers), env.seal_epoch + 1)
+    return replace(env, ciphertext=ciphertext, seal_epoch=epoch).sealed(keyring.signer)
 
 
-def _sound(env: Envelope, key: bytes, keyring: Keyring) -> bool:
-    """Signed by this node's key, the signature verifies, and stored under its own key."""
-    if env.signer != keyring.signer.public_key:
+def seal_epoch(keyring: Keyring, readers: Iterable[str]) -> int:
+    """The seal epoch of a version encrypted now to ``readers`` plus admin: the sum of
+    their current key versions (``storage.envelope``, "Seal epoch")."""
+    current = {rk.role.name: rk.current for rk in keyring.role_keys()}
+    return sum(current.get(name, 1) for name in dict.fromkeys([*readers, ADMIN_ROLE]))
+
+
+def _sound(env: Envelope, key: bytes, keyring: Keyring, trusted: Trusted | None = None) -> bool:
+    """Signed by this node's key (or, in a cluster, by a key ``trusted`` accepts), the
+    signature verifies, and stored under its own key."""
+    if trusted is None:
+        if env.signer != keyring.signer.public_key:
+            return False
+    elif env.signer != keyring.signer.public_key and not trusted(env.signer):
         return False
     try:
         env.check_signature()

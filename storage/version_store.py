@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from storage.address import ContextName
 from storage.envelope import Envelope
@@ -212,8 +212,10 @@ class VersionStore:
         """Replace stored versions in place, with ``meta`` rows, in one synced batch.
 
         Only for key rotation: each envelope keeps its version id and clear header and
-        carries a new ciphertext and signature. A version no longer stored (purged or
-        expired since it was read) is not written back. Heads and TTL rows do not change.
+        carries a new ciphertext, signature and seal epoch. A stored copy with a higher
+        seal epoch than the envelope's is kept (``Envelope.supersedes``). A version no
+        longer stored (purged or expired since it was read) is not written back. Heads and
+        TTL rows do not change.
 
         Returns:
             How many versions were replaced.
@@ -228,8 +230,11 @@ class VersionStore:
                 stored = self.kv.get(key)
                 if stored is None:
                     continue
-                if Envelope.decode(stored).header() != env.header():
+                held = Envelope.decode(stored)
+                if replace(held, seal_epoch=0).header() != replace(env, seal_epoch=0).header():
                     raise Internal(f"a rewrite must keep the header of version {env.version_id}")
+                if held.seal_epoch > env.seal_epoch:
+                    continue  # the convergence rule: a newer re-seal is never taken back
                 puts.append((key, env.encode()))
             if puts:
                 self.kv.write(puts, sync=True)

@@ -252,6 +252,10 @@ class Client:
         """See ``AsyncClient.purge``."""
         return self._run(partial(self._client.purge, address))
 
+    def rotate_role(self, role: str) -> dict[str, Any]:
+        """See ``AsyncClient.rotate_role``."""
+        return self._run(partial(self._client.rotate_role, role))
+
     def status(self) -> dict[str, Any]:
         """See ``AsyncClient.status``."""
         return self._run(self._client.status)

@@ -289,6 +289,11 @@ class AsyncClient:
             raise Internal("ctx.purge: the node answered a malformed count", field="versions")
         return versions
 
+    async def rotate_role(self, role: str) -> dict[str, Any]:
+        """Start a cluster-wide rotation of ``role``'s key through the leader (needs
+        ``admin``): ``{role, duty, started, ...}``; follow it in ``status()["rotation"]``."""
+        return await self._call("keys.rotate", {"role": role})
+
     async def status(self) -> dict[str, Any]:
         """The connected node's ``node.status``: name, node_id, members, ring, quorum."""
         return await self._call("node.status", {})

@@ -30,6 +30,7 @@ MAX_RAFT_MESSAGES = 256  # messages of one raft.msg
 MAX_PROPOSAL_BYTES = 1 << 20  # one control-plane command
 MAX_TERM = 2**63 - 1  # a Raft term (fits a signed 64-bit integer, as etcd's uint64 mostly does)
 MAX_ROLES = 64  # roles of a forwarded client
+MAX_SEALED_IDENTITY_BYTES = 4096  # a role identity age-encrypted to a node (keys.install)
 # client methods a node may forward to the leader in ``admin.forward``
 FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
 # the operator's membership methods (admin clients; a follower forwards them as ctl.member)
@@ -303,6 +304,19 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
             raise InvalidPayload("body must be a map", field="body")
         args = {"method": inner, "request": _member_request(inner, request),
                 "client_name": _name(body.get("client_name"), "client_name")}  # fmt: skip
+    elif method in ("keys.rotate", "keys.rotate_leader"):
+        args = {"role": _name(body.get("role"), "role")}
+    elif method in ("keys.install", "keys.reseal", "keys.retire"):
+        args = {"term": _term(body), "role": _name(body.get("role"), "role")}
+        version = body.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 2**31:
+            raise InvalidPayload("version must be a positive integer", field="version")
+        args["version"] = version
+        if method == "keys.install":
+            identity = _bytes(body.get("identity"), "identity")
+            if len(identity) > MAX_SEALED_IDENTITY_BYTES:
+                raise InvalidPayload("identity: too large", field="identity")
+            args["identity"] = identity
     elif method == "admin.share":
         args = {"term": _term(body), "recipient": _recipient(body)}
     elif method == "admin.forward":

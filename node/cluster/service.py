@@ -176,7 +176,8 @@ class NodeService:
         self.repair_pending = 0  # read-repair sends started and not yet finished
         # replica methods of other subsystems (anti-entropy, handoff); each parses its own body
         self.extra_replica_methods: dict[str, Handler] = {"rep.hint": self._rep_hint}
-        # client methods of other subsystems (membership's ctl.member_*); each checks roles
+        # client methods of other subsystems (membership's ctl.member_*, key rotation's
+        # keys.rotate); each checks roles
         self.extra_client_methods: dict[str, Handler] = {}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
         self.forwarder: Forwarder | None = None  # set by the control plane (admin custody)
@@ -251,8 +252,8 @@ class NodeService:
             "ctx.search": self._search, "ctx.delete": self._delete, "ctx.purge": self._purge,
             "node.status": self._status,
             **self.local.methods(),
-            **self.extra_replica_methods,
             **self.extra_client_methods,
+            **self.extra_replica_methods,
         }  # fmt: skip
 
     # -- client methods -------------------------------------------------------------------

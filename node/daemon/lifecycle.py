@@ -44,6 +44,7 @@ from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
 from node.control.membership import Transitions
+from node.control.rotation import ClusterRotation
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
@@ -139,6 +140,7 @@ class NodeDaemon:
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
         self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
+        self.rotation = ClusterRotation(self.control, self.custody.fence)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(

@@ -68,6 +68,20 @@ Control-plane methods (node certificates only; docs/control.md):
 - ``ctl.member``: {method: "ctl.member_add"|..., body, client_name} -> the inner answer
   (a follower forwards an admin client's membership request to the leader, which runs it
   and never forwards it again)
+- ``keys.install``: {term, role, version, identity: bytes} -> {version} (the leader's new
+  role identity, age-encrypted to this member's node recipient; installed as the role's
+  current key version; idempotent; fenced)
+- ``keys.reseal``: {term, role, version} -> {role, to_version, done, scanned, total,
+  rewritten, skipped} (re-encrypt a bounded batch of this member's rows the role reads;
+  resumable; fenced)
+- ``keys.retire``: {term, role, version} -> {retired: bool} (delete the old identity;
+  idempotent; fenced)
+- ``keys.rotate_leader``: {role} -> as ``keys.rotate`` (a follower hands it to the leader)
+
+Client method ``keys.rotate``: {role} -> {role, duty, started, term?} (needs ``admin``;
+starts the cluster-wide rotation on the leader; follow it in ``node.status``'s
+``rotation``: {role, version, phase, members_done, members_total, rows_done,
+rows_total} while it runs, then {role, phase: "done"|"failed", message, finished_ms}).
 
 Authorization: a client may write a context whose role is one of its certificate roles
 (or any context, with ``admin``); it may read as one of its roles only; ``ctx.purge``
