@@ -14,7 +14,7 @@ is done; no node drops a context before every owner in the new ring holds it.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class SharedLog:
         self.sim = sim
         self.state = state
         self.rebalancers: list[RebalanceService] = []
+        self.on_transition_end: list[Callable[[], None]] = []  # checks, before it ends
         self._publish()
 
     def view(self) -> SharedLog:
@@ -80,6 +81,8 @@ class SharedLog:
         up = self.sim.nodes["n1"].cluster
         live = [name for name in layout.members if up.is_up(name)]
         if all(self.state.streamed.get(ids[name], 0) >= layout.epoch for name in live):
+            for check in self.on_transition_end:
+                check()
             for node_id, member in sorted(self.state.members.items()):
                 target = {"joining": "normal", "leaving": "removed"}.get(member.state)
                 if target is not None:
@@ -181,6 +184,27 @@ async def settle(log: SharedLog, rebalancers: Sequence[RebalanceService], nodes:
             await trio.sleep(1)
 
 
+def watch_streaming(sim: SimCluster, log: SharedLog, work: Workload) -> list[bool]:
+    """When the transition ends, every new-only owner of a context holds each version
+    acknowledged before it began (streaming, not cleanup, moved them); appends True."""
+    before = {i: set(vids) for i, vids in work.acked.items()}
+    checked: list[bool] = []
+
+    def check() -> None:
+        old, new = sim.nodes["n1"].service.placement_rings()
+        assert old is not new
+        for i, vids in before.items():
+            ctx = parse(address(i)).context()
+            old_list = old.preference_list(ctx.key(), N)
+            for owner in new.preference_list(ctx.key(), N):
+                if owner not in old_list:
+                    assert vids <= set(sim.nodes[owner].store.versions.version_ids(ctx))
+        checked.append(True)
+
+    log.on_transition_end.append(check)
+    return checked
+
+
 def check_replicas(sim: SimCluster, work: Workload, ring_names: Sequence[str]) -> None:
     """Exactly the N owners of the ring hold each context, each with every acked version."""
     ring = sim.nodes[ring_names[0]].service._current_ring()
@@ -208,6 +232,7 @@ async def test_a_fourth_node_joins_while_writes_continue(
             await work.write(i)
         assert all(not sim.nodes["n4"].store.versions.version_ids(parse(address(i)).context())
                    for i in range(20))  # fmt: skip
+        checked = watch_streaming(sim, log, work)
         await log.propose(cmd_member_add(member_of(sim, "n4", "joining")))
         assert layout_of(log.state).in_transition
         work.coordinators = ["n1", "n2", "n3", "n4"]
@@ -218,6 +243,7 @@ async def test_a_fourth_node_joins_while_writes_continue(
         check_replicas(sim, work, ["n1", "n2", "n3", "n4"])
         assert any(r.drops for r in rebalancers), "the join moved ranges away from someone"
         assert rebalancers[3].stats.streamed_bytes == 0  # n4 held nothing to stream
+        assert checked == [True]
         assert sum(r.stats.streamed_bytes for r in rebalancers) > 0
         assert work.reads > 0
         nursery.cancel_scope.cancel()
@@ -237,11 +263,13 @@ async def test_a_node_leaves_while_writes_continue(
         for i in range(20):
             await work.write(i)
         n4 = sim.nodes["n4"].store.keyring.node_id
+        checked = watch_streaming(sim, log, work)
         await log.propose(cmd_member_state(n4, "leaving"))
         assert layout_of(log.state).in_transition
         await work.run(rounds=12, first=20)
         await settle(log, rebalancers, names)
         assert log.state.members[n4].state == "removed"
+        assert checked == [True]
         await work.read_all()
         check_replicas(sim, work, ["n1", "n2", "n3"])
         assert rebalancers[3].drops, "the leaving node handed its ranges off and dropped them"
