@@ -155,9 +155,13 @@ class RebalanceService:
         seen = _by_name(meta, meta.seen)
         member = meta.members.get(me)
         if member is not None and member.state == "removed":  # decommissioned: hand off all
-            if self._cleaned != layout.epoch and plan.barrier_met(layout.new, seen, layout.epoch):
-                if not layout.in_transition and await self.cleanup():
-                    self._cleaned = layout.epoch
+            settled = not layout.in_transition and self._cleaned != layout.epoch
+            if (
+                settled
+                and plan.barrier_met(layout.new, seen, layout.epoch)
+                and await self.cleanup()
+            ):
+                self._cleaned = layout.epoch
             return
         if meta.seen.get(me, 0) < layout.epoch:
             await self.control.propose(cmd_epoch_seen(me, layout.epoch))
@@ -172,11 +176,9 @@ class RebalanceService:
                 self._walked = layout.new
                 await self.control.propose(cmd_stream_done(me, layout.epoch))
             return
-        if self._cleaned != layout.epoch and plan.cleanup_ready(
-            layout, seen, meta.streamed.get(me, 0)
-        ):
-            if await self.cleanup():
-                self._cleaned = layout.epoch
+        ready = plan.cleanup_ready(layout, seen, meta.streamed.get(me, 0))
+        if ready and self._cleaned != layout.epoch and await self.cleanup():
+            self._cleaned = layout.epoch
 
     # -- walking ----------------------------------------------------------------------------
 
@@ -251,7 +253,9 @@ class RebalanceService:
             theirs[str(canonical)] = ContextState(frozenset(str(v) for v in ids), upto)
         pushes: list[tuple[_Item, tuple[str, ...]]] = []
         for item in items:
-            todo = plan.offer(item.state, theirs.get(item.ctx.canonical(), ContextState(frozenset())))
+            todo = plan.offer(
+                item.state, theirs.get(item.ctx.canonical(), ContextState(frozenset()))
+            )
             if todo.send_marker:
                 await self._send_marker(owner, item.ctx)
             if todo.push:
@@ -266,7 +270,9 @@ class RebalanceService:
         versions = self.service.store.versions
         marker = await self.service.fanout.blocking(lambda: versions.purge_marker(ctx))
         if marker is not None:
-            await self._call(owner, "rep.purge", {"context": ctx.canonical(), "marker": marker.encode()})
+            await self._call(
+                owner, "rep.purge", {"context": ctx.canonical(), "marker": marker.encode()}
+            )
 
     async def _push(self, owner: str, item: _Item, vids: Sequence[str]) -> None:
         versions = self.service.store.versions
@@ -349,4 +355,3 @@ def _by_name(meta: ClusterMetadata, marks: Any) -> dict[str, int]:
     """A node_id -> epoch map keyed by the members' names (removed members left out)."""
     names = meta.names()
     return {names[node_id]: epoch for node_id, epoch in marks.items() if node_id in names}
-

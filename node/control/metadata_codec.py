@@ -8,7 +8,8 @@ A pure module (no I/O, no clock, no randomness). Snapshot data is a map
 "state", "recipient", "host", "port"}`` and a duty ``{"name", "interval_s",
 "last_started_ms", "last_finished_ms", "last_term", "running", "cursor", "last_ok",
 "last_message"}``; ``"streamed"`` and ``"seen"`` map node_id -> ring epoch (absent in
-snapshots written before they existed: empty). Lists are sorted by id / name so equal states encode to equal bytes.
+snapshots written before they existed: empty). Lists are sorted by id / name so equal
+states encode to equal bytes.
 
 Must not know how commands change the state (``node.control.metadata``).
 

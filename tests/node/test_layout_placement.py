@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from itertools import pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,9 +50,11 @@ def test_layout_of_reads_member_states() -> None:
     )
     layout = layout_of(meta)
     assert layout == Layout(7, ("n1", "n2"), ("n1", "n3"))
-    assert layout.in_transition and layout.members == ("n1", "n2", "n3")
+    assert layout.in_transition
+    assert layout.members == ("n1", "n2", "n3")
     steady = layout_of(_Meta({"a": _M("n1", "normal"), "d": _M("n4", "removed")}, _R(9)))
-    assert steady == Layout.steady(9, ["n1"]) and not steady.in_transition
+    assert steady == Layout.steady(9, ["n1"])
+    assert not steady.in_transition
 
 
 @SETTINGS
@@ -138,7 +141,7 @@ def test_moving_arcs_are_exactly_where_replica_sets_differ(size: int, join: bool
     moving = moving_arcs(old, new, 3)
     a, b = old.ranges(3), new.ranges(3)
     cuts = sorted({s for s, _, _ in a} | {s for s, _, _ in b} | {KEY_SPACE})
-    for start, end in zip(cuts, cuts[1:], strict=False):
+    for start, end in pairwise(cuts):
         differs = _lookup(a, start) != _lookup(b, start)
         inside = any(s <= start and end <= e for s, e in moving)
         assert differs == inside

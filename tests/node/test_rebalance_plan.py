@@ -52,7 +52,8 @@ def test_offer_sends_what_they_lack_and_respects_their_marker() -> None:
     assert plan.offer(mine, ContextState(frozenset({vid(2)}))).push == (vid(1), vid(3))
     purged = ContextState(frozenset(), vid(2))  # they purged up to 2
     todo = plan.offer(mine, purged)
-    assert todo.push == (vid(3),) and not todo.send_marker
+    assert todo.push == (vid(3),)
+    assert not todo.send_marker
     assert plan.offer(mine, ContextState(frozenset(mine.version_ids))).empty
     marked = ContextState(frozenset({vid(3)}), vid(2))
     assert plan.offer(marked, ContextState(frozenset({vid(3)}))).send_marker
@@ -64,7 +65,8 @@ def test_cleanup_waits_for_a_settled_layout_every_member_and_this_walk() -> None
     assert not plan.cleanup_ready(STEADY, everyone, 2)  # this node's walk not done
     assert not plan.cleanup_ready(STEADY, {**everyone, "n4": 2}, 3)  # n4 lags
     assert not plan.cleanup_ready(JOIN, {n: 2 for n in JOIN.members}, 2)  # in transition
-    assert plan.drops(("n1", "n2", "n4"), "n3") and not plan.drops(("n1", "n3"), "n3")
+    assert plan.drops(("n1", "n2", "n4"), "n3")
+    assert not plan.drops(("n1", "n3"), "n3")
 
 
 def test_pending_ranges_counts_arcs_not_walked_past() -> None:

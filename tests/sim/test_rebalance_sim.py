@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -173,7 +172,9 @@ class Workload:
             await trio.sleep(0.2)
 
 
-async def settle(log: SharedLog, rebalancers: Sequence[RebalanceService], nodes: Sequence[str]) -> None:
+async def settle(
+    log: SharedLog, rebalancers: Sequence[RebalanceService], nodes: Sequence[str]
+) -> None:
     """Wait (simulated time) until the layout is steady and every node's cleanup ran."""
     with trio.fail_after(600):
         while True:
@@ -273,8 +274,11 @@ async def test_a_node_leaves_while_writes_continue(
         await work.read_all()
         check_replicas(sim, work, ["n1", "n2", "n3"])
         assert rebalancers[3].drops, "the leaving node handed its ranges off and dropped them"
-        left = [i for i in work.acked
-                if sim.nodes["n4"].store.versions.version_ids(parse(address(i)).context())]
+        left = [
+            i
+            for i in work.acked
+            if sim.nodes["n4"].store.versions.version_ids(parse(address(i)).context())
+        ]
         assert left == []  # fmt: skip
         nursery.cancel_scope.cancel()
 
@@ -306,5 +310,3 @@ async def test_survivors_restore_n_after_a_forget(
         restored = sum(r.stats.streamed_bytes for r in rebalancers[:4])
         assert restored > 0, "the survivors copied n5's replicas to their new owners"
         nursery.cancel_scope.cancel()
-
-

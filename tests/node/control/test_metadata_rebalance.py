@@ -32,7 +32,8 @@ def joined() -> ClusterMetadata:
     state, ok, _ = step(
         three_node_state(), cmd_member_add(Member("id-d", "node4", "joining", "age1d"))
     )
-    assert ok and state.ring.epoch == 2
+    assert ok
+    assert state.ring.epoch == 2
     return state
 
 
@@ -43,11 +44,14 @@ def test_marks_keep_the_highest_epoch(cmd: Callable[[str, int], bytes], field: s
     state = joined()
     make = cmd
     state, ok, _ = step(state, make(IDS[0], 2))
-    assert ok and getattr(state, field) == {IDS[0]: 2}
+    assert ok
+    assert getattr(state, field) == {IDS[0]: 2}
     state, ok, _ = step(state, make(IDS[0], 1))
-    assert ok and getattr(state, field) == {IDS[0]: 2}  # a late, older mark lowers nothing
+    assert ok
+    assert getattr(state, field) == {IDS[0]: 2}  # a late, older mark lowers nothing
     state, ok, _ = step(state, make("id-d", 1))
-    assert ok and getattr(state, field) == {IDS[0]: 2, "id-d": 1}
+    assert ok
+    assert getattr(state, field) == {IDS[0]: 2, "id-d": 1}
 
 
 @pytest.mark.parametrize("cmd", [cmd_stream_done, cmd_epoch_seen])
@@ -55,10 +59,12 @@ def test_marks_refused_for_a_future_epoch_or_a_stranger(cmd: Callable[[str, int]
     state = joined()
     make = cmd
     after, ok, error = step(state, make(IDS[0], 3))
-    assert not ok and "epoch 2" in str(error)
+    assert not ok
+    assert "epoch 2" in str(error)
     assert after == replace(state, applied_index=state.applied_index + 1)
     _, ok, error = step(state, make("id-x", 1))
-    assert not ok and "no member" in str(error)
+    assert not ok
+    assert "no member" in str(error)
     removed, ok, _ = step(state, cmd_member_state("id-d", "removed"))
     assert ok
     _, ok, _ = step(removed, make("id-d", 2))
@@ -73,5 +79,6 @@ def test_codec_round_trip_and_old_snapshots_default_to_empty() -> None:
     old = msgpack.unpackb(encode_state(state), raw=False)
     del old["streamed"], old["seen"]  # a snapshot written before the marks existed
     decoded = decode_state(msgpack.packb(old, use_bin_type=True))
-    assert decoded.streamed == {} and decoded.seen == {}
+    assert decoded.streamed == {}
+    assert decoded.seen == {}
     assert decoded == replace(state, streamed={}, seen={})
