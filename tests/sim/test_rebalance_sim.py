@@ -247,6 +247,12 @@ async def test_a_fourth_node_joins_while_writes_continue(
         assert checked == [True]
         assert sum(r.stats.streamed_bytes for r in rebalancers) > 0
         assert work.reads > 0
+        status = (await sim.call("n1", "node.status", {}))["rebalance"]
+        assert status["epoch"] == layout_of(log.state).epoch
+        assert status["in_transition"] is False
+        assert status["pending_ranges"] == 0
+        assert status["contexts_left"] == 0
+        assert status["streamed_bytes"] == rebalancers[0].stats.streamed_bytes
         nursery.cancel_scope.cancel()
 
 
