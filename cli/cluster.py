@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from cli import render
 from cli.common import CliError, JsonOpt, fail
-from node.daemon.ops import ClusterError, cluster_down, cluster_status, run_node, start_cluster
+from node.daemon.ops import (
+    ClusterError,
+    add_nodes,
+    cluster_down,
+    cluster_status,
+    forget_node,
+    remove_node,
+    run_node,
+    start_cluster,
+)
 
 node_app = typer.Typer(help="Run a node daemon.", no_args_is_help=True)
 cluster_app = typer.Typer(help="A local cluster on loopback, for trying slurp out.",
@@ -76,7 +86,7 @@ def status(
     if as_json:
         render.print_json(data)
         return
-    table = Table("name", "address", "pid", "up", "role", "term", "leader", "members up",
+    table = Table("name", "address", "pid", "up", "state", "role", "term", "leader", "members up",
                   "ring share", "contexts",
                   "hints", "hint bytes", "repairs", "last AE pass", "AE repaired")  # fmt: skip
     for node in data["nodes"]:
@@ -86,6 +96,7 @@ def status(
         antientropy = node["antientropy"] or {}
         table.add_row(
             node["name"], node["address"], str(node["pid"]), "up" if node["up"] else "down",
+            node.get("state") or "-",
             (node["role"] or "-") + (" (admin key)" if node["admin_key_held"] else ""),
             render.figure(node["term"]), node["leader"] or "-",
             str(checks.get("members_up", "-")), "-" if share is None else f"{share:.1%}",
@@ -114,3 +125,91 @@ def down(
         render.print_json({"stopped": stopped})
     else:
         render.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+class _Bars:
+    """One rich progress line per node: its member state and what is left to stream (the
+    node's ``rebalance`` figures from ``node.status``; unknown when it has none)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, seen: dict[str, dict[str, Any]]) -> None:
+        for name, info in seen.items():
+            rebalance = info.get("rebalance") or {}
+            left = [f"{render.figure(rebalance.get(key))} {label}"
+                    for key, label in (("contexts_left", "contexts"), ("bytes_left", "bytes"))
+                    if rebalance.get(key) is not None]  # fmt: skip
+            text = f"{name}: {info.get('state') or 'unknown'}" + (
+                f", left: {', '.join(left)}" if left else ""
+            )
+            done = rebalance.get("contexts_done")
+            total = rebalance.get("contexts_total")
+            if name not in self.tasks:
+                self.tasks[name] = self.bar.add_task(text, total=None)
+            self.bar.update(self.tasks[name], description=text, completed=done or 0,
+                            total=total if isinstance(total, int) else None)  # fmt: skip
+
+
+@cluster_app.command("add")
+def add(
+    directory: DirOpt = Path(".slurp-cluster"),
+    count: Annotated[int, typer.Option("--count", help="How many nodes to add.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add nodes to the running local cluster: certificates, data directories and configs,
+    start them, propose their join, and wait until each is normal."""
+    try:
+        if as_json:
+            result = add_nodes(directory, count)
+        else:
+            with Progress(console=render.err) as bar:
+                result = add_nodes(directory, count, progress=_Bars(bar))
+    except ClusterError as exc:
+        fail(_cluster_error(exc), as_json)
+    if as_json:
+        render.print_json(result)
+        return
+    render.out.print(f"added: {', '.join(result['added'])}", markup=False)
+
+
+@cluster_app.command("remove")
+def remove(
+    name: Annotated[str, typer.Argument(help="The node to decommission.")],
+    directory: DirOpt = Path(".slurp-cluster"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Decommission a live node: its ranges stream to their new owners, then it is removed
+    and its process stopped."""
+    try:
+        if as_json:
+            result = remove_node(directory, name)
+        else:
+            with Progress(console=render.err) as bar:
+                result = remove_node(directory, name, progress=_Bars(bar))
+    except ClusterError as exc:
+        fail(_cluster_error(exc), as_json)
+    if as_json:
+        render.print_json(result)
+        return
+    stopped = " (process stopped)" if result["stopped"] else ""
+    render.out.print(f"removed: {name}{stopped}", markup=False)
+
+
+@cluster_app.command("forget")
+def forget(
+    name: Annotated[str, typer.Argument(help="The dead node to drop.")],
+    directory: DirOpt = Path(".slurp-cluster"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop a dead node at once (refused while it answers: use remove); the survivors
+    re-replicate its ranges."""
+    try:
+        result = forget_node(directory, name)
+    except ClusterError as exc:
+        fail(_cluster_error(exc), as_json)
+    if as_json:
+        render.print_json(result)
+        return
+    render.out.print(f"forgotten: {name} (ring epoch {result['ring_epoch']})", markup=False)

@@ -36,15 +36,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import bench_failover  # scripts/, on sys.path
 import trio
-from bench_report import git_revision, write_section  # scripts/, on sys.path
+from bench_report import git_revision, write_section
 
 from node.client import AsyncClient, ClientConfig, load_profile, open_client
 from node.daemon.ops import ClusterError, LocalNode, cluster_down, cluster_up
@@ -304,8 +305,9 @@ class HttpConnection:
         return cls(stream, f"{host}:{port}")
 
     async def close(self) -> None:
-        """Close the stream."""
-        await self.stream.aclose()
+        """Close the stream (a peer that was killed leaves it broken: nothing to close)."""
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.stream.aclose()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Send one request, read the whole answer; its JSON body.
@@ -356,7 +358,7 @@ class HttpConnection:
         return line
 
     async def _chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int((await self._line()).split(b";")[0], 16)
             if size == 0:
@@ -401,24 +403,33 @@ class EtcdCluster:
         """Start every member (``--initial-cluster-state new``) in its own data dir."""
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
+        for member in self.members:
+            self._launch(member, "new")
+
+    def restart(self, member: EtcdMember) -> None:
+        """Start a member that was killed again, on its data dir (reaps the old process)."""
+        if member.process is not None:
+            member.process.wait()
+        self._launch(member, "existing")
+
+    def _launch(self, member: EtcdMember, state: str) -> None:
         initial = ",".join(f"{m.name}=https://127.0.0.1:{m.peer_port}" for m in self.members)
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        for member in self.members:
-            client_url = f"https://127.0.0.1:{member.client_port}"
-            peer_url = f"https://127.0.0.1:{member.peer_port}"
-            cmd = [
-                self.binary, "--name", member.name,
-                "--data-dir", str(self.root / member.name),
-                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-                "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-                "--initial-cluster", initial, "--initial-cluster-state", "new",
-                "--initial-cluster-token", "slurp-bench", "--auto-tls", "--peer-auto-tls",
-                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-            ]  # fmt: skip
-            with (self.root / f"{member.name}.log").open("wb") as out:
-                member.process = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
+        client_url = f"https://127.0.0.1:{member.client_port}"
+        peer_url = f"https://127.0.0.1:{member.peer_port}"
+        cmd = [
+            self.binary, "--name", member.name,
+            "--data-dir", str(self.root / member.name),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", initial, "--initial-cluster-state", state,
+            "--initial-cluster-token", "slurp-bench", "--auto-tls", "--peer-auto-tls",
+            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+        ]  # fmt: skip
+        with (self.root / f"{member.name}.log").open("ab") as out:
+            member.process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Until every member answers ``/health`` with true."""
@@ -528,6 +539,7 @@ class Settings:
     etcd: str | None  # the binary, or None to skip
     keep: bool
     warmup: int = WARMUP_OPS
+    failover_rounds: int = bench_failover.DEFAULT_ROUNDS
 
 
 @dataclass
@@ -535,6 +547,7 @@ class Results:
     """Every measurement, by (system, operation, clients)."""
 
     runs: dict[tuple[str, str, int], Measurement] = field(default_factory=dict)
+    failover: dict[str, list[bench_failover.Round]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     etcd_skipped: str | None = None
 
@@ -614,6 +627,40 @@ class Bench:
             await self._warm_up(systems, most)
             await self._compare(systems, most)
             await self._slurp_only(slurp)
+            if self.settings.failover_rounds:
+                await self._failover(members, base, etcd)
+
+    async def _failover(
+        self, members: list[LocalNode], base: ClientConfig, etcd: EtcdCluster | None
+    ) -> None:
+        """SIGKILL of the leader, ``failover_rounds`` times on each side (bench_failover)."""
+        rounds = self.settings.failover_rounds
+        log(f"failover: {rounds} round(s) per system")
+        payloads = Payloads(2)
+        self.results.failover["slurp"] = await bench_failover.slurp_rounds(
+            self.slurp_root, members, base, rounds, payloads.fields
+        )
+        if etcd is not None:
+            self.results.failover["etcd"] = await bench_failover.etcd_rounds(
+                etcd, rounds, payloads.raw
+            )
+        for name, done in self.results.failover.items():
+            self.results.notes.append(
+                f"{name} failover rounds (killed → new leader: ms to the first success, longest"
+                " write gap ms, failed writes): "
+                + "; ".join(
+                    f"{r.killed} → {r.new_leader}: {r.failover_s * 1000:.0f},"
+                    f" {r.longest_gap_s * 1000:.0f}, {r.failed_writes}"
+                    for r in done
+                )
+                + "."
+            )
+            errors = [e for r in done for e in r.errors]
+            if errors:
+                self.results.notes.append(
+                    f"{name} failover: writes that failed during leader loss said, first:"
+                    f" {errors[0]}"
+                )
 
     async def _warm_up(self, systems: Sequence[System], clients: int) -> None:
         """Every client puts and gets a few keys (connections, caches, JIT-free paths warm)."""
@@ -691,6 +738,8 @@ class Row:
     slurp: float
     etcd: float | None
     goal: str = "—"
+    limit: float | None = None  # an absolute goal: slurp's figure at or below it
+    count: bool = False  # whole numbers
 
     @property
     def ratio(self) -> float | None:
@@ -701,22 +750,30 @@ class Row:
 
     @property
     def met(self) -> bool | None:
-        """For a row with a goal (``≤ etcd``): whether slurp's figure is at or below etcd's."""
-        if self.goal == "—" or self.ratio is None:
+        """For a row with a goal: whether slurp's figure is at or below ``limit`` (if set),
+        else at or below etcd's."""
+        if self.limit is not None:
+            return None if math.isnan(self.slurp) else self.slurp <= self.limit
+        if self.goal != "≤ etcd" or self.ratio is None:
             return None
         return self.ratio <= 1.0
 
     def cells(self) -> list[str]:
         """metric, slurp, etcd, ratio, goal, met?"""
         ratio = self.ratio
+        num = _count if self.count else _num
         return [
             self.metric,
-            _num(self.slurp),
-            "—" if self.etcd is None else _num(self.etcd),
+            num(self.slurp),
+            "—" if self.etcd is None else num(self.etcd),
             "—" if ratio is None else f"{ratio:.2f}x",
             self.goal,
             {None: "—", True: "yes", False: "**no**"}[self.met],
         ]
+
+
+def _count(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:g}"
 
 
 def _num(value: float) -> str:
@@ -736,15 +793,27 @@ def build_rows(results: Results) -> tuple[list[Row], list[Row]]:
             mine, theirs = runs[("slurp", op, clients)], runs.get(("etcd", op, clients))
             who = f"{clients} client" + ("s" if clients > 1 else "")
             rows += [
-                Row(f"{label} p50, {who} (ms)", mine.p50(), theirs and theirs.p50(), "≤ etcd"),
-                Row(f"{label} p99, {who} (ms)", mine.p99(), theirs and theirs.p99()),
-                Row(f"{label} throughput, {who} (ops/s)", mine.rate(), theirs and theirs.rate()),
+                Row(
+                    f"{label} p50, {who} (ms)",
+                    mine.p50(),
+                    None if theirs is None else theirs.p50(),
+                    "≤ etcd",
+                ),
+                Row(
+                    f"{label} p99, {who} (ms)", mine.p99(), None if theirs is None else theirs.p99()
+                ),
+                Row(
+                    f"{label} throughput, {who} (ops/s)",
+                    mine.rate(),
+                    None if theirs is None else theirs.rate(),
+                ),
                 Row(
                     f"{label} server CPU per op, {who} (ms)",
                     mine.server_cpu_ms_per_op(),
-                    theirs and theirs.server_cpu_ms_per_op(),
+                    None if theirs is None else theirs.server_cpu_ms_per_op(),
                 ),
             ]
+    rows += failover_rows(results.failover)
     extra: list[Row] = []
     for (name, op, clients), run in runs.items():
         if name == "slurp" and op not in ("put", "get"):
@@ -762,6 +831,14 @@ def build_rows(results: Results) -> tuple[list[Row], list[Row]]:
                 )
             )
     return rows, extra
+
+
+def failover_rows(failover: dict[str, list[bench_failover.Round]]) -> list[Row]:
+    """The failover figures (bench_failover.figures) as rows."""
+    return [
+        Row(label, ours, theirs, goal, limit, count=count)
+        for label, ours, theirs, goal, limit, count in bench_failover.figures(failover)
+    ]
 
 
 def render_table(rows: Sequence[Row], header: Sequence[str]) -> list[str]:
@@ -846,6 +923,11 @@ def render_markdown(
         " shared by the"
         " servers and the client process).",
         "",
+        *(
+            [bench_failover.describe(len(results.failover["slurp"])), ""]
+            if results.failover
+            else []
+        ),
         "Slurp only:",
         "",
         *render_table(extra, ["metric", "slurp"]),
@@ -874,11 +956,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_OPS} ops, fewer warm-ups")
     parser.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
+    parser.add_argument(
+        "--failover-rounds",
+        type=int,
+        default=None,
+        help=f"leader kills per system ({bench_failover.DEFAULT_ROUNDS};"
+        f" --quick: {bench_failover.QUICK_ROUNDS}; 0: no failover phase)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep bench-data/cluster and etcd")
     args = parser.parse_args(argv)
     if args.ops is None:
         args.ops = QUICK_OPS if args.quick else DEFAULT_OPS
+    if args.failover_rounds is None:
+        args.failover_rounds = (
+            bench_failover.QUICK_ROUNDS if args.quick else bench_failover.DEFAULT_ROUNDS
+        )
+    if args.failover_rounds < 0:
+        parser.error("--failover-rounds must be 0 or more")
     if args.ops < max(CONCURRENCY):
         parser.error(f"--ops must be at least {max(CONCURRENCY)}")
     return args
@@ -894,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         etcd=binary,
         keep=args.keep,
         warmup=2 if args.quick else WARMUP_OPS,
+        failover_rounds=args.failover_rounds,
     )
     revision = git_revision()
     versions = f"Python {platform.python_version()} · slurp {metadata.version('slurp')}"

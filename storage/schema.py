@@ -19,6 +19,12 @@ key                                     value
                                         operation this node accepted (ASCII decimal;
                                         never decreases; written synced;
                                         ``node.control.fence``)
+``m/join``                              present (``b"1"``) on a node created to join a
+                                        running cluster (``slurp cluster add``): its
+                                        control plane starts from an empty Raft state and
+                                        waits for the leader's snapshot instead of
+                                        bootstrapping a cluster of its own; deleted once
+                                        the snapshot is saved (``node.control.bootstrap``)
 ``m/rotation/`` role                    cursor of a key rotation in progress: msgpack
                                         {v, to_version, after, since_ms, scanned, rewritten}
 ``v/`` ctx SEP version-id               a version envelope (``storage.envelope``, msgpack)
@@ -60,6 +66,7 @@ META_HLC = b"m/hlc"
 META_NODE_ID = b"m/node_id"
 META_ROTATION_PREFIX = b"m/rotation/"
 META_FENCE = b"m/fence"
+META_JOIN = b"m/join"
 ROTATION_CURSOR_SCHEMA = 1
 VERSION_PREFIX = b"v/"
 HEAD_PREFIX = b"h/"

@@ -166,6 +166,8 @@ PURE_CORES = (
     "node/control/metadata_fields.py",
     "node/control/duties.py",
     "node/control/custody_plan.py",
+    "node/control/membership_plan.py",
+    "tests/sim/control_model.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -255,3 +255,20 @@ class Client:
     def status(self) -> dict[str, Any]:
         """See ``AsyncClient.status``."""
         return self._run(self._client.status)
+
+    def member_add(
+        self, name: str, node_id: str, recipient: str, signing_key: bytes, rpc_host: str,
+        rpc_port: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """See ``AsyncClient.member_add``."""
+        add = partial(self._client.member_add, name, node_id, recipient, signing_key,
+                      rpc_host, rpc_port)  # fmt: skip
+        return self._run(add)
+
+    def member_remove(self, name: str) -> dict[str, Any]:
+        """See ``AsyncClient.member_remove``."""
+        return self._run(partial(self._client.member_remove, name))
+
+    def member_forget(self, name: str) -> dict[str, Any]:
+        """See ``AsyncClient.member_forget``."""
+        return self._run(partial(self._client.member_forget, name))

@@ -293,6 +293,30 @@ class AsyncClient:
         """The connected node's ``node.status``: name, node_id, members, ring, quorum."""
         return await self._call("node.status", {})
 
+    async def member_add(
+        self, name: str, node_id: str, recipient: str, signing_key: bytes, rpc_host: str,
+        rpc_port: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Propose a new member (needs ``admin``): it joins as "joining" and a Raft learner.
+
+        Returns:
+            {name, node_id, state, ring_epoch} as committed.
+        """
+        return await self._call("ctl.member_add", {
+            "name": name, "node_id": node_id, "recipient": recipient,
+            "signing_key": signing_key, "rpc_host": rpc_host, "rpc_port": rpc_port,
+        })  # fmt: skip
+
+    async def member_remove(self, name: str) -> dict[str, Any]:
+        """Decommission a live member (needs ``admin``): it becomes "leaving" and is removed
+        once its ranges have streamed away. Returns {name, node_id, state, ring_epoch}."""
+        return await self._call("ctl.member_remove", {"name": name})
+
+    async def member_forget(self, name: str) -> dict[str, Any]:
+        """Drop a dead member at once (needs ``admin``; refused while it answers).
+        Returns {name, node_id, state, ring_epoch}."""
+        return await self._call("ctl.member_forget", {"name": name})
+
     async def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         """``method`` with failover (module docstring); the answer's body.
 

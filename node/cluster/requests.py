@@ -32,6 +32,10 @@ MAX_TERM = 2**63 - 1  # a Raft term (fits a signed 64-bit integer, as etcd's uin
 MAX_ROLES = 64  # roles of a forwarded client
 # client methods a node may forward to the leader in ``admin.forward``
 FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
+# the operator's membership methods (admin clients; a follower forwards them as ctl.member)
+MEMBER_METHODS = frozenset({"ctl.member_add", "ctl.member_remove", "ctl.member_forget"})
+MAX_NODE_ID_CHARS = 128
+SIGNING_KEY_BYTES = 32  # a raw Ed25519 public key
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ def _context_name(value: Any, name: str) -> ContextName:
 
 def _ints(values: list[Any], name: str, size: int = 1) -> list[Any]:
     """Whole numbers (``size`` 1) or lists of ``size`` whole numbers, as tuples."""
+    if size == 1 and all(type(value) is int for value in values):
+        return values  # the common case, checked at C speed (bool is not exactly int)
     out: list[Any] = []
     for value in values:
         parts = [value] if size == 1 else value
@@ -286,6 +292,17 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         if isinstance(term, bool) or not isinstance(term, int) or not 0 < term < 2**63:
             raise InvalidPayload("term must be a positive integer", field="term")
         args = {"duty": duty, "term": term}
+    elif method in MEMBER_METHODS:
+        args = _member_request(method, body)
+    elif method == "ctl.member":
+        inner = _str(body, "method")
+        if inner not in MEMBER_METHODS:
+            raise InvalidPayload(f"method must be one of {sorted(MEMBER_METHODS)}", field="method")
+        request = body.get("body")
+        if not isinstance(request, dict):
+            raise InvalidPayload("body must be a map", field="body")
+        args = {"method": inner, "request": _member_request(inner, request),
+                "client_name": _name(body.get("client_name"), "client_name")}  # fmt: skip
     elif method == "admin.share":
         args = {"term": _term(body), "recipient": _recipient(body)}
     elif method == "admin.forward":
@@ -304,3 +321,32 @@ def _raft_messages(items: list[Any]) -> list[Any]:
         except MalformedRaftData as exc:
             raise InvalidPayload(f"msgs[{number}].{exc}", field="msgs") from None
     return messages
+
+
+def _member_request(method: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``ctl.member_add {name, node_id, recipient, signing_key, rpc_host, rpc_port}``;
+    ``ctl.member_remove {name}``; ``ctl.member_forget {name}``."""
+    args: dict[str, Any] = {"name": _name(body.get("name"), "name")}
+    if method != "ctl.member_add":
+        return args
+    node_id = body.get("node_id")
+    if not (isinstance(node_id, str) and 0 < len(node_id) <= MAX_NODE_ID_CHARS
+            and node_id.isascii() and node_id.isprintable()):  # fmt: skip
+        raise InvalidPayload(
+            f"node_id must be printable ASCII of 1 to {MAX_NODE_ID_CHARS} characters",
+            field="node_id",
+        )
+    key = _bytes(body.get("signing_key"), "signing_key")
+    if len(key) != SIGNING_KEY_BYTES:
+        raise InvalidPayload(
+            f"signing_key must be a raw Ed25519 public key ({SIGNING_KEY_BYTES} bytes)",
+            field="signing_key",
+        )
+    port = body.get("rpc_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidPayload("rpc_port must be a port number from 1 to 65535", field="rpc_port")
+    args.update(
+        node_id=node_id, recipient=_recipient(body), signing_key=key,
+        rpc_host=_name(body.get("rpc_host"), "rpc_host"), rpc_port=port,
+    )  # fmt: skip
+    return args

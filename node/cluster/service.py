@@ -10,8 +10,9 @@ calls, their fault isolation and budgets in ``node.cluster.fanout``; request par
 ``node.cluster.requests``; peer-answer parsing in ``node.cluster.answers``. Other
 subsystems add replica methods through ``extra_replica_methods`` (anti-entropy's
 ``rep.tree``/``rep.digests``/``rep.ids``/``rep.fetch``, handoff's ``rep.hint``, admin
-custody's ``admin.share``/``admin.forward``: node certificates only) and figures through
-``status_sources``.
+custody's ``admin.share``/``admin.forward``: node certificates only), client methods
+through ``extra_client_methods`` (membership's ``ctl.member_*``; the handler checks the
+caller's roles) and figures through ``status_sources``.
 
 The control plane (``node.control.custody``) adds two hooks: ``forwarder``, consulted
 with each parsed client request (it may answer it by forwarding it to the leader, or
@@ -186,6 +187,8 @@ class NodeService:
         self.repair_pending = 0  # read-repair sends started and not yet finished
         # replica methods of other subsystems (anti-entropy, handoff); each parses its own body
         self.extra_replica_methods: dict[str, Handler] = {"rep.hint": self._rep_hint}
+        # client methods of other subsystems (membership's ctl.member_*); each checks roles
+        self.extra_client_methods: dict[str, Handler] = {}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
         self.forwarder: Forwarder | None = None  # set by the control plane (admin custody)
         # the leader's term for leader-only operations (raises Unavailable on a non-leader);
@@ -264,6 +267,7 @@ class NodeService:
             "node.status": self._status,
             **self.local.methods(),
             **self.extra_replica_methods,
+            **self.extra_client_methods,
         }  # fmt: skip
 
     # -- client methods -------------------------------------------------------------------

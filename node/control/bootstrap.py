@@ -7,8 +7,13 @@ and the bootstrap snapshot (index 1, term 1, every founding member a voter), wri
 local cluster (one snapshot, written into every node); ``bootstrap_single`` gives a
 standalone node a one-voter cluster of its own.
 
+A node created to join a running cluster is not bootstrapped: ``mark_join`` writes the
+join marker (``storage.schema.META_JOIN``), and its control plane then starts from an
+empty Raft state until the leader's snapshot arrives (``join_pending``, ``clear_join``).
+
 Must not know Raft's rules or how the daemon starts. Invariant: every node of one cluster
-is bootstrapped from the same snapshot (same bytes), never twice (``RaftStateExists``).
+is bootstrapped from the same snapshot (same bytes), never twice (``RaftStateExists``); a
+node with the join marker is never bootstrapped.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from node.control.metadata import (
 from node.control.raft_types import ConfState, Snapshot, SnapshotMeta
 from storage.admin_key import OWN_SHARE_FILE, split_record
 from storage.context_store import ContextStore
+from storage.kv import KV
+from storage.schema import META_JOIN
 
 BOOTSTRAP_TERM = 1
 
@@ -105,9 +112,10 @@ def bootstrap_single(
     kept its own share file (``split_admin(forget=True)``).
 
     Returns:
-        The snapshot written, or None when the node already had Raft state (nothing done).
+        The snapshot written, or None when the node already had Raft state or waits to
+        join a cluster (nothing done).
     """
-    if RaftLogStore(store.kv).has_state():
+    if RaftLogStore(store.kv).has_state() or join_pending(store.kv):
         return None
     keyring = store.keyring
     own_share = (keyring.keys_dir / OWN_SHARE_FILE).exists()
@@ -117,3 +125,24 @@ def bootstrap_single(
     )
     write_bootstrap(store.kv, snapshot)
     return snapshot
+
+
+def mark_join(kv: KV) -> None:
+    """Mark a node that has no Raft state as waiting to join a running cluster.
+
+    Raises:
+        ValueError: the node already has Raft state (it is or was a cluster's member).
+    """
+    if RaftLogStore(kv).has_state():
+        raise ValueError("this node already has Raft state; it cannot join another cluster")
+    kv.write([(META_JOIN, b"1")], sync=True)
+
+
+def join_pending(kv: KV) -> bool:
+    """Whether the node waits to join a cluster (the join marker is set)."""
+    return kv.get(META_JOIN) is not None
+
+
+def clear_join(kv: KV) -> None:
+    """Drop the join marker (the leader's snapshot is saved)."""
+    kv.write([], [META_JOIN], sync=True)

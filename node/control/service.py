@@ -20,9 +20,21 @@ Invariants:
   Ready is never interleaved with another input.
 - ``leader_term()`` is the term only while this node leads and its lease holds, checked
   at each call in real time (trio's clock) from the send time of the heartbeat round a
-  majority acknowledged: a tick loop that fell behind cannot stretch it.
+  majority acknowledged: a tick loop that fell behind cannot stretch it. ``on_change``
+  runs when it lapses or returns, not only when the role, term or leader changes: the
+  tick loop wakes at the lease's end, and any ``leader_term()`` call that sees a change
+  notifies first (so a listener never sees a lapsed lease before being told).
 - A peer's message is stepped only when its sender id belongs to the certificate name it
   came over (a node cannot speak for another) and it is addressed to this node.
+
+Joining (``node.control.bootstrap.mark_join``): a node created to join a running cluster
+starts its ``RawNode`` from an empty Raft state, with ``metadata`` None, until the
+leader's snapshot arrives; it never bootstraps a cluster of its own. Meanwhile it knows
+no member names, so it accepts ``raft.msg`` from any node certificate of the cluster CA
+and records sender id -> certificate name (``name_of`` answers from that record until the
+metadata is applied): that is how it answers the leader. Entries committed before a
+snapshot cannot reach it (a joiner's log is empty, so the leader's first append is a
+snapshot) and would be skipped.
 """
 
 from __future__ import annotations
@@ -38,11 +50,20 @@ import trio
 
 from node.cluster.service import NodeService
 from node.control import duties, metadata
-from node.control.bootstrap import bootstrap_single
+from node.control.bootstrap import bootstrap_single, clear_join, join_pending
 from node.control.log_store import RaftLogStore
 from node.control.metadata import ApplyResult, ClusterMetadata
 from node.control.raft import NotLeader, ProposalDropped, RaftConfig, RawNode
-from node.control.raft_types import Entry, EntryKind, Message, Ready, Role, SoftState
+from node.control.raft_types import (
+    ConfState,
+    Entry,
+    EntryKind,
+    Message,
+    PersistedState,
+    Ready,
+    Role,
+    SoftState,
+)
 from node.errors import NodeError, PeerUnavailable, RemoteError
 from node.rpc.transport import Peer
 from storage.errors import Forbidden, StorageError, Unavailable
@@ -132,10 +153,14 @@ class ControlService:
         self._nursery: trio.Nursery | None = None
         self._ticks = 0  # the core's tick count: tick n happened at _tick_times[n]
         self._tick_times: dict[int, float] = {0: -math.inf}
+        self._lease_seen: int | None = None  # leader_term() as listeners were last told
+        self._notifying = False
         self._soft = SoftState(None, Role.FOLLOWER)
         self._duty_scope: trio.CancelScope | None = None
         self._snapshot_index = 0
         self._applied = trio.Event()  # set (and replaced) at each applied entry
+        self._peer_names: dict[str, str] = {}  # id -> cert name, learned while joining
+        self.joining = False  # started from an empty state, waiting for the leader's snapshot
         service.extra_replica_methods["raft.msg"] = self._raft_msg
         service.extra_replica_methods["raft.propose"] = self._raft_propose
 
@@ -164,13 +189,40 @@ class ControlService:
         return self.name_of(leader)
 
     def name_of(self, node_id: str) -> str | None:
-        """A member's name by node id (from the applied metadata)."""
+        """A member's name by node id (from the applied metadata; before it, while joining,
+        from the certificates its messages came over)."""
         if self.metadata is None:
-            return None
+            return self._peer_names.get(node_id)
         return self.metadata.names().get(node_id)
 
+    def conf(self) -> ConfState:
+        """The Raft configuration (the latest, committed or not; empty before start)."""
+        return ConfState(frozenset()) if self._node is None else self._node.conf
+
+    def commit_index(self) -> int:
+        """This node's commit index."""
+        return 0 if self._node is None else self._node.commit_index
+
+    def match_indexes(self) -> dict[str, int]:
+        """Leader: node id -> the index replicated there (itself included); {} otherwise."""
+        if self._node is None:
+            return {}
+        return {node_id: match for node_id, (match, _) in self._node.progress().items()}
+
     def leader_term(self) -> int | None:
-        """The term, while this node leads and its lease holds (checked now)."""
+        """The term, while this node leads and its lease holds (checked now). A change
+        since listeners were last told is told first (``on_change``)."""
+        expiry = self._lease_expiry()
+        term = None if expiry is None or trio.current_time() >= expiry else self.term
+        if term != self._lease_seen and not self._notifying:
+            self._lease_seen = term
+            self._notify()
+        return term
+
+    def _lease_expiry(self) -> float | None:
+        """When the current lease ends, on trio's clock (None: no lease). It counts in real
+        time from the tick its heartbeat round was sent at, so a tick loop that fell
+        behind (a stalled event loop) cannot stretch it."""
         node = self._node
         if node is None or self.halted is not None or node.role is not Role.LEADER:
             return None
@@ -178,10 +230,7 @@ class ControlService:
         started = None if since_tick is None else self._tick_times.get(since_tick)
         if started is None:
             return None
-        # the lease counts in real time from the tick its heartbeat round was sent at, so a
-        # tick loop that fell behind (a stalled event loop) cannot stretch it
-        length = self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
-        return node.term if trio.current_time() < started + length else None
+        return started + self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
 
     def status(self) -> Body:
         """``role``, ``term``, ``leader`` and the log's figures, for ``node.status``."""
@@ -211,10 +260,18 @@ class ControlService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load (or bootstrap) the log, then tick, drive Readys and run duties."""
         store = self.service.store
-        if not await self.service.fanout.blocking(self.log.has_state):
-            name, (host, port) = self.service.name, self._rpc
-            await self.service.fanout.blocking(lambda: bootstrap_single(store, name, host, port))
-        state = await self.service.fanout.blocking(self.log.load)
+        fresh = not await self.service.fanout.blocking(self.log.has_state)
+        if fresh and await self.service.fanout.blocking(lambda: join_pending(store.kv)):
+            state = PersistedState()  # wait for the leader's snapshot (module docstring)
+            self.joining = True
+        else:
+            if fresh:
+                name, (host, port) = self.service.name, self._rpc
+                await self.service.fanout.blocking(
+                    lambda: bootstrap_single(store, name, host, port)
+                )
+            state = await self.service.fanout.blocking(self.log.load)
+            self.joining = state.snapshot is None and join_pending(store.kv)
         applied = 0
         if state.snapshot is not None:
             self.metadata = metadata.decode_state(state.snapshot.data)
@@ -236,15 +293,23 @@ class ControlService:
 
     async def _tick_loop(self) -> None:
         keep = 4 * (self.config.election_ticks + self.config.election_jitter_ticks)
+        next_tick = trio.current_time()
         while self.halted is None:
-            async with self._lock:
-                assert self._node is not None
-                self._node.tick()
-                self._ticks += 1
-                self._tick_times[self._ticks] = trio.current_time()
-                self._tick_times.pop(self._ticks - keep, None)
-            self._wake.set()
-            await trio.sleep(self.config.tick_s)
+            if trio.current_time() >= next_tick:
+                async with self._lock:
+                    assert self._node is not None
+                    self._node.tick()
+                    self._ticks += 1
+                    self._tick_times[self._ticks] = trio.current_time()
+                    self._tick_times.pop(self._ticks - keep, None)
+                next_tick = trio.current_time() + self.config.tick_s
+                self._wake.set()
+            self.leader_term()  # tells listeners when the lease lapsed or came back
+            expiry = self._lease_expiry()
+            now = trio.current_time()
+            await trio.sleep_until(
+                next_tick if expiry is None or expiry <= now else min(next_tick, expiry)
+            )
 
     async def _ready_loop(self) -> None:
         while self.halted is None:
@@ -277,6 +342,11 @@ class ControlService:
             self.metadata = metadata.decode_state(ready.snapshot.data)
             self._snapshot_index = ready.snapshot.meta.index
             self._settle_waiters(ready.snapshot.meta.index, None)
+            if self.joining:
+                self.joining = False
+                await self.service.fanout.blocking(lambda: clear_join(self.service.store.kv))
+                log.info("%s: joined the cluster (snapshot at %d)", self.service.name,
+                         ready.snapshot.meta.index)  # fmt: skip
         for entry in ready.committed_entries:
             self._apply(entry)
         node.advance(ready)
@@ -290,7 +360,9 @@ class ControlService:
         await self._maybe_compact(node)
 
     def _apply(self, entry: Entry) -> None:
-        assert self.metadata is not None
+        if self.metadata is None:  # cannot happen (module docstring): a joiner's log is empty
+            log.warning("entry %d committed before any snapshot: skipped", entry.index)
+            return
         self.metadata, result = metadata.apply_entry(self.metadata, entry)
         if not result.ok and entry.kind is EntryKind.NORMAL and entry.data:
             log.warning("entry %d applied as a no-op: %s", entry.index, result.error)
@@ -381,7 +453,14 @@ class ControlService:
         return {"stepped": stepped}
 
     def _from(self, peer: Peer, node_id: str) -> bool:
-        """Whether ``peer`` may speak as ``node_id`` (its member name matches)."""
+        """Whether ``peer`` may speak as ``node_id`` (its member name matches). Without
+        metadata (joining), any node certificate may, and its name is recorded."""
+        if self.metadata is None:
+            known = self._peer_names.get(node_id)
+            if known is not None and known != peer.name:
+                return False
+            self._peer_names[node_id] = peer.name
+            return True
         name = self.name_of(node_id)
         return name is not None and name == peer.name
 
@@ -409,12 +488,31 @@ class ControlService:
             return ApplyResult(bool(answer.get("ok")), answer.get("error"), answer.get("value"))
         raise Unavailable("the control-plane proposal timed out; retry")
 
-    async def _propose_here(self, data: bytes) -> ApplyResult:
+    async def propose_conf_change(self, conf: ConfState) -> None:
+        """Leader only: commit the single-server configuration change ``conf`` and wait
+        until this node applied it.
+
+        Raises:
+            Unavailable: not the leader, a conf change is still uncommitted, the change
+                was lost to a leader change, or it took too long.
+            ValueError: ``conf`` is not a single-server change of the current one.
+        """
+        with trio.move_on_after(self.config.propose_timeout_s):
+            result = await self._propose_here(b"", conf=conf)
+            if not result.ok:
+                raise Unavailable(f"the configuration change did not apply: {result.error}")
+            return
+        raise Unavailable("the configuration change timed out; retry")
+
+    async def _propose_here(self, data: bytes, *, conf: ConfState | None = None) -> ApplyResult:
         if self._node is None or self.halted is not None:
             raise Unavailable(f"the control plane of {self.service.name} is not running")
         async with self._lock:
             try:
-                index = self._node.propose(data)
+                if conf is None:
+                    index = self._node.propose(data)
+                else:
+                    index = self._node.propose_conf_change(conf)
             except NotLeader as exc:
                 raise Unavailable(
                     f"not the leader any more (leader: {exc.leader}); retry"

@@ -6,6 +6,13 @@ role identities, node certificates issued for each node's signing key, free loop
 ports, the admin identity Shamir-split across the nodes (each keeps only its share), and
 one Raft bootstrap snapshot of the cluster metadata (``node.control.bootstrap``: every node
 a normal member and a voter) written into every node's store.
+
+Growing a cluster (``create_joiner_dirs``, for ``slurp cluster add``): a new node's data
+directory gets the cluster's role identities (copied from an existing node's keyring; the
+admin identity stays split: the new keyring records the cluster's admin recipient and
+holds no admin identity), a node certificate of the cluster CA, a ``node.toml`` whose
+discovery seeds are the existing nodes, and the join marker
+(``node.control.bootstrap.mark_join``): it starts waiting for the leader's snapshot.
 Must not start processes (``node.daemon.ops`` does).
 """
 
@@ -20,9 +27,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from crypto.ca import CertificateAuthority
 from crypto.keyfiles import write_secret_file
+from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
 from crypto.signing import private_key_from_pem
-from node.control.bootstrap import cluster_snapshot, custody_of, key_epochs_of, member_of
+from node.control.bootstrap import (
+    cluster_snapshot,
+    custody_of,
+    key_epochs_of,
+    mark_join,
+    member_of,
+)
 from node.control.log_store import write_bootstrap
 from node.daemon.config import (
     ClusterConfig,
@@ -31,6 +45,7 @@ from node.daemon.config import (
     ListenConfig,
     NodeConfig,
     TlsConfig,
+    load_node_config,
     render_node_config,
 )
 from storage.admin_key import OWN_SHARE_FILE, split_admin
@@ -155,3 +170,76 @@ def _bootstrap_raft(root: Path, members: list[LocalNode]) -> None:
     for member in members:
         with ContextStore.open(root / member.name / "data") as store:
             write_bootstrap(store.kv, snapshot)
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """A node created to join a running local cluster: where it listens, and what the
+    leader records of it (``ctl.member_add``)."""
+
+    node: LocalNode
+    node_id: str
+    recipient: str
+    signing_key: bytes
+
+
+def _name_number(name: str) -> int:
+    digits = name.removeprefix("node")
+    return int(digits) if digits.isdigit() else 0
+
+
+def create_joiner_dirs(root: Path, existing: list[LocalNode], count: int) -> list[Joiner]:
+    """Create ``count`` new nodes (``nodeK``, K after the highest existing number) to join
+    the cluster of ``existing`` (module docstring). Nothing is started or proposed.
+
+    Raises:
+        ClusterError: no existing node, or a role key was rotated (only version 1 is
+            copied; not supported yet).
+    """
+    if count < 1:
+        raise ClusterError("add at least one node")
+    if not existing:
+        raise ClusterError(f"no nodes in {root}: create the cluster with `cluster up`")
+    source = root / existing[0].name / "data"
+    src_meta = json.loads((source / "keys" / "keyring.json").read_text())
+    if any(int(role["current"]) != 1 for role in src_meta["roles"]):
+        raise ClusterError("a role key was rotated: cluster add copies version-1 keys only")
+    keyring = Keyring.open(source / "keys")
+    identities = {
+        role.name: keyring.current_identity(role.name)
+        for role in DEFAULT_ROLES
+        if role.name != ADMIN_ROLE and keyring.has_identity(role.name)
+    }
+    base = load_node_config(root / existing[0].name / "node.toml")
+    ca = CertificateAuthority.open(root / "ca")
+    first = max(_name_number(m.name) for m in existing) + 1
+    seeds = tuple(HostPort("127.0.0.1", m.dht_port) for m in existing)
+    joiners = []
+    for number in range(first, first + count):
+        name = f"node{number}"
+        node = LocalNode(name, _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM),
+                         _free_port(socket.SOCK_DGRAM))  # fmt: skip
+        data = root / name / "data"
+        ContextStore.init(data, DEFAULT_ROLES, role_identities=identities)
+        with ContextStore.open(data) as store:
+            store.keyring.forget(ADMIN_ROLE)  # a fresh one was made: the cluster's is split
+            mark_join(store.kv)
+            node_id, recipient = store.keyring.node_id, store.keyring.node_recipient
+            signing_key = store.keyring.signer.public_key
+        meta_path = data / "keys" / "keyring.json"
+        meta = json.loads(meta_path.read_text())
+        meta["roles"] = src_meta["roles"]  # the cluster's recipients (admin's included)
+        meta_path.write_text(json.dumps(meta, indent=2))
+        ca.issue_node(name, ["127.0.0.1", "localhost"], key=_node_key(data))
+        config = NodeConfig(
+            name=name, data_dir=data,
+            tls=TlsConfig(ca=root / "ca" / "ca.crt", cert=root / "ca" / f"{name}.crt",
+                          key=root / "ca" / f"{name}.key", crl=root / "ca" / "ca.crl"),
+            rpc=ListenConfig("127.0.0.1", node.rpc_port),
+            http=ListenConfig("127.0.0.1", node.http_port),
+            discovery=DiscoveryConfig("127.0.0.1", node.dht_port, seeds),
+            cluster=base.cluster,
+        )  # fmt: skip
+        (root / name / "node.toml").write_text(render_node_config(config))
+        joiners.append(Joiner(node, node_id, recipient, signing_key))
+    return joiners

@@ -45,6 +45,7 @@ from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
+from node.control.membership import Transitions
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
@@ -144,6 +145,7 @@ class NodeDaemon:
         self.control.on_apply.append(lambda _entry: self.rebalance.wake())
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
+        self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(
@@ -157,6 +159,8 @@ class NodeDaemon:
             )
 
     def _connect(self, name: str) -> AbstractAsyncContextManager[Caller]:
+        if name not in self.addresses:  # e.g. a joiner, before discovery or the metadata
+            raise PeerUnavailable(f"no address known for {name} yet")
         host, port = self.addresses[name]
         return open_rpc_client(
             host, port, self._tls, node=self.config.name,
@@ -179,6 +183,7 @@ class NodeDaemon:
             await nursery.start(self.control.run)
             self._sync_members()  # the applied metadata's members: addresses, trust, ring
             await nursery.start(self.custody.run)
+            await nursery.start(self.transitions.run)
             http = HealthServer(self.config.http, self._health, self.metrics)
             http_port = await nursery.start(http.run)
             record = NodeRecord.signed(

@@ -22,6 +22,14 @@ not answer /health.)
 
 The admin identity is Shamir-split across the nodes (threshold: a majority): each node
 keeps only its own share, encrypted to its node identity.
+
+Membership (docs/cluster.md): ``add_nodes`` creates nodes that join the running cluster
+(``cluster_init.create_joiner_dirs``), starts them, asks the leader to add each
+(``ctl.member_add`` through any live node) and waits until each is "normal";
+``remove_node`` asks for a decommission (``ctl.member_remove``), waits until the node is
+"removed", then stops its process; ``forget_node`` drops a dead node
+(``ctl.member_forget``). A removed or forgotten node leaves ``cluster.json``. Progress is
+reported through a callback (``Progress``): the CLI draws it.
 """
 
 from __future__ import annotations
@@ -35,14 +43,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from node.daemon.cluster_init import ClusterError, LocalNode, create_cluster_dir
+from node.daemon.cluster_init import (
+    ClusterError,
+    Joiner,
+    LocalNode,
+    create_cluster_dir,
+    create_joiner_dirs,
+)
 from node.daemon.config import NodeConfig, load_node_config
 from node.daemon.lifecycle import NodeDaemon
 from node.daemon.pidfile import pid_file_for, read_pid_file, remove_pid_file, write_pid_file
@@ -221,10 +235,12 @@ def cluster_status(root: Path) -> dict[str, Any]:
     "term", "leader", "admin_key_held", "rebalance", "pending_ranges", "bytes_left",
     "health", ...}]}``. ``rebalance`` is the node's range-streaming status
     (``{epoch, in_transition, contexts_left, bytes_left, pending_ranges, streamed_bytes}``);
-    ``pending_ranges`` and ``bytes_left`` repeat two of its figures. ``backlog``, ``antientropy``,
-    ``role`` ("leader", "follower", "candidate"), ``term``, ``leader`` (a node name) and
-    ``admin_key_held`` are the node's own ``node.status`` fields (null when the node is
-    down, and each figure null when the node does not know it).
+    ``pending_ranges`` and ``bytes_left`` repeat two of its figures. ``backlog``,
+    ``antientropy``, ``role`` ("leader", "follower", "candidate"), ``term``, ``leader``
+    (a node name) and ``admin_key_held`` are the node's own ``node.status`` fields (null
+    when the node is down, and each figure null when the node does not know it);
+    ``state`` is its member state ("joining", "normal", "leaving", "removed"; null: down
+    or unknown).
     """
     members = _load(root)
     out = []
@@ -246,6 +262,7 @@ def cluster_status(root: Path) -> dict[str, Any]:
                 "term": status.get("term"),
                 "leader": status.get("leader"),
                 "admin_key_held": status.get("admin_key_held"),
+                "state": status.get("member_state"),
                 "rebalance": status.get("rebalance"),
                 "pending_ranges": (status.get("rebalance") or {}).get("pending_ranges"),
                 "bytes_left": (status.get("rebalance") or {}).get("bytes_left"),
@@ -268,6 +285,155 @@ def _node_status(root: Path, member: LocalNode) -> dict[str, Any]:
             return client.status()
     except StorageError:
         return {}
+
+
+# -- membership ------------------------------------------------------------------------------
+
+# name -> {"state": member state or None, "rebalance": node.status's rebalance or None}
+Progress = Callable[[dict[str, dict[str, Any]]], None]
+
+
+def _client_for(root: Path, members: list[LocalNode]) -> Any:
+    from node.client import Client  # the SDK is a client of the nodes, not a part of them
+
+    ca = root / "ca"
+    seeds = [f"127.0.0.1:{m.rpc_port}" for m in members]
+    return Client.connect(seeds, cert=ca / "client.crt", key=ca / "client.key", ca=ca / "ca.crt")
+
+
+def _propose(root: Path, members: list[LocalNode], call: Callable[[Any], Any],
+             timeout_s: float) -> Any:  # fmt: skip
+    """``call(client)`` through the live nodes, retried while the cluster is unavailable
+    (no leader yet). A refusal (400/403/404) is a ``ClusterError`` saying why."""
+    live = [m for m in members if _alive(m.pid)]
+    if not live:
+        raise ClusterError(f"no node of {root} is running: start them with `cluster up`")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with _client_for(root, live) as client:
+                return call(client)
+        except StorageError as exc:
+            if exc.code != "UCXL-503-UNAVAILABLE" or time.monotonic() > deadline:
+                raise ClusterError(exc.message) from None
+        time.sleep(0.5)
+
+
+def _states(root: Path, members: list[LocalNode], names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> {state, rebalance} as the live nodes see it (a node's own status first)."""
+    seen: dict[str, dict[str, Any]] = {n: {"state": None, "rebalance": None} for n in names}
+    own: set[str] = set()
+    for member in members:
+        if not _alive(member.pid):
+            continue
+        status = _node_status(root, member)
+        states = status.get("member_states") or {}
+        for name in names:
+            if name == member.name:  # a node's own view wins: it must know its own state
+                seen[name]["rebalance"] = status.get("rebalance")
+                seen[name]["state"] = status.get("member_state")
+                own.add(name)
+            elif name not in own and name in states:
+                seen[name]["state"] = states[name]
+    return seen
+
+
+def _wait_states(root: Path, members: list[LocalNode], wanted: dict[str, str],
+                 progress: Progress | None, timeout_s: float) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = _states(root, members, list(wanted))
+        if progress is not None:
+            progress(seen)
+        pending = [n for n, state in wanted.items() if seen[n]["state"] != state]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"not {'/'.join(sorted(set(wanted.values())))} after {timeout_s} s: "
+                + ", ".join(f"{n} is {seen[n]['state']}" for n in sorted(pending))
+            )
+        time.sleep(0.5)
+
+
+def add_nodes(root: Path, count: int = 1, *, progress: Progress | None = None,
+              timeout_s: float = 300.0) -> dict[str, Any]:  # fmt: skip
+    """Grow the running local cluster by ``count`` nodes; returns once each is "normal".
+
+    Returns:
+        {"added": [names], "nodes": [every node of cluster.json, as ``cluster up`` lists]}
+    Raises:
+        ClusterError: no running node, a refusal, or a node did not become normal in time.
+    """
+    root = root.absolute()
+    members = _load(root)
+    if not any(_alive(m.pid) for m in members):
+        raise ClusterError(f"no node of {root} is running: start them with `cluster up`")
+    joiners: list[Joiner] = create_joiner_dirs(root, members, count)
+    started = [_start(root, j.node) for j in joiners]
+    everyone = members + started
+    _save(root, everyone)
+    for joiner in joiners:
+
+        def add(client: Any, j: Joiner = joiner) -> Any:
+            n = j.node
+            return client.member_add(
+                n.name, j.node_id, j.recipient, j.signing_key, "127.0.0.1", n.rpc_port
+            )
+
+        _propose(root, members, add, timeout_s=60.0)
+    _wait_states(root, everyone, {j.node.name: "normal" for j in joiners}, progress, timeout_s)
+    return {"added": [j.node.name for j in joiners], "nodes": [asdict(m) for m in _load(root)]}
+
+
+def remove_node(root: Path, name: str, *, progress: Progress | None = None,
+                timeout_s: float = 300.0) -> dict[str, Any]:  # fmt: skip
+    """Decommission ``name``: its ranges stream away, it becomes "removed", then its process
+    is stopped and it leaves cluster.json.
+
+    Returns:
+        {"removed": name, "stopped": bool (its process was running and is stopped)}
+    """
+    root = root.absolute()
+    members = _load(root)
+    if name not in {m.name for m in members}:
+        raise ClusterError(f"no node {name!r} in {root}")
+    others = [m for m in members if m.name != name]
+    _propose(root, members, lambda c: c.member_remove(name), timeout_s=60.0)
+    _wait_states(root, others, {name: "removed"}, progress, timeout_s)
+    stopped = _stop(next(m for m in members if m.name == name))
+    _save(root, others)
+    return {"removed": name, "stopped": stopped}
+
+
+def forget_node(root: Path, name: str) -> dict[str, Any]:
+    """Drop the dead node ``name`` from the cluster (refused while it answers); it leaves
+    cluster.json. The survivors re-replicate its ranges.
+
+    Returns:
+        {"forgotten": name, "state": "removed", "ring_epoch": int}
+    """
+    root = root.absolute()
+    members = _load(root)
+    if name not in {m.name for m in members}:
+        raise ClusterError(f"no node {name!r} in {root}")
+    others = [m for m in members if m.name != name]
+    answer = _propose(root, others, lambda c: c.member_forget(name), timeout_s=60.0)
+    _save(root, others)
+    return {"forgotten": name, "state": answer.get("state"), "ring_epoch": answer.get("ring_epoch")}
+
+
+def _stop(member: LocalNode, timeout_s: float = 15.0) -> bool:
+    if not _alive(member.pid):
+        return False
+    os.kill(member.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(member.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(member.pid):
+        os.kill(member.pid, signal.SIGKILL)
+    _reap(member.pid)
+    return True
 
 
 def cluster_down(root: Path, *, timeout_s: float = 15.0) -> list[str]:
@@ -357,12 +523,16 @@ __all__ = [
     "ClusterError",
     "ClusterUp",
     "LocalNode",
+    "Progress",
+    "add_nodes",
     "cluster_down",
     "cluster_status",
     "cluster_up",
+    "forget_node",
     "health",
     "load_node_config",
     "pid_file_for",
+    "remove_node",
     "run_node",
     "start_cluster",
     "start_node",

@@ -22,7 +22,20 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r},
   role: "leader"|"follower"|"candidate"|None, term, leader: name|None, admin_key_held,
   raft: {node_id, commit_index, applied_index, lease, elections, halted, voters,
-  ring_epoch, warnings}, ...} (docs/control.md)
+  ring_epoch, warnings}, member_state: "joining"|"normal"|"leaving"|"removed"|None, ...}
+  (docs/control.md)
+
+Operator methods (client certificates with the ``admin`` role; answered by the leader, a
+follower forwards them as ``ctl.member``; refusals answer ``UCXL-400-INVALID_PAYLOAD``
+with field ``name``; docs/cluster.md):
+
+- ``ctl.member_add``: {name, node_id, recipient: "age1...", signing_key: bytes (raw
+  Ed25519, 32), rpc_host, rpc_port} -> {name, node_id, state: "joining", ring_epoch}
+  (commits the member, then the Raft change adding it as a learner)
+- ``ctl.member_remove``: {name} -> {name, node_id, state: "leaving", ring_epoch}
+- ``ctl.member_forget``: {name} -> {name, node_id, state: "removed", ring_epoch}
+  (refused while the node answers ``rep.ping``, or when it holds an admin share the
+  threshold still needs)
 
 (ref = StoredRef, version = VersionView, entry = HistoryEntry, info = ContextInfo,
 hit = SearchResult, error = {code, message, field}.)
@@ -52,6 +65,9 @@ Control-plane methods (node certificates only; docs/control.md):
   (to the leader, which runs it as that client if it holds the admin identity)
 - ``ctl.maintain``: {duty: "ttl_sweep"|"compaction", term} -> {removed: int} (a leader
   duty on this member's store; a term below the member's fence is refused)
+- ``ctl.member``: {method: "ctl.member_add"|..., body, client_name} -> the inner answer
+  (a follower forwards an admin client's membership request to the leader, which runs it
+  and never forwards it again)
 
 Authorization: a client may write a context whose role is one of its certificate roles
 (or any context, with ``admin``); it may read as one of its roles only; ``ctx.purge``
@@ -63,7 +79,8 @@ from __future__ import annotations
 CLIENT_METHODS = frozenset(
     {
         "ctx.put", "ctx.put_batch", "ctx.get", "ctx.get_batch", "ctx.history", "ctx.ls",
-        "ctx.search", "ctx.delete", "ctx.purge", "node.status",
+        "ctx.search", "ctx.delete", "ctx.purge", "node.status", "ctl.member_add",
+        "ctl.member_remove", "ctl.member_forget",
     }
 )  # fmt: skip
 REPLICA_METHODS = frozenset(

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ from storage.context_store import ContextStore
 from storage.hints import HintStore
 from storage.version_store import VersionStore
 from tests.sim import memory_index, model
+from tests.sim.control_parts import ControlObserver, control_plane
 from tests.sim.node_parts import (
     CrashingDialer,
     FaultyKV,
@@ -87,6 +89,9 @@ class SimNodeContext:
     pool: PeerPool
     network: MemoryNetwork
     names: Sequence[str]
+    seed: int  # the schedule's
+    life: int  # 1 for the first start, +1 per restart
+    observer: ControlObserver  # the simulation's record of the control plane
 
 
 ServiceFactory = Callable[[SimNodeContext], SimService]
@@ -108,7 +113,7 @@ def antientropy_service(context: SimNodeContext) -> SimService:
     return AntiEntropyService(context.service, AntiEntropyConfig(interval_s=ANTIENTROPY_INTERVAL_S))
 
 
-EXTRA_SERVICES: list[ServiceFactory] = [handoff_service, antientropy_service]
+EXTRA_SERVICES: list[ServiceFactory] = [handoff_service, antientropy_service, control_plane]
 
 
 class Simulation:
@@ -130,7 +135,8 @@ class Simulation:
         self.network.set_identity(CLIENT, kind="client", roles=("admin",))
         for name in self.names:
             self.network.set_identity(name, kind="node", roles=())
-        source, self._signers = template(schedule.nodes)
+        made = template(schedule.nodes)
+        source, self._signers = made.root, made.signers
         for name in self.names:  # keys, config and the (unopened) db are only read: link them
             (root / name / "index").mkdir(parents=True)
             for part in ("keys", "config.toml", "db"):
@@ -138,7 +144,9 @@ class Simulation:
         self.nodes = {name: SimNode(name, root / name) for name in self.names}
         for node in self.nodes.values():
             memory_index.use_memory_index(node.root, node.index_docs)
+            node.durable.write(made.control_rows)  # Raft bootstrap + admin split record
         self.history = model.History()
+        self.control = ControlObserver(self)
         self._nursery: trio.Nursery | None = None
 
     # -- node lifecycle -------------------------------------------------------------------
@@ -188,8 +196,9 @@ class Simulation:
                 node.service = service
                 detector = FailureDetector(cluster, pool, interval_s=0.5, timeout_s=0.5)
                 context = SimNodeContext(
-                    node.name, store, service, cluster, pool, self.network, self.names
-                )
+                    node.name, store, service, cluster, pool, self.network, self.names,
+                    self.schedule.seed, node.lives, self.control,
+                )  # fmt: skip
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(pool.run)
@@ -220,6 +229,7 @@ class Simulation:
             self._nursery = nursery
             for name in self.names:
                 await self.start(name)
+            nursery.start_soon(partial(self.control.sampler, threaded=self.schedule.threaded))
             await trio.sleep(0.6)  # nodes started before their peers re-probe them
             ops = ClientOps(self)
             async with trio.open_nursery() as clients:
@@ -228,6 +238,7 @@ class Simulation:
             await self.quiet()
             problems = self.check()
             problems += await ops.final_reads()
+            problems += await self.check_control()
             nursery.cancel_scope.cancel()
         for node in self.nodes.values():
             problems += node.failures
@@ -235,12 +246,15 @@ class Simulation:
         return problems
 
     async def quiet(self) -> None:
-        """Faults stop: links healed, disks fixed, crashed nodes back; then ``QUIET_S``."""
+        """Faults stop: links healed, disks fixed, crashed nodes back (and those whose
+        control plane halted on a failed disk write restarted); then ``QUIET_S``."""
         self.network.heal()
         self.network.drop = self.network.duplicate = self.network.max_delay_s = 0.0
         for node in self.nodes.values():
             node.disk_failing = False
             node.crash_after_sends = None
+        for name in self.control.halted():  # as the operator would, told by its status
+            await self.crash(name)
         for name in self.names:
             await self.start(name)
         await trio.sleep(QUIET_S)
@@ -268,6 +282,16 @@ class Simulation:
         if CONVERGENCE_REQUIRED:
             problems += model.converged(self.replicas(), snaps)
         return problems
+
+    async def check_control(self) -> list[str]:
+        """The control plane's invariants: those recorded along the way, the end state,
+        and the fenced orders after the quiet period."""
+        if control_plane not in self.extra_services:
+            return []
+        problems = self.control.end_problems()
+        if not problems:  # a leader to send the leader's orders from
+            await self.control.fenced_final()
+        return problems + self.control.record.problems
 
     def replicas(self) -> dict[int, list[str]]:
         """The N replicas of each context with every node up."""

@@ -17,11 +17,15 @@ from typing import Any
 
 import trio
 
-from crypto.roles import DEFAULT_ROLES
+from crypto.keyfiles import write_secret_file
+from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
 from node.cluster.ring import Ring, RingMember
 from node.cluster.service import NodeService, ServiceConfig
+from node.control.bootstrap import cluster_snapshot, custody_of, key_epochs_of, member_of
+from node.control.log_store import write_bootstrap
 from node.errors import PeerUnavailable
 from node.rpc.peers import PeerPool
+from storage.admin_key import META_ADMIN_SPLIT, OWN_SHARE_FILE, split_admin
 from storage.context_store import ContextStore
 from storage.errors import Unavailable
 from storage.kv import Deletes, MemoryKV, Puts
@@ -124,13 +128,28 @@ class CrashingDialer:
         return await self._pool.call(name, method, body, timeout_s=timeout_s)
 
 
-_TEMPLATES: dict[int, tuple[Path, list[bytes]]] = {}
+@dataclass(frozen=True)
+class Template:
+    """Initialised data directories ``n1``..``nK`` and what every schedule copies from them."""
+
+    root: Path
+    signers: list[bytes]  # every node's version-signing key
+    control_rows: list[tuple[bytes, bytes]]  # Raft bootstrap snapshot + the admin split record
 
 
-def template(nodes: int) -> tuple[Path, list[bytes]]:
-    """Initialised data directories ``n1``..``nK`` sharing role identities, and their
-    signing keys; built once per process (age identities and keyrings are slow to make)
-    and copied per schedule."""
+_TEMPLATES: dict[int, Template] = {}
+
+
+def template(nodes: int) -> Template:
+    """Initialised data directories ``n1``..``nK`` sharing role identities, their signing
+    keys, and the rows each node's durable store starts with; built once per process (age
+    identities, keyrings and Shamir splits are slow to make) and linked per schedule.
+
+    As ``node.daemon.cluster_init`` does: the admin identity is Shamir-split across the
+    nodes (majority threshold; node i keeps share i in ``keys/admin.share.age``, the admin
+    key file is forgotten), and one bootstrap snapshot of the cluster metadata (every node
+    a voter, custody of the split) goes into every node's store with the split record.
+    """
     if nodes not in _TEMPLATES:
         root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-"))
         names = [f"n{i}" for i in range(1, nodes + 1)]
@@ -139,15 +158,48 @@ def template(nodes: int) -> tuple[Path, list[bytes]]:
             identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
         for name in names[1:]:
             ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
-        keys = []
         for name in names:
             config = root / name / "config.toml"  # index commits only on purge, close, 256 docs
             text = config.read_text(encoding="utf-8")
             config.write_text(text.replace("index_refresh_s = 1.0", "index_refresh_s = 3600.0"))
-            with ContextStore.open(root / name, kv=MemoryKV()) as store:
-                keys.append(store.keyring.signer.public_key)
-        _TEMPLATES[nodes] = (root, keys)
+        _TEMPLATES[nodes] = Template(root, *_split_and_bootstrap(root, names))
     return _TEMPLATES[nodes]
+
+
+def _split_and_bootstrap(
+    root: Path, names: list[str]
+) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """Split admin, keep one share per node, forget admin; the signers and the rows."""
+    stores = [ContextStore.open(root / name, kv=MemoryKV()) for name in names]
+    try:
+        first = stores[0]
+        split_admin(
+            first, threshold=len(names) // 2 + 1, shares=len(names),
+            to=[store.keyring.node_recipient for store in stores], out_dir=root / "shares",
+        )  # fmt: skip
+        record = first.kv.get(META_ADMIN_SPLIT)
+        assert record is not None
+        for number, store in enumerate(stores, start=1):
+            own = store.keyring.keys_dir / OWN_SHARE_FILE
+            write_secret_file(own, (root / "shares" / f"share-{number}.age").read_bytes())
+            store.keyring.forget(ADMIN_ROLE)
+        founding = [
+            member_of(store.keyring, name, "127.0.0.1", 0)
+            for name, store in zip(names, stores, strict=True)
+        ]
+        holders = {member.node_id: number for number, member in enumerate(founding, start=1)}
+        snapshot = cluster_snapshot(
+            founding, custody_of(first, holders), key_epochs_of(first.keyring),
+            cluster_id="slurp-sim",
+        )  # fmt: skip
+        rows = MemoryKV()
+        write_bootstrap(rows, snapshot)
+        rows.write([(META_ADMIN_SPLIT, record)])
+        signers = [store.keyring.signer.public_key for store in stores]
+        return signers, list(rows.scan(b""))
+    finally:
+        for store in stores:
+            store.close()
 
 
 def sim_clock_ms() -> int:

@@ -2,7 +2,8 @@
 
 Owns: turning ``tests.sim.schedule`` steps into client calls (in the background, recorded
 in the engine's ``History`` with start and end ticks) and into faults on the network,
-the disks and the nodes; and the final quorum reads through every node after the quiet
+the disks and the nodes (killing the leader and restarting it later; fenced orders, through
+``tests.sim.control_parts``); and the final quorum reads through every node after the quiet
 period. The simulated client holds the admin role.
 """
 
@@ -21,8 +22,10 @@ from tests.sim.schedule import (
     CrashMidWrite,
     DiskFail,
     Faults,
+    FencedOrder,
     Get,
     Heal,
+    KillLeader,
     Partition,
     Purge,
     Put,
@@ -45,10 +48,20 @@ class ClientOps:
         self.sim = sim
         self.history: model.History = sim.history
         self._writes = itertools.count(1)
+        self._restarts: list[tuple[float, str]] = []  # (when, node) of killed leaders
+
+    async def _due_restarts(self) -> None:
+        """Restart the killed leaders whose time has come (the quiet period restarts the
+        rest)."""
+        now = trio.current_time()
+        for when, name in [r for r in self._restarts if r[0] <= now]:
+            self._restarts.remove((when, name))
+            await self.sim.start(name)
 
     async def step(self, clients: trio.Nursery, step: Step) -> None:
         """Carry out ``step``: client operations start in ``clients`` and run on."""
         sim, net = self.sim, self.sim.network
+        await self._due_restarts()
         match step:
             case Put(node, ctx):
                 clients.start_soon(self.put, node, ctx)
@@ -77,6 +90,12 @@ class ClientOps:
                 sim.nodes[node].disk_failing = failing
             case Sleep(seconds):
                 await trio.sleep(seconds)
+            case KillLeader(after_s):
+                killed = await sim.control.kill_leader()
+                if killed is not None:
+                    self._restarts.append((trio.current_time() + after_s, killed))
+            case FencedOrder(node):
+                clients.start_soon(sim.control.fenced_step, node)
         await trio.lowlevel.checkpoint()
 
     async def call(self, node: str, method: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -110,9 +110,26 @@ class Sleep:
     seconds: float
 
 
+@dataclass(frozen=True)
+class KillLeader:
+    """The node that leads now (if any) crashes; it restarts ``restart_after_s`` later (at
+    the first step from then on, or in the quiet period)."""
+
+    restart_after_s: float
+
+
+@dataclass(frozen=True)
+class FencedOrder:
+    """Another node sends ``node`` a fenced leader-only order (``ctl.maintain``) with a
+    term below ``node``'s, which it must refuse, and the leader (if any) one with its own
+    term, which it must obey unless it has seen a newer term."""
+
+    node: str
+
+
 Step = (
     Put | Get | Purge | Crash | Restart | CrashMidWrite | Block | Partition | Heal | Faults
-    | DiskFail | Sleep
+    | DiskFail | Sleep | KillLeader | FencedOrder
 )  # fmt: skip
 
 CLIENT_STEPS = (Put, Get, Purge, CrashMidWrite)
@@ -174,17 +191,21 @@ def _random_step(rng: random.Random, names: list[str]) -> Step:
     node = rng.choice(names)
     ctx = rng.randrange(CONTEXTS)
     roll = rng.random()
-    if roll < 0.34:
+    if roll < 0.30:
         return Put(node, ctx)
-    if roll < 0.48:
+    if roll < 0.44:
         return Get(node, ctx)
-    if roll < 0.52:
+    if roll < 0.48:
         return Purge(node, ctx)
-    if roll < 0.70:
+    if roll < 0.66:
         return Sleep(rng.choice((0.01, 0.01, 0.1, 0.3, 0.6, 1.2)))
-    if roll < 0.75:
+    if roll < 0.71:
+        return KillLeader(rng.choice((0.3, 1.0, 2.0)))
+    if roll < 0.74:
+        return FencedOrder(node)
+    if roll < 0.78:
         return Crash(node)
-    if roll < 0.82:
+    if roll < 0.84:
         return Restart(node)
     if roll < 0.85:
         return CrashMidWrite(node, ctx, rng.randrange(2))

@@ -20,8 +20,10 @@ from tests.sim.schedule import (
     CrashMidWrite,
     DiskFail,
     Faults,
+    FencedOrder,
     Get,
     Heal,
+    KillLeader,
     Partition,
     Purge,
     Put,
@@ -96,6 +98,14 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(node=nodes, failing=st.booleans())
     def disk(self, node: str, failing: bool) -> None:
         self.steps.append(DiskFail(node, failing))
+
+    @rule(after=st.sampled_from([0.3, 1.0]))
+    def kill_leader(self, after: float) -> None:
+        self.steps.append(KillLeader(after))
+
+    @rule(node=nodes)
+    def fenced_order(self, node: str) -> None:
+        self.steps.append(FencedOrder(node))
 
     def teardown(self) -> None:
         schedule = Schedule(3, 0, tuple(self.steps))

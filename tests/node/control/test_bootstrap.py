@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from crypto.roles import DEFAULT_ROLES
-from node.control.bootstrap import bootstrap_single
+from node.control.bootstrap import bootstrap_single, clear_join, join_pending, mark_join
 from node.control.log_store import RaftLogStore, RaftStateExists, write_bootstrap
 from node.control.metadata import DEFAULT_DUTIES, decode_state
 from node.control.raft_types import HardState
@@ -81,3 +81,17 @@ def test_a_standalone_node_without_a_split_has_no_custody(tmp_path: Path) -> Non
         snapshot = bootstrap_single(store, "solo", "", 0)
     assert snapshot is not None
     assert decode_state(snapshot.data).custody is None
+
+
+def test_a_node_marked_to_join_is_never_bootstrapped(tmp_path: Path) -> None:
+    ContextStore.init(tmp_path / "joiner", DEFAULT_ROLES)
+    with ContextStore.open(tmp_path / "joiner") as store:
+        mark_join(store.kv)
+        assert join_pending(store.kv)
+        assert bootstrap_single(store, "joiner", "", 0) is None
+        assert not RaftLogStore(store.kv).has_state()
+        clear_join(store.kv)
+        assert not join_pending(store.kv)
+        assert bootstrap_single(store, "joiner", "", 0) is not None
+        with pytest.raises(ValueError, match="already has Raft state"):
+            mark_join(store.kv)
