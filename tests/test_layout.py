@@ -155,6 +155,8 @@ PURE_CORES = (
     "node/cluster/antientropy.py",
     "node/cluster/handoff_plan.py",
     "node/cluster/status.py",
+    "node/cluster/layout.py",
+    "node/cluster/rebalance_plan.py",
     "node/control/raft_types.py",
     "node/control/raft_log.py",
     "node/control/raft.py",

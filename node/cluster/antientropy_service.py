@@ -133,9 +133,18 @@ class AntiEntropyService:
             self.stats.last_pass_at = trio.current_time()
 
     def _shared_partitions(self) -> Mapping[str, tuple[int, ...]]:
-        """peer -> the partitions it replicates with this node (cached per ring)."""
-        ring = self.service._current_ring()
-        return shared_partitions(ring, self.service.config.quorum.n, self.service.name)
+        """peer -> the partitions it replicates with this node (cached per ring); during a
+        membership change, in either the old or the new ring (a replica of either list
+        is a replica)."""
+        old, new = self.service.placement_rings()
+        n, me = self.service.config.quorum.n, self.service.name
+        shared = shared_partitions(new, n, me)
+        if old is new:
+            return shared
+        merged = {peer: set(parts) for peer, parts in shared.items()}
+        for peer, parts in shared_partitions(old, n, me).items():
+            merged.setdefault(peer, set()).update(parts)
+        return {peer: tuple(sorted(parts)) for peer, parts in merged.items()}
 
     async def exchange(self, peer: str, partitions: Sequence[int]) -> None:
         """Compare and repair every shared partition with ``peer`` (one exchange)."""

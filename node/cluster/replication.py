@@ -50,14 +50,22 @@ class Quorum:
 
 @dataclass(frozen=True)
 class Placement:
-    """The replicas of one context, and which of them to ask now."""
+    """The replicas of one context, and which of them to ask now.
+
+    ``groups``: during a membership change (``node.cluster.layout``), the old and the new
+    preference list; a quorum then needs ``needed`` answers in every group. Empty: one
+    group, ``replicas``.
+    """
 
     replicas: tuple[str, ...]
     live: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...] = ()
 
     def can_reach(self, needed: int) -> bool:
         """Whether enough replicas are up to possibly reach ``needed`` answers."""
-        return len(self.live) >= needed
+        if not self.groups:
+            return len(self.live) >= needed
+        return all(sum(1 for x in group if x in self.live) >= needed for group in self.groups)
 
 
 def place(ring: Ring, key: bytes, n: int, up: Collection[str]) -> Placement:
@@ -76,12 +84,16 @@ class Outcome(enum.Enum):
 
 @dataclass
 class QuorumTracker:
-    """Counts answers from ``asked`` replicas until ``needed`` succeed or that is impossible."""
+    """Counts answers from ``asked`` replicas until ``needed`` succeed or that is impossible.
+
+    With ``groups`` (a membership change), ``needed`` must succeed within every group.
+    """
 
     asked: Sequence[str]
     needed: int
     ok: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    groups: tuple[tuple[str, ...], ...] = ()
 
     def record(self, node: str, success: bool) -> Outcome:
         """Record one answer (each asked node answers at most once) and say where we are."""
@@ -92,12 +104,27 @@ class QuorumTracker:
 
     @property
     def outcome(self) -> Outcome:
-        """REACHED once ``needed`` succeeded; FAILED once that can no longer happen."""
-        if len(self.ok) >= self.needed:
+        """REACHED once ``needed`` succeeded (in every group); FAILED once that can no
+        longer happen."""
+        if not self.groups:
+            if len(self.ok) >= self.needed:
+                return Outcome.REACHED
+            if len(self.asked) - len(self.failed) < self.needed:
+                return Outcome.FAILED
+            return Outcome.PENDING
+        ok = [sum(1 for x in group if x in self.ok) for group in self.groups]
+        if min(ok) >= self.needed:
             return Outcome.REACHED
-        if len(self.asked) - len(self.failed) < self.needed:
-            return Outcome.FAILED
+        for group in self.groups:
+            possible = sum(1 for x in group if x in self.asked and x not in self.failed)
+            if possible < self.needed:
+                return Outcome.FAILED
         return Outcome.PENDING
+
+    @property
+    def reached(self) -> bool:
+        """Whether the quorum is reached."""
+        return self.outcome is Outcome.REACHED
 
 
 @dataclass(frozen=True)

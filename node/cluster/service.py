@@ -29,6 +29,12 @@ for the owners that missed it, and the remaining sends, finish in the service's 
 nursery. For a read: page the version sets of the live replicas -> answer from the first
 R, merged -> push what a replica lacked (read repair, bounded fan-out).
 
+Membership changes (``set_layout``, ``node.cluster.layout``): while a layout is in
+transition, writes (puts, deletes, purges, their hints) go to the union of the old and
+the new preference list and succeed only with W acknowledgements in each; reads gather R
+from the old list, which holds every acknowledged write. Without a layout, or outside a
+transition, placement is the ring over ``cluster.member_names()`` / the layout's members.
+
 Errors: a body that does not parse answers ``UCXL-400-INVALID_PAYLOAD`` naming the field;
 after parsing, an exception that is not a ``StorageError``/``NodeError`` is our bug: it is
 logged with its traceback, counted, and answered ``UCXL-500-INTERNAL``.
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -49,6 +55,7 @@ from crypto.roles import ADMIN_ROLE
 from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.handoff_plan import counts_toward_w
+from node.cluster.layout import Layout, place_layout
 from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
     Placement,
@@ -168,6 +175,10 @@ class NodeService:
         self.local = ReplicaSide(self.name, self.replica, self.fanout.blocking)
         self._ring_key: tuple[str, ...] = ()
         self._ring = Ring([], vnodes=config.vnodes)
+        self._old_ring_key: tuple[str, ...] = ()
+        self._old_ring = Ring([], vnodes=config.vnodes)
+        # the rings of the applied metadata (set by the daemon); None: discovery's members
+        self.layout: Layout | None = None
         self._inflight = {"client": 0, "replica": 0}
         self.quorum_failures = 0
         # running totals for the metrics (node/daemon/exporter.py reads them)
@@ -184,6 +195,10 @@ class NodeService:
         # the leader's term for leader-only operations (raises Unavailable on a non-leader);
         # set by the control plane; None: no control plane, leader operations unfenced
         self.leader_term_for_ops: Callable[[], int] | None = None
+
+    def set_layout(self, layout: Layout | None) -> None:
+        """Place by ``layout`` from now on (None: by ``cluster.member_names()``)."""
+        self.layout = layout
 
     @property
     def faults(self) -> Any:
@@ -489,7 +504,7 @@ class NodeService:
         sloppy = self.handoff is not None and self.handoff.sloppy_quorum
         if not sloppy:
             self._tracker(placement, quorum.w, "write")  # UNAVAILABLE now, nothing sent
-        every = Placement(placement.replicas, placement.replicas)
+        every = replace(placement, live=placement.replicas)
         asked = placement if self.handoff is None else every
         tracker = self._tracker(asked, quorum.w, "write")
         result = ReplicateResult(down=[n for n in placement.replicas if n not in placement.live])
@@ -554,7 +569,7 @@ class NodeService:
                 f"{op}: {len(placement.live)} of {len(placement.replicas)} replicas are up, "
                 f"{needed} needed"
             )
-        return QuorumTracker(placement.live, needed)
+        return QuorumTracker(placement.live, needed, groups=placement.groups)
 
     async def _quorum(
         self,
@@ -566,7 +581,7 @@ class NodeService:
     ) -> None:
         """Run ``one`` on every live replica; Unavailable unless the quorum is reached."""
         await self.fanout.quorum(placement.live, tracker, one, op=op)
-        if len(tracker.ok) < tracker.needed:
+        if not tracker.reached:
             self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
@@ -579,7 +594,7 @@ class NodeService:
     async def _gather_versions(self, ctx: ContextName, r: int | None) -> list[tuple[str, bytes]]:
         """The merged version set of ``ctx`` from R replicas (paged), with read repair."""
         quorum = self._quorum_of(r=r)
-        placement = self._placement(ctx)
+        placement = self._read_placement(ctx)
         tracker = self._tracker(placement, quorum.r, "read")
         found: dict[str, VersionSet] = {}
 
@@ -669,10 +684,35 @@ class NodeService:
         return [node for node in self.cluster.member_names() if self.cluster.is_up(node)]
 
     def _placement(self, ctx: ContextName) -> Placement:
-        return place(self._current_ring(), ctx.key(), self.config.quorum.n, set(self._up_members()))
+        """Where writes go: the union of the layout's lists, a quorum group each."""
+        up = set(self._up_members())
+        if self.layout is None or not self.layout.in_transition:
+            return place(self._current_ring(), ctx.key(), self.config.quorum.n, up)
+        old, new = self.placement_rings()
+        return place_layout(old, new, ctx.key(), self.config.quorum.n, up)
+
+    def _read_placement(self, ctx: ContextName) -> Placement:
+        """Where reads go: the old list (while in transition it holds every ack'd write)."""
+        up = set(self._up_members())
+        return place(self.placement_rings()[0], ctx.key(), self.config.quorum.n, up)
+
+    def placement_rings(self) -> tuple[Ring, Ring]:
+        """The old and the new ring (the same ring outside a transition)."""
+        new = self._current_ring()
+        if self.layout is None or not self.layout.in_transition:
+            return new, new
+        if self.layout.old != self._old_ring_key:
+            members = [RingMember(name) for name in self.layout.old]
+            self._old_ring = Ring(members, vnodes=self.config.vnodes)
+            self._old_ring_key = self.layout.old
+        return self._old_ring, new
 
     def _current_ring(self) -> Ring:
-        names = tuple(sorted(self.cluster.member_names()))
+        """The ring by the layout's new members, else by the cluster's members."""
+        if self.layout is not None:
+            names = self.layout.new
+        else:
+            names = tuple(sorted(self.cluster.member_names()))
         if names != self._ring_key:
             self._ring = Ring([RingMember(name) for name in names], vnodes=self.config.vnodes)
             self._ring_key = names

@@ -32,6 +32,10 @@ duty_started     a duty runs under ``term``: fresh, or resumed (cursor kept)    
                  term older than the duty's, or when running in the same term
 duty_progress    the running duty's cursor (only from the term that runs it)     -
 duty_finished    the running duty ends (only from the term that runs it)        -
+stream_done      a member finished streaming ranges for a ring epoch (kept:     -
+                 the highest; refused for an epoch not reached yet)
+epoch_seen       a member applied a ring epoch (kept: the highest; refused for  -
+                 an epoch not reached yet); the cleanup barrier
 ===============  ==============================================================  ========
 
 The term on the duty commands is the fencing token (ARCHITECTURE.md §6): an entry a
@@ -106,11 +110,13 @@ __all__ = [
     "cmd_duty_progress",
     "cmd_duty_schedule",
     "cmd_duty_started",
+    "cmd_epoch_seen",
     "cmd_key_epoch",
     "cmd_member_add",
     "cmd_member_address",
     "cmd_member_state",
     "cmd_ring",
+    "cmd_stream_done",
     "decode_state",
     "encode_command",
     "encode_state",
@@ -201,6 +207,16 @@ def cmd_duty_finished(name: str, term: int, at_ms: int, ok: bool, message: str) 
         ok=ok,
         message=message[:MAX_MESSAGE_CHARS],
     )
+
+
+def cmd_stream_done(node_id: str, epoch: int) -> bytes:
+    """Member ``node_id`` finished streaming its ranges for ring ``epoch``."""
+    return encode_command("stream_done", node_id=node_id, epoch=epoch)
+
+
+def cmd_epoch_seen(node_id: str, epoch: int) -> bytes:
+    """Member ``node_id`` applied ring ``epoch`` (it routes by it)."""
+    return encode_command("epoch_seen", node_id=node_id, epoch=epoch)
 
 
 # -- apply --------------------------------------------------------------------------------
@@ -403,6 +419,23 @@ def _op_duty_finished(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMe
     return _with_duty(state, done), None
 
 
+def _epoch_mark(state: ClusterMetadata, fields: Fields, marks: Mapping[str, int]) -> dict[str, int]:
+    """``marks`` with the command's member raised to its epoch (never lowered)."""
+    member = _member(state, fields)
+    epoch = fields.int_("epoch", 1)
+    if epoch > state.ring.epoch:
+        raise _Refused(f"the ring is at epoch {state.ring.epoch}, not {epoch}")
+    return {**marks, member.node_id: max(epoch, marks.get(member.node_id, 0))}
+
+
+def _op_stream_done(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMetadata, Any]:
+    return replace(state, streamed=frozen_map(_epoch_mark(state, fields, state.streamed))), None
+
+
+def _op_epoch_seen(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMetadata, Any]:
+    return replace(state, seen=frozen_map(_epoch_mark(state, fields, state.seen))), None
+
+
 _Handler = Callable[[ClusterMetadata, Fields], tuple[ClusterMetadata, Any]]
 _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
     {
@@ -416,6 +449,8 @@ _HANDLERS: Mapping[str, _Handler] = MappingProxyType(
         "duty_started": _op_duty_started,
         "duty_progress": _op_duty_progress,
         "duty_finished": _op_duty_finished,
+        "stream_done": _op_stream_done,
+        "epoch_seen": _op_epoch_seen,
     }
 )
 

@@ -7,7 +7,9 @@ A pure module (no I/O, no clock, no randomness). Snapshot data is a map
 "holders": {node_id: int}}, "duties": [duty...]}`` where a member is ``{"id", "name",
 "state", "recipient", "host", "port"}`` and a duty ``{"name", "interval_s",
 "last_started_ms", "last_finished_ms", "last_term", "running", "cursor", "last_ok",
-"last_message"}``. Lists are sorted by id / name so equal states encode to equal bytes.
+"last_message"}``; ``"streamed"`` and ``"seen"`` map node_id -> ring epoch (absent in
+snapshots written before they existed: empty). Lists are sorted by id / name so equal
+states encode to equal bytes.
 
 Must not know how commands change the state (``node.control.metadata``).
 
@@ -17,11 +19,12 @@ Invariant: ``decode_state`` returns a state that passes ``check_state`` or raise
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
 
-from node.control.metadata_fields import Fields, check_int, check_str
+from node.control.metadata_fields import MAX_INT, Fields, check_int, check_str
 from node.control.metadata_types import (
     MAX_CURSOR_BYTES,
     MAX_DUTIES,
@@ -148,6 +151,8 @@ def encode_state(state: ClusterMetadata) -> bytes:
         },
         "custody": None if state.custody is None else custody_wire(state.custody),
         "duties": [_duty_wire(d) for _, d in sorted(state.duties.items())],
+        "streamed": dict(sorted(state.streamed.items())),
+        "seen": dict(sorted(state.seen.items())),
     }
     return bytes(msgpack.packb(row, use_bin_type=True))
 
@@ -205,9 +210,18 @@ def decode_state(data: bytes) -> ClusterMetadata:
         key_epochs=frozen_map(dict(sorted(key_epochs.items()))),
         custody=None if custody_raw is None else custody_from_wire(fields.sub("custody")),
         duties=frozen_map(duties),
+        streamed=_epochs(fields, "streamed"),
+        seen=_epochs(fields, "seen"),
     )
     check_state(state)
     return state
+
+
+def _epochs(fields: Fields, name: str) -> Mapping[str, int]:
+    """node_id -> epoch map ``name`` (absent in older snapshots: empty)."""
+    if not fields.has(name):
+        return frozen_map({})
+    return frozen_map(dict(sorted(fields.int_map(name, MAX_NAME, 0, MAX_INT, MAX_MEMBERS).items())))
 
 
 def check_state(state: ClusterMetadata) -> None:
@@ -227,3 +241,6 @@ def check_state(state: ClusterMetadata) -> None:
         check_int(weight, "state.ring.weights", 1, MAX_WEIGHT)
     if state.custody is not None and not set(state.custody.holders) <= set(live):
         raise MalformedRaftData("state.custody.holders: a holder is not a member")
+    for name, epochs in (("streamed", state.streamed), ("seen", state.seen)):
+        if not set(epochs) <= set(state.members):
+            raise MalformedRaftData(f"state.{name}: a node id that never was a member")

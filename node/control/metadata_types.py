@@ -11,7 +11,7 @@ Invariants: every value is a frozen dataclass; every mapping is a read-only view
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -126,6 +126,10 @@ class ClusterMetadata:
     key_epochs: Mapping[str, KeyEpoch]  # role -> key epoch
     custody: Custody | None
     duties: Mapping[str, Duty]  # name -> duty
+    # node_id -> the highest ring epoch whose range streaming that node finished
+    # (``stream_done``), and the highest ring epoch it applied (``epoch_seen``)
+    streamed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    seen: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
 
     def names(self) -> dict[str, str]:
         """node_id -> name of every member not removed."""

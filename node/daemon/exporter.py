@@ -108,10 +108,12 @@ class MetricsExporter:
                 log.exception("a status source failed")
         raft = fields.get("raft")
         if not isinstance(raft, dict):
+            self.export_rebalance(fields.get("rebalance"))
             self.metrics.set_control(is_leader=None, term=None, elections=None,
                                      commit_index=None, applied_index=None,
                                      admin_key_held=None)  # fmt: skip
             return
+        self.export_rebalance(fields.get("rebalance"))
         held = fields.get("admin_key_held")
         self.metrics.set_control(
             is_leader=fields.get("role") == "leader", term=fields.get("term"),
@@ -119,3 +121,18 @@ class MetricsExporter:
             applied_index=raft.get("applied_index"),
             admin_key_held=held if isinstance(held, bool) else None,
         )  # fmt: skip
+
+    def export_rebalance(self, figures: Any) -> None:
+        """Range streaming's figures from the ``rebalance`` status field (absent: none)."""
+        if not isinstance(figures, dict):
+            figures = {}
+
+        def count(key: str) -> int | None:
+            value = figures.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        self.metrics.set_rebalance(
+            pending_ranges=count("pending_ranges"),
+            bytes_left=count("bytes_left"),
+            streamed_bytes=count("streamed_bytes"),
+        )

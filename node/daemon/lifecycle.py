@@ -37,8 +37,10 @@ from node.cluster.antientropy_service import AntiEntropyService
 from node.cluster.discovery import DiscoveryConfig as DhtConfig
 from node.cluster.discovery import DiscoveryService
 from node.cluster.handoff import HandoffService
+from node.cluster.layout import layout_of
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.membership import Membership, NodeRecord
+from node.cluster.rebalance import RebalanceConfig, RebalanceService
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
@@ -137,6 +139,11 @@ class NodeDaemon:
         )  # fmt: skip
         self.service.status_fields.append(self.control.status)
         self.custody = AdminCustody(self.service, self.control)
+        # range streaming paced like anti-entropy ([antientropy] bytes_per_s)
+        self.rebalance = RebalanceService(
+            self.service, self.control, RebalanceConfig(config.antientropy.bytes_per_s)
+        )
+        self.control.on_apply.append(lambda _entry: self.rebalance.wake())
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
         self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
@@ -214,6 +221,7 @@ class NodeDaemon:
                                        timeout_s=self.config.cluster.request_timeout_s)  # fmt: skip
             await nursery.start(detector.run)
             await nursery.start(self.antientropy.run)
+            await nursery.start(self.rebalance.run)
             nursery.start_soon(self._index_loop)
             self.ready = True
             log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,
@@ -300,7 +308,9 @@ class NodeDaemon:
                     public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                 )
         if applied is not None and len(applied.ring_members()) > 1:
-            names = list(applied.ring_members())  # else a standalone node (bootstrap_single)
+            layout = layout_of(applied)  # else a standalone node (bootstrap_single)
+            names = list(layout.members)  # joining members are written to as well
+            self.service.set_layout(layout)
         self.cluster.set_members(names)
         up = sum(1 for name in names if self.cluster.is_up(name))
         self.metrics.set_members(up=up, down=len(names) - up)

@@ -36,6 +36,9 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_antientropy_last_pass_age_seconds       since the last finished pass (status source)
     slurp_antientropy_versions_repaired_total     versions anti-entropy repaired
     slurp_antientropy_bytes_total{direction}      bytes anti-entropy sent / received
+    slurp_rebalance_pending_ranges                moving arcs this node has not streamed yet
+    slurp_rebalance_bytes_left                    bytes this node may still stream (bound)
+    slurp_rebalance_streamed_bytes_total          version bytes streamed to new owners
 
 Everything except the request and frame counters is copied in by the daemon's periodic
 loop (``node.daemon.exporter``). Figures that are measured now and then or whose running
@@ -95,6 +98,9 @@ FEEDERS: dict[str, str] = {
     "slurp_antientropy_last_pass_age_seconds": "set_antientropy",
     "slurp_antientropy_versions_repaired_total": "set_antientropy",
     "slurp_antientropy_bytes_total": "set_antientropy",
+    "slurp_rebalance_pending_ranges": "set_rebalance",
+    "slurp_rebalance_bytes_left": "set_rebalance",
+    "slurp_rebalance_streamed_bytes_total": "set_rebalance",
     "slurp_internal_errors_total": "internal_error",
     "slurp_peer_answer_malformed_total": "peer_answer_malformed",
     "slurp_requests_refused_busy_total": "refused_busy",
@@ -353,6 +359,20 @@ class NodeMetrics:
                 {(("direction", "received"),): bytes_received,
                  (("direction", "sent"),): bytes_sent},
             )  # fmt: skip
+
+    def set_rebalance(
+        self, *, pending_ranges: int | None, bytes_left: int | None, streamed_bytes: int | None
+    ) -> None:
+        """Range streaming's figures (node/cluster/rebalance.py); None leaves one out."""
+        self._report("slurp_rebalance_pending_ranges", "gauge",
+                     "Ring arcs whose replicas change that this node has not streamed yet.",
+                     pending_ranges)  # fmt: skip
+        self._report("slurp_rebalance_bytes_left", "gauge",
+                     "Version bytes this node may still stream to new owners (upper bound).",
+                     bytes_left)  # fmt: skip
+        self._report("slurp_rebalance_streamed_bytes_total", "counter",
+                     "Version bytes streamed to new owners during membership changes.",
+                     streamed_bytes)  # fmt: skip
 
     def _report(self, name: str, kind: str, doc: str, value: float | None) -> None:
         if value is None:

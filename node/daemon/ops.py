@@ -232,11 +232,15 @@ def cluster_status(root: Path) -> dict[str, Any]:
     The JSON of ``slurp cluster status``: ``{"dir", "profile", "nodes": [{"name",
     "address", "pid", "up", "ownership", "contexts", "backlog": {"hints", "hint_bytes",
     "repair_pending"}, "antientropy": {"last_pass_age_s", "versions_repaired"}, "role",
-    "term", "leader", "admin_key_held", "health", ...}]}``. ``backlog``, ``antientropy``,
-    ``role`` ("leader", "follower", "candidate"), ``term``, ``leader`` (a node name) and
-    ``admin_key_held`` are the node's own ``node.status`` fields (null when the node is
-    down, and each figure null when the node does not know it); ``state`` is its member
-    state ("joining", "normal", "leaving", "removed"; null: down or unknown).
+    "term", "leader", "admin_key_held", "rebalance", "pending_ranges", "bytes_left",
+    "health", ...}]}``. ``rebalance`` is the node's range-streaming status
+    (``{epoch, in_transition, contexts_left, bytes_left, pending_ranges, streamed_bytes}``);
+    ``pending_ranges`` and ``bytes_left`` repeat two of its figures. ``backlog``,
+    ``antientropy``, ``role`` ("leader", "follower", "candidate"), ``term``, ``leader``
+    (a node name) and ``admin_key_held`` are the node's own ``node.status`` fields (null
+    when the node is down, and each figure null when the node does not know it);
+    ``state`` is its member state ("joining", "normal", "leaving", "removed"; null: down
+    or unknown).
     """
     members = _load(root)
     out = []
@@ -259,6 +263,9 @@ def cluster_status(root: Path) -> dict[str, Any]:
                 "leader": status.get("leader"),
                 "admin_key_held": status.get("admin_key_held"),
                 "state": status.get("member_state"),
+                "rebalance": status.get("rebalance"),
+                "pending_ranges": (status.get("rebalance") or {}).get("pending_ranges"),
+                "bytes_left": (status.get("rebalance") or {}).get("bytes_left"),
                 "health": answer,
             }
         )

@@ -64,6 +64,7 @@ def busy_metrics() -> NodeMetrics:
                             bytes_received=200)  # fmt: skip
     metrics.set_control(is_leader=True, term=3, elections=2, commit_index=9, applied_index=9,
                         admin_key_held=True)  # fmt: skip
+    metrics.set_rebalance(pending_ranges=4, bytes_left=1024, streamed_bytes=2048)
     return metrics
 
 

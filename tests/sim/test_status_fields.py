@@ -71,6 +71,10 @@ CONTROL = {
     "role": "leader", "term": 4, "leader": "n1", "admin_key_held": True,
     "raft": {"commit_index": 9, "applied_index": 8, "elections": 2},
 }  # fmt: skip
+REBALANCE = {
+    "epoch": 3, "in_transition": True, "contexts_left": 5, "bytes_left": 4096,
+    "pending_ranges": 7, "streamed_bytes": 1234,
+}  # fmt: skip
 
 
 async def test_sources_reach_status_and_metrics_alike(
@@ -81,6 +85,7 @@ async def test_sources_reach_status_and_metrics_alike(
         service.status_sources["handoff"] = lambda: dict(HANDOFF)
         service.status_sources["antientropy"] = lambda: dict(ANTIENTROPY)
         service.status_fields.append(lambda: dict(CONTROL))
+        service.status_fields.append(lambda: {"rebalance": dict(REBALANCE)})
         await sim.call("n1", "ctx.put", {"address": ADDRESS, "record": {"summary": "x"}})
         answer = await sim.call("n1", "node.status", {})
         assert {key: answer[key] for key in CONTROL} == CONTROL
@@ -110,6 +115,10 @@ async def test_sources_reach_status_and_metrics_alike(
         assert got[("slurp_raft_commit_index", ())] == answer["raft"]["commit_index"]
         assert got[("slurp_raft_applied_index", ())] == answer["raft"]["applied_index"]
         assert got[("slurp_replication_acks_total", (("outcome", "ok"),))] == 1
+        assert answer["rebalance"] == REBALANCE
+        assert got[("slurp_rebalance_pending_ranges", ())] == REBALANCE["pending_ranges"]
+        assert got[("slurp_rebalance_bytes_left", ())] == REBALANCE["bytes_left"]
+        assert got[("slurp_rebalance_streamed_bytes_total", ())] == REBALANCE["streamed_bytes"]
         # with every source registered, one pass feeds every metric the exporter owns
         text = metrics.render().decode()
         present = {family.name for family in text_string_to_metric_families(text)}

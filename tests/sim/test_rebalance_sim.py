@@ -1,0 +1,318 @@
+"""Simulation tier: membership changes move ranges without losing or hiding a write.
+
+Every node is a real ``NodeService`` with a real ``RebalanceService``; the control plane
+is a shared in-process log (``SharedLog``: the real metadata state machine, no Raft) that
+sets every node's layout when it applies an entry, as the daemon's ``_sync_members``
+does, and plays the leader's duty (H8's): it ends a transition once every live member
+of old ∪ new marked ``stream_done`` for the epoch.
+
+Invariants (issue 9): no acknowledged write is lost; a read during the move never misses
+an acknowledged write; every context has exactly N replicas in the new ring once cleanup
+is done; no node drops a context before every owner in the new ring holds it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from node.cluster.antientropy_service import AntiEntropyConfig
+from node.cluster.layout import layout_of
+from node.cluster.rebalance import RebalanceConfig, RebalanceService, _Item
+from node.control.metadata import (
+    ApplyResult,
+    ClusterMetadata,
+    Member,
+    apply,
+    bootstrap_state,
+    cmd_member_add,
+    cmd_member_state,
+)
+from node.errors import PeerUnavailable, RemoteError
+from storage.address import ContextName, parse
+from tests.sim.harness import SimCluster, open_sim_cluster
+
+N = 3
+QUIET = AntiEntropyConfig(enabled=False)  # streaming alone must move the data
+
+
+class SharedLog:
+    """One metadata log every node applies at once (the control plane, minus Raft)."""
+
+    def __init__(self, sim: SimCluster, state: ClusterMetadata) -> None:
+        self.sim = sim
+        self.state = state
+        self.rebalancers: list[RebalanceService] = []
+        self.on_transition_end: list[Callable[[], None]] = []  # checks, before it ends
+        self._publish()
+
+    def view(self) -> SharedLog:
+        return self
+
+    @property
+    def metadata(self) -> ClusterMetadata:
+        return self.state
+
+    async def propose(self, data: bytes) -> ApplyResult:
+        self.state, result = apply(self.state, self.state.applied_index + 1, data)
+        self._publish()
+        self._leader_duty()
+        return result
+
+    def _publish(self) -> None:
+        layout = layout_of(self.state)
+        for node in self.sim.nodes.values():
+            node.service.set_layout(layout)
+        for rebalancer in self.rebalancers:
+            rebalancer.wake()
+
+    def _leader_duty(self) -> None:
+        """End the transition once every live member of old ∪ new streamed the epoch."""
+        layout = layout_of(self.state)
+        if not layout.in_transition:
+            return
+        ids = {m.name: i for i, m in self.state.members.items() if m.state != "removed"}
+        up = self.sim.nodes["n1"].cluster
+        live = [name for name in layout.members if up.is_up(name)]
+        if all(self.state.streamed.get(ids[name], 0) >= layout.epoch for name in live):
+            for check in self.on_transition_end:
+                check()
+            for node_id, member in sorted(self.state.members.items()):
+                target = {"joining": "normal", "leaving": "removed"}.get(member.state)
+                if target is not None:
+                    self.state, result = apply(
+                        self.state,
+                        self.state.applied_index + 1,
+                        cmd_member_state(node_id, target),
+                    )
+                    assert result.ok, result.error
+            self._publish()
+
+
+class CheckedRebalance(RebalanceService):
+    """Checks, before every drop, that every owner in the new ring holds the context."""
+
+    sim: SimCluster
+    drops: list[str]
+
+    async def _drop(self, items: Sequence[_Item]) -> None:
+        _, ring = self.service.placement_rings()
+        for item in items:
+            for owner in ring.preference_list(item.ctx.key(), N):
+                held = set(self.sim.nodes[owner].store.versions.version_ids(item.ctx))
+                assert item.state.version_ids <= held, f"{owner} lacks {item.ctx.canonical()}"
+            self.drops.append(item.ctx.canonical())
+        await super()._drop(items)
+
+
+def address(i: int) -> str:
+    return f"ucxl://agent{i % 3}:backend_developer@sim:t{i % 5}/*^/doc{i}.md"
+
+
+def member_of(sim: SimCluster, name: str, state: str) -> Member:
+    return Member(sim.nodes[name].store.keyring.node_id, name, state, "")
+
+
+async def start(
+    sim: SimCluster, nursery: trio.Nursery, founders: Sequence[str]
+) -> tuple[SharedLog, list[CheckedRebalance]]:
+    state = bootstrap_state("sim", [member_of(sim, n, "normal") for n in founders], None, {})
+    log = SharedLog(sim, state)
+    rebalancers = []
+    for node in sim.nodes.values():
+        rebalancer = CheckedRebalance(
+            node.service, log, RebalanceConfig(bytes_per_s=1 << 20, poll_s=0.5)
+        )
+        rebalancer.sim, rebalancer.drops = sim, []
+        log.rebalancers.append(rebalancer)
+        rebalancers.append(rebalancer)
+        await nursery.start(rebalancer.run)
+    return log, rebalancers
+
+
+class Workload:
+    """Writes and reads through random coordinators; remembers every acknowledged version."""
+
+    def __init__(self, sim: SimCluster, seed: int, coordinators: Sequence[str]) -> None:
+        self.sim = sim
+        self.rng = random.Random(seed)
+        self.coordinators = list(coordinators)
+        self.acked: dict[int, set[str]] = {}  # context number -> acknowledged version ids
+        self.reads = 0
+
+    async def write(self, i: int) -> None:
+        node = self.rng.choice(self.coordinators)
+        body = {"address": address(i), "record": {"summary": f"doc {i}"}}
+        try:
+            answer = await self.sim.call(node, "ctx.put", body)
+        except (RemoteError, PeerUnavailable):
+            return  # not acknowledged: nothing promised
+        self.acked.setdefault(i, set()).add(answer["ref"]["version_id"])
+
+    async def read_all(self) -> None:
+        """Every acknowledged version is in a quorum read's history."""
+        for i, want in sorted(self.acked.items()):
+            node = self.rng.choice(self.coordinators)
+            answer = await self.sim.call(node, "ctx.history", {"address": address(i), "r": 2})
+            found = {entry["version_id"] for entry in answer["history"]}
+            missing = want - found
+            assert not missing, f"read of doc{i} via {node} missed acknowledged {missing}"
+            self.reads += 1
+
+    async def run(self, rounds: int, first: int) -> None:
+        for r in range(rounds):
+            await self.write(first + r)
+            await self.write(self.rng.randrange(first + r + 1))  # a new version of an old one
+            await self.read_all()
+            await trio.sleep(0.2)
+
+
+async def settle(
+    log: SharedLog, rebalancers: Sequence[RebalanceService], nodes: Sequence[str]
+) -> None:
+    """Wait (simulated time) until the layout is steady and every node's cleanup ran."""
+    with trio.fail_after(600):
+        while True:
+            layout = layout_of(log.state)
+            done = [r for r in rebalancers if r.service.name in nodes]
+            if not layout.in_transition and all(r._cleaned == layout.epoch for r in done):
+                return
+            await trio.sleep(1)
+
+
+def watch_streaming(sim: SimCluster, log: SharedLog, work: Workload) -> list[bool]:
+    """When the transition ends, every new-only owner of a context holds each version
+    acknowledged before it began (streaming, not cleanup, moved them); appends True."""
+    before = {i: set(vids) for i, vids in work.acked.items()}
+    checked: list[bool] = []
+
+    def check() -> None:
+        old, new = sim.nodes["n1"].service.placement_rings()
+        assert old is not new
+        for i, vids in before.items():
+            ctx = parse(address(i)).context()
+            old_list = old.preference_list(ctx.key(), N)
+            for owner in new.preference_list(ctx.key(), N):
+                if owner not in old_list:
+                    assert vids <= set(sim.nodes[owner].store.versions.version_ids(ctx))
+        checked.append(True)
+
+    log.on_transition_end.append(check)
+    return checked
+
+
+def check_replicas(sim: SimCluster, work: Workload, ring_names: Sequence[str]) -> None:
+    """Exactly the N owners of the ring hold each context, each with every acked version."""
+    ring = sim.nodes[ring_names[0]].service._current_ring()
+    assert tuple(m.node_id for m in ring.members) == tuple(sorted(ring_names))
+    for i, want in work.acked.items():
+        ctx: ContextName = parse(address(i)).context()
+        owners = set(ring.preference_list(ctx.key(), N))
+        holders = {n for n in ring_names if sim.nodes[n].store.versions.version_ids(ctx)}
+        assert holders == owners, f"doc{i}: held by {sorted(holders)}, owned by {sorted(owners)}"
+        for owner in owners:
+            assert want <= set(sim.nodes[owner].store.versions.version_ids(ctx))
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_fourth_node_joins_while_writes_continue(
+    tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        open_sim_cluster(tmp_path, size=4, seed=seed, antientropy=QUIET) as sim,
+        trio.open_nursery() as nursery,
+    ):
+        log, rebalancers = await start(sim, nursery, ["n1", "n2", "n3"])
+        work = Workload(sim, seed, ["n1", "n2", "n3"])
+        for i in range(20):
+            await work.write(i)
+        assert all(not sim.nodes["n4"].store.versions.version_ids(parse(address(i)).context())
+                   for i in range(20))  # fmt: skip
+        checked = watch_streaming(sim, log, work)
+        await log.propose(cmd_member_add(member_of(sim, "n4", "joining")))
+        assert layout_of(log.state).in_transition
+        work.coordinators = ["n1", "n2", "n3", "n4"]
+        await work.run(rounds=12, first=20)
+        await settle(log, rebalancers, ["n1", "n2", "n3", "n4"])
+        assert layout_of(log.state).new == ("n1", "n2", "n3", "n4")
+        await work.read_all()
+        check_replicas(sim, work, ["n1", "n2", "n3", "n4"])
+        assert any(r.drops for r in rebalancers), "the join moved ranges away from someone"
+        assert rebalancers[3].stats.streamed_bytes == 0  # n4 held nothing to stream
+        assert checked == [True]
+        assert sum(r.stats.streamed_bytes for r in rebalancers) > 0
+        assert work.reads > 0
+        status = (await sim.call("n1", "node.status", {}))["rebalance"]
+        assert status["epoch"] == layout_of(log.state).epoch
+        assert status["in_transition"] is False
+        assert status["pending_ranges"] == 0
+        assert status["contexts_left"] == 0
+        assert status["streamed_bytes"] == rebalancers[0].stats.streamed_bytes
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_node_leaves_while_writes_continue(
+    tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        open_sim_cluster(tmp_path, size=4, seed=seed, antientropy=QUIET) as sim,
+        trio.open_nursery() as nursery,
+    ):
+        names = ["n1", "n2", "n3", "n4"]
+        log, rebalancers = await start(sim, nursery, names)
+        work = Workload(sim, seed, names)
+        for i in range(20):
+            await work.write(i)
+        n4 = sim.nodes["n4"].store.keyring.node_id
+        checked = watch_streaming(sim, log, work)
+        await log.propose(cmd_member_state(n4, "leaving"))
+        assert layout_of(log.state).in_transition
+        await work.run(rounds=12, first=20)
+        await settle(log, rebalancers, names)
+        assert log.state.members[n4].state == "removed"
+        assert checked == [True]
+        await work.read_all()
+        check_replicas(sim, work, ["n1", "n2", "n3"])
+        assert rebalancers[3].drops, "the leaving node handed its ranges off and dropped them"
+        left = [
+            i
+            for i in work.acked
+            if sim.nodes["n4"].store.versions.version_ids(parse(address(i)).context())
+        ]
+        assert left == []  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_survivors_restore_n_after_a_forget(
+    tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        open_sim_cluster(tmp_path, size=5, seed=seed, antientropy=QUIET) as sim,
+        trio.open_nursery() as nursery,
+    ):
+        names = ["n1", "n2", "n3", "n4", "n5"]
+        log, rebalancers = await start(sim, nursery, names)
+        work = Workload(sim, seed, names)
+        for i in range(24):
+            await work.write(i)
+        sim.network.partition(["n5"], ["n1", "n2", "n3", "n4", "client"])  # n5 is gone
+        survivors = ["n1", "n2", "n3", "n4"]
+        work.coordinators = survivors
+        await trio.sleep(3)  # failure detection notices
+        n5 = sim.nodes["n5"].store.keyring.node_id
+        await log.propose(cmd_member_state(n5, "removed"))  # forget: straight to removed
+        assert not layout_of(log.state).in_transition
+        await work.run(rounds=6, first=24)
+        await settle(log, rebalancers, survivors)
+        await work.read_all()
+        check_replicas(sim, work, survivors)
+        restored = sum(r.stats.streamed_bytes for r in rebalancers[:4])
+        assert restored > 0, "the survivors copied n5's replicas to their new owners"
+        nursery.cancel_scope.cancel()
