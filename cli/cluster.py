@@ -129,27 +129,33 @@ def down(
 
 class _Bars:
     """One rich progress line per node: its member state and what is left to stream (the
-    node's ``rebalance`` figures from ``node.status``; unknown when it has none)."""
+    node's ``rebalance`` figures from ``node.status``; unknown when it has none). The bar
+    counts ring ranges still to stream against the most this node had pending."""
 
     def __init__(self, bar: Progress) -> None:
         self.bar = bar
         self.tasks: dict[str, TaskID] = {}
+        self.peak: dict[str, int] = {}
 
     def __call__(self, seen: dict[str, dict[str, Any]]) -> None:
         for name, info in seen.items():
             rebalance = info.get("rebalance") or {}
             left = [f"{render.figure(rebalance.get(key))} {label}"
-                    for key, label in (("contexts_left", "contexts"), ("bytes_left", "bytes"))
+                    for key, label in (("pending_ranges", "ranges"),
+                                       ("contexts_left", "contexts"), ("bytes_left", "bytes"))
                     if rebalance.get(key) is not None]  # fmt: skip
             text = f"{name}: {info.get('state') or 'unknown'}" + (
                 f", left: {', '.join(left)}" if left else ""
             )
-            done = rebalance.get("contexts_done")
-            total = rebalance.get("contexts_total")
+            pending = rebalance.get("pending_ranges")
             if name not in self.tasks:
                 self.tasks[name] = self.bar.add_task(text, total=None)
-            self.bar.update(self.tasks[name], description=text, completed=done or 0,
-                            total=total if isinstance(total, int) else None)  # fmt: skip
+            if isinstance(pending, int):
+                peak = self.peak[name] = max(self.peak.get(name, 0), pending)
+                self.bar.update(self.tasks[name], description=text, completed=peak - pending,
+                                total=peak or None)  # fmt: skip
+            else:
+                self.bar.update(self.tasks[name], description=text)
 
 
 @cluster_app.command("add")

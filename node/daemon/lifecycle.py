@@ -143,7 +143,8 @@ class NodeDaemon:
         self.rebalance = RebalanceService(
             self.service, self.control, RebalanceConfig(config.antientropy.bytes_per_s)
         )
-        self.control.on_apply.append(lambda _entry: self.rebalance.wake())
+        self.control.on_apply.append(self._on_apply)
+        self._placed_epoch: int | None = None
         self.service.status_fields.append(lambda: {"admin_key_held": self.custody.held()})
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
         self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
@@ -288,6 +289,13 @@ class NodeDaemon:
         self.metrics.set_index_documents(int(self.store.index.stats()["documents"]))
         self._seen = now
 
+    def _on_apply(self, _entry: object) -> None:
+        """Place by a new ring epoch as soon as it is applied; wake the rebalancer."""
+        applied = self.control.metadata
+        if applied is not None and applied.ring.epoch != self._placed_epoch:
+            self._sync_members()
+        self.rebalance.wake()
+
     def _sync_members(self) -> None:
         """Dial and trust every verified member; place the members of the applied cluster
         metadata (discovery's members until the control plane has applied it)."""
@@ -307,6 +315,8 @@ class NodeDaemon:
                 self.store.trust_signer(
                     public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                 )
+        if applied is not None:
+            self._placed_epoch = applied.ring.epoch
         if applied is not None and len(applied.ring_members()) > 1:
             layout = layout_of(applied)  # else a standalone node (bootstrap_single)
             names = list(layout.members)  # joining members are written to as well
