@@ -46,7 +46,7 @@ from node.cluster.antientropy_replica import (
 from node.cluster.replication import batches_by_bytes
 from node.errors import PeerUnavailable, RemoteError
 from storage.address import ContextName
-from storage.envelope import Envelope
+from storage.envelope import Envelope, seal_epoch_of
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
 from storage.version_store import VersionStore
@@ -286,7 +286,13 @@ class AntiEntropyService:
             await self._throttle(size)
             answer = await self._call(peer, "rep.store", {"envelopes": batch})
             self.stats.bytes_sent += size
-            self.stats.versions_repaired += sum(1 for flag in answer["stored"] if flag is True)
+            # held already (False) at a lower seal epoch: the plan pushes a copy the peer
+            # holds only when this one's seal is higher, and the peer takes it
+            self.stats.versions_repaired += sum(
+                1
+                for blob, flag in zip(batch, answer["stored"], strict=False)
+                if flag is True or (flag is False and seal_epoch_of(blob) > 0)
+            )
 
     def _unexpired(self, blobs: Sequence[bytes]) -> list[bytes]:
         """Blobs whose TTL has not run out (an expired version is never spread again)."""

@@ -176,11 +176,13 @@ async def test_rotation_with_a_member_killed_in_its_walk_reseals_every_replica(
         new = new or identity
         assert str(identity.to_public()) == str(new.to_public())  # one identity everywhere
         listing = next(r for r in keyring.listing()["roles"] if r["name"] == ROLE)
-        assert listing["current"] == 2 and listing["rotation"] is None
+        assert listing["current"] == 2
+        assert listing["rotation"] is None
         assert [v["retired_at"] is not None for v in listing["versions"]] == [True, False]
         assert not (keys / f"{ROLE}.v1.key").exists()
         assert [p.name for p in keys.iterdir() if p.read_text(errors="ignore") == old_text] == []
-    assert new is not None and str(new.to_public()) != str(old.to_public())
+    assert new is not None
+    assert str(new.to_public()) != str(old.to_public())
     for name, envs in held.items():
         assert len(envs) == 2 * CONTEXTS, name  # N = 3 of 3 nodes: every node holds all
         stale = [e.version_id for e in envs if not _opens(e, new)]
