@@ -25,6 +25,8 @@ one version id, the one with the higher ``seal_epoch`` wins; a replica holding t
 takes the higher (``Replica.apply``, ``VersionStore.rewrite``), never the reverse. Two
 copies with the same ``seal_epoch`` are equivalent (both open with the same keys; their
 ciphertexts differ since age is randomized) and neither replaces the other.
+``seal_epoch_of`` reads the epoch of a stored copy without decoding it (anti-entropy's
+digests and the read merge compare copies by it, ``node.cluster.antientropy``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from storage.errors import CorruptRecord
 
 ENVELOPE_SCHEMA = 1
 SEALED_SCHEMA = 2  # the schema of a re-sealed version (``seal_epoch`` > 0)
+_ARRAY16 = 0xDC  # msgpack's array header for 16..65535 items (an envelope row has 17 or 18)
 COMPRESS_THRESHOLD_BYTES = 1024
 MAX_DECOMPRESSED_BYTES = 8 * 1024 * 1024
 Kind = Literal["put", "tombstone"]
@@ -187,6 +190,31 @@ class Envelope:
             raise CorruptRecord(
                 "stored version has a field of the wrong type", field="envelope"
             ) from None
+
+
+def seal_epoch_of(data: bytes) -> int:
+    """The seal epoch of a stored envelope, read from its first fields only (0 for a
+    version as written, and for bytes that do not decode: verification refuses those).
+
+    Cheap where it matters: a schema-1 row is recognised from its first four bytes (a
+    msgpack array16 header, then the schema); a re-sealed row skips the header fields
+    without building them.
+    """
+    if len(data) > 3 and data[0] == _ARRAY16 and data[3] == ENVELOPE_SCHEMA:
+        return 0
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() != len(_HEADER_FIELDS) + 5:
+            return 0
+        if unpacker.unpack() != SEALED_SCHEMA:
+            return 0
+        for _ in _HEADER_FIELDS:
+            unpacker.skip()
+        epoch = unpacker.unpack()
+    except (ValueError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError):
+        return 0
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > 0 else 0
 
 
 def compress_payload(payload: bytes) -> tuple[bytes, Compression]:

@@ -14,17 +14,19 @@ Invariants:
 - versions covered by a purge marker are refused forever;
 - every committed change to a context's set of version ids or to its purge marker is
   reported, once, to each observer (``add_observer``) right after its batch is durable
-  (anti-entropy keeps its hash tree by these deltas). ``rewrite`` keeps ids: no report.
+  (anti-entropy keeps its hash tree by these deltas), with the seal epochs of the versions
+  added or removed; ``rewrite`` keeps ids and reports each re-seal it wrote (old and new
+  seal epoch), since anti-entropy's digests cover seal epochs.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from storage.address import ContextName
-from storage.envelope import Envelope
+from storage.envelope import Envelope, seal_epoch_of
 from storage.errors import CorruptRecord, Internal
 from storage.kv import KV
 from storage.schema import (
@@ -47,13 +49,19 @@ from storage.versions import VersionId
 
 @dataclass(frozen=True)
 class SetChange:
-    """One committed change to a context's version ids or purge marker (for observers)."""
+    """One committed change to a context's version ids or purge marker (for observers).
+
+    ``epochs``: the seal epochs of the versions added or removed, where not 0;
+    ``resealed``: (version id, old seal epoch, new seal epoch) of each copy rewritten.
+    """
 
     ctx: bytes
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     old_upto: str | None = None
     new_upto: str | None = None
+    epochs: Mapping[str, int] = field(default_factory=dict)
+    resealed: tuple[tuple[str, int, int], ...] = ()
 
 
 ChangeObserver = Callable[[SetChange], None]
@@ -124,6 +132,7 @@ class VersionStore:
             puts: list[tuple[bytes, bytes]] = list(meta)
             heads: dict[bytes, Head | None] = {}
             added: dict[bytes, list[str]] = {}
+            epochs: dict[bytes, dict[str, int]] = {}
             for env in envelopes:
                 ctx = ContextName.from_canonical(env.context).key()
                 vkey = version_key(ctx, env.version_id)
@@ -138,6 +147,8 @@ class VersionStore:
                 results.append(head)
                 puts.append((vkey, env.encode()))
                 added.setdefault(ctx, []).append(env.version_id)
+                if env.seal_epoch:
+                    epochs.setdefault(ctx, {})[env.version_id] = env.seal_epoch
                 self._pending_versions.add(vkey)
                 if env.expires_at_ms is not None:
                     puts.append((ttl_key(env.expires_at_ms, ctx, env.version_id), b""))
@@ -155,7 +166,12 @@ class VersionStore:
                 for ctx, head in new_heads.items():
                     if self._pending_heads.get(ctx) is head:
                         del self._pending_heads[ctx]
-        self._report([SetChange(ctx, added=tuple(vids)) for ctx, vids in added.items()])
+        self._report(
+            [
+                SetChange(ctx, added=tuple(vids), epochs=epochs.get(ctx, {}))
+                for ctx, vids in added.items()
+            ]
+        )
         return envelopes, results
 
     def purge(self, context: ContextName, marker: PurgeMarker) -> int:
@@ -174,6 +190,7 @@ class VersionStore:
                 removed=tuple(key[prefix:].decode("ascii") for key, _ in rows),
                 old_upto=None if old is None else PurgeMarker.decode(old).upto,
                 new_upto=marker.upto,
+                epochs=_epochs_of(prefix, rows),
             )
             self._report([change])
         return len(rows)
@@ -185,11 +202,13 @@ class VersionStore:
             drop = set(version_ids)
             deletes: list[bytes] = []
             dropped: list[str] = []
+            dropped_rows: list[tuple[bytes, bytes]] = []
             kept: list[Envelope] = []
             for key, data in self.kv.scan(versions_prefix(ctx)):
                 vid = key[len(versions_prefix(ctx)) :].decode("ascii")
                 if vid in drop:
                     dropped.append(vid)
+                    dropped_rows.append((key, data))
                     deletes.append(key)
                     deletes.extend(self._ttl_rows_of(ctx, data))
                 else:
@@ -203,7 +222,8 @@ class VersionStore:
             if head is None:
                 deletes.append(head_key(ctx))
             self.kv.write(puts, deletes, sync=True)
-            self._report([SetChange(ctx, removed=tuple(dropped))])
+            epochs = _epochs_of(len(versions_prefix(ctx)), dropped_rows)
+            self._report([SetChange(ctx, removed=tuple(dropped), epochs=epochs)])
         return len(drop)
 
     def rewrite(
@@ -223,21 +243,32 @@ class VersionStore:
         Raises:
             Internal: an envelope's header differs from the stored one (a caller's bug).
         """
+        written: dict[bytes, tuple[bytes, Envelope, int]] = {}  # key -> (ctx, copy, old epoch)
         with self._lock:
-            puts: list[tuple[bytes, bytes]] = list(meta)
             for env in envelopes:
-                key = version_key(ContextName.from_canonical(env.context).key(), env.version_id)
-                stored = self.kv.get(key)
-                if stored is None:
-                    continue
-                held = Envelope.decode(stored)
+                ctx = ContextName.from_canonical(env.context).key()
+                key = version_key(ctx, env.version_id)
+                if key in written:
+                    held, old_epoch = written[key][1], written[key][2]
+                else:
+                    stored = self.kv.get(key)
+                    if stored is None:
+                        continue
+                    held = Envelope.decode(stored)
+                    old_epoch = held.seal_epoch
                 if replace(held, seal_epoch=0).header() != replace(env, seal_epoch=0).header():
                     raise Internal(f"a rewrite must keep the header of version {env.version_id}")
                 if held.seal_epoch > env.seal_epoch:
                     continue  # the convergence rule: a newer re-seal is never taken back
-                puts.append((key, env.encode()))
+                written[key] = (ctx, env, old_epoch)
+            puts = [*meta, *((key, env.encode()) for key, (_, env, _) in written.items())]
             if puts:
                 self.kv.write(puts, sync=True)
+            resealed: dict[bytes, list[tuple[str, int, int]]] = {}
+            for ctx, env, old_epoch in written.values():
+                if old_epoch != env.seal_epoch:
+                    resealed.setdefault(ctx, []).append((env.version_id, old_epoch, env.seal_epoch))
+            self._report([SetChange(ctx, resealed=tuple(c)) for ctx, c in resealed.items()])
         return len(puts) - len(meta)
 
     @staticmethod
@@ -318,6 +349,39 @@ class VersionStore:
         for ctx, upto in markers.items():
             yield ctx, [], upto
 
+    def version_states(self) -> Iterator[tuple[bytes, list[str], str | None, dict[str, int]]]:
+        """``version_sets`` with the seal epochs of the re-sealed versions (id -> epoch,
+        where not 0): one pass over the ``v/`` rows with their values (a version as
+        written is recognised from its first bytes, ``seal_epoch_of``), for anti-entropy's
+        tree build at start."""
+        markers = {
+            key[len(PURGE_PREFIX) :]: PurgeMarker.decode(data).upto
+            for key, data in self.kv.scan(PURGE_PREFIX)
+        }
+        current: bytes | None = None
+        ids: list[str] = []
+        epochs: dict[str, int] = {}
+        for key, data in self.kv.scan(VERSION_PREFIX):
+            ctx, _, raw = key[len(VERSION_PREFIX) :].rpartition(SEP)
+            if ctx != current:
+                if current is not None:
+                    yield current, ids, markers.pop(current, None), epochs
+                current, ids, epochs = ctx, [], {}
+            vid = raw.decode("ascii")
+            ids.append(vid)
+            epoch = seal_epoch_of(data)
+            if epoch:
+                epochs[vid] = epoch
+        if current is not None:
+            yield current, ids, markers.pop(current, None), epochs
+        for ctx, upto in markers.items():
+            yield ctx, [], upto, {}
+
+    def seal_epochs(self, context: ContextName) -> dict[str, int]:
+        """version id -> seal epoch of the re-sealed versions of ``context`` (not 0)."""
+        return _epochs_of(len(versions_prefix(context.key())),
+                          self.kv.scan(versions_prefix(context.key())))  # fmt: skip
+
     def count_contexts(self) -> int:
         """How many contexts have a head."""
         return sum(1 for _ in self.kv.scan(HEAD_PREFIX))
@@ -341,6 +405,16 @@ class VersionStore:
             return False
         marker = PurgeMarker.decode(data)
         return VersionId.parse(version_id) <= VersionId.parse(marker.upto)
+
+
+def _epochs_of(prefix: int, rows: Iterable[tuple[bytes, bytes]]) -> dict[str, int]:
+    """version id -> seal epoch of the re-sealed ones among version rows (key, value)."""
+    out = {}
+    for key, data in rows:
+        epoch = seal_epoch_of(data)
+        if epoch:
+            out[key[prefix:].decode("ascii")] = epoch
+    return out
 
 
 def _advance(head: Head | None, env: Envelope) -> Head:

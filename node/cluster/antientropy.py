@@ -4,11 +4,15 @@ A pure core (ARCHITECTURE.md §2): no I/O, no clock, no randomness. The trio she
 (``node.cluster.antientropy_service``) feeds it changes and carries its plans out over RPC.
 
 Hashing (Riak's Tictac AAE, research/self-healing.md §1): every element of a context's
-state hashes to a 128-bit value: a version to ``H("v", ctx, id)``, a purge marker to
-``H("p", ctx, upto)``. A context's *digest* is the XOR of the hashes of the versions it
-holds and of its purge marker; two replicas agree on a context exactly when (but for a
-2^-128 chance) they hold the same version ids and the same marker. Because the digest is
-linear, adding or removing one version is one XOR, with no need to read the others.
+state hashes to a 128-bit value: a version as written to ``H("v", ctx, id)``, a re-sealed
+copy of it (seal epoch e > 0, ``storage.envelope``) to ``H("s", ctx, id, e)``, a purge
+marker to ``H("p", ctx, upto)``. A context's *digest* is the XOR of the hashes of the
+versions it holds and of its purge marker; two replicas agree on a context exactly when
+(but for a 2^-128 chance) they hold the same version ids at the same seal epochs and the
+same marker. Because the digest is linear, adding or removing one version is one XOR, and
+re-sealing one is two (out with the old epoch, in with the new), with no need to read the
+others. A version as written hashes as it did before seal epochs existed, so trees of
+nodes that never saw a rotation are unchanged.
 
 Tree: the ring's key space is already cut into ``partitions`` equal arcs
 (``node.cluster.ring``); each partition is split again into ``leaves`` equal segments. A
@@ -19,11 +23,14 @@ after it was built once (``HashTree.rebuilt`` equals the incrementally kept tree
 
 Exchange (``plan_exchange``): version sets are grow-only and merge by union; a purge
 marker covers every version with id <= ``upto`` and the higher marker wins on both sides,
-so nothing it covers is ever pushed or pulled again.
+so nothing it covers is ever pushed or pulled again. A version both sides hold at
+different seal epochs moves from the higher to the lower (the receiver replaces its copy:
+the higher seal epoch wins, ``Envelope.supersedes``); equal epochs never move.
 
 Invariants:
 - ``HashTree`` holds no zero digest, leaf or root (an empty context is absent);
-- ``plan_exchange`` never moves a version covered by the winning marker.
+- ``plan_exchange`` never moves a version covered by the winning marker, nor a copy to a
+  side that holds the same version at an equal or higher seal epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node.cluster.ring import KEY_BITS, Ring
 from storage.versions import VersionId
@@ -41,6 +48,7 @@ MAX_ITEMS = 4096  # partitions, segments, contexts or ids in one anti-entropy re
 DEFAULT_LEAVES = 16  # segments per ring partition: 4,096 x 16 leaves by default
 _PERSON_VERSION = b"slurp-ae-version"  # <= 16 bytes (blake2b personalisation)
 _PERSON_PURGE = b"slurp-ae-purge"
+_PERSON_SEALED = b"slurp-ae-sealed"
 _RING_PERSON = b"slurp-ring-key"  # the ring's own key-position hash (node.cluster.ring)
 
 
@@ -86,11 +94,15 @@ def shared_partitions(ring: Ring, n: int, me: str) -> Mapping[str, tuple[int, ..
     return {peer: tuple(sorted(parts)) for peer, parts in shared.items()}
 
 
-def version_hash(ctx: bytes, version_id: str) -> int:
-    """The 128-bit hash one version contributes to its context's digest."""
+def version_hash(ctx: bytes, version_id: str, seal_epoch: int = 0) -> int:
+    """The 128-bit hash one version (at ``seal_epoch``) contributes to its context's digest."""
     data = len(ctx).to_bytes(4, "big") + ctx + version_id.encode("ascii")
+    person = _PERSON_VERSION
+    if seal_epoch:
+        data += b"\x00" + seal_epoch.to_bytes(8, "big")
+        person = _PERSON_SEALED
     return int.from_bytes(
-        hashlib.blake2b(data, digest_size=HASH_BYTES, person=_PERSON_VERSION).digest(), "big"
+        hashlib.blake2b(data, digest_size=HASH_BYTES, person=person).digest(), "big"
     )
 
 
@@ -104,11 +116,18 @@ def purge_hash(ctx: bytes, upto: str | None) -> int:
     )
 
 
-def context_digest(ctx: bytes, version_ids: Iterable[str], upto: str | None) -> int:
-    """The digest of a context holding ``version_ids`` and a marker at ``upto``."""
+def context_digest(
+    ctx: bytes,
+    version_ids: Iterable[str],
+    upto: str | None,
+    epochs: Mapping[str, int] | None = None,
+) -> int:
+    """The digest of a context holding ``version_ids`` (at the seal epochs in ``epochs``;
+    absent: 0) and a marker at ``upto``."""
     digest = purge_hash(ctx, upto)
+    seals = epochs or {}
     for vid in version_ids:
-        digest ^= version_hash(ctx, vid)
+        digest ^= version_hash(ctx, vid, seals.get(vid, 0))
     return digest
 
 
@@ -118,13 +137,20 @@ def change_delta(
     removed: Iterable[str] = (),
     old_upto: str | None = None,
     new_upto: str | None = None,
+    epochs: Mapping[str, int] | None = None,
+    resealed: Iterable[tuple[str, int, int]] = (),
 ) -> int:
-    """The XOR delta of one change to a context: versions added/removed, marker replaced."""
+    """The XOR delta of one change to a context: versions added/removed (at the seal
+    epochs in ``epochs``; absent: 0), marker replaced, copies re-sealed (version id, old
+    seal epoch, new seal epoch)."""
     delta = purge_hash(ctx, old_upto) ^ purge_hash(ctx, new_upto)
+    seals = epochs or {}
     for vid in added:
-        delta ^= version_hash(ctx, vid)
+        delta ^= version_hash(ctx, vid, seals.get(vid, 0))
     for vid in removed:
-        delta ^= version_hash(ctx, vid)
+        delta ^= version_hash(ctx, vid, seals.get(vid, 0))
+    for vid, old, new in resealed:
+        delta ^= version_hash(ctx, vid, old) ^ version_hash(ctx, vid, new)
     return delta
 
 
@@ -150,11 +176,14 @@ class HashTree:
         partitions: int,
         leaves: int,
         contexts: Iterable[tuple[bytes, Collection[str], str | None]],
+        epochs: Mapping[bytes, Mapping[str, int]] | None = None,
     ) -> HashTree:
-        """A tree built from scratch from (ctx, version ids, marker upto) of every context."""
+        """A tree built from scratch from (ctx, version ids, marker upto) of every context
+        (``epochs``: ctx -> the non-zero seal epochs of its versions)."""
         tree = cls(partitions, leaves)
+        seals = epochs or {}
         for ctx, vids, upto in contexts:
-            tree.apply(ctx, context_digest(ctx, vids, upto))
+            tree.apply(ctx, context_digest(ctx, vids, upto, seals.get(ctx)))
         return tree
 
     def segment(self, ctx: bytes) -> int:
@@ -247,10 +276,16 @@ def differing_contexts(mine: Mapping[bytes, int], theirs: Mapping[bytes, int]) -
 
 @dataclass(frozen=True)
 class ContextState:
-    """One replica's state of a context: the version ids it holds and its marker."""
+    """One replica's state of a context: the version ids it holds, its marker, and the
+    seal epochs of its re-sealed copies (version id -> epoch; absent means 0)."""
 
     version_ids: frozenset[str]
     upto: str | None = None
+    epochs: Mapping[str, int] = field(default_factory=dict)
+
+    def epoch(self, version_id: str) -> int:
+        """The seal epoch of the copy held of ``version_id`` (0 when not re-sealed)."""
+        return self.epochs.get(version_id, 0)
 
 
 @dataclass(frozen=True)
@@ -281,10 +316,18 @@ def covered(version_id: str, upto: str | None) -> bool:
 
 
 def plan_exchange(mine: ContextState, theirs: ContextState) -> ContextPlan:
-    """Union merge of two replicas of one context; the higher purge marker wins."""
+    """Union merge of two replicas of one context; the higher purge marker wins; of a
+    version both hold, the copy with the higher seal epoch replaces the other."""
     upto = winning_upto(mine.upto, theirs.upto)
-    push = sorted(v for v in mine.version_ids - theirs.version_ids if not covered(v, upto))
-    pull = sorted(v for v in theirs.version_ids - mine.version_ids if not covered(v, upto))
+    both = mine.version_ids & theirs.version_ids
+    newer_here = {v for v in both if mine.epoch(v) > theirs.epoch(v)}
+    newer_there = {v for v in both if theirs.epoch(v) > mine.epoch(v)}
+    push = sorted(
+        v for v in (mine.version_ids - theirs.version_ids) | newer_here if not covered(v, upto)
+    )
+    pull = sorted(
+        v for v in (theirs.version_ids - mine.version_ids) | newer_there if not covered(v, upto)
+    )
     return ContextPlan(
         tuple(push),
         tuple(pull),
@@ -302,13 +345,17 @@ def apply_plan(
     mine_upto = upto if plan.take_marker else mine.upto
     theirs_upto = upto if plan.send_marker else theirs.upto
 
-    def after(ids: frozenset[str], gained: Iterable[str], marker: str | None) -> ContextState:
-        kept = {v for v in ids | set(gained) if not covered(v, marker)}
-        return ContextState(frozenset(kept), marker)
+    def after(
+        state: ContextState, source: ContextState, gained: Iterable[str], marker: str | None
+    ) -> ContextState:
+        got = set(gained)
+        kept = {v for v in state.version_ids | got if not covered(v, marker)}
+        epochs = {
+            v: max(state.epoch(v), source.epoch(v)) if v in got else state.epoch(v) for v in kept
+        }
+        return ContextState(frozenset(kept), marker, {v: e for v, e in epochs.items() if e})
 
-    return after(mine.version_ids, plan.pull, mine_upto), after(
-        theirs.version_ids, plan.push, theirs_upto
-    )
+    return after(mine, theirs, plan.pull, mine_upto), after(theirs, mine, plan.push, theirs_upto)
 
 
 class TokenBucket:

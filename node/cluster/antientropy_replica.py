@@ -1,13 +1,16 @@
 """Anti-entropy, the replica side: the live hash tree of one node and the ``rep.*`` answers.
 
 Owns: keeping ``node.cluster.antientropy.HashTree`` in step with the version store (built
-once at start by a keys-only scan, then XOR deltas from ``VersionStore.add_observer``), and
-answering peers' anti-entropy requests. Must be built before the node accepts writes: a
-change that lands between the observer's registration and the scan would count twice.
+once at start by one scan, then XOR deltas from ``VersionStore.add_observer``, re-seals
+included), and answering peers' anti-entropy requests. Must be built before the node
+accepts writes: a change that lands between the observer's registration and the scan
+would count twice.
 
-Cost of the start-up build: one pass over the ``v/`` keys (no envelope is read or
-decoded) and the ``p/`` rows; memory is one digest per context plus one set entry per
-context in its leaf (~200 bytes per context in CPython).
+Cost of the start-up build: one pass over the ``v/`` rows and the ``p/`` rows; a version
+as written is recognised from its first four bytes (``storage.envelope.seal_epoch_of``),
+only a re-sealed one has its header fields skipped through to its seal epoch; memory is
+one digest per context plus one set entry per context in its leaf (~200 bytes per context
+in CPython).
 
 RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 bytes):
 
@@ -15,7 +18,9 @@ RPC methods (node certificates only, like every ``rep.*``; hashes travel as 16 b
   with ``partitions``; with ``summary`` {summary: bytes}, one hash over those roots in order
   (an idle pass asks only this); with ``leaves`` {leaves: [[[leaf, bytes], ...], ...]};
 - ``rep.digests`` {segments: [[partition, leaf], ...]} -> {digests: [[context, bytes]]};
-- ``rep.ids`` {contexts: [str]} -> {states: [[context, [version id], marker | null]]};
+- ``rep.ids`` {contexts: [str]} -> {states: [[context, [version id], marker | null,
+  [[version id, seal epoch], ...]]]}: the last item lists the re-sealed copies only (an
+  answer without it, from an older node, means none);
 - ``rep.fetch`` {context, ids} -> {envelopes: [bytes], more: [id]}: at most one
   ``batches_by_bytes`` batch per answer, ``more`` lists the ids still to ask for.
 
@@ -73,13 +78,19 @@ class TreeKeeper:
         self._lock = threading.Lock()
         self.tree = HashTree(partitions, leaves)
         versions.add_observer(self._on_change)
-        for ctx, ids, upto in versions.version_sets():
-            self.tree.apply(ctx, context_digest(ctx, ids, upto))
+        for ctx, ids, upto, epochs in versions.version_states():
+            self.tree.apply(ctx, context_digest(ctx, ids, upto, epochs))
         self.changes = 0
 
     def _on_change(self, change: SetChange) -> None:
         delta = change_delta(
-            change.ctx, change.added, change.removed, change.old_upto, change.new_upto
+            change.ctx,
+            change.added,
+            change.removed,
+            change.old_upto,
+            change.new_upto,
+            change.epochs,
+            change.resealed,
         )
         with self._lock:
             self.tree.apply(change.ctx, delta)
@@ -193,6 +204,7 @@ def replica_handlers(
                         ctx.canonical(),
                         versions.version_ids(ctx),
                         None if marker is None else marker.encode(),
+                        sorted([vid, e] for vid, e in versions.seal_epochs(ctx).items()),
                     ]
                 )
             return {"states": states}

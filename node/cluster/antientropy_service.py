@@ -3,10 +3,12 @@
 Owns: when passes run (on start, every ``interval_s``, and as soon as a member is seen
 coming up: a restart or a healed partition), and carrying out one exchange per peer:
 compare partition roots, then the leaves of differing partitions, then the context
-digests of differing leaves, then the version ids of differing contexts; push what the
-peer lacks (``rep.store``), pull what this node lacks (``rep.fetch``, applied through
-``Replica.apply``, which verifies signatures) and send purge markers both ways
-(``rep.purge``). Decisions come from ``node.cluster.antientropy``; this module only talks.
+digests of differing leaves, then the version ids (and seal epochs) of differing contexts;
+push what the peer lacks or holds at a lower seal epoch (``rep.store``), pull what this
+node lacks or holds at a lower seal epoch (``rep.fetch``, applied through
+``Replica.apply``, which verifies signatures and lets the higher re-seal replace the held
+copy) and send purge markers both ways (``rep.purge``). Decisions come from
+``node.cluster.antientropy``; this module only talks.
 
 Invariants: one pass at a time; version-carrying traffic is paced by a token bucket
 (``bytes_per_s``) on trio's clock; at most ``max_repairs_per_exchange`` contexts are
@@ -44,7 +46,7 @@ from node.cluster.antientropy_replica import (
 from node.cluster.replication import batches_by_bytes
 from node.errors import PeerUnavailable, RemoteError
 from storage.address import ContextName
-from storage.envelope import Envelope
+from storage.envelope import Envelope, seal_epoch_of
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
 from storage.version_store import VersionStore
@@ -200,19 +202,21 @@ class AntiEntropyService:
             theirs: dict[bytes, tuple[ContextState, PurgeMarker | None]] = {}
             pushes: list[tuple[ContextName, str]] = []
             pulled: list[bytes] = []
-            for canonical, ids, marker in answer["states"]:
+            for canonical, ids, marker, *rest in answer["states"]:
                 parsed = None if marker is None else PurgeMarker.decode(bytes(marker))
                 state = ContextState(
-                    frozenset(str(v) for v in ids), None if parsed is None else parsed.upto
+                    frozenset(str(v) for v in ids),
+                    None if parsed is None else parsed.upto,
+                    _epochs(rest[0] if rest else []),
                 )
                 theirs[ContextName.from_canonical(str(canonical)).key()] = (state, parsed)
             for ctx in names:
                 their_state, their_marker = theirs.get(ctx.key(), (ContextState(frozenset()), None))
-                my_marker, my_ids = await self.service.fanout.blocking(
+                my_marker, my_ids, my_epochs = await self.service.fanout.blocking(
                     partial(_local_state, versions, ctx)
                 )
                 mine = ContextState(
-                    frozenset(my_ids), None if my_marker is None else my_marker.upto
+                    frozenset(my_ids), None if my_marker is None else my_marker.upto, my_epochs
                 )
                 pulled += await self._carry_out(
                     peer, ctx, mine, their_state, my_marker, their_marker, pushes
@@ -262,8 +266,10 @@ class AntiEntropyService:
         """Verify and store fetched versions, one synced batch per ``batches_by_bytes``."""
         replica = self.service.replica
         for batch in batches_by_bytes(blobs, BATCH_BUDGET):
+            resealed = replica.resealed
             stored, _ = await self.service.fanout.blocking(partial(replica.apply, batch))
             self.stats.versions_repaired += sum(1 for flag in stored if flag)
+            self.stats.versions_repaired += replica.resealed - resealed  # newer seals taken
 
     async def _push(self, peer: str, items: Sequence[tuple[ContextName, str]]) -> None:
         if not items:
@@ -280,7 +286,13 @@ class AntiEntropyService:
             await self._throttle(size)
             answer = await self._call(peer, "rep.store", {"envelopes": batch})
             self.stats.bytes_sent += size
-            self.stats.versions_repaired += sum(1 for flag in answer["stored"] if flag is True)
+            # held already (False) at a lower seal epoch: the plan pushes a copy the peer
+            # holds only when this one's seal is higher, and the peer takes it
+            self.stats.versions_repaired += sum(
+                1
+                for blob, flag in zip(batch, answer["stored"], strict=False)
+                if flag is True or (flag is False and seal_epoch_of(blob) > 0)
+            )
 
     def _unexpired(self, blobs: Sequence[bytes]) -> list[bytes]:
         """Blobs whose TTL has not run out (an expired version is never spread again)."""
@@ -311,8 +323,24 @@ class AntiEntropyService:
         return answer
 
 
-def _local_state(versions: VersionStore, ctx: ContextName) -> tuple[PurgeMarker | None, list[str]]:
-    return versions.purge_marker(ctx), versions.version_ids(ctx)
+def _local_state(
+    versions: VersionStore, ctx: ContextName
+) -> tuple[PurgeMarker | None, list[str], dict[str, int]]:
+    return versions.purge_marker(ctx), versions.version_ids(ctx), versions.seal_epochs(ctx)
+
+
+def _epochs(pairs: Any) -> dict[str, int]:
+    """A peer's re-sealed copies, ``[[version id, seal epoch], ...]``, as a map.
+
+    Raises:
+        ValueError: not such pairs (the exchange fails as malformed).
+    """
+    out: dict[str, int] = {}
+    for vid, epoch in pairs:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise ValueError("a seal epoch must be a positive integer")
+        out[str(vid)] = epoch
+    return out
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:

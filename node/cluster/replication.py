@@ -12,7 +12,9 @@ A pure core (ARCHITECTURE.md §2, §6): no I/O, no clock, no randomness. The nod
   and the answers are merged (``merge_listings``, ``merge_hits``).
 - Reads merge version sets by union (``merge_version_sets``): versions are immutable and
   named by id, so the union is conflict-free; a purge marker removes every version at or
-  before it. Replicas missing versions of the merged set get them back (read repair).
+  before it. The one rewrite, a key rotation's re-seal, keeps the id: of two copies the
+  one with the higher seal epoch is taken (``storage.envelope``). Replicas missing
+  versions of the merged set, or holding an older seal of one, get them back (read repair).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from node.cluster.ring import Ring
+from storage.envelope import seal_epoch_of
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
 from storage.views import ContextInfo, SearchResult
@@ -141,24 +144,35 @@ class Merged:
 
     envelopes: tuple[tuple[str, bytes], ...]  # (version id, envelope), in id order
     purge: PurgeMarker | None
-    missing: Mapping[str, tuple[str, ...]]  # replica -> version ids it lacks
+    missing: Mapping[str, tuple[str, ...]]  # replica -> ids it lacks or holds an older seal of
     stale_purge: tuple[str, ...]  # replicas that still hold versions the marker removes
 
 
 def merge_version_sets(answers: Mapping[str, VersionSet]) -> Merged:
-    """Union of version sets, minus what the newest purge marker covers (ARCHITECTURE §3)."""
+    """Union of version sets, minus what the newest purge marker covers (ARCHITECTURE §3);
+    of several copies of one version, the one with the highest seal epoch."""
     markers = [vs.purge for vs in answers.values() if vs.purge is not None]
     purge = max(markers, key=lambda m: VersionId.parse(m.upto)) if markers else None
     limit = VersionId.parse(purge.upto) if purge else None
-    union: dict[str, bytes] = {}
+    union: dict[str, tuple[int, bytes]] = {}
     for name in sorted(answers):
         for vid, data in answers[name].envelopes.items():
             if limit is None or VersionId.parse(vid) > limit:
-                union.setdefault(vid, data)
-    ordered = tuple(sorted(union.items(), key=lambda item: VersionId.parse(item[0])))
+                epoch = seal_epoch_of(data)
+                if vid not in union or epoch > union[vid][0]:
+                    union[vid] = (epoch, data)
+    ordered = tuple(
+        sorted(
+            ((vid, data) for vid, (_, data) in union.items()), key=lambda i: VersionId.parse(i[0])
+        )
+    )
+
+    def lacks(vs: VersionSet, vid: str) -> bool:
+        held = vs.envelopes.get(vid)
+        return held is None or (union[vid][0] > 0 and seal_epoch_of(held) < union[vid][0])
+
     missing = {
-        name: tuple(vid for vid, _ in ordered if vid not in vs.envelopes)
-        for name, vs in answers.items()
+        name: tuple(vid for vid, _ in ordered if lacks(vs, vid)) for name, vs in answers.items()
     }
     stale = tuple(
         sorted(

@@ -22,6 +22,18 @@ How a rotation goes (docs/keys.md, "Cluster-wide rotation"):
 6. The duty finishes. A leader change at any point: the duty is still marked running
    under the old term, the new leader resumes it from the cursor in the log.
 
+A lapsed lease is not a leader change. The duty's run is cancelled whenever
+``leader_term()`` stops naming its term (``ControlService._run_duty`` does that, and so
+does ``ClusterRotation._run``), and a lease lapses for a moment whenever the leader's
+event loop or a majority's answers fall behind a lease (a member busy re-sealing is
+enough). If the lease then comes back in the same term, the duties loop does not resume
+the duty (``duties.due`` resumes only duties of an older term), so the rotation would
+stay "running" forever with nobody driving it. ``ClusterRotation`` therefore keeps track
+of the rotations this process drives and revives one (``_revive``, on every
+``on_change`` and after each cancelled run) when the log says it runs under this node's
+current leader term and nothing here drives it. That is safe: every member call is
+idempotent and fenced by the term, and the cursor is in the log.
+
 Must not know: Raft, how the metadata changes (commands only), the row walk itself
 (``storage.rotation``). Invariants: no member is asked to install before the sealed copies
 are committed; the key epoch is committed only after every member installed; no member
@@ -290,8 +302,10 @@ class ClusterRotation:
             propose=control.propose,
             now_ms=control._clock_ms,
         )
+        self._driving: set[str] = set()  # rotation duties a task of this process drives
         for role in self.service.store.keyring.role_set.names:
-            control.duty_handlers[duty_name(role)] = self.driver.run
+            control.duty_handlers[duty_name(role)] = self._drive
+        control.on_change.append(self._revive)
         register_member_methods(self.service, self.member)
         self.service.extra_replica_methods["keys.rotate_leader"] = self._rotate_leader
         self.service.extra_client_methods["keys.rotate"] = self._rotate
@@ -374,9 +388,41 @@ class ClusterRotation:
         # refused: the duties loop started it first (a new duty is due at once); it runs it
         return {"role": role, "duty": name, "started": True, "term": term}
 
+    async def _drive(self, action: DutyAction, term: int) -> str:
+        """``driver.run``, known to be driven here while it runs (the duty handler).
+
+        Cancelled (deposed, or the lease lapsed): revived at once if the lease is back."""
+        self._driving.add(action.name)
+        try:
+            return await self.driver.run(action, term)
+        except trio.Cancelled:
+            self._driving.discard(action.name)
+            self._revive()
+            raise
+        finally:
+            self._driving.discard(action.name)
+
+    def _revive(self) -> None:
+        """Start again every rotation duty the log says runs under this node's current
+        leader term that no task here drives (its run was cancelled by a lapsed lease)."""
+        term = self.control.leader_term()
+        state = self.control.metadata
+        nursery = self.service.fanout.nursery
+        if term is None or state is None or nursery is None:
+            return
+        for name, duty in sorted(state.duties.items()):
+            if role_of(name) is None or name in self._driving:
+                continue
+            if duty.running and duty.last_term == term and duty.cursor:
+                log.info("%s: resuming rotation duty %s after a lapsed lease", self.service.name,
+                         name)  # fmt: skip
+                self._driving.add(name)  # until the task starts
+                nursery.start_soon(self._run, DutyAction(name, "resume", duty.cursor), term)
+
     async def _run(self, action: DutyAction, term: int) -> None:
         """Run the duty as ``ControlService._run_duty`` does: cancelled when deposed (the
-        next leader resumes it), finished in the log otherwise."""
+        next leader resumes it) or when the lease lapses (revived when it is back in the
+        same term), finished in the log otherwise."""
         ok, message = True, ""
         with trio.CancelScope() as scope:
 
@@ -386,7 +432,7 @@ class ClusterRotation:
 
             self.control.on_change.append(cancel_if_deposed)
             try:
-                message = await self.driver.run(action, term)
+                message = await self._drive(action, term)
             except (StorageError, NodeError) as exc:
                 ok, message = False, str(exc)
             finally:

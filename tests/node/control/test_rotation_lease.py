@@ -1,0 +1,133 @@
+"""A rotation duty survives its leader's lease lapsing for a moment (found by the real
+rotation test, tests/node/test_real_rotation.py).
+
+The run of a duty is cancelled whenever ``leader_term()`` stops naming its term, which a
+lapsed lease does; when the lease came back in the same term nothing resumed the duty
+(``duties.due`` resumes only duties of an older term), so the rotation stayed "running"
+in the log with no driver, forever. Here ``ClusterRotation`` runs on three in-memory
+nodes (``tests.sim.harness``) under a stand-in control plane whose lease the test
+switches off halfway through the re-seal walk and on again; the rotation must finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pyrage
+import pytest
+import trio
+import trio.testing
+
+from node.cluster.service import NodeService
+from node.control.fence import Fence
+from node.control.metadata import ApplyResult, ClusterMetadata
+from node.control.rotation import ClusterRotation
+from node.control.rotation_plan import WalkCursor
+from node.control.service import ControlService
+from tests.node.control.test_rotation import BE, DUTY, NAMES, Log, _populate, _rows, _state
+from tests.sim.harness import open_sim_cluster
+
+TERM = 3
+
+
+class Config:
+    propose_timeout_s = 2.0
+
+
+class StandInControl:
+    """What ``ClusterRotation`` uses of a ``ControlService``, over a shared ``Log``; the
+    test decides whether this node leads and whether its lease holds."""
+
+    def __init__(self, service: NodeService, log: Log, *, leads: bool) -> None:
+        self.service = service
+        self.log = log
+        self.lease = leads
+        self.config = Config()
+        self.on_change: list[Callable[[], None]] = []
+        self.duty_handlers: dict[str, Any] = {}
+        self.after_propose: Callable[[], None] = lambda: None
+
+    @property
+    def metadata(self) -> ClusterMetadata:
+        return self.log.state
+
+    def leader_term(self) -> int | None:
+        return TERM if self.lease else None
+
+    def leader_name(self) -> str:
+        return "n1"
+
+    async def propose(self, data: bytes) -> ApplyResult:
+        result = await self.log.propose(data)
+        self.after_propose()
+        return result
+
+    def _clock_ms(self) -> int:
+        return 1_800_000_000_000
+
+    def set_lease(self, holds: bool) -> None:
+        self.lease = holds
+        for hook in list(self.on_change):
+            hook()
+
+
+def _cursor(log: Log) -> WalkCursor | None:
+    data = log.state.duties[DUTY].cursor
+    return WalkCursor.decode(data) if data else None
+
+
+async def test_a_lapsed_lease_in_the_same_term_does_not_orphan_the_rotation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_sim_cluster(tmp_path / "nodes") as sim:
+        await _populate(sim, 30)
+        old = sim.nodes["n1"].store.keyring.current_identity(BE)
+        log = Log(_state(sim))
+        controls = {n: StandInControl(sim.nodes[n].service, log, leads=n == "n1") for n in NAMES}
+        rotations = {}
+        for name in NAMES:
+            fence = Fence(sim.nodes[name].store.kv, lambda: 0)
+            rotation = ClusterRotation(cast(ControlService, controls[name]), fence)
+            rotation.member.batch_size, rotation.member.max_batches = 4, 1  # a long walk
+            rotations[name] = rotation
+        leader = controls["n1"]
+
+        def lapse_halfway() -> None:
+            now = _cursor(log)
+            if now is not None and now.phase == "reseal" and len(now.rows) == len(NAMES):
+                leader.after_propose = lambda: None
+                leader.set_lease(False)  # the lease lapses halfway through the walk
+
+        leader.after_propose = lapse_halfway
+        assert (await rotations["n1"].start(BE))["started"]
+        await trio.sleep(10)
+        assert not leader.lease
+        stalled = _cursor(log)
+        assert stalled is not None
+        assert stalled.phase == "reseal"
+        assert DUTY not in rotations["n1"]._driving
+        await trio.sleep(10)
+        assert _cursor(log) == stalled  # nobody drives it while the lease is out
+        controls["n1"].set_lease(True)  # back, in the same term
+
+        finished = trio.Event()
+        leader.after_propose = lambda: None if log.state.duties[DUTY].running else finished.set()
+        with trio.fail_after(300):
+            await finished.wait()
+        duty = log.state.duties[DUTY]
+        assert duty.last_ok, duty.last_message
+        assert log.state.key_epochs[BE].version == 2
+        new = sim.nodes["n1"].store.keyring.current_identity(BE)
+        checked = 0
+        for name in NAMES:
+            assert sim.nodes[name].store.keyring.rotation_in_progress(BE) is None
+            for env in _rows(sim, name):
+                if env.tombstone or BE not in env.readers:
+                    continue
+                checked += 1
+                pyrage.decrypt(env.ciphertext, [new])
+                with pytest.raises(pyrage.DecryptError):
+                    pyrage.decrypt(env.ciphertext, [old])
+        assert checked >= 20 * 2
