@@ -305,6 +305,7 @@ class ClusterRotation:
         self._driving: set[str] = set()  # rotation duties a task of this process drives
         for role in self.service.store.keyring.role_set.names:
             control.duty_handlers[duty_name(role)] = self._drive
+            control.self_reviving.add(duty_name(role))
         control.on_change.append(self._revive)
         register_member_methods(self.service, self.member)
         self.service.extra_replica_methods["keys.rotate_leader"] = self._rotate_leader

@@ -137,6 +137,10 @@ class ControlService:
         self.on_change: list[Callable[[], None]] = []
         self.on_apply: list[Callable[[Entry], None]] = []
         self.duty_handlers: dict[str, DutyHandler] = {}
+        # duties whose handler resumes itself after a lapsed lease (the cluster rotation)
+        self.self_reviving: set[str] = set()
+        self._driving: set[str] = set()  # duties a run of _run_duty drives now
+        self._lost: set[str] = set()  # duties whose run here was cancelled in this term
         self.metadata: ClusterMetadata | None = None
         self.elections = 0
         self.messages_dropped = 0
@@ -549,22 +553,41 @@ class ControlService:
             term = self.leader_term()
             if term is None or self.metadata is None:
                 continue
-            for action in duties.due(self.metadata, self._clock_ms(), term):
+            for action, again in self._due(self.metadata, term):
                 handler = self.duty_handlers.get(action.name)
                 if handler is None:
                     continue
                 try:
-                    await self._run_duty(action, handler, term)
+                    await self._run_duty(action, handler, term, again=again)
                 except StorageError as exc:  # Unavailable: lost leadership, or no quorum
                     log.info("duty %s not run: %s", action.name, exc.message)
                 except Exception:
                     self.service.fanout.internal(f"duty.{action.name}")
 
-    async def _run_duty(self, action: duties.DutyAction, handler: DutyHandler, term: int) -> None:
-        started = await self.propose(metadata.cmd_duty_started(action.name, term, self._clock_ms()))
-        if not started.ok:
-            log.info("duty %s not started: %s", action.name, started.error)
-            return
+    def _due(self, state: ClusterMetadata, term: int) -> list[tuple[duties.DutyAction, bool]]:
+        """What to run now: the due duties, then those this node lost in its own term (its
+        run was cancelled by a lease that lapsed and came back: the log still says running
+        under this term, so no other leader can resume it; ``again``: run it on)."""
+        due = [(action, False) for action in duties.due(state, self._clock_ms(), term)]
+        for name in sorted(self._lost):
+            duty = state.duties.get(name)
+            if duty is None or not duty.running or duty.last_term != term:
+                self._lost.discard(name)  # finished, or another term owns it now
+            elif name not in self._driving:
+                due.append((duties.DutyAction(name, "resume", duty.cursor), True))
+        return due
+
+    async def _run_duty(
+        self, action: duties.DutyAction, handler: DutyHandler, term: int, *, again: bool = False
+    ) -> None:
+        if not again:
+            now = self._clock_ms()
+            started = await self.propose(metadata.cmd_duty_started(action.name, term, now))
+            if not started.ok:
+                log.info("duty %s not started: %s", action.name, started.error)
+                return
+        self._lost.discard(action.name)
+        self._driving.add(action.name)
         ok, message = True, ""
         with trio.CancelScope() as scope:
             self._duty_scope = scope
@@ -581,8 +604,13 @@ class ControlService:
             finally:
                 self.on_change.remove(cancel_if_deposed)
                 self._duty_scope = None
+                self._driving.discard(action.name)
         if scope.cancelled_caught:
-            return  # deposed mid-duty: the next leader resumes it (it is still marked running)
+            # deposed mid-duty: the next leader resumes it (it is still marked running); if
+            # only the lease lapsed, this node resumes it once the lease is back
+            if action.name not in self.self_reviving:
+                self._lost.add(action.name)
+            return
         await self.propose(
             metadata.cmd_duty_finished(action.name, term, self._clock_ms(), ok, message)
         )

@@ -198,3 +198,40 @@ async def test_a_failed_save_halts_the_control_plane_and_the_data_path_serves(
         body = {"address": ADDRESS, "record": {"summary": "still"}}
         answer = await plane.sim.call(victim, "ctx.put", body)
         assert answer["ref"]["version_id"]
+
+
+async def test_a_duty_cut_by_a_lapsed_lease_is_resumed_by_the_same_leader(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[tuple[str, str, int]] = []
+    running = trio.Event()
+
+    async def sweep(action: DutyAction, term: int) -> str:
+        calls.append(("sweep", action.kind, term))
+        if len(calls) == 1:
+            running.set()
+            await trio.sleep_forever()  # cut short by the lapse below
+        return "swept"
+
+    async with control_plane(tmp_path) as plane:
+        for control in plane.controls.values():
+            control.duty_handlers["ttl_sweep"] = sweep
+        leader = plane.controls[await plane.leader()]
+        with trio.fail_after(10):
+            await running.wait()
+        term = leader.term
+        real = leader.leader_term
+        leader.leader_term = lambda: None  # type: ignore[method-assign]
+        leader._notify()  # the lease lapsed: the run is cancelled
+        await trio.sleep(0.1)
+        leader.leader_term = real  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            await wait_until(lambda: len(calls) >= 2)
+        assert leader.term == term  # no election: the same leader, in the same term
+        assert calls[1] == ("sweep", "resume", term)
+        with trio.fail_after(10):
+            await wait_until(
+                lambda: (
+                    leader.metadata is not None and not leader.metadata.duties["ttl_sweep"].running
+                )
+            )
