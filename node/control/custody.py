@@ -84,6 +84,11 @@ class Leadership(Protocol):
         """This node's term iff it is the leader and its lease holds now; else None."""
         ...
 
+    def custody_params(self) -> tuple[int, str] | None:
+        """(threshold, admin recipient) of the split as the cluster metadata records it
+        (None: not known, e.g. a standalone node: the local split record is used)."""
+        ...
+
     on_change: list[Callable[[], None]]  # called after role/term/leader/lease changes
 
 
@@ -187,6 +192,8 @@ class AdminCustody:
         if self.keyring.identity_path(ADMIN_ROLE).exists():
             return False  # an unsplit admin identity on disk: nothing to rebuild
         own = self.keyring.keys_dir / OWN_SHARE_FILE
+        if self.leadership.custody_params() is not None:
+            return True  # a member without a share (one that joined) still collects
         return own.exists() or split_record(self.service.store) is not None
 
     def _wipe(self, why: str) -> None:
@@ -210,10 +217,14 @@ class AdminCustody:
 
     async def _collect(self, term: int) -> bool:
         """Collect shares for ``term`` and hold the identity; whether it is held now."""
-        record = split_record(self.service.store) or {}
-        threshold = record.get("threshold")
-        need = threshold if isinstance(threshold, int) and threshold > 0 else 1
-        expected = self.keyring.recipient(ADMIN_ROLE)
+        params = self.leadership.custody_params()
+        if params is not None:  # the cluster's record wins over this node's own
+            need, expected = params
+        else:
+            record = split_record(self.service.store) or {}
+            threshold = record.get("threshold")
+            need = threshold if isinstance(threshold, int) and threshold > 0 else 1
+            expected = self.keyring.recipient(ADMIN_ROLE)
         own = await self.service.fanout.blocking(self._own_share)
         shares = [] if own is None else [own]
         rebuilt = await self.service.fanout.blocking(partial(_try_combine, shares, need, expected))

@@ -236,6 +236,13 @@ class ControlService:
             return None
         return started + self.config.lease_ratio * self.config.election_ticks * self.config.tick_s
 
+    def custody_params(self) -> tuple[int, str] | None:
+        """(threshold, admin recipient) of the admin split the applied metadata records."""
+        custody = None if self.metadata is None else self.metadata.custody
+        if custody is None or custody.threshold < 1:
+            return None
+        return custody.threshold, custody.admin_recipient
+
     def status(self) -> Body:
         """``role``, ``term``, ``leader`` and the log's figures, for ``node.status``."""
         node = self._node

@@ -52,6 +52,9 @@ class FakeLeadership:
     def leader_term(self) -> int | None:
         return self.term if self.leader == self.name and self.lease else None
 
+    def custody_params(self) -> tuple[int, str] | None:
+        return None  # the local split record (these nodes have no cluster metadata)
+
     def notify(self) -> None:
         for callback in list(self.on_change):
             callback()
