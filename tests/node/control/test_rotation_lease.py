@@ -47,6 +47,7 @@ class StandInControl:
         self.config = Config()
         self.on_change: list[Callable[[], None]] = []
         self.duty_handlers: dict[str, Any] = {}
+        self.self_reviving: set[str] = set()
         self.after_propose: Callable[[], None] = lambda: None
 
     @property
