@@ -206,7 +206,22 @@ class HandoffService:
                 delivered += await self._deliver_group(target, group)
 
     async def _deliver_group(self, target: str, group: list[Hint]) -> int:
-        """Send a group of hints; delete each once the owner answered for all of it."""
+        """Send a group of hints; delete each once the owner answered for all of it.
+
+        A hint whose target no longer owns its context (the membership changed since it
+        was stored, and the target may already have dropped the range) goes to the
+        context's current owners instead (``_redirect``): never to a non-owner."""
+        owned: list[Hint] = []
+        redirected = 0
+        for hint in group:
+            owners = self._owners(hint)
+            if owners is None or target in owners:
+                owned.append(hint)
+            else:
+                redirected += await self._redirect(hint, owners)
+        if not owned:
+            return redirected
+        group = owned
         sends: list[tuple[Hint, list[bytes], int]] = []  # hint, blobs to send, covered
         for hint in group:
             keep = await self._blocking(partial(self._not_purged, hint))
@@ -240,7 +255,32 @@ class HandoffService:
             await self._blocking(lambda: self.hints.delete(refused, delivered=False))
         if retry:
             raise Unavailable(f"{target} refused versions of {retry} hints (retried later)")
-        return len(done)
+        return len(done) + redirected
+
+    def _owners(self, hint: Hint) -> tuple[str, ...] | None:
+        """The current write owners of the hint's context (None: undecodable)."""
+        try:
+            ctx = ContextName.from_canonical(hint.context)
+        except StorageError:
+            return None
+        return self.service._placement(ctx).replicas
+
+    async def _redirect(self, hint: Hint, owners: Sequence[str]) -> int:
+        """Give a hint whose target no longer owns the context to every current owner that
+        is up; delete it once all of them stored it (rep.store is idempotent). 1 if done."""
+        keep = await self._blocking(partial(self._not_purged, hint))
+        cluster = self.service.cluster
+        live = [o for o in owners if o == self.service.name or cluster.is_up(o)]
+        if keep and len(live) < len(owners):
+            return 0  # an owner is down: keep the hint until every owner can take it
+        for owner in live:
+            for batch in batches_by_bytes(keep, self.batch_bytes):
+                answer = await self.service.store_on(owner, batch)
+                stored = answer.get("stored")
+                if not isinstance(stored, list) or len(stored) != len(batch):
+                    raise Unavailable(f"{owner} answered rep.store without a flag per version")
+        await self._blocking(lambda: self.hints.delete([hint], delivered=True))
+        return 1
 
     def _not_purged(self, hint: Hint) -> list[bytes]:
         """The hint's versions that no purge marker held here covers (nor undecodable)."""
