@@ -143,6 +143,7 @@ class Simulation:
         self.founders = schedule.names
         self.joined: set[str] = set()  # spares a Join step started
         self.forgotten: set[str] = set()  # crashed for good by a Forget step
+        self.final: list[str] = []  # the final ring, once checked
         self.quorum = quorum or Quorum()
         self.extra_services = list(extra_services)
         self.network = MemoryNetwork(random.Random(schedule.seed))
@@ -340,7 +341,8 @@ class Simulation:
 
     def check(self) -> list[str]:
         """The invariants over the history and the durable state after the quiet period."""
-        ring = set(self.final_members())
+        self.final = self.final_members()
+        ring = set(self.final)
         snaps = {name: snap for name, snap in self.snapshot().items() if name in ring}
         problems = model.acked_writes_kept(self.history, snaps)
         problems += model.reads_were_written(self.history)
