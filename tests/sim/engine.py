@@ -274,13 +274,14 @@ class Simulation:
             node.crash_after_sends = None
         for name in self.control.halted():  # as the operator would, told by its status
             await self.crash(name)
-        states = self.member_states()
-        for name in sorted(self.forgotten):  # a forget that did not happen: it comes back
-            if name in states:
-                self.forgotten.discard(name)
         for name in self.present():
             await self.start(name)
         await trio.sleep(QUIET_S)
+        states = self.member_states()  # (read once the nodes are back: they may all be down)
+        for name in sorted(self.forgotten):  # a forget that did not happen: it comes back
+            if name in states:
+                self.forgotten.discard(name)
+                await self.start(name)
         if self.schedule.changes:
             with trio.move_on_after(SETTLE_MAX_S):
                 while not self.settled():  # noqa: ASYNC110 (polled: no event to wait for)
