@@ -168,6 +168,7 @@ PURE_CORES = (
     "node/control/custody_plan.py",
     "node/control/membership_plan.py",
     "tests/sim/control_model.py",
+    "tests/sim/model.py",
     "node/control/rotation_plan.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})

@@ -1,12 +1,16 @@
 """The control plane in the simulation: its per-node service, the observer, the nemesis.
 
 Owns: ``control_plane`` (the ``EXTRA_SERVICES`` factory that runs the real
-``ControlService``, ``AdminCustody`` and ``Maintenance`` in each life of a node, with a
+``ControlService``, ``AdminCustody``, ``Maintenance``, ``Transitions`` (``ctl.member_*``
+and the leader's transition driver) and ``RebalanceService`` in each life of a node, with a
 fast ``ControlConfig`` and an election rng seeded from the schedule seed, the node name
-and its life, so a replay is exact), ``ControlObserver`` (feeds ``control_model`` through
-the ``on_change`` / ``on_apply`` hooks, samples every running node's custody state every
-``SAMPLE_S`` of simulated time, and checks the end state), killing the current leader, and
-the fenced leader-only orders (``ctl.maintain`` with a stale and with the leader's term).
+and its life, so a replay is exact; the node places by the applied metadata's layout as
+the daemon's ``_sync_members`` does, and every drop of a context by the rebalancer is
+checked first against the owners' durable stores), ``ControlObserver`` (feeds
+``control_model`` through the ``on_change`` / ``on_apply`` hooks, samples every running
+node's custody state every ``SAMPLE_S`` of simulated time, and checks the end
+state), killing the current leader, and the fenced leader-only orders (``ctl.maintain``
+with a stale and with the leader's term).
 
 Must not know: Raft's rules, the invariants themselves (``tests.sim.control_model``).
 """
@@ -15,18 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from crypto.roles import ADMIN_ROLE
+from node.cluster.layout import layout_of
+from node.cluster.rebalance import RebalanceConfig, RebalanceService, _Item
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
+from node.control.membership import Transitions
+from node.control.metadata import ClusterMetadata
 from node.control.raft_types import Entry, Role
 from node.control.service import ControlConfig, ControlService
 from node.errors import PeerUnavailable, RemoteError
-from tests.sim import control_model
+from storage.version_store import VersionStore
+from tests.sim import control_model, model
 from tests.sim.node_parts import sim_clock_ms
 
 if TYPE_CHECKING:
@@ -37,6 +47,9 @@ CONTROL_CONFIG = ControlConfig(
     tick_s=0.1, heartbeat_ticks=1, election_ticks=5, election_jitter_ticks=5
 )
 SAMPLE_S = 0.02  # custody is sampled every 20 simulated ms (and at every leadership change)
+SYNC_S = 0.5  # the layout is also looked at this often (a joiner's snapshot applies no entry)
+TRANSITION_S = 0.5  # the transition driver's interval
+REBALANCE = RebalanceConfig(bytes_per_s=64 * 1024 * 1024, poll_s=0.5)
 FENCED_TIMEOUT_S = 1.0
 STALE_TERM = "stale leader term"
 
@@ -54,15 +67,25 @@ class ControlPlane:
         )
         self.custody = AdminCustody(context.service, self.control)
         Maintenance(self.control, self.custody.fence, max_key_age_days=36500)
+        self.transitions = Transitions(self.control, interval_s=TRANSITION_S)
+        self.rebalance = CheckedRebalance(context.service, self.control, REBALANCE)
+        self.rebalance.observer = self.observer
+        self.cluster = context.cluster
+        self._placed: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the control plane and custody; observed while they run."""
+        """Run the control plane, custody, the transition driver and the rebalancer;
+        observed while they run."""
         self.control.on_change.append(self._leadership)
         self.control.on_apply.append(self._applied)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.control.run)
+                self.sync()
                 await nursery.start(self.custody.run)
+                await nursery.start(self.transitions.run)
+                await nursery.start(self.rebalance.run)
+                nursery.start_soon(self._sync_loop)
                 # after custody's own hook: a change is sampled once custody has reacted
                 self.control.on_change.append(self.observer.sample)
                 self.observer.live[self.name] = self
@@ -76,7 +99,25 @@ class ControlPlane:
         if self.control.role() is Role.LEADER:
             self.observer.record.leader(self.name, self.control.term)
 
+    def sync(self) -> None:
+        """Place by the applied metadata's layout once its ring epoch is new (as the
+        daemon's ``_sync_members``: joining members are written to as well)."""
+        applied = self.control.metadata
+        if applied is None or applied.ring.epoch == self._placed:
+            return
+        self._placed = applied.ring.epoch
+        layout = layout_of(applied)
+        self.control.service.set_layout(layout)
+        self.cluster.set_members(layout.members)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(SYNC_S)
+            self.sync()
+
     def _applied(self, entry: Entry) -> None:
+        self.sync()
+        self.rebalance.wake()
         digest = hashlib.sha256(entry.kind.name.encode() + b"/" + entry.data).hexdigest()[:12]
         if entry.conf is not None:
             digest += ":" + ",".join(sorted(entry.conf.voters))
@@ -102,6 +143,22 @@ class ControlPlane:
         return max(self.control.term, self.custody.fence.value())
 
 
+class CheckedRebalance(RebalanceService):
+    """The real rebalancer; before each drop, the owners' durable stores are checked
+    (``model.drop_problems``) and the drop is recorded."""
+
+    observer: ControlObserver
+
+    async def _drop(self, items: Sequence[_Item]) -> None:
+        if items:
+            _, ring = self.service.placement_rings()
+            n = self.service.config.quorum.n
+            for item in items:
+                owners = ring.preference_list(item.ctx.key(), n)
+                self.observer.dropped(self.service.name, item.ctx, item.state.version_ids, owners)
+        await super()._drop(items)
+
+
 def control_plane(context: SimNodeContext) -> ControlPlane:
     """The ``EXTRA_SERVICES`` factory of the control plane."""
     return ControlPlane(context)
@@ -125,6 +182,26 @@ class ControlObserver:
         self.sim = sim
         self.record = control_model.ControlRecord()
         self.live: dict[str, ControlPlane] = {}
+        self.drops = 0  # contexts the rebalancers dropped
+        self.drop_problems: list[str] = []
+
+    def dropped(
+        self, name: str, ctx: Any, version_ids: frozenset[str], owners: Sequence[str]
+    ) -> None:
+        """``name`` is about to drop ``version_ids`` of ``ctx``: every owner must hold them
+        durably (or have purged them) now."""
+        held = {}
+        for owner in owners:
+            versions = VersionStore(self.sim.nodes[owner].durable)
+            marker = versions.purge_marker(ctx)
+            held[owner] = (set(versions.version_ids(ctx)), None if marker is None else marker.upto)
+        self.drops += 1
+        self.drop_problems += model.drop_problems(name, ctx.canonical(), version_ids, held)
+
+    def metadata(self) -> ClusterMetadata | None:
+        """The most advanced cluster metadata any running node applied (None: none)."""
+        found = [p.control.metadata for p in self.live.values() if p.control.metadata is not None]
+        return max(found, key=lambda m: m.applied_index, default=None)
 
     def sample(self) -> None:
         """Check every running node's custody state now."""
@@ -153,8 +230,11 @@ class ControlObserver:
 
     def end_problems(self) -> list[str]:
         """The end-of-run control invariants (every node is running)."""
-        states = {name: plane.end_state() for name, plane in sorted(self.live.items())}
-        missing = sorted(set(self.sim.names) - set(states))
+        ring = set(self.sim.final_members())
+        states = {
+            name: plane.end_state() for name, plane in sorted(self.live.items()) if name in ring
+        }
+        missing = sorted(ring - set(states))
         if missing:
             return [f"after the quiet period {missing} run no control plane"]
         return control_model.end_state(self.record, states)
@@ -212,7 +292,7 @@ class ControlObserver:
     async def fenced_final(self) -> None:
         """After the quiet period: every follower refuses a stale order and obeys the
         leader's (every node must answer)."""
-        for name in self.sim.names:
+        for name in self.sim.final_members():
             for order in self.orders(name):
                 await self.send(order, strict=True)
 

@@ -16,6 +16,14 @@ started in the node's nursery and restarted with the node. By default every node
 hinted handoff and anti-entropy (the real ``HandoffService`` and ``AntiEntropyService``,
 with short intervals), and ``CONVERGENCE_REQUIRED`` demands identical replicas after the
 quiet period, with no reads.
+
+Membership: ``names`` are every node directory (the founders, bootstrapped, then the
+spares, which carry the join marker and start at a ``Join`` step). The replicas, the
+final reads and the control plane's end state are those of the final ring (the members
+joining or normal in the most advanced applied metadata); a forgotten node stays down and
+its store, like a removed node's, is not counted. A schedule with a membership change
+waits after ``QUIET_S`` until the transitions settled and every ring member cleaned up
+(at most ``SETTLE_MAX_S``), then ``QUIET_S`` again.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from node.cluster.antientropy import AntiEntropyConfig
 from node.cluster.antientropy_service import AntiEntropyService
 from node.cluster.handoff import HandoffService
 from node.cluster.handoff_plan import HandoffConfig
+from node.cluster.layout import layout_of
 from node.cluster.liveness import FailureDetector, StaticCluster
 from node.cluster.replication import Quorum, place
 from node.cluster.service import NodeService, ServiceConfig
@@ -69,6 +78,8 @@ ANTIENTROPY_INTERVAL_S = 2.0
 # simulated seconds of a fault-free network after the last step: failure detection sees every
 # node up, hints drain, and anti-entropy passes run (on start, on member up, at 2 s)
 QUIET_S = 2 * ANTIENTROPY_INTERVAL_S
+SETTLE_MAX_S = 30.0  # simulated seconds a change gets to settle after QUIET_S
+SETTLE_POLL_S = 0.5
 
 
 class SimService(Protocol):
@@ -128,23 +139,31 @@ class Simulation:
         quorum: Quorum | None = None,
     ) -> None:
         self.schedule = schedule
-        self.names = schedule.names
+        self.names = schedule.all_names  # every node directory
+        self.founders = schedule.names
+        self.joined: set[str] = set()  # spares a Join step started
+        self.forgotten: set[str] = set()  # crashed for good by a Forget step
+        self.final: list[str] = []  # the final ring, once checked
         self.quorum = quorum or Quorum()
         self.extra_services = list(extra_services)
         self.network = MemoryNetwork(random.Random(schedule.seed))
         self.network.set_identity(CLIENT, kind="client", roles=("admin",))
         for name in self.names:
             self.network.set_identity(name, kind="node", roles=())
-        made = template(schedule.nodes)
+        made = template(schedule.nodes, schedule.spares)
         source, self._signers = made.root, made.signers
         for name in self.names:  # keys, config and the (unopened) db are only read: link them
             (root / name / "index").mkdir(parents=True)
             for part in ("keys", "config.toml", "db"):
                 (root / name / part).symlink_to(source / name / part)
         self.nodes = {name: SimNode(name, root / name) for name in self.names}
+        self.spares = made.spares
         for node in self.nodes.values():
             memory_index.use_memory_index(node.root, node.index_docs)
-            node.durable.write(made.control_rows)  # Raft bootstrap + admin split record
+            if node.name in self.founders:
+                node.durable.write(made.control_rows)  # Raft bootstrap + admin split record
+            else:
+                node.durable.write(made.join_rows)  # the join marker
         self.history = model.History()
         self.control = ControlObserver(self)
         self._nursery: trio.Nursery | None = None
@@ -181,7 +200,7 @@ class Simulation:
         try:
             with trio.CancelScope() as scope:
                 node.scope = scope
-                cluster = StaticCluster(node.name, self.names)
+                cluster = StaticCluster(node.name, self.present())  # until the metadata
 
                 def connect(peer: str) -> AbstractAsyncContextManager[Caller]:
                     return self.network.open_client(node.name, peer)
@@ -192,7 +211,7 @@ class Simulation:
                     blocking_in_threads=self.schedule.threaded,
                 )  # fmt: skip
                 service = NodeService(store, cluster, CrashingDialer(pool, node), config)
-                share_ring(service, self.names)
+                share_ring(service, self.founders)
                 node.service = service
                 detector = FailureDetector(cluster, pool, interval_s=0.5, timeout_s=0.5)
                 context = SimNodeContext(
@@ -227,7 +246,7 @@ class Simulation:
         """Run the schedule, the quiet period and the checks; the violations found."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for name in self.names:
+            for name in self.founders:
                 await self.start(name)
             nursery.start_soon(partial(self.control.sampler, threaded=self.schedule.threaded))
             await trio.sleep(0.6)  # nodes started before their peers re-probe them
@@ -255,9 +274,57 @@ class Simulation:
             node.crash_after_sends = None
         for name in self.control.halted():  # as the operator would, told by its status
             await self.crash(name)
-        for name in self.names:
+        for name in self.present():
             await self.start(name)
         await trio.sleep(QUIET_S)
+        states = self.member_states()  # (read once the nodes are back: they may all be down)
+        for name in sorted(self.forgotten):  # a forget that did not happen: it comes back
+            if name in states:
+                self.forgotten.discard(name)
+                await self.start(name)
+        if self.schedule.changes:
+            with trio.move_on_after(SETTLE_MAX_S):
+                while not self.settled():  # noqa: ASYNC110 (polled: no event to wait for)
+                    await trio.sleep(SETTLE_POLL_S)
+            await trio.sleep(QUIET_S)
+
+    def present(self) -> list[str]:
+        """The nodes the simulation runs: the founders and the joined spares, less the
+        forgotten."""
+        return [
+            n for n in self.names
+            if (n in self.founders or n in self.joined) and n not in self.forgotten
+        ]  # fmt: skip
+
+    def final_members(self) -> list[str]:
+        """The final ring: the members joining or normal in the most advanced applied
+        metadata (the running nodes when no node applied any)."""
+        meta = self.control.metadata()
+        if meta is None:
+            return self.present()
+        return list(layout_of(meta).new)
+
+    def member_states(self) -> dict[str, str]:
+        """name -> member state in the most advanced applied metadata."""
+        meta = self.control.metadata()
+        if meta is None:
+            return {}
+        return {m.name: m.state for m in meta.members.values() if m.state != "removed"}
+
+    def settled(self) -> bool:
+        """No member joining or leaving, and every running ring member places by the
+        final epoch and cleaned up for it."""
+        meta = self.control.metadata()
+        if meta is None or model.settled(self.member_states()):
+            return False
+        for name in self.final_members():
+            plane = self.control.live.get(name)
+            layout = None if plane is None else plane.control.service.layout
+            if plane is None or layout is None or layout.epoch != meta.ring.epoch:
+                return False
+            if plane.rebalance._cleaned != meta.ring.epoch:  # (sim-only reach-in)
+                return False
+        return True
 
     def snapshot(self) -> dict[str, model.NodeSnapshot]:
         """Every node's durable version sets (straight from its KV, no RPC, no repair)."""
@@ -275,12 +342,18 @@ class Simulation:
 
     def check(self) -> list[str]:
         """The invariants over the history and the durable state after the quiet period."""
-        snaps = self.snapshot()
+        self.final = self.final_members()
+        ring = set(self.final)
+        snaps = {name: snap for name, snap in self.snapshot().items() if name in ring}
         problems = model.acked_writes_kept(self.history, snaps)
         problems += model.reads_were_written(self.history)
         problems += model.purged_stay_purged(self.history, snaps, everywhere=CONVERGENCE_REQUIRED)
         if CONVERGENCE_REQUIRED:
             problems += model.converged(self.replicas(), snaps)
+        if self.schedule.changes:
+            problems += model.settled(self.member_states())
+            problems += model.exact_replicas(self.replicas(), snaps)
+        problems += self.control.drop_problems
         return problems
 
     async def check_control(self) -> list[str]:
@@ -294,10 +367,11 @@ class Simulation:
         return problems + self.control.record.problems
 
     def replicas(self) -> dict[int, list[str]]:
-        """The N replicas of each context with every node up."""
-        ring = ring_of(self.names)
+        """The N replicas of each context in the final ring with every node up."""
+        names = self.final_members()
+        ring = ring_of(names)
         return {
-            ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, self.names).replicas)
+            ctx: list(place(ring, context_name(ctx).key(), self.quorum.n, names).replicas)
             for ctx in range(CONTEXTS)
         }
 

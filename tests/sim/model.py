@@ -17,11 +17,20 @@ The invariants (each returns human-readable violations, empty when it holds):
   and the engine's final reads);
 - ``converged``: every replica of a context holds the identical version set and purge
   marker (only after anti-entropy and hinted handoff exist; see the engine's flag).
+
+Membership changes (the engine passes only the final ring's members' snapshots to the
+checks above: a forgotten or removed node's store does not count):
+
+- ``settled``: after the quiet period no member is joining or leaving;
+- ``exact_replicas``: every context held by some final ring member is held by exactly its
+  N owners in the final ring;
+- ``drop_problems``: when a node drops a context (range cleanup), every owner holds each
+  dropped version durably, or purged it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 W = 2  # the default write quorum of the simulated clusters
@@ -76,6 +85,7 @@ class History:
     puts: list[PutRecord] = field(default_factory=list)
     purges: list[PurgeRecord] = field(default_factory=list)
     reads: list[ReadRecord] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
     tick: int = 0
 
     def now(self) -> int:
@@ -190,4 +200,46 @@ def converged(replicas: Mapping[int, list[str]], nodes: Mapping[str, NodeSnapsho
                 for name, (vids, upto) in sorted(states.items())
             )
             problems.append(f"replicas of ctx {ctx} differ after the quiet period: {detail}")
+    return problems
+
+
+def settled(states: Mapping[str, str]) -> list[str]:
+    """No member (name -> member state) is still joining or leaving."""
+    moving = {name: state for name, state in sorted(states.items()) if state in MOVING}
+    return [f"membership not settled after the quiet period: {moving}"] if moving else []
+
+
+MOVING = frozenset({"joining", "leaving"})
+
+
+def exact_replicas(owners: Mapping[int, list[str]], nodes: Mapping[str, NodeSnapshot]) -> list[str]:
+    """Every context some node of ``nodes`` (the final ring's members) holds a version of
+    is held by exactly its owners (``owners``: its N-long preference list)."""
+    problems = []
+    for ctx, names in sorted(owners.items()):
+        holders = {name for name, snap in nodes.items() if snap.versions.get(ctx)}
+        if holders and holders != set(names):
+            problems.append(
+                f"ctx {ctx} is held by {sorted(holders)} after the quiet period, "
+                f"not by exactly its owners {sorted(names)}"
+            )
+    return problems
+
+
+def drop_problems(
+    dropper: str,
+    ctx: str,
+    version_ids: Collection[str],
+    owners: Mapping[str, tuple[Collection[str], str | None]],
+) -> list[str]:
+    """``dropper`` drops ``version_ids`` of ``ctx``; ``owners``: each owner's durable
+    version ids and purge marker (``upto``) at that instant. A version must be held by
+    every owner, or removed by the owner's purge marker."""
+    problems = []
+    for owner, (held, upto) in sorted(owners.items()):
+        lacking = sorted(
+            vid for vid in version_ids if vid not in held and (upto is None or vid > upto)
+        )
+        if lacking:
+            problems.append(f"{dropper} dropped {ctx} while its owner {owner} lacked {lacking}")
     return problems

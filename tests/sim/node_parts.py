@@ -21,7 +21,13 @@ from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
 from node.cluster.ring import Ring, RingMember
 from node.cluster.service import NodeService, ServiceConfig
-from node.control.bootstrap import cluster_snapshot, custody_of, key_epochs_of, member_of
+from node.control.bootstrap import (
+    cluster_snapshot,
+    custody_of,
+    key_epochs_of,
+    mark_join,
+    member_of,
+)
 from node.control.log_store import write_bootstrap
 from node.errors import PeerUnavailable
 from node.rpc.peers import PeerPool
@@ -129,18 +135,31 @@ class CrashingDialer:
 
 
 @dataclass(frozen=True)
+class Spare:
+    """A node directory created to join: what ``ctl.member_add`` records of it."""
+
+    name: str
+    node_id: str
+    recipient: str
+    signing_key: bytes
+
+
+@dataclass(frozen=True)
 class Template:
-    """Initialised data directories ``n1``..``nK`` and what every schedule copies from them."""
+    """Initialised data directories ``n1``..``nK`` (the founders) and the spares after
+    them, and what every schedule copies from them."""
 
     root: Path
-    signers: list[bytes]  # every node's version-signing key
+    signers: list[bytes]  # every node's version-signing key (the spares' too)
     control_rows: list[tuple[bytes, bytes]]  # Raft bootstrap snapshot + the admin split record
+    spares: dict[str, Spare] = field(default_factory=dict)
+    join_rows: list[tuple[bytes, bytes]] = field(default_factory=list)  # a spare's first rows
 
 
-_TEMPLATES: dict[int, Template] = {}
+_TEMPLATES: dict[tuple[int, int], Template] = {}
 
 
-def template(nodes: int) -> Template:
+def template(nodes: int, spares: int = 0) -> Template:
     """Initialised data directories ``n1``..``nK`` sharing role identities, their signing
     keys, and the rows each node's durable store starts with; built once per process (age
     identities, keyrings and Shamir splits are slow to make) and linked per schedule.
@@ -149,10 +168,14 @@ def template(nodes: int) -> Template:
     nodes (majority threshold; node i keeps share i in ``keys/admin.share.age``, the admin
     key file is forgotten), and one bootstrap snapshot of the cluster metadata (every node
     a voter, custody of the split) goes into every node's store with the split record.
+
+    The ``spares`` directories after the founders are made as ``cluster add`` makes a
+    joiner's: the cluster's role identities without admin's, and (``join_rows``) the join
+    marker in place of a bootstrap.
     """
-    if nodes not in _TEMPLATES:
-        root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-"))
-        names = [f"n{i}" for i in range(1, nodes + 1)]
+    if (nodes, spares) not in _TEMPLATES:
+        root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-{spares}-"))
+        names = [f"n{i}" for i in range(1, nodes + spares + 1)]
         ContextStore.init(root / names[0], DEFAULT_ROLES)
         with ContextStore.open(root / names[0], kv=MemoryKV()) as store:
             identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
@@ -162,8 +185,23 @@ def template(nodes: int) -> Template:
             config = root / name / "config.toml"  # index commits only on purge, close, 256 docs
             text = config.read_text(encoding="utf-8")
             config.write_text(text.replace("index_refresh_s = 1.0", "index_refresh_s = 3600.0"))
-        _TEMPLATES[nodes] = Template(root, *_split_and_bootstrap(root, names))
-    return _TEMPLATES[nodes]
+        signers, rows = _split_and_bootstrap(root, names[:nodes])
+        made = {name: _spare(root, name) for name in names[nodes:]}
+        joining = MemoryKV()
+        mark_join(joining)
+        _TEMPLATES[(nodes, spares)] = Template(
+            root, signers + [spare.signing_key for spare in made.values()], rows, made,
+            list(joining.scan(b"")),
+        )  # fmt: skip
+    return _TEMPLATES[(nodes, spares)]
+
+
+def _spare(root: Path, name: str) -> Spare:
+    """Forget the spare's admin identity (the cluster's is split); its identity."""
+    with ContextStore.open(root / name, kv=MemoryKV()) as store:
+        store.keyring.forget(ADMIN_ROLE)
+        keyring = store.keyring
+        return Spare(name, keyring.node_id, keyring.node_recipient, keyring.signer.public_key)
 
 
 def _split_and_bootstrap(

@@ -3,8 +3,11 @@
 Owns: turning ``tests.sim.schedule`` steps into client calls (in the background, recorded
 in the engine's ``History`` with start and end ticks) and into faults on the network,
 the disks and the nodes (killing the leader and restarting it later; fenced orders, through
-``tests.sim.control_parts``); and the final quorum reads through every node after the quiet
-period. The simulated client holds the admin role.
+``tests.sim.control_parts``); membership changes (``ctl.member_add`` / ``member_remove`` /
+``member_forget`` through a running member, one at a time, each outcome recorded in
+``History.changes``: a refusal or an unanswered request is an outcome, not a violation);
+and the final quorum reads through every member of the final ring after the quiet period.
+The simulated client holds the admin role.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from tests.sim.schedule import (
     Block,
     Crash,
     CrashMidWrite,
+    Decommission,
     DiskFail,
     Faults,
     FencedOrder,
+    Forget,
     Get,
     Heal,
+    Join,
     KillLeader,
     Partition,
     Purge,
@@ -38,6 +44,9 @@ if TYPE_CHECKING:
     from tests.sim.engine import Simulation
 
 CLIENT_TIMEOUT_S = 3.0
+CHANGE_TIMEOUT_S = 5.0  # a follower forwards a change to the leader, which commits it
+CHANGE_ATTEMPTS = 5  # tries of a change, each through the next running member, 1 s apart
+N = 3  # replicas per context: a change never leaves the ring with fewer members
 NOT_FOUND = "UCXL-404-NOT_FOUND"
 
 
@@ -49,6 +58,7 @@ class ClientOps:
         self.history: model.History = sim.history
         self._writes = itertools.count(1)
         self._restarts: list[tuple[float, str]] = []  # (when, node) of killed leaders
+        self._change: trio.Event | None = None  # set when the change under way is answered
 
     async def _due_restarts(self) -> None:
         """Restart the killed leaders whose time has come (the quiet period restarts the
@@ -56,7 +66,8 @@ class ClientOps:
         now = trio.current_time()
         for when, name in [r for r in self._restarts if r[0] <= now]:
             self._restarts.remove((when, name))
-            await self.sim.start(name)
+            if name in self.sim.present():
+                await self.sim.start(name)
 
     async def step(self, clients: trio.Nursery, step: Step) -> None:
         """Carry out ``step``: client operations start in ``clients`` and run on."""
@@ -77,7 +88,8 @@ class ClientOps:
                 await sim.crash(node)
             case Restart(node):
                 sim.nodes[node].crash_after_sends = None
-                await sim.start(node)
+                if node in sim.present():
+                    await sim.start(node)
             case Block(src, dst):
                 net.block(src, dst)
             case Partition(side):
@@ -96,7 +108,99 @@ class ClientOps:
                     self._restarts.append((trio.current_time() + after_s, killed))
             case FencedOrder(node):
                 clients.start_soon(sim.control.fenced_step, node)
+            case Join(node) | Decommission(node) | Forget(node):
+                if self._change is not None:  # one change at a time
+                    await self._change.wait()
+                self._change = trio.Event()
+                clients.start_soon(self._changing, step, self._change)
         await trio.lowlevel.checkpoint()
+
+    # -- membership changes ---------------------------------------------------------------
+
+    async def _changing(self, step: Join | Decommission | Forget, done: trio.Event) -> None:
+        try:
+            match step:
+                case Join(node):
+                    await self.join(node)
+                case Decommission(node):
+                    await self.change("ctl.member_remove", node)
+                case Forget(node):
+                    await self.forget(node)
+        finally:
+            done.set()
+
+    def _record(self, what: str, outcome: str) -> str:
+        self.history.changes.append((what, outcome))
+        return outcome
+
+    def _too_few(self, node: str) -> str | None:
+        """Why removing ``node`` is not tried: it is no member, or the ring would keep
+        fewer than N members."""
+        states = self.sim.member_states()
+        if node not in states:
+            return f"{node} is not a member"
+        ring = [n for n, state in states.items() if state in ("normal", "joining")]
+        if len([n for n in ring if n != node]) < N:
+            return f"the ring {sorted(ring)} would keep fewer than N={N} members"
+        return None
+
+    async def join(self, node: str) -> None:
+        """Start the spare ``node`` (empty, join marker) and ask a member to add it."""
+        spare = self.sim.spares[node]
+        self.sim.joined.add(node)
+        await self.sim.start(node)
+        body = {
+            "name": node, "node_id": spare.node_id, "recipient": spare.recipient,
+            "signing_key": spare.signing_key, "rpc_host": "127.0.0.1", "rpc_port": 1,
+        }  # fmt: skip
+        await self.change("ctl.member_add", node, body, check=False)
+
+    async def forget(self, node: str) -> None:
+        """Crash ``node`` for good and ask a member to forget it; it comes back only when
+        the forget is refused (else the quiet period decides by the metadata)."""
+        why = self._too_few(node)
+        if why is not None:
+            self._record(f"forget {node}", f"skipped: {why}")
+            return
+        self.sim.forgotten.add(node)
+        await self.sim.crash(node)
+        outcome = await self.change("ctl.member_forget", node, check=False)
+        if outcome.startswith("refused"):
+            self.sim.forgotten.discard(node)
+            await self.sim.start(node)
+
+    async def change(
+        self, method: str, node: str, body: dict[str, Any] | None = None, *, check: bool = True
+    ) -> str:
+        """Ask a running member (not ``node``) to carry out ``method``; the outcome."""
+        what = f"{method.removeprefix('ctl.member_')} {node}"
+        why = self._too_few(node) if check else None
+        if why is not None:
+            return self._record(what, f"skipped: {why}")
+        outcome = "failed: no running member to ask"
+        for attempt in range(CHANGE_ATTEMPTS):
+            if attempt:
+                await trio.sleep(1.0)
+            members = self.sim.final_members()
+            running = [n for n in members if n != node and self.sim.nodes[n].running]
+            if not running:
+                continue
+            via = running[attempt % len(running)]
+            try:
+                async with self.sim.network.open_client("client", via) as client:
+                    answer = await client.call(
+                        method, body or {"name": node}, timeout_s=CHANGE_TIMEOUT_S
+                    )
+            except RemoteError as exc:
+                if exc.code.startswith("UCXL-400"):
+                    return self._record(what, f"refused via {via}: {exc}")
+                outcome = f"failed via {via}: {exc}"
+                continue
+            except PeerUnavailable as exc:
+                outcome = f"failed via {via}: {exc}"
+                continue
+            return self._record(what, f"ok via {via}: {answer.get('state')}")
+        return self._record(what, outcome)
 
     async def call(self, node: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
         """One client request to ``node``."""
@@ -159,7 +263,7 @@ class ClientOps:
 
         problems = []
         gone = model.must_be_gone(self.history)
-        for name in self.sim.names:
+        for name in self.sim.final_members():
             if not self.sim.nodes[name].running:
                 problems.append(f"{name} is not running after the quiet period")
                 continue
