@@ -248,7 +248,7 @@ class RebalanceService:
         body = {"contexts": [item.ctx.canonical() for item in items]}
         answer = await self._call(owner, "rep.ids", body)
         theirs: dict[str, ContextState] = {}
-        for canonical, ids, marker in answer["states"]:
+        for canonical, ids, marker, *_epochs in answer["states"]:  # epochs: re-seals only
             upto = None if marker is None else PurgeMarker.decode(bytes(marker)).upto
             theirs[str(canonical)] = ContextState(frozenset(str(v) for v in ids), upto)
         pushes: list[tuple[_Item, tuple[str, ...]]] = []

@@ -192,6 +192,9 @@ class NodeService:
         self.extra_client_methods: dict[str, Handler] = {}
         self.handoff: HintSink | None = None  # set by HandoffService when enabled
         self.forwarder: Forwarder | None = None  # set by the control plane (admin custody)
+        # consulted when this node refused a client request Forbidden: it may answer it
+        # elsewhere (custody: a read only the admin identity opens, forwarded to the leader)
+        self.forward_refused: Forwarder | None = None
         # the leader's term for leader-only operations (raises Unavailable on a non-leader);
         # set by the control plane; None: no control plane, leader operations unfenced
         self.leader_term_for_ops: Callable[[], int] | None = None
@@ -253,7 +256,15 @@ class NodeService:
                 answer = await self.forwarder(peer, parsed, raw)
                 if answer is not None:
                     return answer
-            return await handler(peer, parsed.args)
+            try:
+                return await handler(peer, parsed.args)
+            except Forbidden:
+                if raw is None or self.forward_refused is None or peer.kind != "client":
+                    raise
+                elsewhere = await self.forward_refused(peer, parsed, raw)
+                if elsewhere is None:
+                    raise
+                return elsewhere
         except (StorageError, NodeError):
             raise
         except Exception:

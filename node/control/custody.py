@@ -52,7 +52,14 @@ from crypto.shamir import WipeableIdentity, combine_identity, decrypt_share, enc
 from node.cluster import answers
 from node.cluster.answers import MalformedAnswer
 from node.cluster.requests import Parsed
-from node.control.custody_plan import Action, Route, custody_action, retry_delay_s, route
+from node.control.custody_plan import (
+    ADMIN_READS,
+    Action,
+    Route,
+    custody_action,
+    retry_delay_s,
+    route,
+)
 from node.control.custody_plan import share_refusal as refusal_of
 from node.control.fence import Fence
 from node.errors import NodeError
@@ -114,6 +121,7 @@ class AdminCustody:
         service.extra_replica_methods["admin.share"] = self._admin_share
         service.extra_replica_methods["admin.forward"] = self._admin_forward
         service.forwarder = self._forward
+        service.forward_refused = self._forward_refused
         service.leader_term_for_ops = self.require_leader_term
         service.local.admit_leader_term = self.fence.admit
         service.status_sources["custody"] = self.status
@@ -341,6 +349,23 @@ class AdminCustody:
         if leader == self.service.name:
             raise Unavailable("this node's leader lease does not hold now; retry")
         body = {"method": parsed.method, "body": raw,
+                "client": {"name": peer.name, "roles": list(peer.roles)}}  # fmt: skip
+        return await self.service.dialer.call(
+            leader, "admin.forward", body, timeout_s=self.service.fanout.timeout()
+        )
+
+    async def _forward_refused(self, peer: Peer, parsed: Parsed, raw: Body) -> Body | None:
+        """``NodeService.forward_refused``: a read refused here, by a client with the admin
+        role that named no role, may be one only the admin identity opens: the leader
+        answers it (None: answer the refusal here)."""
+        if parsed.method not in ADMIN_READS or ADMIN_ROLE not in peer.roles:
+            return None
+        if parsed.args.get("as_role") is not None or self.keyring.has_identity(ADMIN_ROLE):
+            return None
+        leader = self.leadership.leader_name()
+        if leader is None or leader == self.service.name:
+            return None
+        body = {"method": parsed.method, "body": {**raw, "as_role": ADMIN_ROLE},
                 "client": {"name": peer.name, "roles": list(peer.roles)}}  # fmt: skip
         return await self.service.dialer.call(
             leader, "admin.forward", body, timeout_s=self.service.fanout.timeout()

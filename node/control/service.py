@@ -58,6 +58,7 @@ from node.control.raft_types import (
     ConfState,
     Entry,
     EntryKind,
+    MalformedRaftData,
     Message,
     PersistedState,
     Ready,
@@ -269,20 +270,16 @@ class ControlService:
     # -- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load (or bootstrap) the log, then tick, drive Readys and run duties."""
-        store = self.service.store
-        fresh = not await self.service.fanout.blocking(self.log.has_state)
-        if fresh and await self.service.fanout.blocking(lambda: join_pending(store.kv)):
-            state = PersistedState()  # wait for the leader's snapshot (module docstring)
-            self.joining = True
-        else:
-            if fresh:
-                name, (host, port) = self.service.name, self._rpc
-                await self.service.fanout.blocking(
-                    lambda: bootstrap_single(store, name, host, port)
-                )
-            state = await self.service.fanout.blocking(self.log.load)
-            self.joining = state.snapshot is None and join_pending(store.kv)
+        """Load (or bootstrap) the log, then tick, drive Readys and run duties. A log that
+        cannot be read (a failing disk, a corrupt row) halts the control plane, not the
+        node: the data path serves, ``halted`` says why, a restart tries again."""
+        try:
+            state = await self._load()
+        except (StorageError, NodeError, MalformedRaftData, OSError) as exc:
+            self.halted = f"the raft log could not be loaded: {type(exc).__name__}: {exc}"
+            log.critical("%s: control plane halted: %s", self.service.name, self.halted)
+            task_status.started()
+            await trio.sleep_forever()
         applied = 0
         if state.snapshot is not None:
             self.metadata = metadata.decode_state(state.snapshot.data)
@@ -301,6 +298,21 @@ class ControlService:
             for waiter in self._waiters.values():
                 waiter.lost = "the node is stopping"
                 waiter.done.set()
+
+    async def _load(self) -> PersistedState:
+        """The persisted Raft state: bootstrapped alone when there is none (unless the node
+        was created to join: then empty, until the leader's snapshot arrives)."""
+        store = self.service.store
+        fresh = not await self.service.fanout.blocking(self.log.has_state)
+        if fresh and await self.service.fanout.blocking(lambda: join_pending(store.kv)):
+            self.joining = True
+            return PersistedState()  # wait for the leader's snapshot (module docstring)
+        if fresh:
+            name, (host, port) = self.service.name, self._rpc
+            await self.service.fanout.blocking(lambda: bootstrap_single(store, name, host, port))
+        state = await self.service.fanout.blocking(self.log.load)
+        self.joining = state.snapshot is None and join_pending(store.kv)
+        return state
 
     async def _tick_loop(self) -> None:
         keep = 4 * (self.config.election_ticks + self.config.election_jitter_ticks)

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from tests.sim.engine import run_schedule_sync
 from tests.sim.node_parts import template
-from tests.sim.schedule import random_schedule
+from tests.sim.schedule import SPARES, random_schedule
 
 THREADED_EVERY = 10  # every 10th seed runs the service's blocking work in threads
 
@@ -41,21 +41,34 @@ class Summary:
         return 60.0 * self.schedules / self.seconds if self.seconds else 0.0
 
 
-def replay_command(seed: int, nodes: int) -> str:
+def replay_command(seed: int, nodes: int, membership: bool = False) -> str:
     """The one-line command that runs exactly one schedule again."""
-    return f"scripts/sim --seed {seed} --schedules 1 --nodes {nodes}"
+    flag = " --membership" if membership else ""
+    return f"scripts/sim --seed {seed} --schedules 1 --nodes {nodes}{flag}"
 
 
 def run_many(
-    schedules: int, seed: int, nodes: int, *, length: int = 24, out: TextIO | None = None
+    schedules: int,
+    seed: int,
+    nodes: int,
+    *,
+    length: int = 24,
+    out: TextIO | None = None,
+    membership: bool = False,
 ) -> Summary:
-    """Run ``schedules`` schedules from ``seed`` on; print each failure as it happens."""
+    """Run ``schedules`` schedules from ``seed`` on; print each failure as it happens.
+
+    ``membership``: mix membership changes (join, decommission, forget) into about one
+    schedule in four (spare nodes); off by default (see docs/simulation.md)."""
     stream = out or sys.stdout
-    template(nodes)  # built once, outside the timing
+    spares = SPARES if membership else 0
+    template(nodes, spares)  # built once, outside the timing
     summary = Summary()
     start = time.perf_counter()
     for current in range(seed, seed + schedules):
-        schedule = random_schedule(current, nodes, length=length, threaded_every=THREADED_EVERY)
+        schedule = random_schedule(
+            current, nodes, length=length, threaded_every=THREADED_EVERY, spares=spares
+        )
         try:
             problems = run_schedule_sync(schedule)
         except Exception as exc:  # the engine itself broke: still a failing seed to replay
@@ -67,12 +80,14 @@ def run_many(
             for problem in problems:
                 print(f"  {problem}", file=stream)
             print(schedule.describe(), file=stream)
-            print(f"  replay: {replay_command(current, nodes)}", file=stream)
+            print(f"  replay: {replay_command(current, nodes, membership)}", file=stream)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def run_jobs(schedules: int, seed: int, nodes: int, length: int, jobs: int) -> Summary:
+def run_jobs(
+    schedules: int, seed: int, nodes: int, length: int, jobs: int, *, membership: bool = False
+) -> Summary:
     """Run the seeds in ``jobs`` processes on disjoint ranges; their output passes through."""
     share, extra = divmod(schedules, jobs)
     ranges, start = [], seed
@@ -97,6 +112,7 @@ def run_jobs(schedules: int, seed: int, nodes: int, length: int, jobs: int) -> S
                 str(nodes),
                 "--steps",
                 str(length),
+                *(["--membership"] if membership else []),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -126,21 +142,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=3, help="cluster size, >= 3 (default 3)")
     parser.add_argument("--steps", type=int, default=24, help="steps per schedule (default 24)")
     parser.add_argument("--jobs", type=int, default=1, help="processes, one per core (default 1)")
+    parser.add_argument(
+        "--membership", action="store_true",
+        help="mix membership changes (join, decommission, forget) into the schedules",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.schedules < 1 or args.nodes < 3 or args.steps < 1 or args.jobs < 1:
         parser.error("--schedules, --steps and --jobs must be >= 1 and --nodes >= 3")
     logging.disable(logging.CRITICAL)  # nodes log expected faults; invariants decide
     if args.jobs > 1:
-        summary = run_jobs(args.schedules, args.seed, args.nodes, args.steps, args.jobs)
+        summary = run_jobs(
+            args.schedules, args.seed, args.nodes, args.steps, args.jobs,
+            membership=args.membership,
+        )  # fmt: skip
     else:
-        summary = run_many(args.schedules, args.seed, args.nodes, length=args.steps)
+        summary = run_many(
+            args.schedules, args.seed, args.nodes, length=args.steps, membership=args.membership
+        )
     print(
         f"{summary.schedules} schedules ({args.nodes} nodes, seeds {args.seed}.."
         f"{args.seed + args.schedules - 1}), {len(summary.failures)} failed, "
         f"{summary.seconds:.1f} s, {summary.per_minute:.0f} schedules/minute"
     )
     for seed, _ in summary.failures:
-        print(f"  failed seed={seed}: {replay_command(seed, args.nodes)}")
+        print(f"  failed seed={seed}: {replay_command(seed, args.nodes, args.membership)}")
     return 1 if summary.failures else 0
 
 
