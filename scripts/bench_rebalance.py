@@ -23,7 +23,6 @@ table or the Markdown (``bench_cluster`` renders the figures). Wall times come f
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import string
@@ -38,11 +37,12 @@ import trio
 
 from node.client import AsyncClient, ClientConfig, open_client
 from node.daemon.ops import ClusterError, LocalNode, add_nodes
+from storage.errors import Unavailable
 
 DEFAULT_CONTEXTS = 20_000
 QUICK_CONTEXTS = 3_000
-BATCH = 250  # items per put_batch (the node allows 1000)
-LOAD_STREAMS = 3  # put_batch calls in flight, one per old node
+BATCH = 50  # items per put_batch (the node allows 1000; it writes them one context at a time)
+LOAD_STREAMS = 12  # put_batch calls in flight, spread over the old nodes
 VALUE_BYTES = 1024
 ROLE = "backend_developer"
 WRITE_EVERY_S = 0.05  # the steady writer's shortest interval
@@ -51,7 +51,8 @@ QUICK_REST_S = 5.0
 POLL_S = 0.25
 CALL_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 900.0
-ROTATION_TIMEOUT_S = 900.0
+ROTATION_TIMEOUT_S = 300.0  # then the rotation is reported unfinished (NaN) with its state
+ROTATE_RETRY_S = 60.0
 MB = 1_000_000
 
 
@@ -156,7 +157,7 @@ def describe(out: Outcome, rest_s: float) -> str:
     return (
         f"Rebalance and rotation lines (last, on the same cluster): {out.contexts:,} contexts"
         f" of ~{VALUE_BYTES} B are loaded with `put_batch` ({BATCH} items a call,"
-        f" {LOAD_STREAMS} calls in flight through different nodes). A steady writer (one put"
+        f" {LOAD_STREAMS} calls in flight spread over the 3 nodes). A steady writer (one put"
         f" at a time, at most one per {WRITE_EVERY_S * 1000:.0f} ms, W = 2) runs {rest_s:g} s"
         " at rest, then through the whole join: `cluster add` (node.daemon.ops.add_nodes)"
         ' creates, starts and proposes a 4th node and returns once it is "normal". The'
@@ -297,7 +298,7 @@ async def run(
             log(f"  at rest: {len(out.rest_latencies_s)} writes; adding a node")
             writer.sink = out.move_latencies_s
             try:
-                out.add_s, out.joined, port, polls = await _join(root, watchers)
+                out.add_s, out.joined, port, polls = await _join(root, members, watchers)
             finally:
                 stop.set()
         span = window(polls)
@@ -316,7 +317,9 @@ async def run(
     return out
 
 
-async def _join(root: Path, watchers: Sequence[AsyncClient]) -> tuple[float, str, int, list[Poll]]:
+async def _join(
+    root: Path, members: Sequence[LocalNode], watchers: Sequence[AsyncClient]
+) -> tuple[float, str, int, list[Poll]]:
     """add_nodes in a thread while the old nodes are polled; (seconds, the new node's
     name and rpc port, the polls)."""
     polls: list[Poll] = []
@@ -334,8 +337,7 @@ async def _join(root: Path, watchers: Sequence[AsyncClient]) -> tuple[float, str
                 polls.append(await poll(watchers, joiner[0]))
                 await trio.sleep(POLL_S)
 
-        # the new node's name is the next nodeK (cluster_init.create_joiner_dirs)
-        joiner[0] = _next_name(root)
+        joiner[0] = next_name([m.name for m in members])
         nursery.start_soon(watch)
         await trio.to_thread.run_sync(add)
         polls.append(await poll(watchers, joiner[0]))
@@ -347,10 +349,11 @@ async def _join(root: Path, watchers: Sequence[AsyncClient]) -> tuple[float, str
     return trio.current_time() - begin, str(joiner[0]), port, polls
 
 
-def _next_name(root: Path) -> str:
-    names = [n["name"] for n in json.loads((root / "cluster.json").read_text())["nodes"]]
-    highest = max(int(n.removeprefix("node")) for n in names if n.startswith("node"))
-    return f"node{highest + 1}"
+def next_name(names: Sequence[str]) -> str:
+    """The name ``add_nodes`` gives the next node: ``nodeK``, K after the highest number
+    (cluster_init.create_joiner_dirs)."""
+    numbers = [int(n.removeprefix("node")) for n in names if n.removeprefix("node").isdigit()]
+    return f"node{max(numbers, default=0) + 1}"
 
 
 async def _contexts_of(base: ClientConfig, rpc_port: int) -> int:
@@ -364,9 +367,18 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
     """rotate_role(ROLE), then poll until the rotation is done; fills ``out``."""
     log(f"rotation: rotate_role({ROLE!r})")
     begin = trio.current_time()
-    answer = await client.rotate_role(ROLE)
+    answer: dict[str, Any] = {}
+    with trio.move_on_after(ROTATE_RETRY_S):
+        while True:  # the leader may just have changed (the join): the node says retry
+            try:
+                answer = await client.rotate_role(ROLE)
+                break
+            except Unavailable as exc:
+                log(f"  rotate_role: {exc}; retrying")
+                await trio.sleep(1.0)
     if not answer.get("started"):
         raise ClusterError(f"rotation not started: {answer}")
+    last: dict[str, Any] = {}
     with trio.move_on_after(ROTATION_TIMEOUT_S):
         while True:
             try:
@@ -374,6 +386,7 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
             except Exception:
                 rotation = {}
             if rotation.get("role") == ROLE:
+                last = rotation
                 out.rotation_rows = max(out.rotation_rows, int(rotation.get("rows_total") or 0))
                 out.rotation_members = max(
                     out.rotation_members, int(rotation.get("members_total") or 0)
@@ -385,6 +398,12 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
                         out.notes.append(f"the rotation failed: {rotation.get('message')}")
                     break
             await trio.sleep(POLL_S)
+    if not out.rotation_phase:
+        out.notes.append(
+            f"the rotation did not finish within {ROTATION_TIMEOUT_S:g} s; last seen: phase"
+            f" {last.get('phase')}, {last.get('members_done')}/{last.get('members_total')}"
+            f" members done, rows {last.get('rows_done')}/{last.get('rows_total')}"
+        )
     log(
         f"  rotation {out.rotation_phase or 'unfinished'} after {out.rotation_s:.1f} s"
         f" ({out.rotation_rows:,} rows on {out.rotation_members} members)"

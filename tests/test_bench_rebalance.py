@@ -103,3 +103,8 @@ def test_loaded_values_are_distinct_and_about_the_value_size() -> None:
     assert len(bodies) == 200
     assert all(abs(len(b) - br.VALUE_BYTES) <= 2 for b in bodies)
     assert br.load_address(7) != br.write_address(7)
+
+
+def test_the_next_node_name_follows_the_highest_number() -> None:
+    assert br.next_name(["node1", "node2", "node3"]) == "node4"
+    assert br.next_name(["node3", "node10", "other"]) == "node11"
