@@ -656,7 +656,7 @@ class Bench:
             )
         self.results.notes.append(
             f"rebalance: {out.joined} joined; {len(out.rest_latencies_s)} writes at rest,"
-            f" {len(out.move_latencies_s)} during the join; the rotation re-sealed"
+            f" {len(out.move_latencies_s)} during the join; the rotation counted"
             f" {out.rotation_rows:,} rows (all replicas) on {out.rotation_members} members,"
             f" phase {out.rotation_phase or 'unfinished'}."
         )

@@ -405,6 +405,7 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
             f" members done, rows {last.get('rows_done')}/{last.get('rows_total')}"
         )
     log(
-        f"  rotation {out.rotation_phase or 'unfinished'} after {out.rotation_s:.1f} s"
+        f"  rotation {out.rotation_phase or 'unfinished'} after"
+        f" {trio.current_time() - begin:.1f} s"
         f" ({out.rotation_rows:,} rows on {out.rotation_members} members)"
     )
