@@ -10,6 +10,11 @@ with the same value size and op counts. Each measurement is split into up to 5 r
 alternate slurp and etcd, so both see the same background load. Without ``etcd`` the etcd
 column is skipped.
 
+Then (slurp only) the failover phase (scripts/bench_failover.py) and, last, the rebalance and
+rotation phase (scripts/bench_rebalance.py, ``--rebalance-contexts N``, 0 to skip): N
+contexts are loaded, a 4th node joins under a steady writer (rebalance rate, write latency
+beside the same cluster at rest), then a cluster-wide rotation of the role re-seals them.
+
 Output: a table on stdout and the same as Markdown between ``<!-- bench:cluster:start -->``
 and ``<!-- bench:cluster:end -->`` in BENCHMARKS.md (the rest of that file is left as it
 was). Scratch data goes to ``bench-data/cluster`` and ``bench-data/etcd`` (git-ignored),
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_failover  # scripts/, on sys.path
+import bench_rebalance
 import trio
 from bench_report import git_revision, write_section
 
@@ -540,6 +546,7 @@ class Settings:
     keep: bool
     warmup: int = WARMUP_OPS
     failover_rounds: int = bench_failover.DEFAULT_ROUNDS
+    rebalance_contexts: int = 0  # 0: no rebalance/rotation phase
 
 
 @dataclass
@@ -548,6 +555,8 @@ class Results:
 
     runs: dict[tuple[str, str, int], Measurement] = field(default_factory=dict)
     failover: dict[str, list[bench_failover.Round]] = field(default_factory=dict)
+    rebalance: bench_rebalance.Outcome | None = None
+    rebalance_rest_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     etcd_skipped: str | None = None
 
@@ -629,6 +638,28 @@ class Bench:
             await self._slurp_only(slurp)
             if self.settings.failover_rounds:
                 await self._failover(members, base, etcd)
+            if self.settings.rebalance_contexts:  # last: the cluster grows by a node
+                await self._rebalance(members, base)
+
+    async def _rebalance(self, members: list[LocalNode], base: ClientConfig) -> None:
+        """Load, join a 4th node under writes, rotate (bench_rebalance)."""
+        rest = bench_rebalance.QUICK_REST_S if self.settings.quick else bench_rebalance.REST_S
+        out = await bench_rebalance.run(
+            self.slurp_root, members, base, self.settings.rebalance_contexts, rest
+        )
+        self.results.rebalance, self.results.rebalance_rest_s = out, rest
+        self.results.notes += [f"rebalance: {note}" for note in out.notes]
+        if out.write_errors:
+            self.results.notes.append(
+                f"rebalance: {len(out.write_errors)} steady-writer puts failed (first:"
+                f" {out.write_errors[0]})"
+            )
+        self.results.notes.append(
+            f"rebalance: {out.joined} joined; {len(out.rest_latencies_s)} writes at rest,"
+            f" {len(out.move_latencies_s)} during the join; the rotation counted"
+            f" {out.rotation_rows:,} rows (all replicas) on {out.rotation_members} members,"
+            f" phase {out.rotation_phase or 'unfinished'}."
+        )
 
     async def _failover(
         self, members: list[LocalNode], base: ClientConfig, etcd: EtcdCluster | None
@@ -815,6 +846,11 @@ def build_rows(results: Results) -> tuple[list[Row], list[Row]]:
             ]
     rows += failover_rows(results.failover)
     extra: list[Row] = []
+    if results.rebalance is not None:
+        extra += [
+            Row(label, value, None, count=count)
+            for label, value, count in bench_rebalance.figures(results.rebalance)
+        ]
     for (name, op, clients), run in runs.items():
         if name == "slurp" and op not in ("put", "get"):
             extra += [
@@ -928,6 +964,11 @@ def render_markdown(
             if results.failover
             else []
         ),
+        *(
+            [bench_rebalance.describe(results.rebalance, results.rebalance_rest_s), ""]
+            if results.rebalance is not None
+            else []
+        ),
         "Slurp only:",
         "",
         *render_table(extra, ["metric", "slurp"]),
@@ -963,6 +1004,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"leader kills per system ({bench_failover.DEFAULT_ROUNDS};"
         f" --quick: {bench_failover.QUICK_ROUNDS}; 0: no failover phase)",
     )
+    parser.add_argument(
+        "--rebalance-contexts",
+        type=int,
+        default=None,
+        help=f"contexts loaded before a 4th node joins, then rotated"
+        f" ({bench_rebalance.DEFAULT_CONTEXTS:,}; --quick: {bench_rebalance.QUICK_CONTEXTS:,};"
+        " 0: no rebalance/rotation phase)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep bench-data/cluster and etcd")
     args = parser.parse_args(argv)
@@ -972,6 +1021,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.failover_rounds = (
             bench_failover.QUICK_ROUNDS if args.quick else bench_failover.DEFAULT_ROUNDS
         )
+    if args.rebalance_contexts is None:
+        args.rebalance_contexts = (
+            bench_rebalance.QUICK_CONTEXTS if args.quick else bench_rebalance.DEFAULT_CONTEXTS
+        )
+    if args.rebalance_contexts < 0:
+        parser.error("--rebalance-contexts must be 0 or more")
     if args.failover_rounds < 0:
         parser.error("--failover-rounds must be 0 or more")
     if args.ops < max(CONCURRENCY):
@@ -990,6 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         warmup=2 if args.quick else WARMUP_OPS,
         failover_rounds=args.failover_rounds,
+        rebalance_contexts=args.rebalance_contexts,
     )
     revision = git_revision()
     versions = f"Python {platform.python_version()} · slurp {metadata.version('slurp')}"
