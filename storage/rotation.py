@@ -232,8 +232,10 @@ def reseal_step(
             raise KeyringError(f"no rotation of role {role!r} to key version {to_version} here")
         cursor = _load_cursor(store, role, to_version)
         if cursor is None:
-            since_ms = max(_last_write_ms(store) - TAIL_MARGIN_MS, 0)
-            cursor = RotationCursor(to_version, b"", since_ms)
+            # a member that coordinated no write has no HLC of its own: its clock then
+            # bounds the tail (without it every call would re-check every row)
+            began = max(_last_write_ms(store), store.clock_ms())
+            cursor = RotationCursor(to_version, b"", max(began - TAIL_MARGIN_MS, 0))
             store.kv.write([(rotation_cursor_key(role), cursor.encode())], sync=True)
         run = _Run(store, role, to_version, cursor, batch_size, _count_versions(store))
         run.trusted = trusted
