@@ -74,7 +74,24 @@ async def _leader(root: Path, members: list[LocalNode]) -> str:
     raise AssertionError("no leader was elected")
 
 
+async def _all_up(root: Path, members: list[LocalNode]) -> None:
+    """Wait until every node sees every member up (the writes below need W = 3)."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        seen = [await _status(root, member) for member in members]
+        if all(
+            s is not None
+            and len(s["members"]) == len(members)
+            and all(m["up"] for m in s["members"])
+            for s in seen
+        ):
+            return
+        await trio.sleep(0.2)
+    raise AssertionError("the members never all saw each other up")
+
+
 async def _write(root: Path, members: list[LocalNode]) -> list[str]:
+    await _all_up(root, members)
     addresses = [f"{BASE}file{i}.md" for i in range(CONTEXTS)]
     for step in range(2):
         for i, addr in enumerate(addresses):
