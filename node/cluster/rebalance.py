@@ -262,9 +262,10 @@ class RebalanceService:
                 pushes.append((item, todo.push))
             else:
                 item.confirmed.add(owner)
-        for item, vids in pushes:
-            await self._push(owner, item, vids)
-            item.confirmed.add(owner)
+        if pushes:
+            await self._push(owner, pushes)
+            for item, _ in pushes:
+                item.confirmed.add(owner)
 
     async def _send_marker(self, owner: str, ctx: ContextName) -> None:
         versions = self.service.store.versions
@@ -274,11 +275,13 @@ class RebalanceService:
                 owner, "rep.purge", {"context": ctx.canonical(), "marker": marker.encode()}
             )
 
-    async def _push(self, owner: str, item: _Item, vids: Sequence[str]) -> None:
+    async def _push(self, owner: str, pushes: Sequence[tuple[_Item, Sequence[str]]]) -> None:
+        """Send ``owner`` the versions it lacks of every item at once: one ``rep.store`` per
+        ``MAX_BATCH_BYTES`` of versions, whatever their contexts (not a call a context)."""
         versions = self.service.store.versions
 
         def read() -> list[bytes]:
-            found = (versions.version(item.ctx, vid) for vid in vids)
+            found = (versions.version(item.ctx, vid) for item, vids in pushes for vid in vids)
             return [data for data in found if data is not None]
 
         blobs = self._unexpired(await self.service.fanout.blocking(read))
