@@ -197,6 +197,7 @@ class Simulation:
         for key in self._signers:
             store.trust_signer(key)
         node.store = store
+        started = False
         try:
             with trio.CancelScope() as scope:
                 node.scope = scope
@@ -226,6 +227,7 @@ class Simulation:
                         await nursery.start(detector.run)
                         for factory in self.extra_services:
                             await nursery.start(factory(context).run)
+                        started = True
                         task_status.started()
                 except* Exception as group:  # a node that stops by itself breaks an invariant
                     if not scope.cancel_called:  # (errors while it is being killed do not)
@@ -239,6 +241,8 @@ class Simulation:
             abandon(store)
             node.service = None
             node.stopped.set()
+            if not started:  # crashed (or failed) while starting: the start is over all the same
+                task_status.started()
 
     # -- running a schedule ---------------------------------------------------------------
 
