@@ -43,10 +43,10 @@ from node.cluster.antientropy_replica import (
     hash_int,
     replica_handlers,
 )
-from node.cluster.replication import batches_by_bytes
+from node.cluster.replication import batches_by_bytes, unexpired
 from node.errors import PeerUnavailable, RemoteError
 from storage.address import ContextName
-from storage.envelope import Envelope, seal_epoch_of
+from storage.envelope import seal_epoch_of
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
 from storage.version_store import VersionStore
@@ -248,7 +248,7 @@ class AntiEntropyService:
         fetched: list[bytes] = []
         wanted = list(plan.pull)
         while wanted:
-            await self._throttle(64 * len(wanted))
+            await pace(self._bucket, 64 * len(wanted))
             answer = await self._call(
                 peer, "rep.fetch", {"context": ctx.canonical(), "ids": wanted}
             )
@@ -257,8 +257,8 @@ class AntiEntropyService:
             if not blobs or not set(more) < set(wanted):
                 break  # the peer no longer holds them (purged or expired since)
             self.stats.bytes_received += sum(map(len, blobs))
-            await self._throttle(sum(map(len, blobs)))
-            fetched += self._unexpired(blobs)
+            await pace(self._bucket, sum(map(len, blobs)))
+            fetched += unexpired(blobs, self.service.store.clock_ms())
             wanted = more
         return fetched
 
@@ -280,10 +280,10 @@ class AntiEntropyService:
             found = (versions.version(ctx, vid) for ctx, vid in items)
             return [data for data in found if data is not None]
 
-        blobs = self._unexpired(await self.service.fanout.blocking(read))
+        blobs = unexpired(await self.service.fanout.blocking(read), self.service.store.clock_ms())
         for batch in batches_by_bytes(blobs, BATCH_BUDGET):
             size = sum(map(len, batch))
-            await self._throttle(size)
+            await pace(self._bucket, size)
             answer = await self._call(peer, "rep.store", {"envelopes": batch})
             self.stats.bytes_sent += size
             # held already (False) at a lower seal epoch: the plan pushes a copy the peer
@@ -294,26 +294,6 @@ class AntiEntropyService:
                 if flag is True or (flag is False and seal_epoch_of(blob) > 0)
             )
 
-    def _unexpired(self, blobs: Sequence[bytes]) -> list[bytes]:
-        """Blobs whose TTL has not run out (an expired version is never spread again)."""
-        now_ms = self.service.store.clock_ms()
-        keep = []
-        for blob in blobs:
-            try:
-                expires = Envelope.decode(blob).expires_at_ms
-            except StorageError:
-                keep.append(blob)  # the receiver's verification refuses and counts it
-                continue
-            if expires is None or expires > now_ms:
-                keep.append(blob)
-        return keep
-
-    async def _throttle(self, amount: int) -> None:
-        delay = self._bucket.delay(amount, now=trio.current_time())
-        if delay > 0:
-            await trio.sleep(delay)
-        self._bucket.spend(amount, now=trio.current_time())
-
     async def _call(self, peer: str, method: str, body: Body) -> Body:
         answer = await self.service.dialer.call(
             peer, method, body, timeout_s=self.service.config.timeout_s
@@ -321,6 +301,15 @@ class AntiEntropyService:
         if not isinstance(answer, dict):
             raise ExchangeFailed(f"{method} from {peer} is not a map")
         return answer
+
+
+async def pace(bucket: TokenBucket, amount: int) -> None:
+    """Wait until ``bucket`` allows ``amount`` bytes, then spend them (on trio's clock);
+    anti-entropy and range streaming pace their transfers with it."""
+    delay = bucket.delay(amount, now=trio.current_time())
+    if delay > 0:
+        await trio.sleep(delay)
+    bucket.spend(amount, now=trio.current_time())
 
 
 def _local_state(

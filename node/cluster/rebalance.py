@@ -32,13 +32,13 @@ import trio
 from node.cluster import answers
 from node.cluster import rebalance_plan as plan
 from node.cluster.antientropy import MAX_ITEMS, ContextState, TokenBucket
+from node.cluster.antientropy_service import pace
 from node.cluster.layout import Layout, moving_arcs
-from node.cluster.replication import batches_by_bytes
+from node.cluster.replication import batches_by_bytes, unexpired
 from node.control.metadata import cmd_epoch_seen, cmd_stream_done
 from node.errors import NodeError
 from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import ContextName
-from storage.envelope import Envelope
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
 
@@ -284,10 +284,10 @@ class RebalanceService:
             found = (versions.version(item.ctx, vid) for item, vids in pushes for vid in vids)
             return [data for data in found if data is not None]
 
-        blobs = self._unexpired(await self.service.fanout.blocking(read))
+        blobs = unexpired(await self.service.fanout.blocking(read), self.service.store.clock_ms())
         for batch in batches_by_bytes(blobs, MAX_BATCH_BYTES):
             size = sum(map(len, batch))
-            await self._throttle(size)
+            await pace(self._bucket, size)
             stored = answers.parse_store(
                 await self._call(owner, "rep.store", {"envelopes": batch}), len(batch)
             ).stored
@@ -325,25 +325,6 @@ class RebalanceService:
     def _up(self) -> set[str]:
         cluster = self.service.cluster
         return {name for name in cluster.member_names() if cluster.is_up(name)}
-
-    def _unexpired(self, blobs: Sequence[bytes]) -> list[bytes]:
-        now_ms = self.service.store.clock_ms()
-        keep = []
-        for blob in blobs:
-            try:
-                expires = Envelope.decode(blob).expires_at_ms
-            except StorageError:
-                keep.append(blob)  # the receiver's verification refuses and counts it
-                continue
-            if expires is None or expires > now_ms:
-                keep.append(blob)
-        return keep
-
-    async def _throttle(self, amount: int) -> None:
-        delay = self._bucket.delay(amount, now=trio.current_time())
-        if delay > 0:
-            await trio.sleep(delay)
-        self._bucket.spend(amount, now=trio.current_time())
 
     async def _call(self, peer: str, method: str, body: Body) -> Body:
         answer = await self.service.dialer.call(

@@ -24,7 +24,8 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from node.cluster.ring import Ring
-from storage.envelope import seal_epoch_of
+from storage.envelope import Envelope, seal_epoch_of
+from storage.errors import StorageError
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
 from storage.views import ContextInfo, SearchResult
@@ -203,6 +204,22 @@ def merge_hits(hits: Sequence[SearchResult], limit: int) -> list[SearchResult]:
         if hit.context not in best or hit.version > best[hit.context].version:
             best[hit.context] = hit
     return sorted(best.values(), key=lambda h: (-h.score, h.context))[:limit]
+
+
+def unexpired(blobs: Sequence[bytes], now_ms: int) -> list[bytes]:
+    """The encoded versions whose TTL has not run out at ``now_ms`` (an expired version is
+    never spread again); one that does not decode is kept: the receiver's verification
+    refuses and counts it."""
+    keep = []
+    for blob in blobs:
+        try:
+            expires = Envelope.decode(blob).expires_at_ms
+        except StorageError:
+            keep.append(blob)
+            continue
+        if expires is None or expires > now_ms:
+            keep.append(blob)
+    return keep
 
 
 def batches_by_bytes(blobs: Sequence[bytes], budget_bytes: int) -> Iterator[list[bytes]]:
