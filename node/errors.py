@@ -63,3 +63,8 @@ class RemoteError(NodeError):
 
 class PeerUnavailable(NodeError):
     """No answer from the peer: unreachable, refused, timed out or connection lost."""
+
+
+class CallTimedOut(PeerUnavailable):
+    """No answer to one call in time: the peer may be slow rather than gone, so the
+    connection is kept (``node.rpc.peers.PeerPool``) and other calls on it go on."""

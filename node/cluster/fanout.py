@@ -179,13 +179,15 @@ class Fanout:
 
         async def attempt(node: str) -> None:
             success = False
+            reason = ""
             try:
                 await one(node)
                 success = True
             except Exception as exc:
                 self.failed(op, node, exc)
+                reason = _reason(exc)
             try:
-                if tracker.record(node, success) is not Outcome.PENDING:
+                if tracker.record(node, success, reason) is not Outcome.PENDING:
                     decided.set()
             except Exception:
                 self.internal(f"{op}.tracker")
@@ -242,3 +244,12 @@ class Fanout:
             self.failed(what, "background", exc)
         finally:
             self._background -= 1
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, safe description of why a replica call failed (for the quorum error)."""
+    if isinstance(exc, MalformedAnswer):
+        return "malformed answer"
+    if isinstance(exc, NodeError | StorageError):
+        return str(exc)[:200]
+    return f"internal error ({type(exc).__name__})"

@@ -98,13 +98,24 @@ class QuorumTracker:
     ok: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     groups: tuple[tuple[str, ...], ...] = ()
+    reasons: dict[str, str] = field(default_factory=dict)  # failed node -> why
 
-    def record(self, node: str, success: bool) -> Outcome:
+    def record(self, node: str, success: bool, reason: str = "") -> Outcome:
         """Record one answer (each asked node answers at most once) and say where we are."""
         if node not in self.asked or node in self.ok or node in self.failed:
             raise ValueError(f"unexpected answer from {node!r}")
         (self.ok if success else self.failed).append(node)
+        if not success:
+            self.reasons[node] = reason or "failed"
         return self.outcome
+
+    def shortfall(self) -> str:
+        """Why the quorum is not reached, per replica: what failed, and who never answered."""
+        parts = [f"{node}: {self.reasons.get(node, 'failed')}" for node in self.failed]
+        silent = [n for n in self.asked if n not in self.ok and n not in self.failed]
+        if silent:
+            parts.append("no answer from " + ", ".join(silent))
+        return "; ".join(parts)
 
     @property
     def outcome(self) -> Outcome:

@@ -596,6 +596,7 @@ class NodeService:
             self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
+                f" ({tracker.shortfall()})"
             )
 
     def _count_quorum_failure(self, op: str) -> None:

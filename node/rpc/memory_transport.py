@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import trio
 
-from node.errors import PeerUnavailable
+from node.errors import CallTimedOut, PeerUnavailable
 from node.rpc.transport import Handler, Peer, ServerStatistics, answer
 from node.rpc.wire import MAX_FRAME_BYTES, Error, Request, Response, decode_frame, encode
 
@@ -326,7 +326,7 @@ class MemoryClient:
         finally:
             self._calls.discard(call)
         if call.outcome is None:
-            raise PeerUnavailable(f"{method}: no answer from {self._to} in {timeout_s} s")
+            raise CallTimedOut(f"{method}: no answer from {self._to} in {timeout_s} s")
         if isinstance(call.outcome, Exception):
             raise call.outcome
         return call.outcome

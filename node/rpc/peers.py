@@ -1,8 +1,11 @@
 """Connections from this node to its peers, kept open and reused (a trio shell).
 
 Owns: one long-lived connection per peer (TLS or in-memory, through a ``Connector``),
-opened on first use, dropped when it fails; calls with a timeout; and feeding call
-outcomes to failure detection (``on_result``). Every connection is held by a task of the
+opened on first use, dropped when it fails (lost, refused, or ``MAX_TIMEOUTS_IN_A_ROW``
+calls in a row unanswered in time: one slow answer is not a lost connection, and dropping
+it would fail every other call in flight on it); calls with a timeout; and feeding call
+outcomes to failure detection (``on_result``; a single timeout is left to the detector's
+pings). Every connection is held by a task of the
 pool's own nursery (``run``), so nothing is detached.
 """
 
@@ -15,11 +18,14 @@ from typing import Any
 
 import trio
 
-from node.errors import NodeError, PeerUnavailable, RemoteError
+from node.errors import CallTimedOut, NodeError, PeerUnavailable, RemoteError
 from node.rpc.transport import Caller
 
 log = logging.getLogger(__name__)
 Connector = Callable[[str], AbstractAsyncContextManager[Caller]]
+# Calls in a row to one peer that got no answer in time before its connection is dropped
+# and the peer is reported down; fewer are a slow peer, not a gone one.
+MAX_TIMEOUTS_IN_A_ROW = 3
 
 
 class PeerPool:
@@ -36,6 +42,7 @@ class PeerPool:
         self._clients: dict[str, Caller] = {}
         self._closers: dict[str, trio.Event] = {}
         self._opening: dict[str, trio.Event] = {}
+        self._timeouts: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -58,14 +65,30 @@ class PeerPool:
             client = await self._client(name)
             answer = await client.call(method, body, timeout_s=timeout_s)
         except RemoteError:
-            self._on_result(name, True)
+            self._answered(name)
             raise
+        except CallTimedOut as exc:
+            # A slow answer is not a lost connection: other calls on it go on, and the
+            # failure detector's pings decide whether the peer is down, unless it stays
+            # silent for several calls in a row.
+            self._timeouts[name] = self._timeouts.get(name, 0) + 1
+            if self._timeouts[name] >= MAX_TIMEOUTS_IN_A_ROW:
+                self._lost(name)
+            raise CallTimedOut(f"{name}: {exc}") from None
         except (PeerUnavailable, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            self._drop(name)
-            self._on_result(name, False)
+            self._lost(name)
             raise PeerUnavailable(f"{name}: {exc}") from None
-        self._on_result(name, True)
+        self._answered(name)
         return answer
+
+    def _answered(self, name: str) -> None:
+        self._timeouts.pop(name, None)
+        self._on_result(name, True)
+
+    def _lost(self, name: str) -> None:
+        self._timeouts.pop(name, None)
+        self._drop(name)
+        self._on_result(name, False)
 
     async def _client(self, name: str) -> Caller:
         while True:

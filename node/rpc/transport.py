@@ -46,7 +46,14 @@ from cryptography.x509.oid import NameOID
 from crypto.certs import certificate_kind, certificate_roles, load_certificate
 from crypto.errors import CertificateError
 from crypto.tls import TlsFiles, client_ssl_context, peer_certificate, server_ssl_context
-from node.errors import FrameTooLarge, NodeError, PeerUnavailable, ProtocolError, RemoteError
+from node.errors import (
+    CallTimedOut,
+    FrameTooLarge,
+    NodeError,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+)
 from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
@@ -506,7 +513,7 @@ class RpcClient:
         finally:
             del self._calls[request_id]
         if pending.outcome is None:
-            raise PeerUnavailable(f"{method}: no answer from {self.peer.name} in {timeout_s} s")
+            raise CallTimedOut(f"{method}: no answer from {self.peer.name} in {timeout_s} s")
         if isinstance(pending.outcome, Exception):
             raise pending.outcome
         return pending.outcome

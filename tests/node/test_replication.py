@@ -81,3 +81,13 @@ def test_batches_by_bytes_keep_order_and_budget(blobs: list[bytes], budget: int)
     assert all(batch for batch in batches)
     for batch in batches:
         assert len(batch) == 1 or sum(map(len, batch)) <= budget
+
+
+def test_quorum_shortfall_names_each_replica() -> None:
+    tracker = QuorumTracker(["a", "b", "c"], 2)
+    tracker.record("a", False, "a: connection refused")
+    tracker.record("b", True)
+    assert tracker.shortfall() == "a: a: connection refused; no answer from c"
+    tracker.record("c", False)
+    assert tracker.shortfall() == "a: a: connection refused; c: failed"
+    assert not tracker.reached

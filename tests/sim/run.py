@@ -150,15 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.schedules < 1 or args.nodes < 3 or args.steps < 1 or args.jobs < 1:
         parser.error("--schedules, --steps and --jobs must be >= 1 and --nodes >= 3")
     logging.disable(logging.CRITICAL)  # nodes log expected faults; invariants decide
-    if args.jobs > 1:
-        summary = run_jobs(
-            args.schedules, args.seed, args.nodes, args.steps, args.jobs,
-            membership=args.membership,
-        )  # fmt: skip
-    else:
-        summary = run_many(
-            args.schedules, args.seed, args.nodes, length=args.steps, membership=args.membership
-        )
+    try:
+        if args.jobs > 1:
+            summary = run_jobs(
+                args.schedules, args.seed, args.nodes, args.steps, args.jobs,
+                membership=args.membership,
+            )  # fmt: skip
+        else:
+            summary = run_many(
+                args.schedules, args.seed, args.nodes, length=args.steps,
+                membership=args.membership,
+            )  # fmt: skip
+    finally:
+        logging.disable(logging.NOTSET)  # main() also runs inside pytest (tests/sim/test_run.py)
     print(
         f"{summary.schedules} schedules ({args.nodes} nodes, seeds {args.seed}.."
         f"{args.seed + args.schedules - 1}), {len(summary.failures)} failed, "
