@@ -38,6 +38,8 @@ from typing import Any, Literal
 import msgpack
 import zstandard
 
+from crypto.seal_format import associated_data
+from crypto.sealing import PendingSeal
 from crypto.signing import SignatureInvalid, Signer, signing_message, verify
 from storage.errors import CorruptRecord
 
@@ -104,16 +106,34 @@ class Envelope:
         fields = [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
         return [*fields, self.seal_epoch] if self.seal_epoch else fields
 
+    def header_digest(self) -> bytes:
+        """SHA-256 of the msgpack-encoded clear header (signed, and bound into the box)."""
+        return hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+
+    def binding(self) -> bytes:
+        """The associated data that binds a sealed ciphertext to this version's place:
+        context address, version id and clear header digest (``crypto.seal_format``)."""
+        return associated_data(self.context, self.version_id, self.header_digest())
+
     def signing_message(self) -> bytes:
         """The bytes the signature covers."""
-        header_digest = hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+        _refuse_pending(self.ciphertext)
         return signing_message(
-            self.context, self.version_id, header_digest, hashlib.sha256(self.ciphertext).digest()
+            self.context,
+            self.version_id,
+            self.header_digest(),
+            hashlib.sha256(self.ciphertext).digest(),
         )
 
     def sealed(self, signer: Signer) -> Envelope:
-        """A copy signed by ``signer``."""
+        """A copy signed by ``signer``; a ``PendingSeal`` ciphertext is first sealed for
+        this version's place (``binding``), so the signature covers the final bytes."""
         unsigned = replace(self, signer=signer.public_key, signature=b"")
+        if isinstance(unsigned.ciphertext, PendingSeal):
+            finished = unsigned.ciphertext.finish(
+                self.context, self.version_id, unsigned.header_digest()
+            )
+            unsigned = replace(unsigned, ciphertext=finished)
         return replace(unsigned, signature=signer.sign(unsigned.signing_message()))
 
     def check_signature(self) -> None:
@@ -135,7 +155,12 @@ class Envelope:
             ) from None
 
     def encode(self) -> bytes:
-        """The stored (and replicated) form."""
+        """The stored (and replicated) form.
+
+        Raises:
+            ValueError: the ciphertext is an unfinished ``PendingSeal`` (never signed).
+        """
+        _refuse_pending(self.ciphertext)
         schema = SEALED_SCHEMA if self.seal_epoch else ENVELOPE_SCHEMA
         row = [schema, *self.header(), self.ciphertext, self.signer, self.signature]
         return bytes(msgpack.packb(row, use_bin_type=True))
@@ -239,6 +264,11 @@ def decompress_payload(payload: bytes, compression: Compression) -> bytes:
         )
     except zstandard.ZstdError:
         raise CorruptRecord("stored payload does not decompress", field="payload") from None
+
+
+def _refuse_pending(ciphertext: bytes) -> None:
+    if isinstance(ciphertext, PendingSeal):
+        raise ValueError("an unfinished PendingSeal cannot be signed or stored")
 
 
 def _plain(value: Any) -> Any:

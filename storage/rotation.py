@@ -363,19 +363,22 @@ def _rotated(run: _Run, key: bytes, data: bytes) -> Envelope | None:
     if not _sound(env, key, keyring, run.trusted):
         run.skipped.add(key)
         return None
+    binding = env.binding()
     try:
-        keyring.decrypt_version(env.ciphertext, run.role, run.to_version)
+        keyring.decrypt_version(env.ciphertext, run.role, run.to_version, associated=binding)
         return None  # written after the rotation began, or rewritten before a crash
     except DecryptionError:
         pass
     try:
-        plain = keyring.decrypt(env.ciphertext, run.role)
+        plain = keyring.decrypt(env.ciphertext, run.role, associated=binding)
     except DecryptionError:
         run.skipped.add(key)
         return None
-    ciphertext = keyring.encrypt(plain, env.readers)
+    # a full re-seal: a new data key wrapped to the current recipients, a new box bound to
+    # the new header (its seal epoch changes); docs/storage.md, "Key rotation"
+    pending = keyring.seal(plain, env.readers)
     epoch = max(seal_epoch(keyring, env.readers), env.seal_epoch + 1)
-    return replace(env, ciphertext=ciphertext, seal_epoch=epoch).sealed(keyring.signer)
+    return replace(env, ciphertext=pending, seal_epoch=epoch).sealed(keyring.signer)
 
 
 def seal_epoch(keyring: Keyring, readers: Iterable[str]) -> int:
