@@ -44,7 +44,6 @@ here (e.g. admin after its identity was Shamir-split and forgotten).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -233,6 +232,7 @@ class Keyring:
         return keyring
 
     def _set_meta(self, meta: Meta) -> None:
+        self._reader_sets: dict[tuple[str, ...], tuple[tuple[str, int, str], ...]] = {}
         self._roles = roles_of(meta)
         self._meta = meta
         self.protected: bool = bool(meta.get("protected", False))
@@ -368,23 +368,32 @@ class Keyring:
         Raises:
             UnknownRole: a reader is not a known role.
         """
-        names = tuple(dict.fromkeys([*readers, ADMIN_ROLE]))
-        recipients = [self.recipient(name) for name in names]  # checks every name
-        reader_set = tuple(
-            sorted(
-                (name, self._roles[name].current, recipient)
-                for name, recipient in zip(names, recipients, strict=True)
-            )
-        )
+        asked = tuple(readers)
+        reader_set = self._reader_sets.get(asked)
+        if reader_set is None:
+            reader_set = self._reader_set(asked)
+            self._reader_sets[asked] = reader_set
 
         def wrap(key: bytes) -> bytes:
             return wrap_key(key, [self._recipient_obj(r) for _, _, r in reader_set])
 
         data_key, fresh = self._issuer.take(reader_set, wrap)
         if fresh:  # the writer's own roles read it back without an unwrap
-            for name in names:
-                self._open_keys.store(("role", name), data_key.digest(), data_key.key)
+            for name, _, _ in reader_set:
+                self._open_keys.store(("role", name), data_key.digest, data_key.key)
         return PendingSeal(data_key, plaintext)
+
+    def _reader_set(self, readers: tuple[str, ...]) -> tuple[tuple[str, int, str], ...]:
+        """The sorted (role, current key version, recipient) of ``readers`` plus admin:
+        what a data key is drawn for (a changed version or recipient is a new set)."""
+        names = tuple(dict.fromkeys([*readers, ADMIN_ROLE]))
+        recipients = [self.recipient(name) for name in names]  # checks every name
+        return tuple(
+            sorted(
+                (name, self._roles[name].current, recipient)
+                for name, recipient in zip(names, recipients, strict=True)
+            )
+        )
 
     def encrypt(self, plaintext: bytes, readers: Iterable[str]) -> bytes:
         """A standalone age file of ``plaintext`` to the current recipients of ``readers``
@@ -466,7 +475,7 @@ class Keyring:
         if is_age(ciphertext):
             return _decrypt(ciphertext, identities)
         record = SealedRecord.parse(ciphertext)
-        digest = hashlib.sha256(record.wrapped_key).digest()
+        digest = record.digest
         known, key = self._open_keys.lookup(scope, digest)
         if not known:
             key = unwrap_key(record.wrapped_key, identities)

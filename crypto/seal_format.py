@@ -84,12 +84,17 @@ def associated_data(context: str, version_id: str, header_digest: bytes) -> byte
 
 @dataclass(frozen=True)
 class SealedRecord:
-    """A parsed sealed record (nothing in it is opened yet)."""
+    """A parsed sealed record (nothing in it is opened yet).
+
+    ``digest`` is the full SHA-256 of the wrapped key (``key_id`` is its first 16 bytes);
+    readers cache unwrapped keys by it.
+    """
 
     key_id: bytes
     wrapped_key: bytes
     nonce: bytes
     box: bytes
+    digest: bytes = b""
 
     def encode(self) -> bytes:
         """The stored bytes (module docstring)."""
@@ -114,9 +119,10 @@ class SealedRecord:
         box = data[start + wrapped_len + NONCE_BYTES :]
         if len(wrapped) != wrapped_len or len(nonce) != NONCE_BYTES or len(box) < TAG_BYTES:
             raise DecryptionError("cannot decrypt")
-        if key_id(wrapped) != kid or not is_age(wrapped):
+        digest = hashlib.sha256(wrapped).digest()
+        if digest[:KEY_ID_BYTES] != kid or not is_age(wrapped):
             raise DecryptionError("cannot decrypt")
-        return cls(kid, wrapped, nonce, box)
+        return cls(kid, wrapped, nonce, box, digest)
 
 
 def seal_box(
@@ -129,8 +135,27 @@ def seal_box(
     """
     if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES or len(wrapped) > MAX_WRAPPED_BYTES:
         raise ValueError("bad data key, nonce or wrapped key size")
-    box = ChaCha20Poly1305(key).encrypt(nonce, payload, associated)
-    return SealedRecord(key_id(wrapped), wrapped, nonce, box)
+    return seal_with(ChaCha20Poly1305(key), key_id(wrapped), wrapped, nonce, payload, associated)
+
+
+def seal_with(
+    aead: ChaCha20Poly1305,
+    kid: bytes,
+    wrapped: bytes,
+    nonce: bytes,
+    payload: bytes,
+    associated: bytes,
+) -> SealedRecord:
+    """``seal_box`` with the AEAD object and key id of the data key already made (the
+    writer's fast path: both are built once per data key, not once per record).
+
+    Raises:
+        ValueError: a nonce of the wrong size.
+    """
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError("bad nonce size")
+    box = aead.encrypt(nonce, payload, associated)
+    return SealedRecord(kid, wrapped, nonce, box)
 
 
 def open_box(record: SealedRecord, key: bytes, associated: bytes) -> bytes:

@@ -30,10 +30,17 @@ from dataclasses import dataclass
 
 import pyrage
 from cachetools import LRUCache
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pyrage import x25519
 
 from crypto.errors import DecryptionError
-from crypto.seal_format import KEY_BYTES, NONCE_BYTES, associated_data, seal_box
+from crypto.seal_format import (
+    KEY_BYTES,
+    KEY_ID_BYTES,
+    NONCE_BYTES,
+    associated_data,
+    seal_with,
+)
 
 DEFAULT_MAX_RECORDS = 4096
 DEFAULT_MAX_AGE_S = 3600.0
@@ -61,17 +68,15 @@ class SealPolicy:
 class DataKey:
     """One DEK as its writer holds it: the key, its age wrapping, its use so far."""
 
-    __slots__ = ("issued_at", "key", "sealed", "wrapped")
+    __slots__ = ("aead", "digest", "issued_at", "key", "sealed", "wrapped")
 
     def __init__(self, key: bytes, wrapped: bytes, issued_at: float) -> None:
         self.key = key
+        self.aead = ChaCha20Poly1305(key)
         self.wrapped = wrapped
+        self.digest = hashlib.sha256(wrapped).digest()  # the open-key cache's key
         self.issued_at = issued_at
         self.sealed = 0
-
-    def digest(self) -> bytes:
-        """SHA-256 of the wrapped key (what the open-key cache is keyed by)."""
-        return hashlib.sha256(self.wrapped).digest()
 
 
 class DataKeyIssuer:
@@ -195,10 +200,11 @@ class PendingSeal(bytes):
 
     def finish(self, context: str, version_id: str, header_digest: bytes) -> bytes:
         """The sealed record bytes, bound to its context, version id and clear header."""
+        dk = self._key
         associated = associated_data(context, version_id, header_digest)
         nonce = os.urandom(NONCE_BYTES)
-        record = seal_box(self._key.key, self._key.wrapped, nonce, self._payload, associated)
-        return record.encode()
+        kid = dk.digest[:KEY_ID_BYTES]
+        return seal_with(dk.aead, kid, dk.wrapped, nonce, self._payload, associated).encode()
 
     def __repr__(self) -> str:
         return "PendingSeal(<unfinished>)"
