@@ -37,6 +37,12 @@ keyring.json does not list (crash before step 3) or lists as retired (crash insi
 deleted, and so are stray ``*.tmp`` files. Every identity read is checked against the
 recipient keyring.json records for its version.
 
+Encryption (``seal`` / ``decrypt*`` / ``export_age``): records are sealed under data keys
+that are age-wrapped to the readers' current recipients plus admin (``crypto.sealing``);
+plain age files (``encrypt``: records from before sealing, ``get --encrypted`` exports)
+still open. Unwrapped data keys are cached per role scope and dropped whenever a held
+identity changes (rotation, ``hold_in_memory``, ``release``).
+
 Must not know about records or storage. Invariants: every secret file is 0600 and is
 checked before it is read; a role's recipient is known even when its identity is not held
 here (e.g. admin after its identity was Shamir-split and forgotten).
@@ -99,6 +105,7 @@ NODE_IDENTITY = "node"
 KEYRING_FILE = "keyring.json"
 NODE_KEY_FILE = "node.key"
 SIGNING_KEY_FILE = "node.ed25519"
+MAX_READER_SETS = 1024  # memoised reader lists (``seal``); the memo is cleared when full
 
 __all__ = [
     "KEYRING_FORMAT",
@@ -372,6 +379,8 @@ class Keyring:
         reader_set = self._reader_sets.get(asked)
         if reader_set is None:
             reader_set = self._reader_set(asked)
+            if len(self._reader_sets) >= MAX_READER_SETS:
+                self._reader_sets.clear()
             self._reader_sets[asked] = reader_set
 
         def wrap(key: bytes) -> bytes:

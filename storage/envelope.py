@@ -1,13 +1,22 @@
-"""The stored form of one version: clear header, age ciphertext, Ed25519 signature.
+"""The stored form of one version: clear header, ciphertext, Ed25519 signature.
 
 Owns: the envelope's msgpack format (``ENVELOPE_SCHEMA``), what is in clear and what is
-encrypted, compression of large payloads, and sealing/verifying the signature.
+encrypted, compression of large payloads, the binding of a sealed ciphertext to its place
+(``binding``), and sealing/verifying the signature.
 Must not know about LevelDB keys or the cache.
 
 In clear (routing and filtering need them; ARCHITECTURE.md §5): the context address,
 version id and parent, kind, timestamps, writer, reader roles, tags, technologies and
-influence links. Everything else of the record is inside ``ciphertext`` (age, to the
-readers plus admin), zstd-compressed first when larger than ``COMPRESS_THRESHOLD_BYTES``.
+influence links. Everything else of the record is inside ``ciphertext``, zstd-compressed
+first when larger than ``COMPRESS_THRESHOLD_BYTES``: a ChaCha20-Poly1305 box under an
+age-wrapped data key (``crypto.seal_format``; docs/storage.md, "Record encryption"), or,
+for versions written before sealing, a plain age file to the readers plus admin.
+
+The box's associated data (``binding``) is the context address, the version id and the
+SHA-256 of the clear header (the digest the signature covers), so a box is sealed only
+once the version id is known: a write's ciphertext travels as a ``crypto.sealing.
+PendingSeal`` (no bytes of its own) until ``sealed`` finishes it just before signing;
+``encode`` and ``signing_message`` refuse an unfinished one.
 
 The signature covers the context address, the version id, a SHA-256 digest of the clear
 header and a SHA-256 digest of the ciphertext (``crypto.signing.signing_message``), so

@@ -7,8 +7,10 @@ Must not know about the CLI or the network; the keyring (``crypto.keyring``) own
 key files and their crash-safe moves.
 
 **The one in-place rewrite in the system.** Versions are immutable everywhere else. A
-rotation gives an existing version a new ciphertext (encrypted to the *current*
-recipients of its readers plus admin) and a new signature (by this node's key, which
+rotation gives an existing version a new ciphertext (re-sealed: a new data key wrapped to
+the *current* recipients of its readers plus admin and a new box bound to the new header,
+never a re-wrap of the old data key, which the old identity could still open;
+docs/storage.md, "Key rotation re-seals") and a new signature (by this node's key, which
 thereby vouches for the re-encryption; ``created_by`` still names the writer), under the
 same version id and the same clear header. It never creates a version: ranks, heads,
 history, TTL rows and the full-text index stay as they are.
