@@ -127,23 +127,26 @@ class Envelope:
     def signing_message(self) -> bytes:
         """The bytes the signature covers."""
         _refuse_pending(self.ciphertext)
+        return self._message(self.header_digest(), self.ciphertext)
+
+    def _message(self, header_digest: bytes, ciphertext: bytes) -> bytes:
         return signing_message(
-            self.context,
-            self.version_id,
-            self.header_digest(),
-            hashlib.sha256(self.ciphertext).digest(),
+            self.context, self.version_id, header_digest, hashlib.sha256(ciphertext).digest()
         )
 
     def sealed(self, signer: Signer) -> Envelope:
         """A copy signed by ``signer``; a ``PendingSeal`` ciphertext is first sealed for
-        this version's place (``binding``), so the signature covers the final bytes."""
-        unsigned = replace(self, signer=signer.public_key, signature=b"")
-        if isinstance(unsigned.ciphertext, PendingSeal):
-            finished = unsigned.ciphertext.finish(
-                self.context, self.version_id, unsigned.header_digest()
-            )
-            unsigned = replace(unsigned, ciphertext=finished)
-        return replace(unsigned, signature=signer.sign(unsigned.signing_message()))
+        this version's place (``binding``), so the signature covers the final bytes.
+
+        The header (hence its digest) holds neither the ciphertext nor the signature, so
+        one digest serves the binding and the signature.
+        """
+        header_digest = self.header_digest()
+        ciphertext = self.ciphertext
+        if isinstance(ciphertext, PendingSeal):
+            ciphertext = ciphertext.finish(self.context, self.version_id, header_digest)
+        signature = signer.sign(self._message(header_digest, ciphertext))
+        return replace(self, ciphertext=ciphertext, signer=signer.public_key, signature=signature)
 
     def check_signature(self) -> None:
         """Verify the signature against the embedded signer key.
