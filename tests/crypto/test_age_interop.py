@@ -188,7 +188,7 @@ def test_age_keygen_reads_every_identity_file(node: Path) -> None:
 
 
 def test_slurp_reads_what_it_wrote_after_an_age_round_trip(node: Path, tmp_path: Path) -> None:
-    """The ciphertext age sees is exactly what the store decrypts (no hidden framing)."""
+    """What `get --encrypted` exports, age opens to exactly the payload the store decrypts."""
     with ContextStore.open(node) as store:
         ref = store.store(ADDRESS, ContextRecord.from_fields({"summary": "round trip"}))
         _, ciphertext = store.retrieve_encrypted(ref.address)
