@@ -25,7 +25,7 @@ from storage.context_store import ContextStore
 from storage.envelope import Envelope
 from storage.errors import CorruptRecord, Forbidden
 from storage.record import ContextRecord, decode_secret
-from storage.schema import VERSION_PREFIX
+from storage.schema import VERSION_PREFIX, version_key
 
 JWT = "ucxl://claude:backend_developer@chorus:auth/*^/src/auth/jwt.py"
 PAY = "ucxl://claude:backend_developer@chorus:billing/*^/src/pay.py"
@@ -90,6 +90,25 @@ def test_a_copy_re_signed_with_another_header_does_not_open(store: ContextStore)
     store.cache.clear()
     with pytest.raises(CorruptRecord, match="does not decrypt"):
         store.retrieve(JWT)
+
+
+@pytest.mark.parametrize("where", [0, 9, 26, 40, 300, -40, -20, -1])
+def test_a_flipped_bit_re_signed_by_a_trusted_key_reads_as_corrupt(
+    store: ContextStore, where: int
+) -> None:
+    """Magic, key id, length, wrapped key, nonce, box or tag: the read is CORRUPT_RECORD."""
+    ref = store.store(JWT, rec("intact"))
+    env = stored(store, JWT, ref.version_id)
+    damaged = bytearray(env.ciphertext)
+    damaged[where] ^= 0x10
+    key = version_key(parse(JWT).context().key(), ref.version_id)
+    forged = replace(env, ciphertext=bytes(damaged)).sealed(store.keyring.signer)
+    store.kv.write([(key, forged.encode())], sync=True)
+    store.cache.clear()
+    with pytest.raises(CorruptRecord, match="does not decrypt"):
+        store.retrieve(JWT)
+    with pytest.raises(CorruptRecord):
+        store.retrieve_encrypted(JWT)
 
 
 def test_a_role_outside_the_reader_set_is_forbidden(store: ContextStore) -> None:
