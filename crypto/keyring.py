@@ -105,6 +105,7 @@ NODE_IDENTITY = "node"
 KEYRING_FILE = "keyring.json"
 NODE_KEY_FILE = "node.key"
 SIGNING_KEY_FILE = "node.ed25519"
+ReaderSet = tuple[tuple[str, int, str], ...]  # (role, key version, recipient), sorted
 MAX_READER_SETS = 1024  # memoised reader lists (``seal``); the memo is cleared when full
 
 __all__ = [
@@ -239,9 +240,15 @@ class Keyring:
         return keyring
 
     def _set_meta(self, meta: Meta) -> None:
-        self._reader_sets: dict[tuple[str, ...], tuple[tuple[str, int, str], ...]] = {}
-        self._roles = roles_of(meta)
+        roles = roles_of(meta)
+        self._roles = roles
         self._meta = meta
+        # one atomic snapshot for ``seal``: a reader set computed from these roles can
+        # only ever be memoised beside them, never beside a later key version's
+        self._seal_view: tuple[dict[str, RoleKeys], dict[tuple[str, ...], ReaderSet]] = (
+            roles,
+            {},
+        )
         self.protected: bool = bool(meta.get("protected", False))
 
     def _save(self, meta: Meta) -> None:
@@ -376,12 +383,13 @@ class Keyring:
             UnknownRole: a reader is not a known role.
         """
         asked = tuple(readers)
-        reader_set = self._reader_sets.get(asked)
+        roles, memo = self._seal_view
+        reader_set = memo.get(asked)
         if reader_set is None:
-            reader_set = self._reader_set(asked)
-            if len(self._reader_sets) >= MAX_READER_SETS:
-                self._reader_sets.clear()
-            self._reader_sets[asked] = reader_set
+            reader_set = self._reader_set(asked, roles)
+            if len(memo) >= MAX_READER_SETS:
+                memo.clear()
+            memo[asked] = reader_set
 
         def wrap(key: bytes) -> bytes:
             return wrap_key(key, [self._recipient_obj(r) for _, _, r in reader_set])
@@ -392,17 +400,18 @@ class Keyring:
                 self._open_keys.store(("role", name), data_key.digest, data_key.key)
         return PendingSeal(data_key, plaintext)
 
-    def _reader_set(self, readers: tuple[str, ...]) -> tuple[tuple[str, int, str], ...]:
-        """The sorted (role, current key version, recipient) of ``readers`` plus admin:
-        what a data key is drawn for (a changed version or recipient is a new set)."""
+    def _reader_set(self, readers: tuple[str, ...], roles: dict[str, RoleKeys]) -> ReaderSet:
+        """The sorted (role, current key version, recipient) of ``readers`` plus admin in
+        ``roles``: what a data key is drawn for (a changed version or recipient is a new
+        set).
+
+        Raises:
+            UnknownRole: a reader is not a known role.
+        """
         names = tuple(dict.fromkeys([*readers, ADMIN_ROLE]))
-        recipients = [self.recipient(name) for name in names]  # checks every name
-        return tuple(
-            sorted(
-                (name, self._roles[name].current, recipient)
-                for name, recipient in zip(names, recipients, strict=True)
-            )
-        )
+        for name in names:
+            self.role_set.get(name)
+        return tuple(sorted((name, roles[name].current, roles[name].recipient) for name in names))
 
     def encrypt(self, plaintext: bytes, readers: Iterable[str]) -> bytes:
         """A standalone age file of ``plaintext`` to the current recipients of ``readers``
