@@ -170,7 +170,9 @@ def put(
 def get(
     address: str,
     as_role: Annotated[str | None, typer.Option("--as", help="Read as this role.")] = None,
-    encrypted: Annotated[bool, typer.Option(help="Write the stored age ciphertext as is.")] = False,
+    encrypted: Annotated[
+        bool, typer.Option(help="Write the version as a standalone age file.")
+    ] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="File for --encrypted.")
     ] = None,

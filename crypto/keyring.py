@@ -37,6 +37,12 @@ keyring.json does not list (crash before step 3) or lists as retired (crash insi
 deleted, and so are stray ``*.tmp`` files. Every identity read is checked against the
 recipient keyring.json records for its version.
 
+Encryption (``seal`` / ``decrypt*`` / ``export_age``): records are sealed under data keys
+that are age-wrapped to the readers' current recipients plus admin (``crypto.sealing``);
+plain age files (``encrypt``: records from before sealing, ``get --encrypted`` exports)
+still open. Unwrapped data keys are cached per role scope and dropped whenever a held
+identity changes (rotation, ``hold_in_memory``, ``release``).
+
 Must not know about records or storage. Invariants: every secret file is 0600 and is
 checked before it is read; a role's recipient is known even when its identity is not held
 here (e.g. admin after its identity was Shamir-split and forgotten).
@@ -83,12 +89,24 @@ from crypto.keyfiles import (
     replace_secret_file,
 )
 from crypto.roles import ADMIN_ROLE, Role, RoleSet
+from crypto.seal_format import SealedRecord, is_age, open_box
+from crypto.sealing import (
+    Clock,
+    DataKeyCache,
+    DataKeyIssuer,
+    PendingSeal,
+    SealPolicy,
+    unwrap_key,
+    wrap_key,
+)
 from crypto.signing import Signer, private_key_from_pem
 
 NODE_IDENTITY = "node"
 KEYRING_FILE = "keyring.json"
 NODE_KEY_FILE = "node.key"
 SIGNING_KEY_FILE = "node.ed25519"
+ReaderSet = tuple[tuple[str, int, str], ...]  # (role, key version, recipient), sorted
+MAX_READER_SETS = 1024  # memoised reader lists (``seal``); the memo is cleared when full
 
 __all__ = [
     "KEYRING_FORMAT",
@@ -128,6 +146,7 @@ class Keyring:
         self._lock = threading.RLock()
         self._identities: dict[tuple[str, int], x25519.Identity] = {}
         self._recipients: dict[str, x25519.Recipient] = {}
+        self.configure_sealing(SealPolicy())
         self._set_meta(meta)
         self.role_set = RoleSet(rk.role for rk in self._roles.values())
         self.node_recipient: str = str(meta["node_recipient"])
@@ -221,8 +240,15 @@ class Keyring:
         return keyring
 
     def _set_meta(self, meta: Meta) -> None:
-        self._roles = roles_of(meta)
+        roles = roles_of(meta)
+        self._roles = roles
         self._meta = meta
+        # one atomic snapshot for ``seal``: a reader set computed from these roles can
+        # only ever be memoised beside them, never beside a later key version's
+        self._seal_view: tuple[dict[str, RoleKeys], dict[tuple[str, ...], ReaderSet]] = (
+            roles,
+            {},
+        )
         self.protected: bool = bool(meta.get("protected", False))
 
     def _save(self, meta: Meta) -> None:
@@ -321,9 +347,75 @@ class Keyring:
         }
 
     # -- encryption -------------------------------------------------------------------
+    #
+    # Two formats (docs/storage.md, "Record encryption"): a record sealed under an
+    # age-wrapped data key (``seal``, ``crypto.sealing``), and a plain age file per record
+    # (``encrypt``: records written before sealing, and what ``get --encrypted`` exports).
+    # ``decrypt*`` open both; ``associated`` is the sealed record's binding to its place
+    # (``storage.envelope.Envelope.binding``) and is ignored for a plain age file.
+
+    def configure_sealing(self, policy: SealPolicy, clock: Clock | None = None) -> None:
+        """Use ``policy`` for data keys from now on (forgets every data key held).
+
+        ``clock`` (monotonic seconds) replaces ``time.monotonic`` for the age limit.
+        """
+        self.seal_policy = policy
+        self._issuer = DataKeyIssuer(policy) if clock is None else DataKeyIssuer(policy, clock)
+        self._open_keys = DataKeyCache(policy.open_keys)
+
+    def sealing_stats(self) -> dict[str, int]:
+        """``{data_keys_issued, open_keys, open_key_hits, open_key_misses}``."""
+        cache = self._open_keys
+        return {
+            "data_keys_issued": self._issuer.issued,
+            "open_keys": len(cache),
+            "open_key_hits": cache.hits,
+            "open_key_misses": cache.misses,
+        }
+
+    def seal(self, plaintext: bytes, readers: Iterable[str]) -> PendingSeal:
+        """Encrypt ``plaintext`` under the current data key of ``readers`` plus admin.
+
+        The result is finished (bound to its version) by ``PendingSeal.finish``, which
+        ``storage.envelope.Envelope.sealed`` calls before signing.
+
+        Raises:
+            UnknownRole: a reader is not a known role.
+        """
+        asked = tuple(readers)
+        roles, memo = self._seal_view
+        reader_set = memo.get(asked)
+        if reader_set is None:
+            reader_set = self._reader_set(asked, roles)
+            if len(memo) >= MAX_READER_SETS:
+                memo.clear()
+            memo[asked] = reader_set
+
+        def wrap(key: bytes) -> bytes:
+            return wrap_key(key, [self._recipient_obj(r) for _, _, r in reader_set])
+
+        data_key, fresh = self._issuer.take(reader_set, wrap)
+        if fresh:  # the writer's own roles read it back without an unwrap
+            for name, _, _ in reader_set:
+                self._open_keys.store(("role", name), data_key.digest, data_key.key)
+        return PendingSeal(data_key, plaintext)
+
+    def _reader_set(self, readers: tuple[str, ...], roles: dict[str, RoleKeys]) -> ReaderSet:
+        """The sorted (role, current key version, recipient) of ``readers`` plus admin in
+        ``roles``: what a data key is drawn for (a changed version or recipient is a new
+        set).
+
+        Raises:
+            UnknownRole: a reader is not a known role.
+        """
+        names = tuple(dict.fromkeys([*readers, ADMIN_ROLE]))
+        for name in names:
+            self.role_set.get(name)
+        return tuple(sorted((name, roles[name].current, roles[name].recipient) for name in names))
 
     def encrypt(self, plaintext: bytes, readers: Iterable[str]) -> bytes:
-        """Encrypt once to the current recipients of ``readers`` plus admin.
+        """A standalone age file of ``plaintext`` to the current recipients of ``readers``
+        plus admin (``age -d`` opens it with any of their identities).
 
         Raises:
             UnknownRole: a reader is not a known role.
@@ -332,7 +424,20 @@ class Keyring:
         recipients = [self._recipient_obj(self.recipient(name)) for name in names]
         return bytes(pyrage.encrypt(plaintext, recipients))
 
-    def decrypt(self, ciphertext: bytes, role: str) -> bytes:
+    def export_age(self, ciphertext: bytes, readers: Iterable[str], associated: bytes) -> bytes:
+        """A fresh standalone age file (``encrypt``) of what ``ciphertext`` holds, opened
+        with any identity held here; a plain age file is returned as it is.
+
+        Raises:
+            UnknownRole: a reader is not a known role.
+            KeyringError: no role identity is held here, or one cannot be unsealed.
+            DecryptionError: no held identity opens it, or it is damaged.
+        """
+        if is_age(ciphertext):
+            return ciphertext
+        return self.encrypt(self.decrypt_any(ciphertext, associated=associated), readers)
+
+    def decrypt(self, ciphertext: bytes, role: str, *, associated: bytes = b"") -> bytes:
         """Decrypt with the identities of ``role``: its current and unretired older versions.
 
         Raises:
@@ -344,9 +449,11 @@ class Keyring:
         identities = self._role_identities(role)
         if not identities:
             raise KeyringError(f"this keyring does not hold the identity of role {role!r}")
-        return _decrypt(ciphertext, identities)
+        return self._open(ciphertext, ("role", role), identities, associated)
 
-    def decrypt_version(self, ciphertext: bytes, role: str, version: int) -> bytes:
+    def decrypt_version(
+        self, ciphertext: bytes, role: str, version: int, *, associated: bytes = b""
+    ) -> bytes:
         """Decrypt with key version ``version`` of ``role`` alone.
 
         Raises:
@@ -359,9 +466,10 @@ class Keyring:
             raise KeyringError(f"key version {version} of role {role!r} is retired")
         if not self._holds(role, version):
             raise KeyringError(f"this keyring does not hold key version {version} of {role!r}")
-        return _decrypt(ciphertext, [self._identity(role, version)])
+        identities = [self._identity(role, version)]
+        return self._open(ciphertext, ("version", role, version), identities, associated)
 
-    def decrypt_any(self, ciphertext: bytes) -> bytes:
+    def decrypt_any(self, ciphertext: bytes, *, associated: bytes = b"") -> bytes:
         """Decrypt with every identity held here (all roles, all unretired versions).
 
         On a protected keyring this unseals every identity file on first use.
@@ -373,7 +481,31 @@ class Keyring:
         identities = [i for name in self.role_set.names for i in self._role_identities(name)]
         if not identities:
             raise KeyringError("this keyring holds no role identity")
-        return _decrypt(ciphertext, identities)
+        return self._open(ciphertext, ("any",), identities, associated)
+
+    def _open(
+        self,
+        ciphertext: bytes,
+        scope: tuple[str | int, ...],
+        identities: Sequence[x25519.Identity],
+        associated: bytes,
+    ) -> bytes:
+        if is_age(ciphertext):
+            return _decrypt(ciphertext, identities)
+        record = SealedRecord.parse(ciphertext)
+        digest = record.digest
+        known, key = self._open_keys.lookup(scope, digest)
+        if not known:
+            key = unwrap_key(record.wrapped_key, identities)
+            self._open_keys.store(scope, digest, key)
+        if key is None:
+            raise DecryptionError("cannot decrypt")
+        return open_box(record, key, associated)
+
+    def _forget_data_keys(self) -> None:
+        """Drop every data key: identities changed, so cached unwraps may be wrong."""
+        self._issuer.clear()
+        self._open_keys.clear()
 
     def _recipient_obj(self, text: str) -> x25519.Recipient:
         found = self._recipients.get(text)
@@ -450,12 +582,14 @@ class Keyring:
             raise KeyringError(f"that identity is not the current key of role {role!r}")
         with self._lock:
             self._identities[(role, rk.current)] = identity
+            self._forget_data_keys()
 
     def release(self, role: str) -> None:
         """Drop every cached identity of ``role`` (files on disk are untouched)."""
         with self._lock:
             for key in [k for k in self._identities if k[0] == role]:
                 del self._identities[key]
+            self._forget_data_keys()
 
     def forget(self, role: str) -> None:
         """Delete the current identity file of ``role`` (overwritten first) and its cache.
@@ -539,6 +673,7 @@ class Keyring:
             self._save(meta)  # 3: the commit point
             self._files.rename(f"{role}.v{new}.key", f"{role}.key")  # 4
             self._identities[(role, new)] = identity
+            self._forget_data_keys()
             return self._roles[role].version(new)
 
     def finish_rotation(self, role: str) -> KeyVersion:
@@ -561,6 +696,7 @@ class Keyring:
             self._save(meta)
             self._files.remove(f"{role}.v{old}.key")
             self._identities.pop((role, old), None)
+            self._forget_data_keys()
             return self._roles[role].version(old)
 
     # -- passphrase protection ---------------------------------------------------------

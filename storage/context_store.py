@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from pyrage import x25519
 
 from crypto.audit import AuditLog
-from crypto.errors import AuditChainBroken, KeyringError
+from crypto.errors import AuditChainBroken, DecryptionError, KeyringError
 from crypto.keyfiles import PassphraseSource
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE, Role, UnknownRole
@@ -36,6 +36,7 @@ from storage.datadir import DataDir, StorageConfig, load_keys_config, load_stora
 from storage.envelope import Compression, Envelope, compress_payload
 from storage.errors import (
     AlreadyInitialised,
+    CorruptRecord,
     Forbidden,
     InvalidAddress,
     InvalidPayload,
@@ -385,7 +386,7 @@ class ContextStore:
             record=req.record,
             readers=readers,
             compression=compression,
-            ciphertext=self.keyring.encrypt(payload, readers),
+            ciphertext=self.keyring.seal(payload, readers),
             actor=req.actor or f"{addr.agent}/{addr.role}@{self.keyring.node_id}",
         )
 
@@ -509,7 +510,18 @@ class ContextStore:
         return self.reader.read(ctx, str(infos[index].version_id), index + 1, as_role)
 
     def retrieve_encrypted(self, address: str) -> tuple[StoredRef, bytes]:
-        """The stored age ciphertext of the version ``address`` selects, as is (audited)."""
+        """The version ``address`` selects as a standalone age file (audited).
+
+        ``age -d -i <reader or admin identity>`` opens it and yields the stored secret
+        payload (zstd-compressed when the header says so). A record written before
+        sealing is returned as stored; a sealed one is opened with an identity held here
+        and encrypted afresh to the current recipients of its readers plus admin.
+
+        Raises:
+            NotFound: no such version, or it is a delete marker.
+            KeyringUnusable: this node holds no identity that may open it.
+            CorruptRecord: the stored ciphertext is damaged.
+        """
         who = f"-@{self.keyring.node_id}"
         return self._audited("retrieve.encrypted", address, who, lambda: self._ciphertext(address))
 
@@ -527,7 +539,15 @@ class ContextStore:
                 f"version {index + 1} of {ctx.canonical()} is a delete marker", input=address
             )
         ref = StoredRef(ctx.address(Temporal("version", index + 1)).canonical(), index + 1, vid)
-        return ref, env.ciphertext
+        try:
+            exported = self.keyring.export_age(env.ciphertext, env.readers, env.binding())
+        except KeyringError as exc:
+            raise KeyringUnusable(str(exc), field="keys") from None
+        except DecryptionError:
+            raise CorruptRecord(
+                f"version {vid} of {ctx.canonical()} does not decrypt", field="ciphertext"
+            ) from None
+        return ref, exported
 
     def retrieve_batch(
         self, addresses: Sequence[str], *, as_role: str | None = None

@@ -1,13 +1,22 @@
-"""The stored form of one version: clear header, age ciphertext, Ed25519 signature.
+"""The stored form of one version: clear header, ciphertext, Ed25519 signature.
 
 Owns: the envelope's msgpack format (``ENVELOPE_SCHEMA``), what is in clear and what is
-encrypted, compression of large payloads, and sealing/verifying the signature.
+encrypted, compression of large payloads, the binding of a sealed ciphertext to its place
+(``binding``), and sealing/verifying the signature.
 Must not know about LevelDB keys or the cache.
 
 In clear (routing and filtering need them; ARCHITECTURE.md §5): the context address,
 version id and parent, kind, timestamps, writer, reader roles, tags, technologies and
-influence links. Everything else of the record is inside ``ciphertext`` (age, to the
-readers plus admin), zstd-compressed first when larger than ``COMPRESS_THRESHOLD_BYTES``.
+influence links. Everything else of the record is inside ``ciphertext``, zstd-compressed
+first when larger than ``COMPRESS_THRESHOLD_BYTES``: a ChaCha20-Poly1305 box under an
+age-wrapped data key (``crypto.seal_format``; docs/storage.md, "Record encryption"), or,
+for versions written before sealing, a plain age file to the readers plus admin.
+
+The box's associated data (``binding``) is the context address, the version id and the
+SHA-256 of the clear header (the digest the signature covers), so a box is sealed only
+once the version id is known: a write's ciphertext travels as a ``crypto.sealing.
+PendingSeal`` (no bytes of its own) until ``sealed`` finishes it just before signing;
+``encode`` and ``signing_message`` refuse an unfinished one.
 
 The signature covers the context address, the version id, a SHA-256 digest of the clear
 header and a SHA-256 digest of the ciphertext (``crypto.signing.signing_message``), so
@@ -38,6 +47,8 @@ from typing import Any, Literal
 import msgpack
 import zstandard
 
+from crypto.seal_format import associated_data
+from crypto.sealing import PendingSeal
 from crypto.signing import SignatureInvalid, Signer, signing_message, verify
 from storage.errors import CorruptRecord
 
@@ -104,17 +115,38 @@ class Envelope:
         fields = [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
         return [*fields, self.seal_epoch] if self.seal_epoch else fields
 
+    def header_digest(self) -> bytes:
+        """SHA-256 of the msgpack-encoded clear header (signed, and bound into the box)."""
+        return hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+
+    def binding(self) -> bytes:
+        """The associated data that binds a sealed ciphertext to this version's place:
+        context address, version id and clear header digest (``crypto.seal_format``)."""
+        return associated_data(self.context, self.version_id, self.header_digest())
+
     def signing_message(self) -> bytes:
         """The bytes the signature covers."""
-        header_digest = hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+        _refuse_pending(self.ciphertext)
+        return self._message(self.header_digest(), self.ciphertext)
+
+    def _message(self, header_digest: bytes, ciphertext: bytes) -> bytes:
         return signing_message(
-            self.context, self.version_id, header_digest, hashlib.sha256(self.ciphertext).digest()
+            self.context, self.version_id, header_digest, hashlib.sha256(ciphertext).digest()
         )
 
     def sealed(self, signer: Signer) -> Envelope:
-        """A copy signed by ``signer``."""
-        unsigned = replace(self, signer=signer.public_key, signature=b"")
-        return replace(unsigned, signature=signer.sign(unsigned.signing_message()))
+        """A copy signed by ``signer``; a ``PendingSeal`` ciphertext is first sealed for
+        this version's place (``binding``), so the signature covers the final bytes.
+
+        The header (hence its digest) holds neither the ciphertext nor the signature, so
+        one digest serves the binding and the signature.
+        """
+        header_digest = self.header_digest()
+        ciphertext = self.ciphertext
+        if isinstance(ciphertext, PendingSeal):
+            ciphertext = ciphertext.finish(self.context, self.version_id, header_digest)
+        signature = signer.sign(self._message(header_digest, ciphertext))
+        return replace(self, ciphertext=ciphertext, signer=signer.public_key, signature=signature)
 
     def check_signature(self) -> None:
         """Verify the signature against the embedded signer key.
@@ -135,7 +167,12 @@ class Envelope:
             ) from None
 
     def encode(self) -> bytes:
-        """The stored (and replicated) form."""
+        """The stored (and replicated) form.
+
+        Raises:
+            ValueError: the ciphertext is an unfinished ``PendingSeal`` (never signed).
+        """
+        _refuse_pending(self.ciphertext)
         schema = SEALED_SCHEMA if self.seal_epoch else ENVELOPE_SCHEMA
         row = [schema, *self.header(), self.ciphertext, self.signer, self.signature]
         return bytes(msgpack.packb(row, use_bin_type=True))
@@ -239,6 +276,11 @@ def decompress_payload(payload: bytes, compression: Compression) -> bytes:
         )
     except zstandard.ZstdError:
         raise CorruptRecord("stored payload does not decompress", field="payload") from None
+
+
+def _refuse_pending(ciphertext: bytes) -> None:
+    if isinstance(ciphertext, PendingSeal):
+        raise ValueError("an unfinished PendingSeal cannot be signed or stored")
 
 
 def _plain(value: Any) -> Any:

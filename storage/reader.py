@@ -119,7 +119,7 @@ class VersionReader:
     def decrypt_view(self, ctx: ContextName, env: Envelope, rank: int, role: str) -> VersionView:
         """Decrypt a verified envelope as ``role`` (already allowed by ``reader_role``)."""
         try:
-            plain = self.keyring.decrypt(env.ciphertext, role)
+            plain = self.keyring.decrypt(env.ciphertext, role, associated=env.binding())
         except DecryptionError:
             raise CorruptRecord(
                 f"version {env.version_id} of {ctx.canonical()} does not decrypt",

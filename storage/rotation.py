@@ -7,8 +7,10 @@ Must not know about the CLI or the network; the keyring (``crypto.keyring``) own
 key files and their crash-safe moves.
 
 **The one in-place rewrite in the system.** Versions are immutable everywhere else. A
-rotation gives an existing version a new ciphertext (encrypted to the *current*
-recipients of its readers plus admin) and a new signature (by this node's key, which
+rotation gives an existing version a new ciphertext (re-sealed: a new data key wrapped to
+the *current* recipients of its readers plus admin and a new box bound to the new header,
+never a re-wrap of the old data key, which the old identity could still open;
+docs/storage.md, "Key rotation re-seals") and a new signature (by this node's key, which
 thereby vouches for the re-encryption; ``created_by`` still names the writer), under the
 same version id and the same clear header. It never creates a version: ranks, heads,
 history, TTL rows and the full-text index stay as they are.
@@ -363,19 +365,22 @@ def _rotated(run: _Run, key: bytes, data: bytes) -> Envelope | None:
     if not _sound(env, key, keyring, run.trusted):
         run.skipped.add(key)
         return None
+    binding = env.binding()
     try:
-        keyring.decrypt_version(env.ciphertext, run.role, run.to_version)
+        keyring.decrypt_version(env.ciphertext, run.role, run.to_version, associated=binding)
         return None  # written after the rotation began, or rewritten before a crash
     except DecryptionError:
         pass
     try:
-        plain = keyring.decrypt(env.ciphertext, run.role)
+        plain = keyring.decrypt(env.ciphertext, run.role, associated=binding)
     except DecryptionError:
         run.skipped.add(key)
         return None
-    ciphertext = keyring.encrypt(plain, env.readers)
+    # a full re-seal: a new data key wrapped to the current recipients, a new box bound to
+    # the new header (its seal epoch changes); docs/storage.md, "Key rotation"
+    pending = keyring.seal(plain, env.readers)
     epoch = max(seal_epoch(keyring, env.readers), env.seal_epoch + 1)
-    return replace(env, ciphertext=ciphertext, seal_epoch=epoch).sealed(keyring.signer)
+    return replace(env, ciphertext=pending, seal_epoch=epoch).sealed(keyring.signer)
 
 
 def seal_epoch(keyring: Keyring, readers: Iterable[str]) -> int:

@@ -27,6 +27,7 @@ from pyrage import x25519
 
 from crypto.keyfiles import parse_identity
 from crypto.keyring import Keyring
+from crypto.seal_format import age_file_of
 from node.client import load_profile, open_client
 from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
 from node.errors import NodeError
@@ -155,7 +156,7 @@ async def _stored(root: Path, member: LocalNode, addresses: list[str]) -> list[E
 
 def _opens(env: Envelope, identity: x25519.Identity) -> bool:
     try:
-        pyrage.decrypt(env.ciphertext, [identity])
+        pyrage.decrypt(age_file_of(env.ciphertext), [identity])
     except pyrage.DecryptError:
         return False
     return True

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from pyrage import x25519
 
+from crypto.seal_format import age_file_of
 from node.cluster.antientropy import HashTree
 from node.cluster.antientropy_service import AntiEntropyConfig
 from node.cluster.handoff_plan import HandoffConfig
@@ -67,7 +68,7 @@ def assert_resealed_everywhere(sim: SimCluster, identity: x25519.Identity) -> No
         for data in held["n1"].values():
             env = Envelope.decode(data)
             assert env.seal_epoch > 0
-            pyrage.decrypt(env.ciphertext, [identity])  # opens with the new key
+            pyrage.decrypt(age_file_of(env.ciphertext), [identity])  # opens with the new key
 
 
 def trees_agree(sim: SimCluster) -> bool:

@@ -14,6 +14,7 @@ from pyrage import x25519
 
 from crypto.errors import KeyringError
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
+from crypto.seal_format import age_file_of
 from storage.address import parse
 from storage.context_store import ContextStore
 from storage.envelope import Envelope
@@ -168,7 +169,7 @@ def test_reseal_context_rewrites_rows_signed_by_a_trusted_peer(
         env.check_signature()
         assert env.signer == b.keyring.signer.public_key
         assert env.seal_epoch > 0
-        pyrage.decrypt(env.ciphertext, [identity])
+        pyrage.decrypt(age_file_of(env.ciphertext), [identity])
     # an untrusted signer's rows are never re-signed
     c_rewritten, c_skipped = reseal_context(a, ctx, BE, 2, trusted=lambda key: False)
     assert (c_rewritten, c_skipped) == (2, 0)  # a's own rows: always re-sealable
@@ -191,7 +192,7 @@ def test_replicas_converge_on_the_reseal_and_never_take_the_old_copy_back(
     _copy_all(a, b)
     (b_env,) = _rows(b).values()
     assert b_env.seal_epoch > 0
-    pyrage.decrypt(b_env.ciphertext, [identity])
+    pyrage.decrypt(age_file_of(b_env.ciphertext), [identity])
     # the old copy arriving again (a lagging replica, a hint) is not taken back
     flags, _ = Replica(b).apply(old_rows)
     assert flags == [False]
@@ -220,7 +221,7 @@ def test_reseal_step_resumes_from_its_cursor_and_retirement_deletes_the_old_key(
     assert second.rewritten == 7
     assert reseal_step(b, BE, 2, trusted=lambda key: True).rewritten == 0  # asked again
     for env in _rows(b).values():
-        pyrage.decrypt(env.ciphertext, [identity])
+        pyrage.decrypt(age_file_of(env.ciphertext), [identity])
     old_file = b.keyring.keys_dir / f"{BE}.v1.key"
     assert old_file.exists()
     assert retire_old_version(b, BE, 1) is True
@@ -238,4 +239,4 @@ def test_admin_rotation_seals_every_row(pair: tuple[ContextStore, ContextStore])
     a.keyring.install_rotation(ADMIN_ROLE, identity, 2)
     assert reseal_step(a, ADMIN_ROLE, 2, trusted=lambda key: False).rewritten == 1
     (env,) = _rows(a).values()
-    pyrage.decrypt(env.ciphertext, [identity])
+    pyrage.decrypt(age_file_of(env.ciphertext), [identity])

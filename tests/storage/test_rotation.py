@@ -16,6 +16,7 @@ from pyrage import x25519
 
 from crypto.keyring import read_identity_file
 from crypto.roles import ADMIN_ROLE, UnknownRole
+from crypto.seal_format import age_file_of
 from storage.address import parse
 from storage.context_store import ContextStore
 from storage.datadir import ConfigError, KeysConfig, load_keys_config
@@ -121,9 +122,9 @@ def test_rotation_resumes_after_a_crash_and_retires_the_old_key(
         if _readable_by(env, BE):
             must_rotate += 1
             assert env.seal_epoch > old_env.seal_epoch == 0
-            assert pyrage.decrypt(env.ciphertext, [new_identity])
+            assert pyrage.decrypt(age_file_of(env.ciphertext), [new_identity])
             with pytest.raises(pyrage.DecryptError):
-                pyrage.decrypt(env.ciphertext, [old_identity])
+                pyrage.decrypt(age_file_of(env.ciphertext), [old_identity])
         else:
             assert data == before[key]  # not rewritten
     assert first.rewritten + second.rewritten == must_rotate
@@ -150,9 +151,9 @@ def test_rotating_admin_touches_every_record(store: ContextStore, clock: FakeClo
     for data in _rows(store).values():
         env = Envelope.decode(data)
         if not env.tombstone:
-            assert pyrage.decrypt(env.ciphertext, [new_admin])
+            assert pyrage.decrypt(age_file_of(env.ciphertext), [new_admin])
             with pytest.raises(pyrage.DecryptError):
-                pyrage.decrypt(env.ciphertext, [old_admin])
+                pyrage.decrypt(age_file_of(env.ciphertext), [old_admin])
     _check_everything_readable(store, expected)
 
 

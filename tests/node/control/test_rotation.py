@@ -22,6 +22,7 @@ import trio.testing
 from pyrage import x25519
 
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
+from crypto.seal_format import age_file_of
 from node.control import metadata
 from node.control.duties import DutyAction
 from node.control.fence import Fence, StaleTerm
@@ -201,9 +202,9 @@ async def test_rotation_through_the_leader_survives_a_leader_change_and_a_member
                 if env.tombstone or BE not in env.readers:
                     continue
                 checked += 1
-                pyrage.decrypt(env.ciphertext, [new_identity])
+                pyrage.decrypt(age_file_of(env.ciphertext), [new_identity])
                 with pytest.raises(pyrage.DecryptError):
-                    pyrage.decrypt(env.ciphertext, [old_identity])
+                    pyrage.decrypt(age_file_of(env.ciphertext), [old_identity])
         assert checked >= 20 * 2  # 20 of BE's contexts, on at least two replicas each
         # reads through the cluster still work
         answer = await sim.call(

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+from crypto.seal_format import age_file_of
 from node.cluster.service import NodeService
 from node.control.fence import Fence
 from node.control.metadata import ApplyResult, ClusterMetadata
@@ -128,7 +129,7 @@ async def test_a_lapsed_lease_in_the_same_term_does_not_orphan_the_rotation(
                 if env.tombstone or BE not in env.readers:
                     continue
                 checked += 1
-                pyrage.decrypt(env.ciphertext, [new])
+                pyrage.decrypt(age_file_of(env.ciphertext), [new])
                 with pytest.raises(pyrage.DecryptError):
-                    pyrage.decrypt(env.ciphertext, [old])
+                    pyrage.decrypt(age_file_of(env.ciphertext), [old])
         assert checked >= 20 * 2
