@@ -75,7 +75,11 @@ class ReshareControl(Protocol):
         """This node's current Raft term."""
         ...
 
-    metadata: ClusterMetadata | None
+    @property
+    def metadata(self) -> ClusterMetadata | None:
+        """The applied cluster metadata (None: none yet)."""
+        ...
+
     on_change: list[Callable[[], None]]
     on_apply: list[Callable[[Entry], None]]
 
