@@ -125,19 +125,28 @@ class AdminReshare:
         self.reshares = 0  # epochs this node committed as the leader (metrics, tests)
         self.last: str | None = None  # what the last attempt did (status)
         self._failures = 0
+        self._retry_at = 0.0  # trio time before which a failed re-share is not retried
         self._cleaned: tuple[int, bool] | None = None  # (epoch, holder) last cleaned for
         self._wake = trio.Event()
         service.extra_replica_methods["admin.reshare"] = self._admin_reshare
-        service.status_sources["reshare"] = self.status
+        service.status_fields.append(self.status)
 
     def status(self) -> Body:
-        """``status_sources["reshare"]``: {epoch, last, reshares}."""
+        """``node.status``'s ``admin_custody``: {epoch, threshold, holders: int, holder:
+        bool (this node holds a share of it), last_reshare: str | None} (null: the admin
+        identity is not split in the applied metadata)."""
         state = self.control.metadata
         custody = None if state is None else state.custody
+        if custody is None:
+            return {"admin_custody": None}
         return {
-            "epoch": None if custody is None else custody.epoch,
-            "last": self.last,
-            "reshares": self.reshares,
+            "admin_custody": {
+                "epoch": custody.epoch,
+                "threshold": custody.threshold,
+                "holders": len(custody.holders),
+                "holder": self.keyring.node_id in custody.holders,
+                "last_reshare": self.last,
+            }
         }
 
     def wake(self) -> None:
@@ -163,19 +172,22 @@ class AdminReshare:
         self._wake.set()
 
     async def step(self) -> float:
-        """One pass: clean, then re-share if due; how long until the next pass."""
+        """One pass: clean, then re-share if due (not before the backoff of a failed one
+        ends, however often an applied entry wakes the loop); how long until the next."""
         await self._clean()
+        now = trio.current_time()
+        if now < self._retry_at:
+            return self._retry_at - now
         try:
             done = await self.reshare_once()
         except (StorageError, NodeError, CryptoError) as exc:
             self.last = f"re-share failed: {exc}"
             log.info("admin re-share not done: %s", exc)
             done = False
-        if done is None:
-            self._failures = 0
-            return self.interval_s
-        self._failures = 0 if done else self._failures + 1
-        return retry_delay_s(self.interval_s, self._failures) or self.interval_s
+        self._failures = 0 if done is not False else self._failures + 1
+        delay = retry_delay_s(self.interval_s, self._failures) or self.interval_s
+        self._retry_at = trio.current_time() + delay if self._failures else 0.0
+        return delay
 
     # -- the leader ---------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ Owns:
   ===================================================  ======================================
 
 - the plan: epoch + 1, one share per target (normal voters, sorted by node id, numbered
-  from 1), threshold over the targets; delivered to the live targets only;
+  from 1; at most ``MAX_HOLDERS``, SLIP-39's limit), threshold over the targets;
+  delivered to the live targets only;
 - the commit: holders are the live targets that acknowledged; committed only if every one
   of them did and they reach the threshold (else nothing changes, and it is tried again);
 - whether a member accepts ``admin.reshare`` (``reshare_refusal``) and which of its share
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 
+MAX_HOLDERS = 16  # SLIP-39's member count limit (crypto.shamir.MAX_SHARES)
+
+
 def threshold_for(shares: int) -> int:
     """The threshold of a split into ``shares``: a majority (1 for a single share), as
     ``cluster up`` splits it."""
@@ -64,12 +68,13 @@ def threshold_for(shares: int) -> int:
 
 
 def targets(state: ClusterMetadata, voters: Collection[str]) -> list[str]:
-    """Node ids that should hold a share: normal members that are Raft voters, sorted."""
+    """Node ids that should hold a share: normal members that are Raft voters, sorted by
+    node id, at most ``MAX_HOLDERS`` of them (the rest hold none)."""
     return sorted(
         node_id
         for node_id, member in state.members.items()
         if member.state == "normal" and node_id in voters
-    )
+    )[:MAX_HOLDERS]
 
 
 def reshare_reason(

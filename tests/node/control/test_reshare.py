@@ -183,6 +183,10 @@ async def test_a_member_that_became_normal_gets_a_share_of_a_new_epoch(
         assert (custody.epoch, custody.threshold, custody.shares, custody.lost) == (1, 3, 4, 0)
         assert set(custody.holders) == set(world.ids.values())
         assert world.reshare["n1"].reshares == 1
+        status = world.reshare["n4"].status()["admin_custody"]
+        assert status == {"epoch": 1, "threshold": 3, "holders": 4, "holder": True,
+                          "last_reshare": None}  # fmt: skip
+        assert "epoch 1 committed: 4 holders" in (world.reshare["n1"].last or "")
         for name in world.views:  # every member holds epoch 1 only: epoch 0 files are gone
             assert set(world.share_files(name)) == {1}
             assert not (world.sim.nodes[name].store.keyring.keys_dir / OWN_SHARE_FILE).exists()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from crypto import shamir
 from node.control import metadata
 from node.control.membership_plan import Step, next_step
 from node.control.metadata import ClusterMetadata, Custody, Member
 from node.control.raft_types import ConfState
 from node.control.reshare_plan import (
+    MAX_HOLDERS,
     holders_of,
     plan_reshare,
     reshare_reason,
@@ -41,6 +43,21 @@ def _four(state_of_d: str = "normal") -> ClusterMetadata:
 
 def test_the_threshold_is_a_majority_as_cluster_up_splits() -> None:
     assert [threshold_for(n) for n in range(1, 8)] == [1, 2, 2, 3, 3, 4, 4]
+    assert MAX_HOLDERS == shamir.MAX_SHARES
+
+
+def test_at_most_max_holders_targets() -> None:
+    state = three_node_state()
+    for i in range(20):
+        new = Member(f"id-x{i:02d}", f"x{i}", "normal", "age1x", "127.0.0.1", 8000 + i)
+        state = _apply(state, metadata.cmd_member_add(new))
+    voters = frozenset(state.members)
+    wanted = targets(state, voters)
+    assert len(wanted) == MAX_HOLDERS
+    assert wanted == sorted(voters)[:MAX_HOLDERS]
+    step = plan_reshare(state, voters, voters)
+    assert step is not None
+    assert (step.shares, step.threshold) == (16, 9)
 
 
 def test_nothing_is_due_while_the_holders_are_the_live_normal_voters() -> None:
