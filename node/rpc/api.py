@@ -21,6 +21,7 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``ctx.purge``: {address} -> {versions: int}
 - ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r},
   role: "leader"|"follower"|"candidate"|None, term, leader: name|None, admin_key_held,
+  admin_custody: {epoch, threshold, holders, holder, last_reshare}|None,
   raft: {node_id, commit_index, applied_index, lease, elections, halted, voters,
   ring_epoch, warnings}, member_state: "joining"|"normal"|"leaving"|"removed"|None, ...}
   (docs/control.md)
