@@ -60,7 +60,7 @@ from node.control.reshare_plan import (
 from node.errors import NodeError
 from node.rpc.transport import Peer
 from storage.admin_key import share_epochs, share_file
-from storage.errors import Forbidden, InvalidPayload, StorageError
+from storage.errors import Forbidden, InvalidPayload, StorageError, Unavailable
 
 __all__ = ["AdminReshare", "ReshareControl"]
 log = logging.getLogger(__name__)
@@ -216,14 +216,15 @@ class AdminReshare:
         if identity is None:
             return None
         log.info("admin re-share to epoch %d: %s", step.epoch, step.why)
+        secret = str(identity.identity())  # CryptoError if wiped meanwhile
         split = await self.service.fanout.blocking(
-            lambda: split_identity(str(identity.identity()), step.threshold, step.shares)
+            partial(split_identity, secret, step.threshold, step.shares)
         )
         sealed = {
             node_id: encrypt_share_to(split.shares[number - 1], step.recipients[node_id])
             for node_id, number in step.numbers.items() if node_id in step.deliver
         }  # fmt: skip
-        del split  # the mnemonics: only their sealed forms leave this function
+        del split, secret  # only the sealed shares leave this function
         acked = await self._deliver(term, step, sealed)
         custody = holders_of(step, acked)
         if custody is None:
@@ -253,7 +254,12 @@ class AdminReshare:
             if self.control.leader_term() != term:
                 return
             if node_id == me:
-                await self.service.fanout.blocking(partial(self._write, step.epoch, sealed[me]))
+                try:
+                    await self.service.fanout.blocking(partial(self._write, step.epoch, sealed[me]))
+                except OSError as exc:
+                    log.warning("own admin share of epoch %d not written: %s", step.epoch,
+                                exc.strerror)  # fmt: skip
+                    return
                 acked.add(me)
                 return
             name = state.members[node_id].name
@@ -297,7 +303,12 @@ class AdminReshare:
             raise InvalidPayload(
                 "share: does not open with this node's identity as an admin share", field="share"
             ) from None
-        await self.service.fanout.blocking(partial(self._write, args["epoch"], share))
+        try:
+            await self.service.fanout.blocking(partial(self._write, args["epoch"], share))
+        except OSError as exc:
+            raise Unavailable(
+                f"{self.service.name} could not write its admin share: {exc.strerror}; retry"
+            ) from None
         return {"epoch": args["epoch"]}
 
     async def _clean(self) -> None:

@@ -68,12 +68,13 @@ def threshold_for(shares: int) -> int:
 
 
 def targets(state: ClusterMetadata, voters: Collection[str]) -> list[str]:
-    """Node ids that should hold a share: normal members that are Raft voters, sorted by
-    node id, at most ``MAX_HOLDERS`` of them (the rest hold none)."""
+    """Node ids that should hold a share: normal members that are Raft voters with an age
+    recipient on record, sorted by node id, at most ``MAX_HOLDERS`` of them (the rest hold
+    none)."""
     return sorted(
         node_id
         for node_id, member in state.members.items()
-        if member.state == "normal" and node_id in voters
+        if member.state == "normal" and node_id in voters and member.age_recipient
     )[:MAX_HOLDERS]
 
 

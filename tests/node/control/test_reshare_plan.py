@@ -46,6 +46,14 @@ def test_the_threshold_is_a_majority_as_cluster_up_splits() -> None:
     assert MAX_HOLDERS == shamir.MAX_SHARES
 
 
+def test_a_member_without_a_recipient_on_record_is_no_target() -> None:
+    state = _four()
+    blind = replace(state.members[D], age_recipient="")
+    state = replace(state, members={**state.members, D: blind})
+    assert targets(state, ALL) == [A, B, C]
+    assert reshare_reason(state, ALL, ALL) is None
+
+
 def test_at_most_max_holders_targets() -> None:
     state = three_node_state()
     for i in range(20):
