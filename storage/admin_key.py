@@ -2,7 +2,8 @@
 
 Owns the node-side procedure: splitting the admin role's identity into SLIP-39 shares
 (``crypto.shamir``), writing shares age-encrypted to holders, keeping this node's own share
-(``keys/admin.share.age``, encrypted to the node's identity), forgetting the identity, and
+(``keys/admin.share.age``, encrypted to the node's identity; after the cluster re-shared
+the admin key, ``keys/admin.share.<epoch>.age``: ``share_file``), forgetting the identity, and
 rebuilding it in memory for one operation. Records the split (threshold, share count,
 admin recipient, time) in LevelDB meta ``m/admin_split``. Every step is audited.
 
@@ -35,7 +36,35 @@ from storage.context_store import ContextStore
 from storage.errors import InvalidPayload
 
 META_ADMIN_SPLIT = b"m/admin_split"
-OWN_SHARE_FILE = "admin.share.age"
+OWN_SHARE_FILE = "admin.share.age"  # epoch 0: the split ``cluster up`` / ``keys split`` made
+_SHARE_PREFIX, _SHARE_SUFFIX = "admin.share.", ".age"
+
+
+def share_file(epoch: int) -> str:
+    """The name of this node's own share file of custody ``epoch`` (under ``keys/``)."""
+    return OWN_SHARE_FILE if epoch == 0 else f"{_SHARE_PREFIX}{epoch}{_SHARE_SUFFIX}"
+
+
+def share_epoch(name: str) -> int | None:
+    """The custody epoch of share file ``name`` (None: not a share file name)."""
+    if name == OWN_SHARE_FILE:
+        return 0
+    middle = name.removeprefix(_SHARE_PREFIX).removesuffix(_SHARE_SUFFIX)
+    if len(middle) + len(_SHARE_PREFIX) + len(_SHARE_SUFFIX) != len(name):
+        return None
+    if not middle.isdigit() or middle.startswith("0") or not middle.isascii():
+        return None
+    return int(middle)
+
+
+def share_epochs(keys_dir: Path) -> dict[int, Path]:
+    """epoch -> path of every own share file in ``keys_dir``."""
+    found = {}
+    for path in keys_dir.iterdir():
+        epoch = share_epoch(path.name)
+        if epoch is not None:
+            found[epoch] = path
+    return found
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,8 @@ def gather_shares(
     share_files: Sequence[Path],
     identities: Sequence[x25519.Identity],
 ) -> list[str]:
-    """Mnemonics from text, from age-encrypted share files, and this node's own share.
+    """Mnemonics from text, from age-encrypted share files, and this node's own share (of
+    the newest custody epoch it has a file of).
 
     Share files are decrypted with this node's identity or any of ``identities``.
 
@@ -129,8 +159,9 @@ def gather_shares(
     """
     keys = [store.keyring.node_identity(), *identities]
     found = [line.strip() for line in mnemonics if line.strip()]
-    own = store.keyring.keys_dir / OWN_SHARE_FILE
-    for path in [*share_files, *([own] if own.exists() else [])]:
+    own_files = share_epochs(store.keyring.keys_dir)  # the newest epoch's (see docs/control.md)
+    own = [own_files[max(own_files)]] if own_files else []
+    for path in [*share_files, *own]:
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -31,6 +31,7 @@ MAX_PROPOSAL_BYTES = 1 << 20  # one control-plane command
 MAX_TERM = 2**63 - 1  # a Raft term (fits a signed 64-bit integer, as etcd's uint64 mostly does)
 MAX_ROLES = 64  # roles of a forwarded client
 MAX_SEALED_IDENTITY_BYTES = 4096  # a role identity age-encrypted to a node (keys.install)
+MAX_SEALED_SHARE_BYTES = 4096  # an admin share age-encrypted to a node (admin.reshare)
 # client methods a node may forward to the leader in ``admin.forward``
 FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
 # the operator's membership methods (admin clients; a follower forwards them as ctl.member)
@@ -118,6 +119,14 @@ def _term(body: dict[str, Any], *, optional: bool = False) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TERM:
         raise InvalidPayload(f"term must be a whole number from 0 to {MAX_TERM}", field="term")
+    return value
+
+
+def _epoch(body: dict[str, Any]) -> int:
+    """A custody epoch: a whole number from 0 to MAX_TERM."""
+    value = body.get("epoch")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TERM:
+        raise InvalidPayload(f"epoch must be a whole number from 0 to {MAX_TERM}", field="epoch")
     return value
 
 
@@ -319,6 +328,15 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
             args["identity"] = identity
     elif method == "admin.share":
         args = {"term": _term(body), "recipient": _recipient(body)}
+        if body.get("epoch") is not None:
+            args["epoch"] = _epoch(body)
+    elif method == "admin.reshare":
+        share = _bytes(body.get("share"), "share")
+        if not share or len(share) > MAX_SEALED_SHARE_BYTES:
+            raise InvalidPayload(
+                f"share: 1 to {MAX_SEALED_SHARE_BYTES} bytes of age ciphertext", field="share"
+            )
+        args = {"term": _term(body), "epoch": _epoch(body), "share": share}
     elif method == "admin.forward":
         args = _forward(body)
     else:

@@ -2,8 +2,10 @@
 
 The admin role's age identity is Shamir-split across the nodes (``storage.admin_key``,
 ``node.daemon.cluster_init``): each node keeps only its own share, age-encrypted to its
-node identity (``DATA_DIR/keys/admin.share.age``). ``AdminCustody`` carries out the
-decisions of ``node.control.custody_plan``:
+node identity (``DATA_DIR/keys/admin.share.age``; after a re-share,
+``admin.share.<epoch>.age``: only the share of the custody epoch the applied metadata
+records counts, ``node.control.reshare``). ``AdminCustody`` carries out the decisions of
+``node.control.custody_plan``:
 
 - Collecting: while ``leadership.leader_term()`` is a term ``t`` and the identity is not
   held, it decrypts its own share and asks every other member for theirs in parallel
@@ -17,7 +19,8 @@ decisions of ``node.control.custody_plan``:
   ``check_interval_s``, before holding, and on cancellation: ``WipeableIdentity.wipe()``
   and ``keyring.release(ADMIN_ROLE)``.
 - Answering ``admin.share`` (node peers only): only to the leader this node knows, for
-  its own current term (``share_refusal``), re-encrypted to the asked recipient.
+  its own current term (``share_refusal``), re-encrypted to the asked recipient; with
+  ``epoch`` (the leader's custody epoch), only if it is this node's too.
 - Forwarding (``NodeService.forwarder``): a client request that needs the admin identity
   (an admin read where it is not held, any purge off the leader) is sent to the leader as
   ``admin.forward {method, body, client: {name, roles}}``; the leader runs it through its
@@ -64,7 +67,7 @@ from node.control.custody_plan import share_refusal as refusal_of
 from node.control.fence import Fence
 from node.errors import NodeError
 from node.rpc.transport import Peer
-from storage.admin_key import OWN_SHARE_FILE, split_record
+from storage.admin_key import OWN_SHARE_FILE, share_file, split_record
 from storage.errors import Forbidden, NotFound, StorageError, Unavailable
 
 if TYPE_CHECKING:
@@ -94,6 +97,10 @@ class Leadership(Protocol):
     def custody_params(self) -> tuple[int, str] | None:
         """(threshold, admin recipient) of the split as the cluster metadata records it
         (None: not known, e.g. a standalone node: the local split record is used)."""
+        ...
+
+    def custody_epoch(self) -> int:
+        """The custody epoch of the applied metadata (0: none recorded, or never re-shared)."""
         ...
 
     on_change: list[Callable[[], None]]  # called after role/term/leader/lease changes
@@ -135,6 +142,11 @@ class AdminCustody:
     def held_term(self) -> int | None:
         """The leader term the admin identity is held for (None: not held)."""
         return self._held_term
+
+    def held_identity(self, term: int) -> WipeableIdentity | None:
+        """The identity held for leader term ``term`` (None: not held, or for another term).
+        For the re-share only; the caller must not keep it past its use."""
+        return self._held if self._held_term == term else None
 
     def status(self) -> dict[str, Any]:
         """``status_sources["custody"]``: {held: bool, held_term: int | None}."""
@@ -199,9 +211,9 @@ class AdminCustody:
         """Whether the admin identity is split here (not held on disk, share or record)."""
         if self.keyring.identity_path(ADMIN_ROLE).exists():
             return False  # an unsplit admin identity on disk: nothing to rebuild
-        own = self.keyring.keys_dir / OWN_SHARE_FILE
         if self.leadership.custody_params() is not None:
             return True  # a member without a share (one that joined) still collects
+        own = self.keyring.keys_dir / OWN_SHARE_FILE
         return own.exists() or split_record(self.service.store) is not None
 
     def _wipe(self, why: str) -> None:
@@ -256,7 +268,8 @@ class AdminCustody:
     ) -> WipeableIdentity | None:
         """Ask the other members in parallel until the shares combine (or all answered)."""
         key = x25519.Identity.generate()  # this collection's own key: shares come sealed
-        body = {"term": term, "recipient": str(key.to_public())}
+        body = {"term": term, "recipient": str(key.to_public()),
+                "epoch": self.leadership.custody_epoch()}  # fmt: skip
         others = [n for n in self.service.cluster.member_names() if n != self.service.name]
         found: list[WipeableIdentity] = []
 
@@ -294,8 +307,9 @@ class AdminCustody:
         return found[0] if found else None
 
     def _own_share(self) -> str | None:
-        """This node's share, decrypted (None: no share file, or it does not open)."""
-        path = self.keyring.keys_dir / OWN_SHARE_FILE
+        """This node's share of the committed custody epoch, decrypted (None: no share
+        file, or it does not open)."""
+        path = self.keyring.keys_dir / share_file(self.leadership.custody_epoch())
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -315,10 +329,19 @@ class AdminCustody:
         )
         if why is not None:
             raise Forbidden(f"admin.share refused: {why}", field="term")
+        epoch = self.leadership.custody_epoch()
+        asked = args.get("epoch")
+        if asked is not None and asked != epoch:
+            raise Unavailable(
+                f"admin.share: custody epoch {asked} asked, {epoch} applied here; retry"
+            )
         share = await self.service.fanout.blocking(self._own_share)
         if share is None:
-            raise NotFound(f"{self.service.name} holds no admin share (no {OWN_SHARE_FILE})")
-        return {"share": encrypt_share_to(share, args["recipient"])}
+            raise NotFound(
+                f"{self.service.name} holds no admin share of epoch {epoch} "
+                f"(no {share_file(epoch)})"
+            )
+        return {"share": encrypt_share_to(share, args["recipient"]), "epoch": epoch}
 
     async def _admin_forward(self, peer: Peer, args: Body) -> Body:
         """``admin.forward {method, body, client}``: run a client's request here, as it."""

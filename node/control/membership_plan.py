@@ -19,15 +19,19 @@ a member joining/normal/leaving is not in the configuration  ``conf``: add as le
 a learner joining/normal whose match index >= commit index  ``conf``: promote to voter
 a joining member, and every live ring member (old and new)  ``state``: joining -> normal
   streamed for the current ring epoch
-a leaving member, likewise                                  ``state``: leaving -> removed
+a leaving member, likewise, unless it holds an admin share  ``state``: leaving -> removed
+  the threshold still needs (``custody_gate``: the
+  re-share hands it over first, node.control.reshare)
 ==========================================================  ============================
 
 Conf steps come first and one at a time (``conf_blocked``: a conf entry is still
 uncommitted); the leader drops itself last. Also owns the refusals of the operator's
 ``ctl.member_add`` / ``member_remove`` / ``member_forget`` (``add_refusal``,
 ``remove_refusal``, ``forget_refusal``), among them the custody rule: forgetting a
-shareholder must leave at least ``threshold`` holders, or the admin key could be lost
-(the admin key is not re-shared yet; see docs/cluster.md).
+shareholder must leave at least ``threshold`` holders of the current custody epoch, or
+the admin key could not be rebuilt (the leader re-shares right after a forget that
+leaves enough; a removed member's share is handed over by a re-share before it goes,
+so ``remove`` is not refused for custody; see docs/cluster.md).
 
 Must not know: Raft's rules (the core checks every conf change again), how a range is
 streamed (the data plane records ``streamed``), RPC, the clock.
@@ -104,12 +108,19 @@ def unstreamed(
     )
 
 
+def custody_gate(state: ClusterMetadata, member: Member) -> str | None:
+    """Why leaving ``member`` may not become removed yet (None: it may): it holds a share
+    of the current custody epoch that the holders staying need to reach the threshold.
+    A re-share to the staying members lifts it."""
+    return custody_refusal(state, member)
+
+
 def _state_step(
     state: ClusterMetadata, streamed: Mapping[str, int], live: Collection[str]
 ) -> Step | None:
     moving = [
         (node_id, m) for node_id, m in sorted(state.members.items())
-        if m.state in ("joining", "leaving")
+        if m.state == "joining" or (m.state == "leaving" and custody_gate(state, m) is None)
     ]  # fmt: skip
     if not moving or unstreamed(state, streamed, live):
         return None
@@ -174,7 +185,7 @@ def remove_refusal(state: ClusterMetadata, name: str) -> str | None:
     others = [m for m in state.members.values() if m.state == "normal" and m is not member]
     if not others:
         return f"{name} is the last normal member"
-    return custody_refusal(state, member)
+    return None  # an admin share it holds is re-shared to the others before it goes
 
 
 def forget_refusal(state: ClusterMetadata, name: str, *, answers: bool) -> str | None:
@@ -205,8 +216,8 @@ def custody_refusal(state: ClusterMetadata, member: Member) -> str | None:
     if left < custody.threshold:
         return (
             f"{member.name} holds admin share {custody.holders[member.node_id]}: without it "
-            f"{left} shareholders would remain, below the threshold {custody.threshold}, and "
-            "the admin key could not be rebuilt (re-sharing is not built yet)"
+            f"{left} shareholders of custody epoch {custody.epoch} would remain, below the "
+            f"threshold {custody.threshold}, and the admin key could not be rebuilt"
         )
     return None
 

@@ -20,12 +20,16 @@ op               effect                                                         
 ===============  ==============================================================  ========
 member_add       a new member (ids are never reused; names unique among the      epoch+1
                  members not removed), with its ring weight
-member_state     one step of ``TRANSITIONS`` (removed is final)                  epoch+1
+member_state     one step of ``TRANSITIONS`` (removed is final; a removed        epoch+1
+                 custody holder leaves ``holders`` and counts in ``lost``)
 member_address   a member's RPC host and port (ids are split from addresses)     -
 ring             new vnodes and weights of members (``expect_epoch``: refused    epoch+1
                  unless it is the current epoch)
 key_epoch        a role's key version; versions only increase                    -
-custody          the Shamir threshold, shares, admin recipient and holders       -
+custody          the Shamir threshold, shares, admin recipient and holders.      -
+                 With ``custody.epoch``: a re-share, refused unless it is the
+                 current epoch + 1. Without (the older form): the parameters
+                 are replaced and the epoch kept
 duty_schedule    create a duty or change its interval                            -
 duty_started     a duty runs under ``term``: fresh, or resumed (cursor kept)     -
                  when it was left running by an older term; refused for a
@@ -178,7 +182,8 @@ def cmd_key_epoch(role: str, version: int, recipient: str, since_ms: int) -> byt
 
 
 def cmd_custody(custody: Custody) -> bytes:
-    """Replace the Shamir custody parameters."""
+    """Replace the Shamir custody parameters: a re-share when ``custody.epoch`` > 0 (it
+    must then be the current epoch + 1), else the parameters of the current epoch."""
     return encode_command("custody", custody=custody_wire(custody))
 
 
@@ -308,7 +313,7 @@ def _op_member_state(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMet
         del weights[member.node_id]
         if custody is not None and member.node_id in custody.holders:
             holders = {k: v for k, v in custody.holders.items() if k != member.node_id}
-            custody = replace(custody, holders=frozen_map(holders))
+            custody = replace(custody, holders=frozen_map(holders), lost=custody.lost + 1)
     ring = _bump(state.ring, weights=frozen_map(weights))
     return replace(state, members=frozen_map(members), ring=ring, custody=custody), None
 
@@ -349,7 +354,13 @@ def _op_key_epoch(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMetada
 
 
 def _op_custody(state: ClusterMetadata, fields: Fields) -> tuple[ClusterMetadata, Any]:
-    custody = custody_from_wire(fields.sub("custody"))
+    wire = fields.sub("custody")
+    custody = custody_from_wire(wire)
+    current = 0 if state.custody is None else state.custody.epoch
+    if not wire.has("epoch"):  # the older form: same epoch, new parameters
+        custody = replace(custody, epoch=current)
+    elif custody.epoch != current + 1:
+        raise _Refused(f"custody epoch {custody.epoch} is not the next epoch {current + 1}")
     for node_id in custody.holders:
         if node_id not in state.names():
             raise _Refused(f"holder {node_id!r} is not a member")

@@ -4,11 +4,13 @@ A pure module (no I/O, no clock, no randomness). Snapshot data is a map
 ``{"v": STATE_SCHEMA, "cluster_id", "applied_index", "members": [member...],
 "ring": {"epoch", "vnodes", "weights": {node_id: int}}, "key_epochs": {role: {"version",
 "recipient", "since_ms"}}, "custody": None | {"threshold", "shares", "admin_recipient",
-"holders": {node_id: int}}, "duties": [duty...]}`` where a member is ``{"id", "name",
-"state", "recipient", "host", "port"}`` and a duty ``{"name", "interval_s",
+"holders": {node_id: int}, "epoch"?, "lost"?}, "duties": [duty...]}`` where a member is
+``{"id", "name", "state", "recipient", "host", "port"}`` and a duty ``{"name", "interval_s",
 "last_started_ms", "last_finished_ms", "last_term", "running", "cursor", "last_ok",
 "last_message"}``; ``"streamed"`` and ``"seen"`` map node_id -> ring epoch (absent in
-snapshots written before they existed: empty). Lists are sorted by id / name so equal
+snapshots written before they existed: empty); custody's ``"epoch"`` and ``"lost"`` are
+written only when not 0 (absent: 0), so a state without re-shares encodes to the bytes it
+always did. Lists are sorted by id / name so equal
 states encode to equal bytes.
 
 Must not know how commands change the state (``node.control.metadata``).
@@ -81,27 +83,36 @@ def member_from_wire(fields: Fields) -> Member:
 
 
 def custody_wire(custody: Custody) -> dict[str, Any]:
-    """The wire form of the custody parameters."""
-    return {
+    """The wire form of the custody parameters (``epoch`` and ``lost`` only when not 0)."""
+    wire: dict[str, Any] = {
         "threshold": custody.threshold,
         "shares": custody.shares,
         "admin_recipient": custody.admin_recipient,
         "holders": dict(custody.holders),
     }
+    if custody.epoch:
+        wire["epoch"] = custody.epoch
+    if custody.lost:
+        wire["lost"] = custody.lost
+    return wire
 
 
 def custody_from_wire(fields: Fields) -> Custody:
-    """Custody parameters from their wire form (threshold <= shares, distinct share numbers)."""
+    """Custody parameters from their wire form (threshold <= shares, distinct share numbers,
+    held plus lost shares at most ``shares``; ``epoch``/``lost`` absent: 0)."""
     shares = fields.int_("shares", 1, MAX_SHARES)
     threshold = fields.int_("threshold", 1, shares)
     holders = fields.int_map("holders", MAX_NAME, 1, shares, MAX_SHARES)
     if len(set(holders.values())) != len(holders):
         raise MalformedRaftData(f"{fields.path}.holders: a share number is held twice")
+    lost = fields.int_("lost", 0, shares - len(holders)) if fields.has("lost") else 0
     return Custody(
         threshold,
         shares,
         fields.str_("admin_recipient", MAX_RECIPIENT),
         frozen_map(dict(sorted(holders.items()))),
+        epoch=fields.int_("epoch", 0, MAX_INT) if fields.has("epoch") else 0,
+        lost=lost,
     )
 
 

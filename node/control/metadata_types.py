@@ -91,12 +91,17 @@ class KeyEpoch:
 @dataclass(frozen=True)
 class Custody:
     """The admin identity's Shamir split: ``threshold`` of ``shares``; ``holders`` node_id ->
-    share number (1-based) it keeps sealed to its node recipient."""
+    share number (1-based) it keeps sealed to its node recipient. ``epoch`` numbers the
+    split (0: the one ``cluster up`` made; each re-share is the next); shares of different
+    epochs never combine. ``lost``: shares of this epoch that left with a member since
+    removed (a reason to re-share: those shares must stop counting)."""
 
     threshold: int
     shares: int
     admin_recipient: str
     holders: Mapping[str, int]
+    epoch: int = 0
+    lost: int = 0
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,11 @@ class ControlService:
             return None
         return custody.threshold, custody.admin_recipient
 
+    def custody_epoch(self) -> int:
+        """The custody epoch of the applied metadata (0: none recorded, never re-shared)."""
+        custody = None if self.metadata is None else self.metadata.custody
+        return 0 if custody is None else custody.epoch
+
     def status(self) -> Body:
         """``role``, ``term``, ``leader`` and the log's figures, for ``node.status``."""
         node = self._node

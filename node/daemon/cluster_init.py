@@ -38,6 +38,7 @@ from node.control.bootstrap import (
     member_of,
 )
 from node.control.log_store import write_bootstrap
+from node.control.reshare_plan import threshold_for
 from node.daemon.config import (
     ClusterConfig,
     DiscoveryConfig,
@@ -141,7 +142,7 @@ def _split_admin(root: Path, names: list[str]) -> None:
     shares_dir = root / "ca" / "admin-shares"
     with ContextStore.open(root / names[0] / "data") as store:
         split_admin(
-            store, threshold=len(names) // 2 + 1 if len(names) > 1 else 1,
+            store, threshold=threshold_for(len(names)),
             shares=len(names), to=recipients, out_dir=shares_dir,
         )  # fmt: skip
     for number, name in enumerate(names, start=1):

@@ -46,6 +46,7 @@ from node.cluster.service import NodeService, ServiceConfig
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
 from node.control.membership import Transitions
+from node.control.reshare import AdminReshare
 from node.control.rotation import ClusterRotation
 from node.control.service import ControlConfig, ControlService
 from node.daemon.config import NodeConfig
@@ -139,6 +140,8 @@ class NodeDaemon:
         )  # fmt: skip
         self.service.status_fields.append(self.control.status)
         self.custody = AdminCustody(self.service, self.control)
+        # the leader re-shares the admin key when the membership changes
+        self.reshare = AdminReshare(self.control, self.custody, self.service)
         # range streaming paced like anti-entropy ([antientropy] bytes_per_s)
         self.rebalance = RebalanceService(
             self.service, self.control, RebalanceConfig(config.antientropy.bytes_per_s)
@@ -186,6 +189,7 @@ class NodeDaemon:
             await nursery.start(self.control.run)
             self._sync_members()  # the applied metadata's members: addresses, trust, ring
             await nursery.start(self.custody.run)
+            await nursery.start(self.reshare.run)
             await nursery.start(self.transitions.run)
             http = HealthServer(self.config.http, self._health, self.metrics)
             http_port = await nursery.start(http.run)

@@ -21,6 +21,7 @@ Client methods (any authenticated client; roles come from its certificate), as
 - ``ctx.purge``: {address} -> {versions: int}
 - ``node.status``: {} -> {name, node_id, members: [...], ring: {...}, quorum: {n, w, r},
   role: "leader"|"follower"|"candidate"|None, term, leader: name|None, admin_key_held,
+  admin_custody: {epoch, threshold, holders, holder, last_reshare}|None,
   raft: {node_id, commit_index, applied_index, lease, elections, halted, voters,
   ring_epoch, warnings}, member_state: "joining"|"normal"|"leaving"|"removed"|None, ...}
   (docs/control.md)
@@ -59,8 +60,12 @@ Control-plane methods (node certificates only; docs/control.md):
   form; a message is stepped only if addressed to this node and its sender id is the
   caller's member id)
 - ``raft.propose``: {data: bytes} -> {ok, error, value, index} (to the leader)
-- ``admin.share``: {term, recipient: "age1..."} -> {share: bytes} (to the leader of
-  ``term`` only: the holder's Shamir share, age-encrypted to ``recipient``)
+- ``admin.share``: {term, recipient: "age1...", epoch?} -> {share: bytes, epoch} (to the
+  leader of ``term`` only: the holder's Shamir share of the custody epoch it applied,
+  age-encrypted to ``recipient``; ``epoch`` given and not that one: UCXL-503, retry)
+- ``admin.reshare``: {term, epoch, share: bytes} -> {epoch} (from the leader of ``term``
+  only: this member's share of the new custody ``epoch``, age-encrypted to its node
+  recipient, above the committed epoch; answered once written durably)
 - ``admin.forward``: {method, body, client: {name, roles}} -> the inner method's answer
   (to the leader, which runs it as that client if it holds the admin identity)
 - ``ctl.maintain``: {duty: "ttl_sweep"|"compaction", term} -> {removed: int} (a leader

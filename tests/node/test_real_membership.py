@@ -3,7 +3,10 @@
 Invariants checked: a fourth node joins (starts empty, receives the leader's snapshot,
 becomes normal) and a founding node is decommissioned while a writer keeps writing, and
 every acknowledged write is readable at the end; a SIGKILLed node is forgotten (refused
-while it answers) and the survivors hold N replicas of every context again.
+while it answers) and the survivors hold N replicas of every context again. After each,
+the admin key was re-shared to exactly the members left (a new custody epoch, every one
+of them a holder) and the leader holds the admin identity: an admin-only context written
+before the change is still readable as admin.
 
 These need the data plane of issue 9 (streaming, ``streamed`` in the metadata); without
 it transitions complete at once (``node.control.membership``) and anti-entropy moves
@@ -77,6 +80,41 @@ class Writer:
             await trio.sleep(0.05)
 
 
+SECRET = "ucxl://ceo:admin@slurp:membership/*^/secret.md"
+
+
+async def _custody_settles(root: Path, ports: list[int], epoch_at_least: int) -> None:
+    """Every node of ``ports`` holds a share of one custody epoch >= ``epoch_at_least`` with
+    exactly those nodes as holders, and a leader holds the admin identity."""
+    deadline = time.monotonic() + 60
+    seen: list[Any] = []
+    while time.monotonic() < deadline:
+        seen = []
+        for port in ports:
+            try:
+                seen.append(await call(port, tls(root, "client"), "node.status", {}))
+            except (NodeError, StorageError, OSError):
+                seen.append(None)
+        custody = [s and s.get("admin_custody") for s in seen]
+        if (
+            all(c and c["holder"] and c["holders"] == len(ports) for c in custody)
+            and len({c["epoch"] for c in custody if c}) == 1
+            and custody[0]["epoch"] >= epoch_at_least
+            and any(s and s.get("admin_key_held") for s in seen)
+        ):
+            return
+        await trio.sleep(1.0)
+    raise AssertionError(
+        f"admin custody did not settle: {[s and s.get('admin_custody') for s in seen]}"
+    )
+
+
+async def _admin_read(root: Path, port: int) -> str:
+    get = {"address": SECRET, "as_role": "admin"}
+    answer = await call(port, tls(root, "client"), "ctx.get", get)
+    return str(answer["version"]["fields"]["summary"])
+
+
 async def _read(root: Path, port: int, address: str) -> str | None:
     try:
         answer = await call(port, tls(root, "client"), "ctx.get", {"address": address, "r": 2})
@@ -90,6 +128,8 @@ async def test_add_a_fourth_node_then_remove_one_while_writes_continue(
 ) -> None:
     root, members = cluster
     writer = Writer(root, [m.rpc_port for m in members if m.name != "node2"])
+    secret = {"address": SECRET, "record": {"summary": "admin only"}, "readers": ["admin"]}
+    await call(members[0].rpc_port, tls(root, "client"), "ctx.put", {**secret, "w": 3})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)
         await trio.sleep(1.0)
@@ -99,6 +139,7 @@ async def test_add_a_fourth_node_then_remove_one_while_writes_continue(
         states = {n["name"]: n["state"] for n in status["nodes"]}
         assert states == {"node1": "normal", "node2": "normal", "node3": "normal",
                           "node4": "normal"}  # fmt: skip
+        await _custody_settles(root, [n["rpc_port"] for n in status["nodes"]], 1)
         removed = await trio.to_thread.run_sync(
             lambda: remove_node(root, "node2", timeout_s=SETTLE_S)
         )
@@ -113,6 +154,8 @@ async def test_add_a_fourth_node_then_remove_one_while_writes_continue(
         if await _read(root, ports[number % len(ports)], address) != version_id:
             missing.append(address)
     assert missing == [], f"{len(missing)} acknowledged writes not readable: {missing[:5]}"
+    await _custody_settles(root, ports, 2)  # add: epoch 1; remove node2: epoch 2
+    assert await _admin_read(root, ports[-1]) == "admin only"
 
 
 async def test_forget_a_sigkilled_node_and_the_survivors_restore_n_replicas(
@@ -143,6 +186,7 @@ async def test_forget_a_sigkilled_node_and_the_survivors_restore_n_replicas(
             await trio.sleep(1.0)
     assert answer["state"] == "removed"
     survivors = [nodes[n] for n in ("node1", "node2", "node4")]
+    await _custody_settles(root, [m.rpc_port for m in survivors], 2)  # without node3
     deadline = time.monotonic() + SETTLE_S
     counts: dict[str, int] = {}
     while time.monotonic() < deadline:

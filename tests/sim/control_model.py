@@ -19,7 +19,9 @@ The invariants (violations are human-readable strings):
 - custody: a node whose keyring holds the admin identity is the leader, holds it for its
   own current leader term, and no two nodes hold it at once;
 - after the quiet period: exactly one leader, known to every node, holding the admin
-  identity, having applied every entry any node ever applied;
+  identity, having applied every entry any node ever applied; every running holder of
+  the custody epoch it applied keeps a share file of that epoch, and no running node
+  keeps one of an older epoch (re-shares settle and clean up);
 - a fenced leader-only order with a stale term is refused; one with the leader's term is
   accepted by a node that has not seen a newer term.
 """
@@ -49,6 +51,9 @@ class EndState:
     held: bool
     held_term: int | None
     applied_index: int
+    custody_epoch: int | None = None  # the custody epoch applied (None: no custody)
+    holder: bool = False  # a holder of that epoch
+    share_epochs: tuple[int, ...] = ()  # the epochs of its share files on disk
 
 
 @dataclass
@@ -146,11 +151,31 @@ def end_state(record: ControlRecord, states: Mapping[str, EndState]) -> list[str
     others = sorted(name for name, s in states.items() if s.held and name != leader)
     if others:
         problems.append(f"after the quiet period {others} hold the admin identity too")
+    for name, s in sorted(states.items()):
+        problems.extend(_custody_files(name, s))
     highest = max(record.applied, default=0)
     if mine.applied_index < highest:
         problems.append(
             f"after the quiet period the leader {leader} applied up to {mine.applied_index}, "
             f"but index {highest} was applied (by {record.applied[highest][2]}): lost entries"
+        )
+    return problems
+
+
+def _custody_files(name: str, s: EndState) -> list[str]:
+    if s.custody_epoch is None:
+        return []
+    problems = []
+    if s.holder and s.custody_epoch not in s.share_epochs:
+        problems.append(
+            f"after the quiet period {name} holds custody epoch {s.custody_epoch} but has no "
+            f"share file of it (files: {list(s.share_epochs)})"
+        )
+    old = [epoch for epoch in s.share_epochs if epoch < s.custody_epoch]
+    if old:
+        problems.append(
+            f"after the quiet period {name} keeps share files of retired epochs {old} "
+            f"(custody epoch {s.custody_epoch})"
         )
     return problems
 

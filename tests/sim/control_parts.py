@@ -33,8 +33,10 @@ from node.control.maintenance import Maintenance
 from node.control.membership import Transitions
 from node.control.metadata import ClusterMetadata
 from node.control.raft_types import Entry, Role
+from node.control.reshare import AdminReshare
 from node.control.service import ControlConfig, ControlService
 from node.errors import PeerUnavailable, RemoteError
+from storage.admin_key import share_epochs
 from storage.version_store import VersionStore
 from tests.sim import control_model, model
 from tests.sim.node_parts import sim_clock_ms
@@ -49,6 +51,7 @@ CONTROL_CONFIG = ControlConfig(
 SAMPLE_S = 0.02  # custody is sampled every 20 simulated ms (and at every leadership change)
 SYNC_S = 0.5  # the layout is also looked at this often (a joiner's snapshot applies no entry)
 TRANSITION_S = 0.5  # the transition driver's interval
+RESHARE_S = 0.5  # the admin re-share loop's interval
 REBALANCE = RebalanceConfig(bytes_per_s=64 * 1024 * 1024, poll_s=0.5)
 FENCED_TIMEOUT_S = 1.0
 STALE_TERM = "stale leader term"
@@ -66,6 +69,8 @@ class ControlPlane:
             context.service, CONTROL_CONFIG, rng=rng, clock_ms=sim_clock_ms
         )
         self.custody = AdminCustody(context.service, self.control)
+        self.reshare = AdminReshare(self.control, self.custody, context.service,
+                                    interval_s=RESHARE_S)  # fmt: skip
         Maintenance(self.control, self.custody.fence, max_key_age_days=36500)
         self.transitions = Transitions(self.control, interval_s=TRANSITION_S)
         self.rebalance = CheckedRebalance(context.service, self.control, REBALANCE)
@@ -83,6 +88,7 @@ class ControlPlane:
                 await nursery.start(self.control.run)
                 self.sync()
                 await nursery.start(self.custody.run)
+                await nursery.start(self.reshare.run)
                 await nursery.start(self.transitions.run)
                 await nursery.start(self.rebalance.run)
                 nursery.start_soon(self._sync_loop)
@@ -133,9 +139,15 @@ class ControlPlane:
     def end_state(self) -> control_model.EndState:
         """This node's view for the end-of-run check."""
         node = self.control._node  # the applied index (sim-only reach-in)
+        applied = self.control.metadata
+        custody = None if applied is None else applied.custody
+        keyring = self.custody.keyring
         return control_model.EndState(
             self.control.leader_term(), self.control.leader_name(), self.custody.held(),
             self.custody.held_term(), 0 if node is None else node.applied_index,
+            custody_epoch=None if custody is None else custody.epoch,
+            holder=custody is not None and keyring.node_id in custody.holders,
+            share_epochs=tuple(sorted(share_epochs(keyring.keys_dir))),
         )  # fmt: skip
 
     def floor(self) -> int:

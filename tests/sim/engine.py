@@ -29,6 +29,7 @@ waits after ``QUIET_S`` until the transitions settled and every ring member clea
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -152,10 +153,12 @@ class Simulation:
             self.network.set_identity(name, kind="node", roles=())
         made = template(schedule.nodes, schedule.spares)
         source, self._signers = made.root, made.signers
-        for name in self.names:  # keys, config and the (unopened) db are only read: link them
+        for name in self.names:  # config and the (unopened) db are only read: link them
             (root / name / "index").mkdir(parents=True)
-            for part in ("keys", "config.toml", "db"):
+            for part in ("config.toml", "db"):
                 (root / name / part).symlink_to(source / name / part)
+            # keys are copied: a re-share of the admin key writes and deletes share files
+            shutil.copytree(source / name / "keys", root / name / "keys", symlinks=True)
         self.nodes = {name: SimNode(name, root / name) for name in self.names}
         self.spares = made.spares
         for node in self.nodes.values():

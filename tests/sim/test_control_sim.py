@@ -3,6 +3,7 @@ catch planted violations, and the engine's control steps do what they say."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,12 @@ def test_the_end_state_needs_one_known_leader_holding_the_key_with_every_entry()
         "does not hold" in end_state(record, {**good, "n1": EndState(3, "n1", False, None, 2)})[0]
     )
     assert "lost entries" in end_state(record, {**good, "n1": EndState(3, "n1", True, 3, 1)})[0]
+    holder = EndState(None, "n1", False, None, 2, custody_epoch=2, holder=True, share_epochs=(2,))
+    assert end_state(record, {**good, "n2": holder}) == []
+    missing = replace(holder, share_epochs=())
+    assert "no share file of it" in end_state(record, {**good, "n2": missing})[0]
+    stale = replace(holder, holder=False, share_epochs=(0, 3))  # 3: a re-share in progress
+    assert "retired epochs [0]" in end_state(record, {**good, "n2": stale})[0]
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,9 @@ class FakeLeadership:
     def custody_params(self) -> tuple[int, str] | None:
         return None  # the local split record (these nodes have no cluster metadata)
 
+    def custody_epoch(self) -> int:
+        return 0
+
     def notify(self) -> None:
         for callback in list(self.on_change):
             callback()

@@ -243,6 +243,59 @@ def test_custody_holders_must_be_members_and_numbers_fit_the_split() -> None:
     assert "holders" in refused(state, cmd_custody(Custody(1, 2, "a", {"id-a": 3})))
 
 
+def test_custody_epochs_re_share_to_the_next_epoch_only() -> None:
+    state = three_node_state()
+    assert state.custody is not None
+    assert state.custody.epoch == 0
+    reshared = Custody(2, 2, "age1admin", {"id-a": 1, "id-b": 2}, epoch=1)
+    after = run(state, cmd_custody(reshared))
+    assert after.custody == reshared
+    assert "epoch 1 is not the next epoch 2" in refused(after, cmd_custody(reshared))
+    assert "epoch 3 is not the next epoch 2" in refused(
+        after, cmd_custody(replace(reshared, epoch=3))
+    )
+    explicit_zero = encode_command(
+        "custody", custody={"threshold": 1, "shares": 1, "admin_recipient": "a",
+                            "holders": {}, "epoch": 0},
+    )  # fmt: skip
+    assert "epoch 0 is not the next epoch 1" in refused(state, explicit_zero)
+    bad = encode_command("custody", custody={"threshold": 1, "shares": 1,
+                                             "admin_recipient": "a", "holders": {},
+                                             "epoch": "1"})  # fmt: skip
+    assert "custody.epoch: expected an integer" in refused(state, bad)
+    # the older form (no epoch) replaces the parameters and keeps the epoch
+    legacy = run(after, cmd_custody(Custody(1, 2, "age1admin", {"id-a": 1})))
+    assert legacy.custody is not None
+    assert legacy.custody.epoch == 1
+
+
+def test_a_removed_holder_leaves_the_holders_and_counts_as_lost() -> None:
+    state = run(three_node_state(), cmd_member_state("id-c", "removed"))
+    assert state.custody == Custody(2, 3, "age1admin", {"id-a": 1, "id-b": 2}, lost=1)
+    assert decode_state(encode_state(state)) == state
+    too_many = encode_command(
+        "custody", custody={"threshold": 1, "shares": 2, "admin_recipient": "a",
+                            "holders": {"id-a": 1}, "lost": 2},
+    )  # fmt: skip
+    assert "custody.lost: out of range [0, 1]" in refused(state, too_many)
+
+
+def test_a_snapshot_without_custody_epochs_decodes_as_epoch_0() -> None:
+    """The wire form written before custody epochs existed still decodes, to epoch 0, and
+    a state never re-shared encodes to the very same bytes."""
+    state = three_node_state()
+    row = msgpack.unpackb(encode_state(state), raw=False)
+    assert set(row["custody"]) == {"threshold", "shares", "admin_recipient", "holders"}
+    assert decode_state(msgpack.packb(row)) == state
+    reshared = run(state, cmd_custody(Custody(1, 1, "age1admin", {"id-a": 1}, epoch=1)))
+    row = msgpack.unpackb(encode_state(reshared), raw=False)
+    assert row["custody"]["epoch"] == 1
+    assert decode_state(encode_state(reshared)) == reshared
+    row["custody"]["epoch"] = -1
+    with pytest.raises(MalformedRaftData, match=r"state\.custody\.epoch"):
+        decode_state(msgpack.packb(row))
+
+
 # -- duties -------------------------------------------------------------------------------
 
 
