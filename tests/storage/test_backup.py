@@ -211,7 +211,7 @@ def _tamper_cases(path: Path, identity: x25519.Identity) -> dict[str, tuple[str,
     flipped[len(flipped) // 2] ^= 0x01
     manifest = json.loads(members[MANIFEST])
     manifest["members"][PURGES] = "0" * 64
-    cases = {
+    cases: dict[str, tuple[dict[str, bytes | None], str]] = {
         "flipped": ({chunk: bytes(flipped)}, chunk),
         "missing": ({PURGES: None}, PURGES),
         "manifest": ({MANIFEST: json.dumps(manifest).encode()}, PURGES),
