@@ -19,10 +19,10 @@ from rich.progress import Progress
 from cli import render
 from cli.common import STATE, JsonOpt, fail, opened, passphrase_source, run
 from cli.keys import identity_file
-from storage import backup_io, export
+from storage import backup_io, export, restore
 from storage.backup import Backup
 from storage.context_store import ContextStore
-from storage.errors import InvalidPayload, StorageError
+from storage.errors import InvalidPayload
 
 app = typer.Typer(help="Encrypted, verified backups of this node.", no_args_is_help=True)
 
@@ -53,16 +53,11 @@ def _progress(as_json: bool, label: str) -> Iterator[Step | None]:
 
 
 def cluster_id_of(store: ContextStore) -> str:
-    """The cluster id in the node's Raft snapshot, else the node id."""
-    try:
-        from node.control.log_store import RaftLogStore
-        from node.control.metadata_codec import decode_state
+    """The id a backup of this node carries: its node id (embedded part of issue 11).
 
-        snapshot = RaftLogStore(store.kv).load().snapshot
-        if snapshot is not None:
-            return str(decode_state(snapshot.data).cluster_id)
-    except (StorageError, ValueError, TypeError, KeyError, AttributeError):
-        pass  # no readable control-plane state: a node outside a cluster
+    A cluster member's backups will carry the cluster id of its control plane; reading it
+    is the cluster part's (the CLI may not reach into ``node.control``).
+    """
     return store.keyring.node_id
 
 
@@ -146,7 +141,7 @@ def verify(file: Path, identity: IdentityOpt = None, as_json: JsonOpt = False) -
 @contextmanager
 def _maybe_opened(as_json: bool) -> Iterator[ContextStore | None]:
     """The data directory's store when it holds a node, else None."""
-    if not backup_io.holds_node(STATE.data_dir):
+    if not restore.holds_node(STATE.data_dir):
         yield None
         return
     with opened(as_json) as store:
@@ -168,7 +163,7 @@ def list_backups(as_json: JsonOpt = False) -> None:
         )
 
 
-def restore(
+def restore_cmd(
     files: Annotated[list[Path], typer.Argument(help="A full backup, then its incrementals.")],
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="The node to restore into.")
@@ -184,20 +179,20 @@ def restore(
     root = data_dir or STATE.data_dir
     STATE.data_dir = root
     ids = _identities(identity, as_json)
-    result = backup_io.Restored(root, [str(f) for f in files], created_node=False)
+    result = restore.Restored(root, [str(f) for f in files], created_node=False)
     source = passphrase_source()
-    if backup_io.holds_node(root):
+    if restore.holds_node(root):
         with opened(as_json, "restore") as store, _progress(as_json, "restoring") as step:
             chain = run(
                 as_json,
-                lambda: backup_io.load_chain(
+                lambda: restore.load_chain(
                     files,
                     _opener(store, ids),
                     target_cluster=cluster_id_of(store),
                     trusted=store.reader.trusted,
                 ),
             )
-            run(as_json, lambda: backup_io.apply(store, chain, step, result))
+            run(as_json, lambda: restore.apply(store, chain, step, result))
     else:
         if not ids:
             fail(
@@ -210,12 +205,12 @@ def restore(
             )
         chain = run(
             as_json,
-            lambda: backup_io.load_chain(
+            lambda: restore.load_chain(
                 files, _opener(None, ids), target_cluster=None, trusted=None
             ),
         )
         with _progress(as_json, "restoring") as step:
-            run(as_json, lambda: backup_io.restore_fresh(root, chain, source, step, result))
+            run(as_json, lambda: restore.restore_fresh(root, chain, source, step, result))
     if as_json:
         render.print_json(result.to_json())
     else:

@@ -49,7 +49,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(cluster.node_app, name="node")
 app.add_typer(cluster.cluster_app, name="cluster")
 app.add_typer(backup.app, name="backup")
-app.command("restore")(backup.restore)
+app.command("restore")(backup.restore_cmd)
 app.command("export")(backup.export_cmd)
 app.command("import")(backup.import_cmd)
 

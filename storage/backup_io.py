@@ -1,8 +1,9 @@
-"""Backups of one node's store: create, open, verify, list and restore (issue 11).
+"""Backups of one node's store: create, open, verify and list (issue 11).
 
 Owns the files: the age-encrypted backup (``storage.backup`` owns what is inside), its
 clear sidecar ``FILE.json`` (the manifest without member hashes, plus the backup file's
-SHA-256: no secret), atomic writes, and carrying a verified backup into a data directory.
+SHA-256: no secret), and atomic writes. ``storage.restore`` carries a verified backup
+into a data directory.
 Must not know: the CLI, the network, how a ciphertext is sealed (envelopes are copied as
 opaque bytes; decryption goes through ``VersionReader.decrypt_view``).
 
@@ -11,14 +12,6 @@ encrypted to the admin recipient, whose identity a node may no longer hold (afte
 ``keys split --forget-admin``). The sidecar holds the cut in clear, and the SHA-256 of
 FILE, so a sidecar that does not belong to FILE is refused. Without a sidecar, FILE is
 opened with the admin identity if this node holds it.
-
-Restore invariants: every file is decrypted and verified in full (``storage.backup.read``
-and ``check_chain``) before the first write; into a data directory that holds a node,
-every step is idempotent (version sets are grow-only: ``VersionStore.append`` skips
-versions already there or covered by a purge marker; a purge marker is applied only when
-it covers more than the target's), so a crash mid-way is repaired by running it again;
-into a fresh directory, the node is built in a staging directory beside it and renamed
-into place at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,22 +44,16 @@ from storage.backup import (
     Trusted,
     VersionRow,
     build,
-    check_chain,
-    check_signers,
     chunk_name,
     read,
 )
 from storage.cache import CacheConfig, RecordCache
 from storage.context_store import ContextStore
-from storage.datadir import DataDir
 from storage.envelope import Envelope
-from storage.errors import InvalidPayload, NotFound, StorageError
-from storage.kv import LevelDBKV, MemoryKV
+from storage.errors import InvalidPayload, StorageError
+from storage.kv import MemoryKV
 from storage.reader import VersionReader
 from storage.schema import (
-    FORMAT_VERSION,
-    META_FORMAT,
-    META_HLC,
     PURGE_PREFIX,
     SEP,
     VERSION_PREFIX,
@@ -105,31 +91,6 @@ class Created:
             "sidecar": str(self.sidecar),
             "bytes": self.bytes,
             **summary_json(self.manifest),
-        }
-
-
-@dataclass
-class Restored:
-    """What ``restore`` did."""
-
-    data_dir: Path
-    files: list[str]
-    created_node: bool
-    added: int = 0
-    skipped: int = 0
-    purges_applied: int = 0
-    cut: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """``restore --json``."""
-        return {
-            "data_dir": str(self.data_dir),
-            "files": self.files,
-            "created_node": self.created_node,
-            "versions_added": self.added,
-            "versions_skipped": self.skipped,
-            "purges_applied": self.purges_applied,
-            "cut": self.cut,
         }
 
 
@@ -330,7 +291,7 @@ def check_decrypts(
     """
     with tempfile.TemporaryDirectory(prefix="slurp-verify-") as tmp:
         keys_dir = Path(tmp) / "keys"
-        _write_keys(keys_dir, backup.contents)
+        write_keys(keys_dir, backup.contents)
         try:
             keyring = Keyring.open(keys_dir, passphrase)
         except CryptoError as exc:
@@ -425,149 +386,10 @@ def summary_json(manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-# -- restore -----------------------------------------------------------------------------
-
-
-def load_chain(
-    paths: Sequence[Path],
-    opener: Opener,
-    *,
-    target_cluster: str | None,
-    trusted: Trusted | None,
-) -> list[Backup]:
-    """Decrypt and verify every file, and check they form one chain of ``target_cluster``
-    (None: a fresh directory, which needs keys in the full backup).
-
-    Raises:
-        BackupUnreadable, BackupInvalid, BackupForeign: naming the file and member.
-    """
-    backups = []
-    for path in paths:
-        try:
-            backups.append(read(opener.decrypt(path)))
-        except StorageError as exc:
-            raise type(exc)(f"{path.name}: {exc.message}", field=exc.field) from None
-    check_chain([(p.name, b.manifest) for p, b in zip(paths, backups, strict=True)], target_cluster)
-    if trusted is not None:  # the target's own trust, once the chain is known to be its
-        for path, found in zip(paths, backups, strict=True):
-            try:
-                check_signers(found, trusted)
-            except StorageError as exc:
-                raise type(exc)(f"{path.name}: {exc.message}", field=exc.field) from None
-    if target_cluster is None and not backups[0].manifest.with_keys:
-        raise InvalidPayload(
-            f"the target holds no node and {paths[0].name} has no keys (made without "
-            "--with-keys): restore into the node it came from",
-            field="data_dir",
-        )
-    return backups
-
-
-def build_node(root: Path, full: Backup) -> None:
-    """Create a node at ``root`` from the keys of ``full`` (staging dir, then rename).
-
-    Raises:
-        InvalidPayload: ``root`` exists and is not empty.
-    """
-    if root.exists() and any(root.iterdir()):
-        raise InvalidPayload(f"{root} is not empty and holds no slurp node", field="data_dir")
-    staging = root.with_name(f".{root.name}.restoring")
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted restore: never a live node
-    data_dir = DataDir(staging)
-    data_dir.create_layout()
-    _write_keys(data_dir.keys, full.contents)
-    kv = LevelDBKV(data_dir.db, create=True)
-    try:
-        kv.write([(META_FORMAT, str(FORMAT_VERSION).encode())], sync=True)
-    finally:
-        kv.close()
-    if root.exists():
-        root.rmdir()
-    staging.rename(root)
-
-
-def apply(
-    store: ContextStore, backups: Sequence[Backup], progress: Progress | None, result: Restored
-) -> None:
-    """Merge verified backups into ``store`` (idempotent; see the module docstring)."""
-    markers: dict[str, PurgeMarker] = {}
-    for backup in backups:
-        for row in backup.contents.purges:
-            held = markers.get(row.context)
-            if held is None or VersionId.parse(row.marker.upto) > VersionId.parse(held.upto):
-                markers[row.context] = row.marker
-    for context, marker in markers.items():
-        if _apply_purge(store, ContextName.from_canonical(context), marker):
-            result.purges_applied += 1
-    rows = [row for backup in backups for row in backup.contents.versions]
-    for start in range(0, len(rows), APPEND_BATCH):
-        envs = [Envelope.decode(row.envelope) for row in rows[start : start + APPEND_BATCH]]
-        added = store.versions.append(envs)
-        result.added += sum(added)
-        result.skipped += len(added) - sum(added)
-        for env in envs:
-            store.cache.invalidate_context(ContextName.from_canonical(env.context).key())
-        if progress is not None:
-            progress(min(start + APPEND_BATCH, len(rows)), len(rows))
-    cut = backups[-1].manifest.cut
-    result.cut = cut
-    if cut is not None:
-        store.observe(cut)
-        last = store.kv.get(META_HLC)
-        if last is None or VersionId.parse(last.decode()) < VersionId.parse(cut):
-            store.versions.append([], meta=[(META_HLC, cut.encode())])
-    if result.added or result.purges_applied:
-        store.rebuild_index()
-    store.audit_event("backup.restore", None, "ok")
-
-
-def _apply_purge(store: ContextStore, ctx: ContextName, marker: PurgeMarker) -> bool:
-    """Apply a backup's purge marker unless the target's covers as much (the larger wins);
-    versions newer than the marker are kept."""
-    held = store.versions.purge_marker(ctx)
-    upto = VersionId.parse(marker.upto)
-    if held is not None and VersionId.parse(held.upto) >= upto:
-        return False
-    newer = [
-        Envelope.decode(row.data)
-        for row in store.versions.versions(ctx)
-        if VersionId.parse(row.version_id) > upto
-    ]
-    store.versions.purge(ctx, marker)
-    if newer:
-        store.versions.append(newer)
-    store.cache.invalidate_context(ctx.key())
-    return True
-
-
-def holds_node(root: Path) -> bool:
-    """Whether ``root`` holds an initialised node."""
-    return DataDir(root).exists()
-
-
-def restore_fresh(
-    root: Path,
-    backups: Sequence[Backup],
-    passphrase: PassphraseSource | None,
-    progress: Progress | None,
-    result: Restored,
-) -> None:
-    """Build a node from the full backup's keys, then merge every backup into it."""
-    build_node(root, backups[0])
-    result.created_node = True
-    try:
-        store = ContextStore.open(root, passphrase=passphrase)
-    except StorageError:
-        raise NotFound(f"the node restored at {root} does not open", field="data_dir") from None
-    with store:
-        apply(store, backups, progress, result)
-
-
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _write_keys(keys_dir: Path, contents: Contents) -> None:
+def write_keys(keys_dir: Path, contents: Contents) -> None:
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, data in {KEYRING_FILE: contents.keyring_json, **contents.secret_keys}.items():
         if "/" in name or name.startswith("."):

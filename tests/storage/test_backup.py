@@ -18,11 +18,12 @@ from crypto.roles import DEFAULT_ROLES
 from storage import backup_io
 from storage.address import ContextName, parse
 from storage.backup import MANIFEST, PURGES, BackupForeign, BackupInvalid, chunk_name
-from storage.backup_io import BackupUnreadable, Opener, Restored
+from storage.backup_io import BackupUnreadable, Opener
 from storage.context_store import ContextStore
 from storage.envelope import Envelope
 from storage.errors import StorageError
 from storage.record import ContextRecord
+from storage.restore import Restored, apply, holds_node, load_chain, restore_fresh
 from tests.storage.backup_helpers import (
     address,
     admin_identity,
@@ -41,18 +42,18 @@ def backup(store: ContextStore, out: Path, **kwargs: object) -> backup_io.Create
 def restore(paths: list[Path], target: Path, identity: x25519.Identity) -> Restored:
     """Restore like the CLI does: into the node at ``target``, or a fresh one there."""
     result = Restored(target, [str(p) for p in paths], created_node=False)
-    if backup_io.holds_node(target):
+    if holds_node(target):
         with ContextStore.open(target) as store:
-            chain = backup_io.load_chain(
+            chain = load_chain(
                 paths,
                 Opener([identity], store.keyring),
                 target_cluster=store.keyring.node_id,
                 trusted=store.reader.trusted,
             )
-            backup_io.apply(store, chain, None, result)
+            apply(store, chain, None, result)
     else:
-        chain = backup_io.load_chain(paths, Opener([identity]), target_cluster=None, trusted=None)
-        backup_io.restore_fresh(target, chain, None, None, result)
+        chain = load_chain(paths, Opener([identity]), target_cluster=None, trusted=None)
+        restore_fresh(target, chain, None, None, result)
     return result
 
 
