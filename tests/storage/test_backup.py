@@ -85,6 +85,20 @@ def test_round_trip_keeps_every_version_signature_and_purge(
         assert again.search("s10", limit=5)  # the index was rebuilt
 
 
+@pytest.mark.slow
+def test_round_trip_of_ten_thousand_contexts(
+    store: ContextStore, data_dir: Path, tmp_path: Path
+) -> None:
+    populate(store, 10_000)
+    out = tmp_path / "full.age"
+    backup(store, out, with_keys=True)
+    expected = rows(store)
+    result = restore([out], tmp_path / "restored", admin_identity(data_dir))
+    assert result.added == len(expected) - 1
+    with ContextStore.open(tmp_path / "restored") as again:
+        assert rows(again) == expected
+
+
 def test_restore_twice_and_over_a_partial_store_changes_nothing(
     store: ContextStore, data_dir: Path, tmp_path: Path
 ) -> None:
