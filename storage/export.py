@@ -58,8 +58,15 @@ def export_records(
 
     Returns:
         (records, skipped): the latest version of each live context (every put version
-        with ``history``), and how many versions the role may not read.
+        with ``history``), and how many versions the role may not read (or tombstones).
+
+    Raises:
+        Forbidden: ``as_role`` is not a role of this node, or its identity is not here.
     """
+    if as_role is not None and as_role not in store.keyring.role_set:
+        raise Forbidden(f"unknown role {as_role!r}", field="role")
+    if as_role is not None and not store.keyring.has_identity(as_role):
+        raise Forbidden(f"this node does not hold the identity of role {as_role!r}", field="role")
     contexts = store.list_contexts(pattern, include_deleted=history)
     records: list[dict[str, Any]] = []
     skipped = 0

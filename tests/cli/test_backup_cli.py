@@ -168,3 +168,21 @@ def test_backup_commands_are_refused_with_remote_options() -> None:
     result = CliRunner().invoke(app, ["--node", "127.0.0.1:1", "backup", "list", "--json"])
     assert result.exit_code == 2
     assert "works on a local data directory only" in result.stderr
+
+
+def test_export_as_an_unknown_role_is_refused(slurp: Slurp, tmp_path: Path) -> None:
+    _, identity = identity_file(tmp_path)
+    error = slurp.error(
+        "export",
+        "ucxl://any:any@chorus:auth/*^/",
+        "--out",
+        str(tmp_path / "x.age"),
+        "--recipient",
+        str(identity.to_public()),
+        "--as",
+        "nobody",
+        code="UCXL-403-FORBIDDEN",
+        exit_code=2,
+    )
+    assert error["field"] == "role"
+    assert not (tmp_path / "x.age").exists()
