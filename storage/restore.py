@@ -132,17 +132,23 @@ def apply(
             held = markers.get(row.context)
             if held is None or VersionId.parse(row.marker.upto) > VersionId.parse(held.upto):
                 markers[row.context] = row.marker
+    touched: set[ContextName] = set()
     for context, marker in markers.items():
-        if _apply_purge(store, ContextName.from_canonical(context), marker):
+        ctx = ContextName.from_canonical(context)
+        if _apply_purge(store, ctx, marker):
             result.purges_applied += 1
+            touched.add(ctx)
     rows = [row for backup in backups for row in backup.contents.versions]
     for start in range(0, len(rows), APPEND_BATCH):
         envs = [Envelope.decode(row.envelope) for row in rows[start : start + APPEND_BATCH]]
         added = store.versions.append(envs)
         result.added += sum(added)
         result.skipped += len(added) - sum(added)
-        for env in envs:
-            store.cache.invalidate_context(ContextName.from_canonical(env.context).key())
+        touched.update(
+            ContextName.from_canonical(env.context)
+            for env, new in zip(envs, added, strict=True)
+            if new
+        )
         if progress is not None:
             progress(min(start + APPEND_BATCH, len(rows)), len(rows))
     cut = backups[-1].manifest.cut
@@ -152,9 +158,17 @@ def apply(
         last = store.kv.get(META_HLC)
         if last is None or VersionId.parse(last.decode()) < VersionId.parse(cut):
             store.versions.append([], meta=[(META_HLC, cut.encode())])
-    if result.added or result.purges_applied:
-        store.rebuild_index()
+    _refresh(store, touched)
     store.audit_event("backup.restore", None, "ok")
+
+
+def _refresh(store: ContextStore, touched: set[ContextName]) -> None:
+    """Drop the cached views of the contexts a restore changed and re-index them."""
+    for ctx in sorted(touched, key=ContextName.canonical):
+        store.cache.invalidate_context(ctx.key())
+        store.index.refresh_context(ctx, store.versions.head(ctx))
+        store.index.maybe_commit()
+    store.index.commit()
 
 
 def _apply_purge(store: ContextStore, ctx: ContextName, marker: PurgeMarker) -> bool:
@@ -172,7 +186,6 @@ def _apply_purge(store: ContextStore, ctx: ContextName, marker: PurgeMarker) -> 
     store.versions.purge(ctx, marker)
     if newer:
         store.versions.append(newer)
-    store.cache.invalidate_context(ctx.key())
     return True
 
 
