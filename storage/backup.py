@@ -29,10 +29,17 @@ member                             content
 Must not know: files, LevelDB, the clock, age (``storage.backup_io`` is the shell that
 collects a store's rows, encrypts and writes). Pure: bytes in, bytes or errors out.
 
+**Overlap.** A version id is issued before its batch is committed, so a write in flight
+while a backup scans can commit *after* the scan with an id *below* the cut. An incremental
+therefore holds every version whose id is above ``since`` minus ``overlap_ms`` of HLC wall
+time (``lower_bound``), not above ``since`` alone: a restore is idempotent, so the few
+versions held twice cost nothing, and a write that commits within ``OVERLAP_MS`` of being
+issued is never missed by a chain (group commit takes milliseconds).
+
 Invariants: a member the manifest does not list, a listed member that is missing, a hash
 that does not match, or any member that does not parse is refused with ``BackupInvalid``
 naming that member, before anything is returned; every envelope decodes, carries a valid
-signature by a key ``trusted`` accepts and lies in the manifest's (since, cut] range;
+signature by a key ``trusted`` accepts and lies in the manifest's range (see Overlap);
 the audit log's hash chain links; counts match the manifest.
 """
 
@@ -65,6 +72,7 @@ AUDIT = "audit.jsonl"
 KEYRING = "keys/keyring.json"
 SECRET_KEYS_DIR = "keys/secret/"  # noqa: S105 - a member name, not a secret
 VERSIONS_PER_CHUNK = 2000
+OVERLAP_MS = 60_000
 Kind = Literal["full", "incremental"]
 Trusted = Callable[[bytes], bool]
 
@@ -123,6 +131,7 @@ class Manifest:
     created_ms: int
     cut: str | None  # the highest version id included (None: nothing yet, full only)
     since: str | None  # an incremental's base cut (None for a full backup)
+    overlap_ms: int  # an incremental also holds versions this much (HLC wall) before since
     with_keys: bool
     counts: Mapping[str, int]
     members: Mapping[str, str]  # member name -> SHA-256 hex
@@ -138,6 +147,7 @@ class Manifest:
             "created_ms": self.created_ms,
             "cut": self.cut,
             "since": self.since,
+            "overlap_ms": self.overlap_ms,
             "with_keys": self.with_keys,
             "counts": dict(self.counts),
             "members": dict(self.members),
@@ -164,6 +174,7 @@ class Manifest:
                 created_ms=_count(raw["created_ms"]),
                 cut=_vid_or_none(raw["cut"]),
                 since=_vid_or_none(raw["since"]),
+                overlap_ms=_count(raw["overlap_ms"]),
                 with_keys=bool(raw["with_keys"]),
                 counts={_text(k): _count(v) for k, v in dict(raw["counts"]).items()},
                 members={_text(k): _text(v) for k, v in dict(raw["members"]).items()},
@@ -199,7 +210,8 @@ def build(
         cluster_id: the cluster's id, or the node id of a node outside a cluster.
         node_id: the node that made the backup.
         created_ms: creation time (milliseconds since the epoch).
-        since: an incremental's base cut; every version in ``contents`` is newer.
+        since: an incremental's base cut; every version in ``contents`` is above
+            ``lower_bound(since)``.
         incremental: whether this continues an earlier backup.
 
     Returns:
@@ -216,7 +228,7 @@ def build(
     for name in sorted(contents.secret_keys):
         members.append((SECRET_KEYS_DIR + name, contents.secret_keys[name]))
     ids = [VersionId.parse(row.version_id) for row in versions]
-    cut = str(max(ids)) if ids else since
+    cut = _cut(ids, since)
     manifest = Manifest(
         kind="incremental" if incremental else "full",
         cluster_id=cluster_id,
@@ -224,6 +236,7 @@ def build(
         created_ms=created_ms,
         cut=cut,
         since=since if incremental else None,
+        overlap_ms=OVERLAP_MS if incremental else 0,
         with_keys=bool(contents.secret_keys),
         counts=counts_of(contents),
         members={name: hashlib.sha256(data).hexdigest() for name, data in members},
@@ -236,6 +249,19 @@ def build(
             info.size, info.mtime, info.mode = len(data), created_ms // 1000, 0o600
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue(), manifest
+
+
+def lower_bound(since: str | None, overlap_ms: int = OVERLAP_MS) -> VersionId | None:
+    """Versions above this id belong in an incremental continuing ``since`` (Overlap)."""
+    if since is None:
+        return None
+    return VersionId(max(0, VersionId.parse(since).wall_ms - overlap_ms), 0, "")
+
+
+def _cut(ids: Sequence[VersionId], since: str | None) -> str | None:
+    """The highest of the ids included and the base cut."""
+    top = [*ids, *([] if since is None else [VersionId.parse(since)])]
+    return str(max(top)) if top else None
 
 
 def chunk_name(number: int) -> str:
@@ -389,7 +415,7 @@ def _members(archive: bytes) -> dict[str, bytes]:
 
 def _versions(name: str, data: bytes, manifest: Manifest, trusted: Trusted) -> list[VersionRow]:
     rows = []
-    low = None if manifest.since is None else VersionId.parse(manifest.since)
+    low = lower_bound(manifest.since, manifest.overlap_ms)
     high = None if manifest.cut is None else VersionId.parse(manifest.cut)
     for number, line in enumerate(_lines(name, data), start=1):
         where = f"{name} line {number}"
@@ -465,7 +491,7 @@ def _check_summary(manifest: Manifest, contents: Contents) -> None:
     if bool(contents.secret_keys) != manifest.with_keys:
         raise BackupInvalid("manifest.json's with_keys does not match the members", field=MANIFEST)
     ids = [VersionId.parse(row.version_id) for row in contents.versions]
-    if ids and str(max(ids)) != manifest.cut:
+    if _cut(ids, manifest.since) != manifest.cut:
         raise BackupInvalid(
             "manifest.json's cut is not the highest version included", field=MANIFEST
         )

@@ -45,6 +45,7 @@ from storage.backup import (
     VersionRow,
     build,
     chunk_name,
+    lower_bound,
     read,
 )
 from storage.cache import CacheConfig, RecordCache
@@ -224,7 +225,7 @@ def collect(
 ) -> Contents:
     """The rows of a backup: versions newer than ``since`` as stored, every purge marker,
     the audit log, the keyring's public part and, with ``with_keys``, its secret files."""
-    low = None if since is None else VersionId.parse(since)
+    low = lower_bound(since)
     total = sum(head.count for _, head in store.versions.heads(_ANY))
     versions: list[VersionRow] = []
     done = 0

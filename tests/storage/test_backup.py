@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pyrage
@@ -17,13 +18,14 @@ from pyrage import x25519
 from crypto.roles import DEFAULT_ROLES
 from storage import backup_io
 from storage.address import ContextName, parse
-from storage.backup import MANIFEST, PURGES, BackupForeign, BackupInvalid, chunk_name
+from storage.backup import MANIFEST, OVERLAP_MS, PURGES, BackupForeign, BackupInvalid, chunk_name
 from storage.backup_io import BackupUnreadable, Opener
-from storage.context_store import ContextStore
+from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope
 from storage.errors import StorageError
 from storage.record import ContextRecord
 from storage.restore import Restored, apply, holds_node, load_chain, restore_fresh
+from storage.versions import VersionId
 from tests.storage.backup_helpers import (
     address,
     admin_identity,
@@ -55,6 +57,12 @@ def restore(paths: list[Path], target: Path, identity: x25519.Identity) -> Resto
         chain = load_chain(paths, Opener([identity]), target_cluster=None, trusted=None)
         restore_fresh(target, chain, None, None, result)
     return result
+
+
+def ids_of(store: ContextStore, path: Path) -> set[str]:
+    """The version ids a backup holds."""
+    found = backup_io.verify(path, Opener(keyring=store.keyring))
+    return {row.version_id for row in found.contents.versions}
 
 
 def snapshot(root: Path) -> dict[bytes, bytes]:
@@ -119,18 +127,19 @@ def test_incremental_chain(
 ) -> None:
     populate(store, 30)
     full = backup(store, tmp_path / "1.age", with_keys=True)
-    clock.advance(1000)
+    clock.advance(OVERLAP_MS + 1)
     store.store(address(100), ContextRecord.from_fields({"summary": "later"}))
     inc1 = backup(store, tmp_path / "2.age", since=tmp_path / "1.age")
-    clock.advance(1000)
+    clock.advance(OVERLAP_MS + 1)
     store.delete(address(100))
     store.purge(address(6))
     inc2 = backup(store, tmp_path / "3.age", since=tmp_path / "2.age")
     assert inc1.manifest.kind == "incremental"
     assert inc1.manifest.since == full.manifest.cut
-    assert inc1.manifest.counts["versions"] == 1
     assert inc2.manifest.since == inc1.manifest.cut
-    assert inc2.manifest.counts["versions"] == 1
+    full_ids, ids1, ids2 = (ids_of(store, p) for p in (full.file, inc1.file, inc2.file))
+    assert len(ids1 - full_ids) == 1  # "later"; the rest is the overlap
+    assert len(ids2 - ids1 - full_ids) == 1  # the tombstone
     files = [tmp_path / "1.age", tmp_path / "2.age", tmp_path / "3.age"]
     restore(files, tmp_path / "t", admin_identity(data_dir))
     assert snapshot(tmp_path / "t") == rows(store)
@@ -142,14 +151,64 @@ def test_incremental_chain(
 
 
 def test_since_without_sidecar_opens_the_backup_with_the_admin_identity(
-    store: ContextStore, tmp_path: Path
+    store: ContextStore, tmp_path: Path, clock: FakeClock
 ) -> None:
     populate(store, 10)
+    clock.advance(OVERLAP_MS + 1)
+    store.store(address(50), ContextRecord.from_fields({"summary": "late"}))
     full = backup(store, tmp_path / "1.age")
     full.sidecar.unlink()
     inc = backup(store, tmp_path / "2.age", since=tmp_path / "1.age")
     assert inc.manifest.since == full.manifest.cut
-    assert inc.manifest.counts["versions"] == 0
+    assert inc.manifest.cut == full.manifest.cut
+    assert inc.manifest.counts["versions"] == 1  # the overlap: within OVERLAP_MS of the cut
+
+
+def test_a_write_in_flight_during_a_backup_is_in_the_next_incremental(
+    store: ContextStore, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A version whose id was issued before a backup's cut but committed after the scan."""
+    populate(store, 10)
+    clock.advance(OVERLAP_MS * 2)
+    request = WriteRequest(address(70), ContextRecord.from_fields({"summary": "in flight"}))
+    (in_flight,) = store.seal_prepared([store.prepare(request)], lambda _ctx: None)
+    clock.advance(5)
+    store.store(address(71), ContextRecord.from_fields({"summary": "committed first"}))
+    full = backup(store, tmp_path / "1.age")
+    store.versions.append([in_flight])
+    assert VersionId.parse(in_flight.version_id) < VersionId.parse(str(full.manifest.cut))
+    backup(store, tmp_path / "2.age", since=tmp_path / "1.age")
+    found = backup_io.verify(tmp_path / "2.age", Opener(keyring=store.keyring))
+    assert in_flight.version_id in {row.version_id for row in found.contents.versions}
+
+
+def test_every_write_acknowledged_before_a_backup_is_in_it(data_dir: Path, tmp_path: Path) -> None:
+    """Writes continue in another thread while the backup scans (wall clock)."""
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    with ContextStore.open(data_dir) as store:
+        populate(store, 20)
+
+        def writer() -> None:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                ref = store.store(
+                    address(200 + i % 50), ContextRecord.from_fields({"summary": "w"})
+                )
+                acknowledged.append(ref.version_id)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        while len(acknowledged) < 5:
+            store.store(address(999), ContextRecord.from_fields({"summary": "wait"}))
+        before = list(acknowledged)
+        made = backup(store, tmp_path / "b.age")
+        stop.set()
+        thread.join()
+        found = backup_io.verify(made.file, Opener(keyring=store.keyring))
+    held = {row.version_id for row in found.contents.versions}
+    assert set(before) <= held
 
 
 def test_a_sidecar_of_another_file_is_refused(store: ContextStore, tmp_path: Path) -> None:
