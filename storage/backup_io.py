@@ -229,6 +229,7 @@ def collect(
     total = sum(head.count for _, head in store.versions.heads(_ANY))
     versions: list[VersionRow] = []
     done = 0
+    last_key, last_name = b"", ""
     for key, data in store.kv.scan(VERSION_PREFIX):
         ctx, _, raw_vid = key[len(VERSION_PREFIX) :].rpartition(SEP)
         vid = raw_vid.decode("ascii")
@@ -237,7 +238,9 @@ def collect(
             progress(done, total)
         if low is not None and VersionId.parse(vid) <= low:
             continue
-        versions.append(VersionRow(ContextName.from_key(ctx).canonical(), vid, bytes(data)))
+        if ctx != last_key:  # rows come in context order: parse each context once
+            last_key, last_name = ctx, ContextName.from_key(ctx).canonical()
+        versions.append(VersionRow(last_name, vid, bytes(data)))
     purges = [
         PurgeRow(
             ContextName.from_key(key[len(PURGE_PREFIX) :]).canonical(), PurgeMarker.decode(data)
