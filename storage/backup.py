@@ -26,6 +26,7 @@ member                             content
                                    signing key; sealed when the keyring is protected)
 =================================  =======================================================
 
+``storage.backup_manifest`` holds the manifest, the row types and the errors.
 Must not know: files, LevelDB, the clock, age (``storage.backup_io`` is the shell that
 collects a store's rows, encrypts and writes). Pure: bytes in, bytes or errors out.
 
@@ -51,147 +52,42 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from crypto.audit import AuditEntry, entry_hash
 from crypto.errors import KeyringError
 from crypto.key_versions import parse_meta
+from storage.backup_manifest import (
+    AUDIT,
+    KEYRING,
+    MANIFEST,
+    OVERLAP_MS,
+    PURGES,
+    SECRET_KEYS_DIR,
+    VERSIONS_DIR,
+    VERSIONS_PER_CHUNK,
+    Backup,
+    BackupForeign,
+    BackupInvalid,
+    Contents,
+    Manifest,
+    PurgeRow,
+    Trusted,
+    VersionRow,
+    chunk_name,
+    lower_bound,
+)
+from storage.backup_manifest import (
+    count as _count,
+)
+from storage.backup_manifest import (
+    text as _text,
+)
 from storage.envelope import Envelope
-from storage.errors import CorruptRecord, StorageError
+from storage.errors import CorruptRecord
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
-
-BACKUP_FORMAT = 1
-FORMAT_NAME = "slurp-backup"
-MANIFEST = "manifest.json"
-VERSIONS_DIR = "versions/"
-PURGES = "purges.jsonl"
-AUDIT = "audit.jsonl"
-KEYRING = "keys/keyring.json"
-SECRET_KEYS_DIR = "keys/secret/"  # noqa: S105 - a member name, not a secret
-VERSIONS_PER_CHUNK = 2000
-OVERLAP_MS = 60_000
-Kind = Literal["full", "incremental"]
-Trusted = Callable[[bytes], bool]
-
-
-class BackupInvalid(StorageError):
-    """A backup that is truncated, corrupted, tampered with or not a backup.
-
-    ``field`` names the first bad member (``manifest.json``, ``versions/000001.jsonl``...),
-    or ``file`` when the file as a whole does not open.
-    """
-
-    code = "UCXL-400-BACKUP_INVALID"
-
-
-class BackupForeign(StorageError):
-    """A backup of another cluster (or node), or a chain whose pieces do not follow."""
-
-    code = "UCXL-400-BACKUP_FOREIGN"
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    """One stored version: its context (canonical), id and envelope bytes as stored."""
-
-    context: str
-    version_id: str
-    envelope: bytes
-
-
-@dataclass(frozen=True)
-class PurgeRow:
-    """One purge marker of a context (canonical name)."""
-
-    context: str
-    marker: PurgeMarker
-
-
-@dataclass(frozen=True)
-class Contents:
-    """What a backup holds besides its manifest."""
-
-    versions: Sequence[VersionRow]
-    purges: Sequence[PurgeRow]
-    audit: Sequence[Mapping[str, Any]]
-    keyring_json: bytes
-    secret_keys: Mapping[str, bytes] = field(default_factory=dict)  # file name -> bytes
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """``manifest.json``."""
-
-    kind: Kind
-    cluster_id: str
-    node_id: str
-    created_ms: int
-    cut: str | None  # the highest version id included (None: nothing yet, full only)
-    since: str | None  # an incremental's base cut (None for a full backup)
-    overlap_ms: int  # an incremental also holds versions this much (HLC wall) before since
-    with_keys: bool
-    counts: Mapping[str, int]
-    members: Mapping[str, str]  # member name -> SHA-256 hex
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest as written."""
-        return {
-            "format": FORMAT_NAME,
-            "format_version": BACKUP_FORMAT,
-            "kind": self.kind,
-            "cluster_id": self.cluster_id,
-            "node_id": self.node_id,
-            "created_ms": self.created_ms,
-            "cut": self.cut,
-            "since": self.since,
-            "overlap_ms": self.overlap_ms,
-            "with_keys": self.with_keys,
-            "counts": dict(self.counts),
-            "members": dict(self.members),
-        }
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        """Parse ``manifest.json``.
-
-        Raises:
-            BackupInvalid: not JSON, another format, or a field of the wrong type.
-        """
-        try:
-            raw = json.loads(data.decode("utf-8"))
-            if raw["format"] != FORMAT_NAME or raw["format_version"] != BACKUP_FORMAT:
-                raise ValueError("format")
-            kind = raw["kind"]
-            if kind not in ("full", "incremental"):
-                raise ValueError("kind")
-            manifest = cls(
-                kind=kind,
-                cluster_id=_text(raw["cluster_id"]),
-                node_id=_text(raw["node_id"]),
-                created_ms=_count(raw["created_ms"]),
-                cut=_vid_or_none(raw["cut"]),
-                since=_vid_or_none(raw["since"]),
-                overlap_ms=_count(raw["overlap_ms"]),
-                with_keys=bool(raw["with_keys"]),
-                counts={_text(k): _count(v) for k, v in dict(raw["counts"]).items()},
-                members={_text(k): _text(v) for k, v in dict(raw["members"]).items()},
-            )
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, CorruptRecord):
-            raise BackupInvalid(
-                "manifest.json is not a slurp backup manifest of format 1", field=MANIFEST
-            ) from None
-        return manifest
-
-
-@dataclass(frozen=True)
-class Backup:
-    """A verified backup: its manifest and contents."""
-
-    manifest: Manifest
-    contents: Contents
 
 
 def build(
@@ -251,22 +147,10 @@ def build(
     return buffer.getvalue(), manifest
 
 
-def lower_bound(since: str | None, overlap_ms: int = OVERLAP_MS) -> VersionId | None:
-    """Versions above this id belong in an incremental continuing ``since`` (Overlap)."""
-    if since is None:
-        return None
-    return VersionId(max(0, VersionId.parse(since).wall_ms - overlap_ms), 0, "")
-
-
 def _cut(ids: Sequence[VersionId], since: str | None) -> str | None:
     """The highest of the ids included and the base cut."""
     top = [*ids, *([] if since is None else [VersionId.parse(since)])]
     return str(max(top)) if top else None
-
-
-def chunk_name(number: int) -> str:
-    """The member name of versions chunk ``number`` (1-based)."""
-    return f"{VERSIONS_DIR}{number:06d}.jsonl"
 
 
 def counts_of(contents: Contents) -> dict[str, int]:
@@ -539,20 +423,28 @@ def _kind_of(row: VersionRow) -> str:
         return "corrupt"
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("expected a string")
-    return value
-
-
-def _count(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError("expected a whole number")
-    return value
-
-
-def _vid_or_none(value: Any) -> str | None:
-    if value is None:
-        return None
-    VersionId.parse(_text(value))
-    return str(value)
+__all__ = [
+    "AUDIT",
+    "KEYRING",
+    "MANIFEST",
+    "OVERLAP_MS",
+    "PURGES",
+    "SECRET_KEYS_DIR",
+    "VERSIONS_DIR",
+    "VERSIONS_PER_CHUNK",
+    "Backup",
+    "BackupForeign",
+    "BackupInvalid",
+    "Contents",
+    "Manifest",
+    "PurgeRow",
+    "Trusted",
+    "VersionRow",
+    "build",
+    "check_chain",
+    "check_signers",
+    "chunk_name",
+    "counts_of",
+    "lower_bound",
+    "read",
+]

@@ -171,6 +171,7 @@ PURE_CORES = (
     "tests/sim/model.py",
     "node/control/rotation_plan.py",
     "storage/backup.py",
+    "storage/backup_manifest.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 
