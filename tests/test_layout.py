@@ -172,6 +172,7 @@ PURE_CORES = (
     "node/control/rotation_plan.py",
     "storage/backup.py",
     "storage/backup_manifest.py",
+    "storage/backup_plan.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 
