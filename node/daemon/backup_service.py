@@ -4,7 +4,9 @@ Owns the trio shell around ``storage.backup_plan``: read what is in the backup d
 (the sidecars), ask the core whether a backup is due, take it in a worker thread
 (``storage.backup_io.create``: to the admin recipient, no identity needed), prune what
 retention drops, feed ``slurp_backup_last_success_timestamp_seconds`` and
-``slurp_backup_failures_total``, sleep until the next one is due.
+``slurp_backup_failures_total``, sleep until the next one is due; and the ``backup``
+field of ``node.status`` (``status``), whose ``warning`` says when the last good backup
+is older than twice the schedule.
 Must not know: the backup format, the schedule grammar (the core parses it).
 
 Until the control plane runs backups as a leader duty, every node that has
@@ -18,14 +20,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from node.daemon.metrics import NodeMetrics
 from storage import backup_io
-from storage.backup_plan import Policy, Step, Taken, due_in_ms, parse_schedule, plan, to_prune
+from storage.backup_plan import (
+    Policy,
+    Step,
+    Taken,
+    due_in_ms,
+    parse_schedule,
+    plan,
+    stale,
+    to_prune,
+)
 from storage.context_store import ContextStore
 from storage.errors import StorageError
+from storage.views import iso_ms
 
 log = logging.getLogger(__name__)
 RETRY_S = 300.0
@@ -51,6 +64,7 @@ class BackupService:
         self.failures = 0
         self.last_success_ms: int | None = None
         self.checked = trio.Event()  # set after the first check (and backup, if due)
+        self._started_ms = clock_ms()
 
     @classmethod
     def from_config(
@@ -121,6 +135,32 @@ class BackupService:
         made = backup_io.create(self.store, out, cluster_id=self.store.keyring.node_id, since=since)
         log.info("scheduled %s backup %s (cut %s)", made.manifest.kind, out.name,
                  made.manifest.cut)  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        """``node.status``'s ``backup``: {schedule_s, dir, last_success_at, failures,
+        warning}; ``warning`` is null unless the last good backup (or, without one, the
+        service's start) is older than twice the schedule."""
+        since = self.last_success_ms if self.last_success_ms is not None else self._started_ms
+        old = stale(self._clock_ms(), since, self.policy.interval_s)
+        warning = None
+        if old:
+            what = (
+                "no backup has succeeded"
+                if self.last_success_ms is None
+                else "the last good backup is"
+            )
+            warning = f"{what} older than twice the schedule ({self.policy.interval_s} s)"
+        return {
+            "backup": {
+                "schedule_s": self.policy.interval_s,
+                "dir": str(self.directory),
+                "last_success_at": None
+                if self.last_success_ms is None
+                else iso_ms(self.last_success_ms),
+                "failures": self.failures,
+                "warning": warning,
+            }
+        }
 
     def _newest_ms(self) -> int | None:
         taken = self.taken()

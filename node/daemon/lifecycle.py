@@ -227,6 +227,7 @@ class NodeDaemon:
             nursery.start_soon(self._index_loop)
             backups = self._backup_service()
             if backups is not None:
+                self.service.status_fields.append(backups.status)
                 await nursery.start(backups.run)
             self.ready = True
             log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,

@@ -110,3 +110,16 @@ async def test_the_service_takes_the_first_backup_then_waits(
             await backups.checked.wait()  # the first pass runs in a worker thread
             assert [item.kind for item in backups.taken()] == ["full"]
             nursery.cancel_scope.cancel()
+
+
+def test_status_warns_when_the_last_good_backup_is_old(store: ContextStore, clock: Clock) -> None:
+    backups = service(store, clock, NodeMetrics())
+    assert backups.status()["backup"]["warning"] is None
+    backups.step()
+    clock.now_ms += 2 * HOUR_MS
+    assert backups.status()["backup"]["warning"] is None
+    clock.now_ms += 1
+    found = backups.status()["backup"]
+    assert "older than twice the schedule" in found["warning"]
+    assert found["failures"] == 0
+    assert found["schedule_s"] == 3600
