@@ -335,6 +335,9 @@ def test_wrong_key_is_named(store: ContextStore, tmp_path: Path) -> None:
     backup(store, tmp_path / "b.age")
     with pytest.raises(BackupUnreadable, match="wrong key"):
         backup_io.verify(tmp_path / "b.age", Opener([x25519.Identity.generate()]))
+    with pytest.raises(BackupUnreadable, match="wrong key"):
+        restore([tmp_path / "b.age"], tmp_path / "fresh", x25519.Identity.generate())
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_a_foreign_backup_is_refused(store: ContextStore, data_dir: Path, tmp_path: Path) -> None:
