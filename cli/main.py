@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress
 
-from cli import audit, ca, cluster, keys, render
+from cli import audit, backup, ca, cluster, keys, render
 from cli.backend import RemoteOptions
 from cli.common import STATE, JsonOpt, backend, fail, opened, run
 from crypto.errors import KeyringError
@@ -48,10 +48,16 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(keys.app, name="keys")
 app.add_typer(cluster.node_app, name="node")
 app.add_typer(cluster.cluster_app, name="cluster")
+app.add_typer(backup.app, name="backup")
+app.command("restore")(backup.restore_cmd)
+app.command("export")(backup.export_cmd)
+app.command("import")(backup.import_cmd)
 
 
 # commands that need the data directory itself (or, for ca, a CA directory)
-EMBEDDED_ONLY = frozenset({"init", "ca", "keys", "audit", "index", "compact"})
+EMBEDDED_ONLY = frozenset(
+    {"init", "ca", "keys", "audit", "index", "compact", "backup", "restore", "export", "import"}
+)
 
 
 @app.callback()

@@ -172,6 +172,9 @@ PURE_CORES = (
     "node/control/rotation_plan.py",
     "crypto/seal_format.py",
     "node/control/reshare_plan.py",
+    "storage/backup.py",
+    "storage/backup_manifest.py",
+    "storage/backup_plan.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

@@ -45,7 +45,11 @@ from the environment against the current directory; ``~`` is expanded in both.
     [keys] max_key_age_days        SLURP_KEYS_MAX_KEY_AGE_DAYS         90 (0: never warn)
     [election] heartbeat_ms        SLURP_ELECTION_HEARTBEAT_MS         150 (< MIN below)
     [election] election_timeout_ms SLURP_ELECTION_ELECTION_TIMEOUT_MS  [300, 600] (MIN < MAX)
-    [backup] schedule              SLURP_BACKUP_SCHEDULE               none (kept as written)
+    [backup] schedule              SLURP_BACKUP_SCHEDULE               none (kept as written; the
+                                                                       backup service parses it)
+    [backup] dir                   SLURP_BACKUP_DIR                    DATA_DIR/backups
+    [backup] keep                  SLURP_BACKUP_KEEP                   7 full backups (1..10000)
+    [backup] incremental           SLURP_BACKUP_INCREMENTAL            6 between fulls (0..10000)
     [antientropy] enabled          SLURP_ANTIENTROPY_ENABLED           true
     [antientropy] interval_s       SLURP_ANTIENTROPY_INTERVAL_S        60.0 (> 0)
     [antientropy] bytes_per_s      SLURP_ANTIENTROPY_BYTES_PER_S       8388608 (>= 1024)
@@ -124,7 +128,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     },
     "keys": {"max_key_age_days": "int"},
     "election": {"heartbeat_ms": "int", "election_timeout_ms": "int_pair"},
-    "backup": {"schedule": "optional_str"},
+    "backup": {"schedule": "optional_str", "dir": "path", "keep": "int", "incremental": "int"},
     "antientropy": {
         "enabled": "bool",
         "interval_s": "float",
@@ -234,9 +238,13 @@ class ElectionConfig:
 
 @dataclass(frozen=True)
 class BackupConfig:
-    """The ``[backup]`` table; ``schedule`` is kept as written (the leader interprets it)."""
+    """The ``[backup]`` table; ``schedule`` is kept as written (``storage.backup_plan``
+    parses it when the backup service starts: a bad one is reported, never fatal)."""
 
     schedule: str | None = None
+    dir: Path | None = None  # None: DATA_DIR/backups
+    keep: int = 7
+    incremental: int = 6
 
 
 @dataclass(frozen=True)
@@ -343,7 +351,12 @@ class _Reader:
             storage=self._delegated("storage", load_storage_config),
             keys=self._delegated("keys", load_keys_config),
             election=self._election(),
-            backup=BackupConfig(schedule=self._optional_str("backup.schedule")),
+            backup=BackupConfig(
+                schedule=self._optional_str("backup.schedule"),
+                dir=self._path("backup.dir"),
+                keep=self._int("backup.keep", 7, 1, 10_000),
+                incremental=self._int("backup.incremental", 6, 0, 10_000),
+            ),
             antientropy=self._antientropy(),
             handoff=self._handoff(),
         )
@@ -628,7 +641,12 @@ def render_node_config(cfg: NodeConfig) -> str:
             "heartbeat_ms": cfg.election.heartbeat_ms,
             "election_timeout_ms": list(cfg.election.election_timeout_ms),
         },
-        "backup": {"schedule": cfg.backup.schedule},
+        "backup": {
+            "schedule": cfg.backup.schedule,
+            "dir": cfg.backup.dir,
+            "keep": cfg.backup.keep,
+            "incremental": cfg.backup.incremental,
+        },
         "antientropy": {
             "enabled": cfg.antientropy.enabled,
             "interval_s": float(cfg.antientropy.interval_s),
@@ -653,7 +671,11 @@ def render_node_config(cfg: NodeConfig) -> str:
     return "".join(parts)
 
 
-_UNSET_MEANS = {"served": "every role in the keyring", "schedule": "no scheduled backups"}
+_UNSET_MEANS = {
+    "served": "every role in the keyring",
+    "schedule": "no scheduled backups",
+    "dir": "DATA_DIR/backups",
+}
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _ESCAPES["\r"] = "\\r"
 

@@ -49,6 +49,7 @@ from node.control.membership import Transitions
 from node.control.reshare import AdminReshare
 from node.control.rotation import ClusterRotation
 from node.control.service import ControlConfig, ControlService
+from node.daemon.backup_service import BackupService
 from node.daemon.config import NodeConfig
 from node.daemon.exporter import MetricsExporter
 from node.daemon.http import HealthServer
@@ -228,6 +229,10 @@ class NodeDaemon:
             await nursery.start(self.antientropy.run)
             await nursery.start(self.rebalance.run)
             nursery.start_soon(self._index_loop)
+            backups = self._backup_service()
+            if backups is not None:
+                self.service.status_fields.append(backups.status)
+                await nursery.start(backups.run)
             self.ready = True
             log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,
                      http_port, dht_port)  # fmt: skip
@@ -328,6 +333,22 @@ class NodeDaemon:
         self.cluster.set_members(names)
         up = sum(1 for name in names if self.cluster.is_up(name))
         self.metrics.set_members(up=up, down=len(names) - up)
+
+    def _backup_service(self) -> BackupService | None:
+        """The scheduled-backup service when ``[backup] schedule`` is set (a bad schedule is
+        logged and counted as a failure; the node runs on)."""
+        cfg = self.config.backup
+        if cfg.schedule is None:
+            return None
+        try:
+            return BackupService.from_config(
+                self.store, cfg.schedule, keep=cfg.keep, incremental=cfg.incremental,
+                directory=cfg.dir, metrics=self.metrics, clock_ms=now_ms,
+            )  # fmt: skip
+        except StorageError as exc:
+            log.error("no scheduled backups: %s", exc.message)
+            self.metrics.set_backup(last_success_s=None, failures=1)
+            return None
 
     async def _index_loop(self) -> None:
         """Keep the search refresh bound even when nobody searches."""

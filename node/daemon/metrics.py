@@ -39,6 +39,9 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_rebalance_pending_ranges                moving arcs this node has not streamed yet
     slurp_rebalance_bytes_left                    bytes this node may still stream (bound)
     slurp_rebalance_streamed_bytes_total          version bytes streamed to new owners
+    slurp_backup_last_success_timestamp_seconds   when the last scheduled backup succeeded
+    slurp_backup_failures_total                   scheduled backups that failed (both fed
+                                                  by node/daemon/backup_service.py)
 
 Everything except the request and frame counters is copied in by the daemon's periodic
 loop (``node.daemon.exporter``). Figures that are measured now and then or whose running
@@ -111,6 +114,8 @@ FEEDERS: dict[str, str] = {
     "slurp_raft_commit_index": "set_control",
     "slurp_raft_applied_index": "set_control",
     "slurp_admin_key_held": "set_control",
+    "slurp_backup_last_success_timestamp_seconds": "set_backup",
+    "slurp_backup_failures_total": "set_backup",
 }
 METRIC_NAMES = tuple(FEEDERS)
 
@@ -373,6 +378,14 @@ class NodeMetrics:
         self._report("slurp_rebalance_streamed_bytes_total", "counter",
                      "Version bytes streamed to new owners during membership changes.",
                      streamed_bytes)  # fmt: skip
+
+    def set_backup(self, *, last_success_s: float | None, failures: int) -> None:
+        """Scheduled backups (node/daemon/backup_service.py); no success yet leaves it out."""
+        self._report("slurp_backup_last_success_timestamp_seconds", "gauge",
+                     "Unix time of the last scheduled backup that succeeded.",
+                     last_success_s)  # fmt: skip
+        self._report("slurp_backup_failures_total", "counter",
+                     "Scheduled backups that failed since the node started.", failures)  # fmt: skip
 
     def _report(self, name: str, kind: str, doc: str, value: float | None) -> None:
         if value is None:

@@ -130,6 +130,9 @@ BAD_FILE_VALUES = [
     ("election", "election_timeout_ms", '"300,600"'),
     ("election", "election_timeout_ms", "[100, 200]"),  # MIN not above the heartbeat
     ("backup", "schedule", "5"),
+    ("backup", "keep", "0"),
+    ("backup", "incremental", "-1"),
+    ("backup", "dir", '""'),
     ("antientropy", "enabled", '"yes"'),
     ("antientropy", "interval_s", "0"),
     ("antientropy", "interval_s", "true"),

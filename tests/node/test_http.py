@@ -65,6 +65,7 @@ def busy_metrics() -> NodeMetrics:
     metrics.set_control(is_leader=True, term=3, elections=2, commit_index=9, applied_index=9,
                         admin_key_held=True)  # fmt: skip
     metrics.set_rebalance(pending_ranges=4, bytes_left=1024, streamed_bytes=2048)
+    metrics.set_backup(last_success_s=1_767_225_600.0, failures=1)
     return metrics
 
 

@@ -33,9 +33,10 @@ ANTIENTROPY = {
     "bytes_sent": 700,
     "bytes_received": 800,
 }
-# what the daemon's RPC wrapper and membership sync feed; the exporter feeds the rest
+# what the daemon's RPC wrapper, membership sync and backup service feed; the exporter
+# feeds the rest
 ELSEWHERE = {"observe_request", "bad_frame", "tls_failure", "set_connections_open",
-             "set_members", "set_index_documents"}  # fmt: skip
+             "set_members", "set_index_documents", "set_backup"}  # fmt: skip
 EXPORTER_FED = {name for name, method in FEEDERS.items() if method not in ELSEWHERE}
 
 
