@@ -21,13 +21,19 @@ again), and ``leader_term_for_ops``, the fencing token a leader-only operation c
 (``ctx.purge`` stamps its ``rep.purge`` with it; it raises when this node is not the
 leader). Without them (no control plane) purge runs unfenced, as before.
 
-Order of effects for a write: validate and encrypt (locally) -> learn the parent and the
-purge floor from the live replicas -> sign -> send to every live replica in
-``MAX_BATCH_BYTES`` batches -> answer once W acknowledged every batch (strict quorum; with
-``[handoff] sloppy_quorum`` a durable hint for a down or failed owner counts too); hints
-for the owners that missed it, and the remaining sends, finish in the service's own
-nursery. For a read: page the version sets of the live replicas -> answer from the first
-R, merged -> push what a replica lacked (read repair, bounded fan-out).
+Order of effects for a write: validate and encrypt (locally) -> sign, with this node's
+own latest version as the parent (no read before the write; a ``w`` whose quorum does not
+meet every purge quorum reads the parent and purge floor from the replicas first,
+``coordinator.needs_pre_read``) -> send to every live replica in ``MAX_BATCH_BYTES``
+batches through the store batcher (``node.cluster.store_batch``: concurrent writes share
+one ``rep.store`` frame per replica) -> answer once W acknowledged every batch of *this*
+write (strict quorum; with ``[handoff] sloppy_quorum`` a durable hint for a down or failed
+owner counts too); a replica refusing a version as purged names its marker's ``upto``: the
+versions are re-sealed after it and sent once more. Hints for the owners that missed it,
+and the remaining sends, finish in the service's own nursery. The contexts of a batch
+write are replicated concurrently. For a read: page the version sets of the live
+replicas -> answer from the first R, merged -> push what a replica lacked (read repair,
+bounded fan-out).
 
 Membership changes (``set_layout``, ``node.cluster.layout``): while a layout is in
 transition, writes (puts, deletes, purges, their hints) go to the union of the old and
