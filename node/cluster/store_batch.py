@@ -3,9 +3,11 @@
 Owns: the per-destination queues of the write path. A put hands the envelopes it sends to
 one replica to ``StoreBatcher.store``; while a frame to that replica is in flight, later
 puts queue; when it returns, everything queued (up to ``max_bytes``) goes as the next
-frame. No timers: the batch is exactly what arrived during one round trip, so one client
-alone sees no added delay, and many clients share frames (and the replica's one synced
-LevelDB batch per frame, ``VersionStore.append_built``). Each put gets back *its own*
+frame. No timers: the batch is exactly what arrived during one round trip. A put that
+finds nothing in flight sends its own frame from its own task at once (one client alone
+sees no added hop); queued frames go from the service's nursery. Many clients share
+frames (and the replica's one synced LevelDB batch per frame,
+``VersionStore.append_built``). Each put gets back *its own*
 outcome: its per-envelope flags, the head counts as of its own newest version, and what
 the replica said about its contexts (newest version id, purge marker ``upto``).
 
@@ -20,8 +22,10 @@ Invariants:
       refused in a frame fails only the put it belongs to. A frame that fails as a whole
       (the replica is down, answered malformed) fails every put in it for that replica.
     - Cancellation: a put that stops waiting (cancelled, or out of time) is taken out of
-      the queue if its frame was not sent yet; the others are not affected. Frames are
-      sent from the service's nursery, never from a waiting put's task.
+      the queue if its frame was not sent yet; the others are not affected. A frame that
+      holds other puts is sent from the service's nursery, never from a waiting put's
+      task; a put sends from its own task only a frame that holds nothing but its own
+      versions, and whatever queued meanwhile is handed to the nursery when it ends.
     - Deadline: a frame is sent under the latest deadline of the puts in it; each put
       still waits no longer than its own.
 """
@@ -111,7 +115,7 @@ class StoreBatcher:
         self._max_bytes = max_bytes
         self._max_items = max_items
         self._queues: dict[str, deque[_Waiter]] = {}
-        self._flushing: set[str] = set()
+        self._busy: set[str] = set()  # destinations with a frame in flight
         self.stats = BatcherStats()
 
     async def store(self, node: str, items: Sequence[Item], timeout_s: float) -> StoreOutcome:
@@ -124,14 +128,17 @@ class StoreBatcher:
         """
         if timeout_s <= 0:
             raise PeerUnavailable(f"rep.store on {node}: the request's deadline leaves no time")
-        nursery = self._nursery()
-        assert nursery is not None, "NodeService.run must be running"
+        if node not in self._busy:  # nothing in flight: send at once, from this task
+            self._busy.add(node)
+            try:
+                with trio.move_on_after(timeout_s):
+                    return await self._send_alone(node, items)
+            finally:
+                self._hand_off(node)
+            raise PeerUnavailable(f"rep.store: no answer from {node} in {timeout_s:.3g} s")
         waiter = _Waiter(items, trio.current_time() + timeout_s)
         queue = self._queues.setdefault(node, deque())
         queue.append(waiter)
-        if node not in self._flushing:
-            self._flushing.add(node)
-            nursery.start_soon(self._flush, node)
         try:
             with trio.move_on_after(timeout_s):
                 await waiter.done.wait()
@@ -145,6 +152,22 @@ class StoreBatcher:
             raise outcome
         return outcome
 
+    async def _send_alone(self, node: str, items: Sequence[Item]) -> StoreOutcome:
+        """A frame of one put, sent from its own task (under its own deadline)."""
+        self._count([items])
+        blobs = [item.blob for item in items]
+        answer = answers.parse_store(await self._send(node, blobs), len(blobs))
+        return split_answer([items], answer)[0]
+
+    def _hand_off(self, node: str) -> None:
+        """After a frame: what queued meanwhile goes next, from the service's nursery."""
+        if not self._queues.get(node):
+            self._busy.discard(node)
+            return
+        nursery = self._nursery()
+        assert nursery is not None, "NodeService.run must be running"
+        nursery.start_soon(self._flush, node)
+
     async def _flush(self, node: str) -> None:
         """Send what is queued for ``node``, frame after frame, until the queue is empty."""
         queue = self._queues[node]
@@ -153,13 +176,18 @@ class StoreBatcher:
                 frame = self._next_frame(queue)
                 await self._send_frame(node, frame)
         finally:
-            self._flushing.discard(node)
+            self._busy.discard(node)
             for waiter in queue:  # only on cancellation (the service is stopping)
                 if not waiter.done.is_set():
                     waiter.outcome = PeerUnavailable(f"rep.store on {node}: node stopping")
                     waiter.done.set()
             if not queue:
                 self._queues.pop(node, None)
+
+    def _count(self, frame: Sequence[Sequence[Item]]) -> None:
+        self.stats.frames += 1
+        self.stats.puts += len(frame)
+        self.stats.largest_frame = max(self.stats.largest_frame, len(frame))
 
     def _next_frame(self, queue: deque[_Waiter]) -> list[_Waiter]:
         """The oldest waiters that fit the budget (at least one)."""
@@ -177,9 +205,7 @@ class StoreBatcher:
         blobs = [item.blob for waiter in frame for item in waiter.items]
         latest_end = max(waiter.deadline for waiter in frame)
         deadline.set(None if math.isinf(latest_end) else latest_end)
-        self.stats.frames += 1
-        self.stats.puts += len(frame)
-        self.stats.largest_frame = max(self.stats.largest_frame, len(frame))
+        self._count([waiter.items for waiter in frame])
         outcomes: Sequence[StoreOutcome | BaseException]
         try:
             answer = answers.parse_store(await self._send(node, blobs), len(blobs))
