@@ -17,10 +17,16 @@ Invariants:
     - ``ContextName.key()`` is injective (no component contains NUL) and sorts like the
       ``ContextName`` itself, since NUL sorts before every allowed character.
     - Parsing raises only ``AddressError`` subclasses, each naming its field.
+    - Instances are immutable, so derived values are computed once and kept: an
+      ``Address`` keeps its ``context()``, a ``ContextName`` its ``canonical()`` and
+      ``key()``, and ``ContextName.from_canonical`` keeps the last
+      ``CANONICAL_CACHE_SIZE`` names it parsed (the write path meets the same context
+      string several times per version: service, version store, replica).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ MAX_ADDRESS_LEN = 2048
 WILDCARD = "any"
 SCHEME = "ucxl://"
 MAX_TEMPORAL_NUMBER = 10**9
+CANONICAL_CACHE_SIZE = 4096  # context strings kept parsed by ContextName.from_canonical
 
 TemporalKind = Literal["latest", "first", "version", "back", "forward", "instant"]
 _KINDS: frozenset[str] = frozenset(get_args(TemporalKind))
@@ -139,7 +146,12 @@ class ContextName:
 
     def key(self) -> bytes:
         """The LevelDB key ``project\\0task\\0agent\\0role\\0path`` (UTF-8); injective."""
-        return "\x00".join((self.project, self.task, self.agent, self.role, self.path)).encode()
+        found: bytes | None = self.__dict__.get("_key")
+        if found is None:
+            parts = (self.project, self.task, self.agent, self.role, self.path)
+            found = "\x00".join(parts).encode()
+            object.__setattr__(self, "_key", found)  # derived, immutable: kept (see Invariants)
+        return found
 
     @classmethod
     def from_key(cls, key: bytes) -> ContextName:
@@ -184,14 +196,9 @@ class ContextName:
             AddressError: ``text`` does not parse, or is not exactly a canonical context
                 string (``field="address"``).
         """
-        address = parse(text)
-        if address.temporal != LATEST or address.canonical() != text:
-            raise _invalid(
-                "address",
-                "address is not a canonical context name (ucxl://...:task/*^[/path])",
-                text[:MAX_ADDRESS_LEN],
-            )
-        return address.context()
+        if isinstance(text, str):
+            return _context_from_canonical(text)
+        return _parse_canonical_context(text)
 
     def address(self, temporal: Temporal = LATEST) -> Address:
         """This context at ``temporal``.
@@ -203,7 +210,11 @@ class ContextName:
 
     def canonical(self) -> str:
         """The canonical string of ``self.address(LATEST)``."""
-        return _render(self.agent, self.role, self.project, self.task, "*^", self.path)
+        found: str | None = self.__dict__.get("_canonical")
+        if found is None:
+            found = _render(self.agent, self.role, self.project, self.task, "*^", self.path)
+            object.__setattr__(self, "_canonical", found)
+        return found
 
     @property
     def has_wildcard(self) -> bool:
@@ -292,9 +303,14 @@ class Address:
 
     def context(self) -> ContextName:
         """The context this address names (the address without its temporal segment)."""
-        return ContextName(
-            project=self.project, task=self.task, agent=self.agent, role=self.role, path=self.path
-        )
+        found: ContextName | None = self.__dict__.get("_context")
+        if found is None:
+            found = ContextName(
+                project=self.project, task=self.task, agent=self.agent, role=self.role,
+                path=self.path,
+            )  # fmt: skip
+            object.__setattr__(self, "_context", found)
+        return found
 
     def with_temporal(self, t: Temporal) -> Address:
         """This address with its temporal segment replaced by ``t``."""
@@ -311,6 +327,23 @@ class Address:
             "canonical": self.canonical(),
             "temporal": self.temporal.to_json(),
         }
+
+
+def _parse_canonical_context(text: str) -> ContextName:
+    address = parse(text)
+    if address.temporal != LATEST or address.canonical() != text:
+        raise _invalid(
+            "address",
+            "address is not a canonical context name (ucxl://...:task/*^[/path])",
+            text[:MAX_ADDRESS_LEN],
+        )
+    return address.context()
+
+
+# a failed parse raises and is not kept; names are immutable, so sharing them is safe
+_context_from_canonical = functools.lru_cache(maxsize=CANONICAL_CACHE_SIZE)(
+    _parse_canonical_context
+)
 
 
 def parse(text: str) -> Address:

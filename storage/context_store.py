@@ -59,13 +59,22 @@ ClockMs = Callable[[], int]
 T = TypeVar("T")
 
 
-def _default_actor(address: str, node_id: str) -> str:
+def _default_actor(address: str | Address, node_id: str) -> str:
     """``agent/role@node`` from an address (``-@node`` when it does not parse)."""
     try:
-        addr = parse(address)
+        addr = as_address(address)
     except StorageError:
         return f"-@{node_id}"
     return f"{addr.agent}/{addr.role}@{node_id}"
+
+
+def as_address(address: str | Address) -> Address:
+    """``address`` parsed, unless it already is (the node parses requests at its edge).
+
+    Raises:
+        AddressError: a string that does not parse.
+    """
+    return address if isinstance(address, Address) else parse(address)
 
 
 def wall_clock_ms() -> int:
@@ -75,9 +84,13 @@ def wall_clock_ms() -> int:
 
 @dataclass(frozen=True)
 class WriteRequest:
-    """One write of a batch: an address, the record, and optional explicit readers."""
+    """One write of a batch: an address, the record, and optional explicit readers.
 
-    address: str
+    ``address`` is a string (embedded callers) or an ``Address`` already parsed (the node
+    service parses each request once, at its edge); both are validated the same way.
+    """
+
+    address: str | Address
     record: ContextRecord
     readers: tuple[str, ...] | None = None
     actor: str | None = None
@@ -93,6 +106,11 @@ class Prepared:
     compression: Compression
     ciphertext: bytes
     actor: str
+
+    @property
+    def context(self) -> ContextName:
+        """The context written (kept by the address: computed once)."""
+        return self.address.context()
 
 
 class ContextStore:
@@ -236,7 +254,7 @@ class ContextStore:
 
     def store(
         self,
-        address: str,
+        address: str | Address,
         record: ContextRecord,
         *,
         readers: Sequence[str] | None = None,
@@ -245,7 +263,8 @@ class ContextStore:
         """Append a new version to the context ``address`` names.
 
         Args:
-            address: a concrete address whose temporal segment is ``*^``.
+            address: a concrete address whose temporal segment is ``*^`` (a string, or an
+                ``Address`` already parsed).
             record: the validated record.
             readers: roles that may read it; default: the address's role, every role of
                 higher authority, and admin.
@@ -265,22 +284,17 @@ class ContextStore:
             InvalidAddress, InvalidPayload: for the first bad request (nothing is written).
         """
         try:
-            refs = self._store_batch(requests)
+            prepared = [self.prepare(req) for req in requests]
+            refs = self._store_batch(prepared)
         except StorageError as exc:
             for req in requests:
-                self._audit(req.actor or "-", "store", req.address, exc.code)
+                self._audit(req.actor or "-", "store", str(req.address), exc.code)
             raise
-        for req, ref in zip(requests, refs, strict=True):
-            self._audit(
-                req.actor or _default_actor(ref.address, self.keyring.node_id),
-                "store",
-                ref.address,
-                "ok",
-            )
+        for item, ref in zip(prepared, refs, strict=True):
+            self._audit(item.actor, "store", ref.address, "ok")
         return refs
 
-    def _store_batch(self, requests: Sequence[WriteRequest]) -> list[StoredRef]:
-        prepared = [self.prepare(req) for req in requests]
+    def _store_batch(self, prepared: Sequence[Prepared]) -> list[StoredRef]:
 
         def build(lookup: HeadLookup) -> tuple[list[Envelope], list[tuple[bytes, bytes]]]:
             def parent_of(ctx: ContextName) -> str | None:
@@ -294,7 +308,7 @@ class ContextStore:
         refs = []
         for env, head, item in zip(envelopes, heads, prepared, strict=True):
             assert head is not None, "a fresh local version id is never known already"
-            ctx = item.address.context()
+            ctx = item.context
             self.cache.invalidate_context(ctx.key())
             self.index.add(ctx, env, item.record.secret_fields())
             address = ctx.address(Temporal("version", head.count)).canonical()
@@ -313,7 +327,7 @@ class ContextStore:
         parents: dict[ContextName, str | None] = {}
         envelopes = []
         for item in prepared:
-            ctx = item.address.context()
+            ctx = item.context
             if ctx not in parents:
                 parents[ctx] = parent_of(ctx)
             vid = self.next_id()
@@ -369,15 +383,21 @@ class ContextStore:
             return self._hlc.next_id()
 
     def prepare(self, req: WriteRequest) -> Prepared:
-        """Validate and encrypt outside every lock (encryption is the slow part)."""
-        addr = parse(req.address)
+        """Validate and encrypt outside every lock (encryption is the slow part).
+
+        Raises:
+            InvalidAddress: a wildcard or a temporal segment other than ``*^``.
+            AddressError: a string address that does not parse.
+            InvalidPayload: an unknown role.
+        """
+        addr = as_address(req.address)
         if addr.has_wildcard:
             raise InvalidAddress(
-                "a write must not contain wildcards", field="address", input=req.address
+                "a write must not contain wildcards", field="address", input=str(req.address)
             )
         if addr.temporal != LATEST:
             raise InvalidAddress(
-                "a write's temporal segment must be *^", field="temporal", input=req.address
+                "a write's temporal segment must be *^", field="temporal", input=str(req.address)
             )
         readers = self._readers(addr, req.readers)
         payload, compression = compress_payload(req.record.encode_secret())

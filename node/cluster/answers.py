@@ -12,7 +12,7 @@ Pure: no I/O, no trio; the service (``node.cluster.service``) calls these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from node.errors import NodeError
@@ -34,10 +34,15 @@ class MalformedAnswer(NodeError):
 
 @dataclass(frozen=True)
 class StoreAnswer:
-    """``rep.store``: per envelope, stored (True), already held (False) or refused (None)."""
+    """``rep.store``: per envelope, stored (True), already held (False) or refused (None);
+    context -> count after; and (newer replicas; empty from older ones) context -> the
+    newest version id held, and context -> the ``upto`` of the purge marker of a context
+    where a version was refused as purged."""
 
     stored: tuple[bool | None, ...]
     heads: dict[str, int]
+    latest: dict[str, str] = field(default_factory=dict)
+    purged: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,26 @@ def parse_store(answer: Any, sent: int) -> StoreAnswer:
             raise MalformedAnswer("rep.store", "'heads' is not a map of context to count")
         if count < 0:
             raise MalformedAnswer("rep.store", "'heads' holds a negative count")
-    return StoreAnswer(tuple(stored), dict(heads))
+    latest = _version_ids(answer, "latest")
+    purged = _version_ids(answer, "purged")
+    return StoreAnswer(tuple(stored), dict(heads), latest, purged)
+
+
+def _version_ids(answer: dict[str, Any], name: str) -> dict[str, str]:
+    """An optional ``rep.store`` map of context -> version id (absent from older peers)."""
+    value = answer.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedAnswer("rep.store", f"{name!r} is not a map")
+    for ctx, vid in value.items():
+        if not isinstance(ctx, str) or not isinstance(vid, str):
+            raise MalformedAnswer("rep.store", f"{name!r} is not a map of context to id")
+        try:
+            VersionId.parse(vid)
+        except StorageError:
+            raise MalformedAnswer("rep.store", f"{name!r} holds a bad version id") from None
+    return dict(value)
 
 
 def parse_versions(answer: Any, context: str) -> VersionsPage:

@@ -13,6 +13,8 @@ Invariants:
       holds the merged union (versions after the newest purge marker); no version is
       planned twice for one replica, and every push batch stays within the byte budget
       unless it holds a single larger envelope.
+    - Purge floor: a write needs no read before it exactly when its quorum intersects
+      every purge quorum (``needs_pre_read``).
     - Budget: an inner call never gets more time than the client's remaining deadline
       minus the margin, nor more than the configured timeout, nor less than zero.
 """
@@ -187,6 +189,18 @@ def fitting(sizes: Sequence[int], budget_bytes: int) -> int:
             return count
         used += size
     return len(sizes)
+
+
+def needs_pre_read(write_w: int, purge_w: int, n: int) -> bool:
+    """Whether a write must ask the replicas for the newest purge marker before sealing.
+
+    A purge is acknowledged by ``purge_w`` of the ``n`` replicas; a write of ``write_w``
+    acknowledgements with ``write_w + purge_w > n`` always hears from one that holds the
+    marker, which refuses a version the marker covers and names its ``upto`` (the write is
+    then re-sealed after it and retried). Below that bound nothing guarantees a marker
+    holder answers before the write is acknowledged, so the write reads first.
+    """
+    return write_w + purge_w <= n
 
 
 def inner_timeout(

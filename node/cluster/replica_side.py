@@ -21,9 +21,11 @@ from node.cluster import coordinator
 from node.rpc.transport import Peer
 from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import ContextName
+from storage.envelope import Envelope
 from storage.errors import InvalidPayload, StorageError
 from storage.replica import Replica
 from storage.schema import PurgeMarker
+from storage.versions import VersionId
 from storage.views import to_wire
 
 Body = dict[str, Any]
@@ -62,9 +64,42 @@ class ReplicaSide:
     # -- local forms (the coordinator calls these for itself) ------------------------------
 
     def apply(self, blobs: list[bytes]) -> Body:
-        """Store verified versions; per blob True stored, False held, None refused."""
+        """Store verified versions; per blob True stored, False held, None refused.
+
+        The answer also names, per context, the newest version id held (``latest``: the
+        coordinator's clock moves past it) and, where a version was refused because this
+        replica's purge marker covers it, the marker's ``upto`` (``purged``: the
+        coordinator re-seals after it and retries). Older coordinators ignore both.
+        """
         stored, heads = self.replica.apply(blobs)
-        return {"stored": stored, "heads": heads}
+        latest: dict[str, str] = {}
+        for context in heads:
+            head = self.replica.head(ContextName.from_canonical(context))
+            if head is not None:
+                latest[context] = head.latest
+        answer: Body = {"stored": stored, "heads": heads, "latest": latest}
+        purged = self._purged_refusals(blobs, stored)
+        if purged:
+            answer["purged"] = purged
+        return answer
+
+    def _purged_refusals(self, blobs: list[bytes], stored: list[bool | None]) -> dict[str, str]:
+        """context -> purge marker ``upto``, for refused blobs that marker covers."""
+        out: dict[str, str] = {}
+        for data, flag in zip(blobs, stored, strict=True):
+            if flag is not None:
+                continue
+            try:
+                env = Envelope.decode(data)
+                ctx = ContextName.from_canonical(env.context)
+                marker = self.store.versions.purge_marker(ctx)
+                if marker is not None and VersionId.parse(env.version_id) <= VersionId.parse(
+                    marker.upto
+                ):
+                    out[env.context] = marker.upto
+            except StorageError:
+                continue  # refused as malformed or forged, not as purged
+        return out
 
     def versions_page(self, ctx: ContextName, after: str | None, budget: int) -> Body:
         """One page of the version set of ``ctx`` after version ``after``."""

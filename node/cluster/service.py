@@ -21,13 +21,19 @@ again), and ``leader_term_for_ops``, the fencing token a leader-only operation c
 (``ctx.purge`` stamps its ``rep.purge`` with it; it raises when this node is not the
 leader). Without them (no control plane) purge runs unfenced, as before.
 
-Order of effects for a write: validate and encrypt (locally) -> learn the parent and the
-purge floor from the live replicas -> sign -> send to every live replica in
-``MAX_BATCH_BYTES`` batches -> answer once W acknowledged every batch (strict quorum; with
-``[handoff] sloppy_quorum`` a durable hint for a down or failed owner counts too); hints
-for the owners that missed it, and the remaining sends, finish in the service's own
-nursery. For a read: page the version sets of the live replicas -> answer from the first
-R, merged -> push what a replica lacked (read repair, bounded fan-out).
+Order of effects for a write: validate and encrypt (locally) -> sign, with this node's
+own latest version as the parent (no read before the write; a ``w`` whose quorum does not
+meet every purge quorum reads the parent and purge floor from the replicas first,
+``coordinator.needs_pre_read``) -> send to every live replica in ``MAX_BATCH_BYTES``
+batches through the store batcher (``node.cluster.store_batch``: concurrent writes share
+one ``rep.store`` frame per replica) -> answer once W acknowledged every batch of *this*
+write (strict quorum; with ``[handoff] sloppy_quorum`` a durable hint for a down or failed
+owner counts too); a replica refusing a version as purged names its marker's ``upto``: the
+versions are re-sealed after it and sent once more. Hints for the owners that missed it,
+and the remaining sends, finish in the service's own nursery. The contexts of a batch
+write are replicated concurrently. For a read: page the version sets of the live
+replicas -> answer from the first R, merged -> push what a replica lacked (read repair,
+bounded fan-out).
 
 Membership changes (``set_layout``, ``node.cluster.layout``): while a layout is in
 transition, writes (puts, deletes, purges, their hints) go to the union of the old and
@@ -70,11 +76,12 @@ from node.cluster.replication import (
 )
 from node.cluster.requests import Parsed, WriteItem, parse_request
 from node.cluster.ring import Ring, RingMember
+from node.cluster.store_batch import Item, StoreBatcher
 from node.errors import NodeError
 from node.rpc.transport import Peer
 from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import Address, ContextName, Temporal, parse
-from storage.context_store import ContextStore, WriteRequest
+from storage.context_store import ContextStore, Prepared, WriteRequest
 from storage.envelope import Envelope
 from storage.errors import Forbidden, Internal, InvalidPayload, NotFound, StorageError, Unavailable
 from storage.replica import Replica
@@ -142,6 +149,29 @@ class ServiceConfig:
     max_repair_sends: int = 64  # concurrent background repair sends; excess dropped
 
 
+class VersionPurged(Unavailable):
+    """A replica refused a version because its purge marker covers it."""
+
+
+@dataclass
+class Learned:
+    """What a write learned from the replicas' answers: the newest purge ``upto``."""
+
+    purged_upto: str | None = None
+
+    def note_purged(self, upto: str) -> None:
+        """Keep the greatest ``upto``."""
+        if self.purged_upto is None or VersionId.parse(upto) > VersionId.parse(self.purged_upto):
+            self.purged_upto = upto
+
+    def covers(self, envs: Sequence[Envelope]) -> bool:
+        """Whether a noted marker covers any of ``envs``."""
+        if self.purged_upto is None:
+            return False
+        upto = VersionId.parse(self.purged_upto)
+        return any(VersionId.parse(env.version_id) <= upto for env in envs)
+
+
 @dataclass
 class ReplicateResult:
     """How a replicated write went: who acknowledged, failed, or was down."""
@@ -198,6 +228,11 @@ class NodeService:
         # the leader's term for leader-only operations (raises Unavailable on a non-leader);
         # set by the control plane; None: no control plane, leader operations unfenced
         self.leader_term_for_ops: Callable[[], int] | None = None
+        # group commit of the write path: concurrent puts share rep.store frames
+        self.store_batcher = StoreBatcher(
+            self._send_store, lambda: self.fanout.nursery, max_bytes=MAX_BATCH_BYTES
+        )
+        self.purge_retries = 0  # writes re-sealed after a replica's purge marker
 
     def set_layout(self, layout: Layout | None) -> None:
         """Place by ``layout`` from now on (None: by ``cluster.member_names()``)."""
@@ -431,12 +466,16 @@ class NodeService:
             node, "rep.store", {"envelopes": batch}, partial(self.local.apply, batch)
         )
 
+    async def _send_store(self, node: str, blobs: list[bytes]) -> Body:
+        """One frame of the store batcher (under the deadline it set)."""
+        return await self.store_on(node, blobs)
+
     # -- coordination -------------------------------------------------------------------
 
     def _write_request(self, peer: Peer, item: WriteItem) -> WriteRequest:
         self._authorize_write(peer, item.address)
         actor = f"{item.address.agent}/{item.address.role}@{peer.name}"
-        return WriteRequest(item.address.canonical(), item.record, item.readers, actor=actor)
+        return WriteRequest(item.address, item.record, item.readers, actor=actor)
 
     def _authorize_write(self, peer: Peer, addr: Address) -> None:
         if peer.kind == "client" and ADMIN_ROLE not in peer.roles and addr.role not in peer.roles:
@@ -454,28 +493,88 @@ class NodeService:
             ) from None
 
     async def _write(self, requests: Sequence[WriteRequest], w: int | None) -> list[StoredRef]:
+        """Prepare, then seal and replicate each context's versions (contexts at once)."""
+        quorum = self._quorum_of(w=w)
         prepared = await self.fanout.blocking(lambda: [self.store.prepare(r) for r in requests])
-        contexts = {item.address.context() for item in prepared}
-        parents: dict[ContextName, str | None] = {}
-        for ctx in contexts:
-            parents[ctx], purged_upto = await self._latest(ctx)
-            for seen in (parents[ctx], purged_upto):  # the new version sorts after both
+        by_ctx: dict[ContextName, list[Prepared]] = {}
+        for item in prepared:
+            by_ctx.setdefault(item.context, []).append(item)
+        pre_read = coordinator.needs_pre_read(quorum.w, self.config.quorum.w, quorum.n)
+        done: dict[ContextName, tuple[list[Envelope], ReplicateResult] | Exception] = {}
+
+        async def one(ctx: ContextName, items: list[Prepared]) -> None:
+            try:
+                done[ctx] = await self._put_context(ctx, items, w, pre_read=pre_read)
+            except Exception as exc:  # raised below, in request order
+                done[ctx] = exc
+
+        if len(by_ctx) == 1:
+            await one(*next(iter(by_ctx.items())))
+        else:  # contexts concurrently: the store batcher folds them into shared frames
+            async with trio.open_nursery() as nursery:
+                for ctx, items in by_ctx.items():
+                    nursery.start_soon(one, ctx, items)
+        heads: dict[str, int] = {}
+        written: dict[ContextName, list[Envelope]] = {}
+        for ctx in by_ctx:
+            outcome = done[ctx]
+            if isinstance(outcome, Exception):
+                raise outcome
+            written[ctx], result = outcome
+            heads.update(result.heads)
+        batch = {ctx.canonical(): [env.version_id for env in envs] for ctx, envs in written.items()}
+        ranks = coordinator.write_ranks(batch, heads)
+        refs, used = [], dict.fromkeys(written, 0)
+        for item in prepared:  # in request order
+            env = written[item.context][used[item.context]]
+            used[item.context] += 1
+            refs.append(_ref(item.context, ranks[(env.context, env.version_id)], env.version_id))
+        return refs
+
+    async def _put_context(
+        self, ctx: ContextName, items: Sequence[Prepared], w: int | None, *, pre_read: bool
+    ) -> tuple[list[Envelope], ReplicateResult]:
+        """Seal ``items`` (versions of ``ctx``) and replicate them.
+
+        No read before the write (issue 10, lever 2): the parent is this node's own latest
+        version of ``ctx`` when it holds one, else None (the parent only links history and
+        groups siblings; the latest version is the greatest id, whatever the parents). The
+        one thing the old pre-read guarded, that a new id sorts after the newest purge
+        marker, holds by quorum intersection plus one retry: a purge reached W replicas,
+        this write needs W of the same N (W + W > N), so a replica holding the marker
+        answers; it refuses the version and names the marker's ``upto``; then the versions
+        are re-sealed after it and sent once more. A write whose ``w`` leaves no such
+        intersection (``pre_read``) still asks the replicas first (``_latest``).
+        """
+        if pre_read:
+            parent, purged_upto = await self._latest(ctx)
+            for seen in (parent, purged_upto):  # the new version sorts after both
                 if seen is not None:
                     self.store.observe(seen)
-        envelopes = self.store.seal_prepared(prepared, lambda ctx: parents[ctx])
-        by_ctx: dict[ContextName, list[Envelope]] = {}
-        for env in envelopes:
-            by_ctx.setdefault(ContextName.from_canonical(env.context), []).append(env)
-        heads: dict[str, int] = {}
-        for ctx, envs in by_ctx.items():
-            heads.update((await self.replicate(ctx, envs, w)).heads)
-        batch = {ctx.canonical(): [env.version_id for env in envs] for ctx, envs in by_ctx.items()}
-        ranks = coordinator.write_ranks(batch, heads)
-        return [
-            _ref(ContextName.from_canonical(env.context), ranks[(env.context, env.version_id)],
-                 env.version_id)
-            for env in envelopes
-        ]  # fmt: skip
+        else:
+            parent = self._local_parent(ctx)
+        envs = self.store.seal_prepared(items, lambda _ctx: parent)
+        learned = Learned()
+        try:
+            result = await self.replicate(ctx, envs, w, learned=learned)
+            if not learned.covers(envs):
+                return envs, result
+        except Unavailable:
+            if learned.purged_upto is None:
+                raise
+        upto = learned.purged_upto
+        assert upto is not None
+        self.store.observe(upto)
+        self.purge_retries += 1
+        if parent is not None and VersionId.parse(parent) <= VersionId.parse(upto):
+            parent = None  # the parent was purged
+        envs = self.store.seal_prepared(items, lambda _ctx: parent)
+        return envs, await self.replicate(ctx, envs, w)
+
+    def _local_parent(self, ctx: ContextName) -> str | None:
+        """The newest version of ``ctx`` this node holds (a replica's view), or None."""
+        head = self.store.versions.head(ctx)
+        return None if head is None else head.latest
 
     async def _latest(self, ctx: ContextName) -> tuple[str | None, str | None]:
         """The newest version id any live replica reports (the parent of a new version),
@@ -497,17 +596,32 @@ class NodeService:
         return max(latest, default=None), max(purged, key=VersionId.parse, default=None)
 
     async def replicate(
-        self, ctx: ContextName, envs: Sequence[Envelope], w: int | None
+        self,
+        ctx: ContextName,
+        envs: Sequence[Envelope],
+        w: int | None,
+        *,
+        learned: Learned | None = None,
     ) -> ReplicateResult:
         """Send versions to the live replicas in batches; return once W stored them all.
+
+        Each replica's batches go through the store batcher, which shares frames with
+        concurrent writes; W is counted from this write's own flags. Newest version ids the
+        replicas report move this node's clock; purge markers that made a replica refuse a
+        version are noted in ``learned``.
 
         Returns the acknowledging, failed and down replicas (hinted handoff keeps the
         versions for the failed and down ones).
         """
         quorum = self._quorum_of(w=w)
         placement = self._placement(ctx)
-        blobs = [env.encode() for env in envs]
-        batches = list(batches_by_bytes(blobs, MAX_BATCH_BYTES))
+        items = [Item(env.context, env.version_id, env.encode()) for env in envs]
+        blobs = [item.blob for item in items]
+        batches: list[list[Item]] = []
+        for batch in batches_by_bytes(blobs, MAX_BATCH_BYTES):
+            start = sum(len(b) for b in batches)
+            batches.append(items[start : start + len(batch)])
+        seen = learned if learned is not None else Learned()
         # hinted handoff (node.cluster.handoff_plan): every owner gets an attempt; a down
         # owner's attempt stores its hint. Strict (default): only owners that stored the
         # write count toward W, and too few live owners fail at once. Sloppy: a durable
@@ -524,7 +638,9 @@ class NodeService:
             live = node in placement.live
             try:
                 failure = await stored_on(node) if live else Unavailable(f"{node} is down")
-                hinted = failure is not None and self.handoff is not None
+                # a version refused as purged is not hinted: its owner would refuse it too
+                purged = isinstance(failure, VersionPurged)
+                hinted = failure is not None and self.handoff is not None and not purged
                 if hinted:  # by this attempt, so hints are not bounded by the repair fan-out
                     await self._hint(ctx, placement, node, blobs)
                 counted = counts_toward_w(stored=failure is None, hinted=hinted, sloppy=sloppy)
@@ -546,14 +662,15 @@ class NodeService:
             return None
 
         async def store(node: str) -> None:
-            for blobs in batches:
-                answer = answers.parse_store(
-                    await self.fanout.on(
-                        node, "rep.store", {"envelopes": blobs},
-                        partial(self.local.apply, blobs),
-                    ), len(blobs),
-                )  # fmt: skip
+            for batch in batches:
+                answer = await self.store_batcher.store(node, batch, self.fanout.timeout())
+                for latest in answer.latest.values():
+                    self.store.observe(latest)  # HLC receive event
+                for upto in answer.purged.values():
+                    seen.note_purged(upto)
                 if any(flag is None for flag in answer.stored):
+                    if answer.purged:
+                        raise VersionPurged(f"{node} refused a version as purged")
                     raise Unavailable(
                         f"{node} refused a version (bad or untrusted signature, or purged)"
                     )

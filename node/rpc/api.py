@@ -43,8 +43,12 @@ hit = SearchResult, error = {code, message, field}.)
 
 Replica methods (node certificates only):
 
-- ``rep.store``: {envelopes: [bytes]} -> {stored: [bool], heads: {context: count}}
-  (senders split versions with ``batches_by_bytes(blobs, MAX_BATCH_BYTES)``)
+- ``rep.store``: {envelopes: [bytes]} -> {stored: [bool|None], heads: {context: count},
+  latest: {context: id}, purged: {context: upto}} (senders split versions with
+  ``batches_by_bytes(blobs, MAX_BATCH_BYTES)``; ``stored`` None: refused; ``latest``: the
+  newest version id held per context written; ``purged``, only when a version was refused
+  because the replica's purge marker covers it: that marker's ``upto``. ``latest`` and
+  ``purged`` are additions: older nodes neither send nor read them)
 - ``rep.head``: {context} -> {latest: id|None}
 - ``rep.versions``: {context, after: id|None, max_bytes: int|None} -> {envelopes: [[id,
   bytes]], purge: bytes|None, more: bool} (one page, ids after ``after``, <= MAX_BATCH_BYTES)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +13,7 @@ from node.cluster.coordinator import (
     decide_delete,
     fitting,
     inner_timeout,
+    needs_pre_read,
     page_versions,
     repair_plan,
     search_role,
@@ -121,3 +124,17 @@ def test_fitting_takes_the_longest_prefix_within_budget(sizes: list[int], budget
         assert sum(sizes[:count]) <= budget
     if 0 < count < len(sizes):
         assert sum(sizes[: count + 1]) > budget
+
+
+@given(st.integers(min_value=1, max_value=9), st.data())
+def test_a_write_skips_the_pre_read_exactly_when_its_quorum_meets_every_purge_quorum(
+    n: int, data: st.DataObject
+) -> None:
+    """No pre-read iff every W-write set intersects every purge set (brute force)."""
+    write_w = data.draw(st.integers(min_value=1, max_value=n))
+    purge_w = data.draw(st.integers(min_value=1, max_value=n))
+    nodes = range(n)
+    always_meet = all(
+        set(a) & set(b) for a in combinations(nodes, write_w) for b in combinations(nodes, purge_w)
+    )
+    assert needs_pre_read(write_w, purge_w, n) is not always_meet

@@ -641,3 +641,23 @@ def test_concrete_name_is_its_own_exact_pattern(name: ContextName) -> None:
     assert name.matches(name)
     assert not name.has_wildcard
     assert name.key_prefix() == name.key()
+
+
+def test_derived_values_are_kept_and_equal_to_fresh_ones() -> None:
+    """context(), canonical(), key() and from_canonical() give the same values, computed once."""
+    addr = parse("ucxl://claude:backend_developer@chorus:auth/*^/src/a.py")
+    ctx = addr.context()
+    assert addr.context() is ctx
+    fresh = ContextName(ctx.project, ctx.task, ctx.agent, ctx.role, ctx.path)
+    assert ctx == fresh
+    assert hash(ctx) == hash(fresh)
+    assert ctx.canonical() == fresh.canonical()
+    assert ctx.key() == fresh.key()
+    assert ContextName.from_canonical(ctx.canonical()) == ctx
+    assert ContextName.from_canonical(ctx.canonical()) is ContextName.from_canonical(
+        ctx.canonical()
+    )
+    with pytest.raises(AddressError):  # a failed parse is not kept: it raises every time
+        ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")
+    with pytest.raises(AddressError):
+        ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")

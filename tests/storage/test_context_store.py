@@ -89,6 +89,20 @@ def test_writes_must_be_concrete_and_latest(store: ContextStore) -> None:
     assert temporal.value.field == "temporal"
 
 
+def test_a_parsed_address_is_written_as_its_string_is(store: ContextStore) -> None:
+    """An ``Address`` parsed at the edge and its string write the same way (parse once)."""
+    first = store.store(parse(JWT), rec("typed"))
+    second = store.store_batch([WriteRequest(JWT, rec("text")), WriteRequest(parse(JWT), rec("t"))])
+    assert [first.version, *[ref.version for ref in second]] == [1, 2, 3]
+    assert store.retrieve(JWT).summary == "t"
+    with pytest.raises(InvalidAddress) as wild:
+        store.store(parse("ucxl://any:backend_developer@chorus:auth/*^/x"), rec("s"))
+    assert wild.value.field == "address"
+    with pytest.raises(InvalidAddress) as temporal:
+        store.store(parse(at(JWT, "*~1")), rec("s"))
+    assert temporal.value.field == "temporal"
+
+
 def test_default_readers_and_forbidden(store: ContextStore) -> None:
     store.store(JWT, rec("dev note"))
     view = store.retrieve(JWT)
