@@ -135,7 +135,10 @@ class ContextStore:
         self.reader = VersionReader(
             self.versions, keyring, self.cache, clock_ms=clock_ms, trusted=self._trusted_signer
         )
-        self.index = IndexSync(index, data_dir.index, self._index_doc_source)
+        self.index = IndexSync(
+            index, data_dir.index, self._index_doc_source, kv=kv, clock_ms=clock_ms,
+            refresh_interval_s=config.index.refresh_interval_s,
+        )  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -735,12 +738,10 @@ class ContextStore:
         """The latest live version of a context, decrypted for indexing (None if unreadable)."""
         if not head.live:
             return None
-        try:
-            view = self.reader.read(ctx, head.latest, head.count, None)
-            env = self.reader.envelope(ctx, head.latest)
+        try:  # verified once (storage.reader's digest set), decrypted at most once (cache)
+            return self.reader.read_for_index(ctx, head)
         except StorageError:
             return None
-        return env, view.fields
 
 
 def _open_or_reset_index(data_dir: DataDir, config: StorageConfig) -> tuple[FullTextIndex, bool]:

@@ -8,14 +8,30 @@ replicas). Must not know about RPC, the ring or quorums (``node/`` does).
 Invariant: nothing is stored that does not carry a valid signature by a trusted node key
 (``ContextStore.trust_signer``); a refused version is counted in ``refused`` and never
 stored. Versions covered by a purge marker are refused by the version store itself.
+
+Fast path (issue 10):
+
+- ``apply`` acknowledges after the durable store: verified versions and their contexts'
+  durable "index is stale" rows go in one synced batch; indexing happens later, in
+  batches, one decrypt per version (``storage.index_sync``: ``begin``/``end``/``drain``).
+- Verify once: a signature is checked where bytes enter the node (``verify``) and the
+  SHA-256 of those bytes is remembered (``storage.cache.VerifiedDigests``, shared with the
+  store's reader); ``view`` checks the signature again only for bytes not remembered
+  (e.g. a row another replica sent into a merged read set), then remembers them.
+- ``view`` caches the decrypted view in the store's record cache under (version id, role,
+  SHA-256 of the envelope bytes), after the role checks: a re-sealed copy has other bytes,
+  so it never meets the plaintext of another copy; purge and every stored change drop the
+  context's entries. The rank a view shows is the merged set's, stamped on every read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
 from storage.address import ContextName, Temporal
+from storage.cache import envelope_digest
 from storage.context_store import ContextStore, history_of
 from storage.envelope import Envelope
 from storage.errors import CorruptRecord, Forbidden, NotFound
@@ -43,7 +59,10 @@ class Replica:
             CorruptRecord: undecodable, unsigned, forged, or signed by an untrusted key.
         """
         env = Envelope.decode(data)
-        env.check_signature()
+        digest = envelope_digest(data)
+        verified = self.store.reader.verified
+        if not verified.seen(digest):
+            env.check_signature()
         if not self.store.reader.trusted(env.signer):
             raise CorruptRecord(
                 f"version {env.version_id} is signed by a key this cluster does not trust",
@@ -51,6 +70,7 @@ class Replica:
             )
         ContextName.from_canonical(env.context)
         VersionId.parse(env.version_id)
+        verified.add(digest)
         return env
 
     def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool | None], dict[str, int]]:
@@ -75,17 +95,26 @@ class Replica:
         good = [env for env in verified if env is not None]
         for env in good:
             self.store.observe(env.version_id)
-        stored_flags = self.store.versions.append(good) if good else []
-        self._take_newer_seals(good, stored_flags)
+        contexts = {env.context: ContextName.from_canonical(env.context) for env in good}
+        changed: set[str] = set()
+        index = self.store.index
+        stale_rows = index.begin(contexts.values())
+        try:
+            stored_flags = self.store.versions.append(good, meta=stale_rows) if good else []
+            changed.update(e.context for e, f in zip(good, stored_flags, strict=True) if f)
+            changed.update(self._take_newer_seals(good, stored_flags))
+        finally:  # indexing happens later, off the acknowledgement path (index_sync.drain)
+            index.end(
+                [ctx for name, ctx in contexts.items() if name in changed],
+                [ctx for name, ctx in contexts.items() if name not in changed],
+            )
         heads: dict[str, int] = {}
-        for env in good:
-            ctx = ContextName.from_canonical(env.context)
-            self.store.cache.invalidate_context(ctx.key())
+        for name, ctx in contexts.items():
+            if name in changed:
+                self.store.cache.invalidate_context(ctx.key())
             head = self.store.versions.head(ctx)
             if head is not None:
-                heads[env.context] = head.count
-            self.store.index.refresh_context(ctx, head)
-        self.store.index.maybe_commit()
+                heads[name] = head.count
         flags = iter(stored_flags)
         result: list[bool | None] = []
         for item in verified:
@@ -95,9 +124,10 @@ class Replica:
             result.append(flag)
         return result, heads
 
-    def _take_newer_seals(self, envs: Sequence[Envelope], stored: Sequence[bool]) -> None:
+    def _take_newer_seals(self, envs: Sequence[Envelope], stored: Sequence[bool]) -> set[str]:
         """Replace held copies that an arriving re-seal supersedes (the convergence rule,
-        ``storage.envelope``: the higher seal epoch wins; never the reverse)."""
+        ``storage.envelope``: the higher seal epoch wins; never the reverse); returns the
+        contexts whose copies were replaced."""
         newer = []
         for env, flag in zip(envs, stored, strict=True):
             if flag or not env.seal_epoch:
@@ -111,6 +141,7 @@ class Replica:
                 newer.append(env)  # a damaged held copy: the verified arrival replaces it
         if newer:
             self.resealed += self.store.versions.rewrite(newer)
+        return {env.context for env in newer}
 
     def _covered(self, env: Envelope) -> bool:
         marker = self.store.versions.purge_marker(ContextName.from_canonical(env.context))
@@ -189,13 +220,23 @@ class Replica:
         env = envs[index]
         if env is None:
             raise CorruptRecord(f"version {index + 1} of {ctx.canonical()} is damaged")
-        env.check_signature()
-        if not self.store.reader.trusted(env.signer):
-            raise CorruptRecord(f"version {env.version_id} is signed by an untrusted key")
+        vid = str(infos[index].version_id)
+        digest = envelope_digest(_row_bytes(rows, vid, env))
+        reader = self.store.reader
+        reader.checked(env, digest)  # verified once per distinct bytes; trusted every time
+        if env.context != ctx.canonical() or env.version_id != vid:
+            raise CorruptRecord(f"version {vid} is held under the wrong key", field="envelope")
         if env.tombstone:
             raise NotFound(f"{ctx.canonical()} was deleted (version {index + 1})", input=where)
-        role = self._role_for(env, as_role, allowed_roles)
-        return self.store.reader.decrypt_view(ctx, env, index + 1, role)
+        role = self._role_for(env, as_role, allowed_roles)  # FORBIDDEN before any plaintext
+        cached = self.store.cache.get(ctx.key(), vid, role, variant=digest)
+        if cached is None:
+            cached = reader.decrypt_view(ctx, env, index + 1, role)
+            self.store.cache.put(ctx.key(), vid, role, cached, variant=digest)
+        if cached.version != index + 1:  # the merged set's rank, not the one cached with
+            address = ctx.address(Temporal("version", index + 1)).canonical()
+            cached = dataclasses.replace(cached, version=index + 1, address=address)
+        return cached
 
     def _role_for(self, env: Envelope, as_role: str | None, allowed: Sequence[str] | None) -> str:
         if allowed is None:
@@ -210,3 +251,11 @@ class Replica:
             if self.store.keyring.has_identity(role):
                 return role
         raise Forbidden(f"none of the client's roles may read {env.context}", field="role")
+
+
+def _row_bytes(rows: Sequence[tuple[str, bytes]], version_id: str, env: Envelope) -> bytes:
+    """The envelope bytes of ``version_id`` in a merged row set; when the set holds it
+    twice, the canonical encoding of the selected envelope (the same fields, so the same
+    signature verdict)."""
+    found = [data for vid, data in rows if vid == version_id]
+    return found[0] if len(found) == 1 else env.encode()
