@@ -23,8 +23,9 @@ after it (plus the time to index the backlog, visible as ``lag_s``). After every
 the watermark records that every head updated at or before ``indexed_through_ms`` is
 indexed; ``close`` marks it clean. On open, a clean watermark needs nothing; an unclean
 one (crash) re-indexes the heads updated since it; a missing or corrupt index is rebuilt
-from every head; and every ``i/`` row left by a crash is re-indexed (its context queued,
-then drained before ``recover`` returns).
+from every head; and every ``i/`` row left by a crash is queued again (with the time it
+was first marked), to be drained once the node runs: not during ``recover``, because the
+keys of the other nodes that signed those versions are trusted only after open.
 """
 
 from __future__ import annotations
@@ -284,9 +285,9 @@ class IndexSync:
             done = 0
         else:
             done = self._reindex(versions, since_ms=through)
-        with self._lock:
+        with self._lock:  # drained later: the signers' trust is set up after open
             self._refill()
-        return done + self.drain()
+        return done
 
     def rebuild(self, versions: VersionStore, progress: Progress | None = None) -> int:
         """Drop everything and index every live head."""

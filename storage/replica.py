@@ -58,6 +58,9 @@ class Replica:
         Raises:
             CorruptRecord: undecodable, unsigned, forged, or signed by an untrusted key.
         """
+        return self._verified(data)[0]
+
+    def _verified(self, data: bytes) -> tuple[Envelope, ContextName]:
         env = Envelope.decode(data)
         digest = envelope_digest(data)
         verified = self.store.reader.verified
@@ -68,10 +71,10 @@ class Replica:
                 f"version {env.version_id} is signed by a key this cluster does not trust",
                 field="signature",
             )
-        ContextName.from_canonical(env.context)
+        ctx = ContextName.from_canonical(env.context)
         VersionId.parse(env.version_id)
         verified.add(digest)
-        return env
+        return env, ctx
 
     def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool | None], dict[str, int]]:
         """Verify and store versions; (per blob: True stored, False already held, None
@@ -85,9 +88,12 @@ class Replica:
         must not count it as a durable copy.
         """
         verified: list[Envelope | None] = []
+        contexts: dict[str, ContextName] = {}
         for data in blobs:
             try:
-                verified.append(self.verify(data))
+                env, ctx = self._verified(data)
+                verified.append(env)
+                contexts.setdefault(env.context, ctx)
             except CorruptRecord:
                 with self._lock:
                     self.refused += 1
@@ -95,7 +101,6 @@ class Replica:
         good = [env for env in verified if env is not None]
         for env in good:
             self.store.observe(env.version_id)
-        contexts = {env.context: ContextName.from_canonical(env.context) for env in good}
         changed: set[str] = set()
         index = self.store.index
         stale_rows = index.begin(contexts.values())
@@ -103,6 +108,8 @@ class Replica:
             stored_flags = self.store.versions.append(good, meta=stale_rows) if good else []
             changed.update(e.context for e, f in zip(good, stored_flags, strict=True) if f)
             changed.update(self._take_newer_seals(good, stored_flags))
+            for name in changed:  # before the drain can see them: ranks may have moved
+                self.store.cache.invalidate_context(contexts[name].key())
         finally:  # indexing happens later, off the acknowledgement path (index_sync.drain)
             index.end(
                 [ctx for name, ctx in contexts.items() if name in changed],
@@ -110,8 +117,6 @@ class Replica:
             )
         heads: dict[str, int] = {}
         for name, ctx in contexts.items():
-            if name in changed:
-                self.store.cache.invalidate_context(ctx.key())
             head = self.store.versions.head(ctx)
             if head is not None:
                 heads[name] = head.count

@@ -170,6 +170,7 @@ PURE_CORES = (
     "tests/sim/control_model.py",
     "tests/sim/model.py",
     "node/control/rotation_plan.py",
+    "storage/index_queue.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 
