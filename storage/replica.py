@@ -76,6 +76,11 @@ class Replica:
         verified.add(digest)
         return env, ctx
 
+    def sealed_here(self, data: bytes) -> None:
+        """Remember that ``data`` (an envelope this node just sealed with its own key, e.g.
+        a coordinator's client write) needs no signature check when ``apply`` gets it."""
+        self.store.reader.verified.add(envelope_digest(data))
+
     def apply(self, blobs: Sequence[bytes]) -> tuple[list[bool | None], dict[str, int]]:
         """Verify and store versions; (per blob: True stored, False already held, None
         refused; and context -> version count after).

@@ -354,3 +354,16 @@ def test_a_cached_view_shows_the_rank_of_the_set_it_was_read_from(
     assert merged.address.endswith("*~2/src/file1.py")
     assert merged.summary == "v2"
     assert decrypts.calls == 1
+
+
+def test_bytes_sealed_here_are_not_checked_again(
+    pair: tuple[ContextStore, ContextStore], signature_checks: Counted
+) -> None:
+    a, b = pair
+    data = _write(b, 1, "sealed by the coordinator itself")
+    replica = Replica(a)
+    signature_checks.calls = 0
+    replica.sealed_here(data)
+    assert replica.apply([data])[0] == [True]
+    assert replica.apply([_forged(data)])[0] == [None]  # other bytes are still checked
+    assert signature_checks.calls == 1
