@@ -16,6 +16,7 @@ lookups and string compares). A digest is remembered only after its signature ve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -202,7 +203,7 @@ class VersionReader:
                 )
             return as_role
         # least privilege: the address's own role, then readers by rising authority, then admin
-        own = parse(env.context).role
+        own = _own_role(env.context)
         ranked = sorted(
             (name for name in env.readers if name in roles),
             key=lambda name: (name != own, roles.get(name).authority),
@@ -211,6 +212,12 @@ class VersionReader:
             if self.keyring.has_identity(name):
                 return name
         raise Forbidden(f"no role held by this node may read {env.context}", field="role")
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_role(context: str) -> str:
+    """The role segment of a context name (parsing is the slow part of choosing a role)."""
+    return parse(context).role
 
 
 def _signed(env: Envelope) -> bool:
@@ -222,20 +229,25 @@ def _signed(env: Envelope) -> bool:
 
 
 def infos_of(
-    rows: list[tuple[str, bytes]], now_ms: int, *, keep_corrupt: bool = False
+    rows: list[tuple[str, bytes]],
+    now_ms: int,
+    *,
+    keep_corrupt: bool = False,
+    decode: Callable[[bytes], Envelope] = Envelope.decode,
 ) -> tuple[list[VersionInfo], list[Envelope | None]]:
     """Navigation data for version rows (id, envelope bytes) sorted by id.
 
     Expired versions are left out (unless their expiry fails the signature check: an
     unverified expiry must not hide a version). With ``keep_corrupt``, a row that does
-    not decode keeps its place (its envelope is None), so ranks never shift.
+    not decode keeps its place (its envelope is None), so ranks never shift. ``decode``
+    replaces ``Envelope.decode`` (a memo of it: ``storage.replica``).
     """
     infos: list[VersionInfo] = []
     envs: list[Envelope | None] = []
     for version_id, data in rows:
         vid = VersionId.parse(version_id)
         try:
-            env = Envelope.decode(data)
+            env = decode(data)
             parent = None if env.parent is None else VersionId.parse(env.parent)
         except CorruptRecord:
             if keep_corrupt:  # dated by its id: the HLC wall time it was created at

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from storage.address import ContextName, Temporal
@@ -40,6 +41,8 @@ from storage.schema import Head, PurgeMarker
 from storage.versions import VersionId, select
 from storage.views import HistoryEntry, VersionView
 
+DECODED_ENVELOPES = 4096
+
 
 class Replica:
     """The replica-side operations of one node."""
@@ -49,6 +52,9 @@ class Replica:
         self._lock = threading.Lock()
         self.refused = 0
         self.resealed = 0  # held copies replaced by a newer re-seal (convergence rule)
+        # decoded envelopes of merged read sets, by the SHA-256 of their bytes (envelopes
+        # are immutable values: equal bytes decode to equal envelopes)
+        self._decoded: OrderedDict[bytes, Envelope] = OrderedDict()
 
     # -- as a replica ---------------------------------------------------------------------
 
@@ -223,7 +229,9 @@ class Replica:
         Raises:
             NotFound, TemporalOutOfRange, Forbidden, CorruptRecord.
         """
-        infos, envs = infos_of(list(rows), self.store.clock_ms(), keep_corrupt=True)
+        infos, envs = infos_of(
+            list(rows), self.store.clock_ms(), keep_corrupt=True, decode=self._decode
+        )
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=where)
         index = select(infos, temporal, where=where)
@@ -247,6 +255,21 @@ class Replica:
             address = ctx.address(Temporal("version", index + 1)).canonical()
             cached = dataclasses.replace(cached, version=index + 1, address=address)
         return cached
+
+    def _decode(self, data: bytes) -> Envelope:
+        """``Envelope.decode``, remembered for the last ``DECODED_ENVELOPES`` byte strings."""
+        digest = envelope_digest(data)
+        with self._lock:
+            env = self._decoded.get(digest)
+            if env is not None:
+                self._decoded.move_to_end(digest)
+                return env
+        env = Envelope.decode(data)  # raises CorruptRecord: nothing is remembered
+        with self._lock:
+            self._decoded[digest] = env
+            while len(self._decoded) > DECODED_ENVELOPES:
+                self._decoded.popitem(last=False)
+        return env
 
     def _role_for(self, env: Envelope, as_role: str | None, allowed: Sequence[str] | None) -> str:
         if allowed is None:
