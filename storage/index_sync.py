@@ -47,6 +47,7 @@ from storage.version_store import VersionStore
 
 WATERMARK_FILE = "WATERMARK"
 DRAIN_BATCH = 256  # contexts indexed between two looks at the queue (one commit per drain)
+REFILL_ROUNDS = 16  # extra batches an unbounded drain allows when the memory queue overflowed
 DocSource = Callable[[ContextName, Head], tuple[Envelope, dict[str, Any]] | None]
 Progress = Callable[[int, int], None]
 
@@ -126,14 +127,19 @@ class IndexSync:
         """Index the heads of queued contexts in batches, then commit once.
 
         Args:
-            max_batches: stop after this many batches of ``DRAIN_BATCH`` (None: until the
-                queue is empty; writers that keep writing can keep it busy, so the daemon
-                passes a bound).
+            max_batches: stop after this many batches of ``DRAIN_BATCH`` (None: as many as
+                it takes to index what is queued when the drain starts; writers that keep
+                writing never keep a drain going for ever).
 
         Returns:
             Contexts taken from the queue.
         """
         with self._drain_lock:
+            if max_batches is None:
+                with self._lock:
+                    queued = self._queue.pending()
+                    refills = REFILL_ROUNDS if self._queue.overflowed else 0
+                max_batches = queued // DRAIN_BATCH + 1 + refills
             taken = batches = 0
             while max_batches is None or batches < max_batches:
                 done = self._index_batch()
@@ -186,7 +192,7 @@ class IndexSync:
     def _refill(self) -> None:
         """Read durable stale rows back into the memory queue (under ``_lock``)."""
         rows: list[tuple[bytes, int]] = []
-        limit = DRAIN_BATCH * 16
+        limit = DRAIN_BATCH * REFILL_ROUNDS
         for key, value in self._kv.scan(INDEX_DIRTY_PREFIX):
             rows.append((key[len(INDEX_DIRTY_PREFIX) :], _since(value)))
             if len(rows) > limit:
@@ -257,7 +263,8 @@ class IndexSync:
     ) -> list[Hit]:
         """Ranked hits (see ``storage.index.SearchQuery``)."""
         with self._lock:
-            due = self._queue.lag_ms(self._clock_ms()) >= max(self._refresh_ms, 1)
+            lag_ms = self._queue.lag_ms(self._clock_ms())
+            due = self._queue.pending() > 0 and lag_ms >= self._refresh_ms
         if due:  # the background drain fell behind the freshness bound: catch up first
             self.drain()
         query = SearchQuery(
@@ -331,7 +338,8 @@ class IndexSync:
         """Commit, mark the watermark clean and close the index (idempotent)."""
         if self._closed:
             return
-        self.drain()
+        while self.drain():  # nobody writes any more: until the queue is empty
+            pass
         with self._lock:
             self._index.close()
             self._advance(self._pending_max_ms, clean=True)

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 MEMBERSHIP_SYNC_S = 0.5
 PROBE_INTERVAL_S = 1.0
 INDEX_DRAIN_BATCHES = 16  # storage.index_sync.DRAIN_BATCH contexts each, per round
+INDEX_LOOP_MIN_S = 0.05  # index_refresh_s = 0 must not spin the loop
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ class NodeDaemon:
         """Keep the search refresh bound even when nobody searches: every half refresh
         interval, index what replicated writes queued (``IndexSync.drain``, bounded per
         round so a busy node still commits) and commit what local writes buffered."""
-        interval = self.config.storage.index.refresh_interval_s / 2
+        interval = max(self.config.storage.index.refresh_interval_s / 2, INDEX_LOOP_MIN_S)
         index = self.store.index
         while True:
             await trio.sleep(interval)

@@ -15,10 +15,11 @@ import pytest
 from crypto.roles import DEFAULT_ROLES
 from storage.address import LATEST, ContextName, parse
 from storage.cache import envelope_digest
-from storage.context_store import ContextStore
+from storage.context_store import ContextStore, WriteRequest
 from storage.envelope import Envelope, compress_payload
 from storage.errors import CorruptRecord, Forbidden
 from storage.index_queue import IndexQueue
+from storage.index_sync import DRAIN_BATCH
 from storage.record import ContextRecord
 from storage.replica import Replica
 from storage.schema import INDEX_DIRTY_PREFIX
@@ -367,3 +368,35 @@ def test_bytes_sealed_here_are_not_checked_again(
     assert replica.apply([data])[0] == [True]
     assert replica.apply([_forged(data)])[0] == [None]  # other bytes are still checked
     assert signature_checks.calls == 1
+
+
+def _write_many(b: ContextStore, count: int, word: str) -> list[bytes]:
+    refs = b.store_batch(
+        [WriteRequest(_address(i), ContextRecord.from_fields({"summary": f"{word} {i}"}))
+         for i in range(count)]
+    )  # fmt: skip
+    found = [b.versions.version(_ctx(i), ref.version_id) for i, ref in enumerate(refs)]
+    return [data for data in found if data is not None]
+
+
+def test_a_drain_goes_in_batches(pair: tuple[ContextStore, ContextStore]) -> None:
+    a, b = pair
+    Replica(a).apply(_write_many(b, DRAIN_BATCH + 3, "kiwi"))
+    assert a.index.drain(max_batches=1) == DRAIN_BATCH
+    assert a.index.lag()["pending"] == 3
+    assert len(_stale_rows(a)) == 3
+    assert a.index.drain() == 3
+    assert len(a.search("kiwi", limit=1000)) == DRAIN_BATCH + 3
+
+
+def test_an_overflowed_queue_is_refilled_from_the_durable_rows(
+    pair: tuple[ContextStore, ContextStore],
+) -> None:
+    a, b = pair
+    a.index._queue = IndexQueue(max_contexts=2)
+    Replica(a).apply(_write_many(b, 5, "takahe"))
+    assert a.index.lag()["pending"] == 2  # a lower bound: the rest lives in the rows
+    assert len(_stale_rows(a)) == 5
+    a.index.drain()
+    assert len(_found(a, "takahe")) == 5
+    assert _stale_rows(a) == []
