@@ -42,9 +42,10 @@ from storage.errors import (
     KeyringUnusable,
     NotFound,
     StorageError,
+    UntrustedSigner,
 )
 from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
-from storage.index_sync import IndexSync
+from storage.index_sync import IndexSync, NotYetIndexable
 from storage.key_age import rotation_warnings
 from storage.kv import KV, GroupCommitStats, LevelDBKV
 from storage.reader import VersionReader
@@ -726,7 +727,9 @@ class ContextStore:
 
     def trust_signer(self, public_key: bytes) -> None:
         """Trust versions signed by ``public_key`` (a node key certified by the cluster CA)."""
-        self._trusted_keys.add(bytes(public_key))
+        if bytes(public_key) not in self._trusted_keys:
+            self._trusted_keys.add(bytes(public_key))
+            self.index.retry_deferred()  # what waited for this key can be indexed now
 
     def _trusted_signer(self, public_key: bytes) -> bool:
         """This node's own key, plus every key the cluster told it to trust."""
@@ -735,11 +738,17 @@ class ContextStore:
     def _index_doc_source(
         self, ctx: ContextName, head: Head
     ) -> tuple[Envelope, dict[str, Any]] | None:
-        """The latest live version of a context, decrypted for indexing (None if unreadable)."""
+        """The latest live version of a context, decrypted for indexing (None if unreadable).
+
+        Raises:
+            NotYetIndexable: its signer is not trusted (yet).
+        """
         if not head.live:
             return None
         try:  # verified once (storage.reader's digest set), decrypted at most once (cache)
             return self.reader.read_for_index(ctx, head)
+        except UntrustedSigner:  # its signer may be trusted later: keep it queued
+            raise NotYetIndexable(ctx.canonical()) from None
         except StorageError:
             return None
 

@@ -13,13 +13,17 @@ happens later, in batches (``storage.index_sync``). The life of one context here
     take(limit)      a drain takes the oldest queued contexts and indexes their heads
     forget(ctx)      the context was removed from the index (purge): a drain that took it
                      must not index it
+    defer(ctx)       the drain cannot index it yet (its signer is not trusted yet): it
+                     waits, out of the figures, until ``retry_deferred`` (a key became
+                     trusted) or the next open; its durable row stays
     settle()         the drain's index commit is done: the stale rows it may delete
 
 Invariants:
     - A stale row is released by ``settle`` (or ``end``) only for a context that is neither
       queued, nor being written (between ``begin`` and ``end``), nor taken by a drain that
-      has not committed: every durable row whose version is not yet in a committed index
-      document stays, so a crash loses no queued work (rows are re-read on open).
+      has not committed, nor deferred: every durable row whose version is not yet in a
+      committed index document stays, so a crash loses no queued work (rows are re-read
+      on open).
     - A drain indexes the head it reads *after* ``take``; a write that ends after that is
       queued again, so the next drain sees it. Nothing is dropped, at worst indexed twice.
     - At most ``max_contexts`` contexts are held in memory. Past that, ``overflowed`` is set
@@ -45,6 +49,7 @@ class IndexQueue:
         self._queued: dict[bytes, int] = {}  # key -> first marked (ms); FIFO by insertion
         self._writing: dict[bytes, int] = {}  # key -> writers between begin and end
         self._taken: dict[bytes, tuple[int, bool]] = {}  # key -> (since, still to index)
+        self._deferred: dict[bytes, int] = {}  # key -> since; not indexable yet
         self.overflowed = False
 
     # -- writers ---------------------------------------------------------------------------
@@ -107,6 +112,27 @@ class IndexQueue:
             self._taken[key] = (min(since, self._taken.get(key, (since, True))[0]), True)
         return out
 
+    def defer(self, key: bytes) -> None:
+        """A taken (or queued) ``key`` cannot be indexed yet: it waits for
+        ``retry_deferred``."""
+        since: int | None = None
+        if key in self._taken:
+            since = self._taken.pop(key)[0]
+        elif key in self._queued:
+            since = self._queued.pop(key)
+        if since is not None:
+            self._deferred[key] = min(since, self._deferred.get(key, since))
+
+    def retry_deferred(self) -> None:
+        """Queue the deferred keys again (something that made them unindexable changed)."""
+        deferred, self._deferred = self._deferred, {}
+        for key, since in deferred.items():
+            if key not in self._queued:
+                if len(self._queued) >= self._max:
+                    self.overflowed = True  # their rows remain
+                    continue
+                self._queued[key] = since
+
     def wanted(self, key: bytes) -> bool:
         """Whether a taken ``key`` is still to be indexed (not forgotten since)."""
         return self._taken.get(key, (0, False))[1]
@@ -123,7 +149,7 @@ class IndexQueue:
         ``complete``: ``rows`` are every row there is (clears ``overflowed``).
         """
         for key, since in rows:
-            if key not in self._queued and key not in self._taken:
+            if key not in self._queued and key not in self._taken and key not in self._deferred:
                 if len(self._queued) >= self._max:
                     self.overflowed = True
                     return
@@ -134,7 +160,8 @@ class IndexQueue:
     # -- figures -------------------------------------------------------------------------------
 
     def pending(self) -> int:
-        """Contexts queued or being indexed (a lower bound while ``overflowed``)."""
+        """Contexts queued or being indexed (a lower bound while ``overflowed``; deferred
+        ones are not counted: they wait for a trust change, not for the indexer)."""
         return len(self._queued) + len(self._taken)
 
     def lag_ms(self, now_ms: int) -> int:
@@ -146,4 +173,9 @@ class IndexQueue:
         return 0 if oldest is None else max(0, now_ms - oldest)
 
     def _idle(self, key: bytes) -> bool:
-        return key not in self._queued and key not in self._writing and key not in self._taken
+        return not (
+            key in self._queued
+            or key in self._writing
+            or key in self._taken
+            or key in self._deferred
+        )

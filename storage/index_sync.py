@@ -49,6 +49,13 @@ WATERMARK_FILE = "WATERMARK"
 DRAIN_BATCH = 256  # contexts indexed between two looks at the queue (one commit per drain)
 REFILL_ROUNDS = 16  # extra batches an unbounded drain allows when the memory queue overflowed
 DocSource = Callable[[ContextName, Head], tuple[Envelope, dict[str, Any]] | None]
+
+
+class NotYetIndexable(Exception):
+    """Raised by a ``DocSource``: the context cannot be indexed now but may be later (its
+    signer is not trusted yet). Its stale row stays; ``retry_deferred`` queues it again."""
+
+
 Progress = Callable[[int, int], None]
 
 
@@ -141,7 +148,7 @@ class IndexSync:
                     refills = REFILL_ROUNDS if self._queue.overflowed else 0
                 max_batches = queued // DRAIN_BATCH + 1 + refills
             taken = batches = 0
-            while max_batches is None or batches < max_batches:
+            while batches < max_batches:
                 done = self._index_batch()
                 if not done:
                     break
@@ -164,10 +171,16 @@ class IndexSync:
         if not keys:
             return 0
         found = []
+        deferred = []
         for key in keys:
             ctx = ContextName.from_key(key)
-            found.append((ctx, self._doc_of(ctx)))  # outside the lock: decrypts
+            try:
+                found.append((ctx, self._doc_of(ctx)))  # outside the lock: decrypts
+            except NotYetIndexable:
+                deferred.append(key)
         with self._lock:
+            for key in deferred:
+                self._queue.defer(key)
             for ctx, doc in found:
                 if not self._queue.wanted(ctx.key()):
                     continue  # removed (purged) since it was taken
@@ -199,10 +212,23 @@ class IndexSync:
                 break
         self._queue.refill(rows[:limit], complete=len(rows) <= limit)
 
+    def _queue_later(self, ctx: ContextName) -> None:
+        """A context the source cannot index now: a durable row and a deferred entry."""
+        key = ctx.key()
+        self._kv.write([(index_dirty_key(key), str(self._clock_ms()).encode("ascii"))], sync=False)
+        with self._lock:
+            self._queue.mark(key, self._clock_ms())
+            self._queue.defer(key)
+
     def _delete_rows(self, keys: Sequence[bytes]) -> None:
         """Unsynced: a row that outlives a crash only costs one more indexing on open."""
         if keys:
             self._kv.write([], [index_dirty_key(key) for key in keys], sync=False)
+
+    def retry_deferred(self) -> None:
+        """Queue again what could not be indexed yet (call when a signer became trusted)."""
+        with self._lock:
+            self._queue.retry_deferred()
 
     def lag(self) -> dict[str, Any]:
         """``{"pending": contexts waiting, "lag_s": age of the oldest}`` (``node.status``)."""
@@ -229,7 +255,11 @@ class IndexSync:
 
     def refresh_context(self, ctx: ContextName, head: Head | None) -> None:
         """Re-index ``ctx`` from its current head (or drop it)."""
-        found = self._source(ctx, head) if head is not None else None
+        try:
+            found = self._source(ctx, head) if head is not None else None
+        except NotYetIndexable:
+            self._queue_later(ctx)
+            return
         if found is None:
             self.remove(ctx)
         else:
@@ -312,7 +342,11 @@ class IndexSync:
         ]
         done = 0
         for i, (ctx, head) in enumerate(heads, start=1):
-            found = self._source(ctx, head)
+            try:
+                found = self._source(ctx, head)
+            except NotYetIndexable:  # e.g. on open, before the peers' keys are trusted
+                self._queue_later(ctx)
+                continue
             if found is None:
                 self.remove(ctx)
             else:

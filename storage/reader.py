@@ -26,7 +26,7 @@ from crypto.roles import ADMIN_ROLE
 from storage.address import Address, ContextName, Temporal, parse
 from storage.cache import RecordCache, VerifiedDigests, envelope_digest
 from storage.envelope import Envelope, decompress_payload
-from storage.errors import CorruptRecord, Forbidden, NotFound
+from storage.errors import CorruptRecord, Forbidden, NotFound, UntrustedSigner
 from storage.record import decode_secret
 from storage.schema import Head
 from storage.version_store import VersionStore
@@ -88,13 +88,14 @@ class VersionReader:
         (here or before: ``verified``) and its signer is trusted.
 
         Raises:
-            CorruptRecord: unsigned, forged, or signed by an untrusted key.
+            CorruptRecord: unsigned or forged (``UntrustedSigner``: signed by a key that is
+                not trusted).
         """
         if not self.verified.seen(digest):
             env.check_signature()
             self.verified.add(digest)
         if not self.trusted(env.signer):
-            raise CorruptRecord(
+            raise UntrustedSigner(
                 f"version {env.version_id} is signed by an untrusted key", field="signature"
             )
         return env

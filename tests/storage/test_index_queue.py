@@ -141,3 +141,28 @@ def test_no_row_is_released_while_its_context_has_unindexed_work(
         for gone in released:
             assert gone not in open_writes
             assert gone not in q._queued
+
+
+def test_a_deferred_context_keeps_its_row_and_waits_for_a_retry() -> None:
+    q = IndexQueue()
+    queued(q, A, now_ms=10)
+    queued(q, B, now_ms=20)
+    assert q.take(10) == [A, B]
+    q.defer(A)  # its signer is not trusted yet
+    assert q.settle() == [B]  # A's row stays
+    assert (q.pending(), q.lag_ms(100)) == (0, 0)  # it waits for trust, not the indexer
+    q.begin([A])
+    assert q.end([], [A], 30) == []  # still deferred: its row is not released
+    q.retry_deferred()
+    assert (q.pending(), q.lag_ms(100)) == (1, 90)  # back with its first time
+    assert q.take(10) == [A]
+    assert q.settle() == [A]
+
+
+def test_a_queued_context_can_be_deferred_directly() -> None:
+    q = IndexQueue()
+    queued(q, A, now_ms=5)
+    q.defer(A)
+    assert q.take(10) == []
+    q.retry_deferred()
+    assert q.take(10) == [A]

@@ -400,3 +400,28 @@ def test_an_overflowed_queue_is_refilled_from_the_durable_rows(
     a.index.drain()
     assert len(_found(a, "takahe")) == 5
     assert _stale_rows(a) == []
+
+
+def test_a_version_whose_signer_is_not_trusted_yet_waits_for_the_trust(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    a, b = _open_pair(tmp_path, clock)
+    Replica(a).apply([_write(b, 1, "kakapo")])
+    a.index._queue = IndexQueue()  # as if the process died
+    a.close()
+    b.close()
+    a = ContextStore.open(tmp_path / "a", clock_ms=clock)  # b's key is not trusted yet
+    try:
+        assert a.index.drain() == 1  # taken, but its signer is not trusted here yet
+        assert _found(a, "kakapo") == []
+        assert len(_stale_rows(a)) == 1  # kept for later
+        assert a.index.lag()["pending"] == 0
+        b = ContextStore.open(tmp_path / "b", clock_ms=clock)
+        a.trust_signer(b.keyring.signer.public_key)  # the node learns its peers' keys
+        b.close()
+        assert a.index.lag()["pending"] == 1
+        a.index.drain()
+        assert _found(a, "kakapo") == [_ctx(1).canonical()]
+        assert _stale_rows(a) == []
+    finally:
+        a.close()
