@@ -31,6 +31,7 @@ keys of the other nodes that signed those versions are trusted only after open.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,13 +39,14 @@ from typing import Any
 
 from storage.address import ContextName
 from storage.envelope import Envelope
-from storage.errors import CorruptRecord
+from storage.errors import CorruptRecord, StorageError
 from storage.index import FullTextIndex, Hit, IndexDoc, SearchQuery
 from storage.index_queue import IndexQueue
 from storage.kv import KV
 from storage.schema import INDEX_DIRTY_PREFIX, Head, head_key, index_dirty_key
 from storage.version_store import VersionStore
 
+log = logging.getLogger(__name__)
 WATERMARK_FILE = "WATERMARK"
 DRAIN_BATCH = 256  # contexts indexed between two looks at the queue (one commit per drain)
 REFILL_ROUNDS = 16  # extra batches an unbounded drain allows when the memory queue overflowed
@@ -215,15 +217,24 @@ class IndexSync:
     def _queue_later(self, ctx: ContextName) -> None:
         """A context the source cannot index now: a durable row and a deferred entry."""
         key = ctx.key()
-        self._kv.write([(index_dirty_key(key), str(self._clock_ms()).encode("ascii"))], sync=False)
+        try:
+            self._kv.write(
+                [(index_dirty_key(key), str(self._clock_ms()).encode("ascii"))], sync=False
+            )
+        except StorageError as exc:  # derived data: the memory entry still retries it
+            log.warning("cannot record a context to index later (%s); retried in memory", exc)
         with self._lock:
             self._queue.mark(key, self._clock_ms())
             self._queue.defer(key)
 
     def _delete_rows(self, keys: Sequence[bytes]) -> None:
         """Unsynced: a row that outlives a crash only costs one more indexing on open."""
-        if keys:
+        if not keys:
+            return
+        try:
             self._kv.write([], [index_dirty_key(key) for key in keys], sync=False)
+        except StorageError as exc:  # the rows stay: the next open indexes them once more
+            log.warning("cannot drop %d stale-index rows (%s)", len(keys), exc)
 
     def retry_deferred(self) -> None:
         """Queue again what could not be indexed yet (call when a signer became trusted)."""

@@ -201,7 +201,9 @@ class Replica:
 
     def history(self, ctx: ContextName, rows: Sequence[tuple[str, bytes]]) -> list[HistoryEntry]:
         """History of a merged version set, oldest first."""
-        infos, envs = infos_of(list(rows), self.store.clock_ms(), keep_corrupt=True)
+        infos, envs = infos_of(
+            list(rows), self.store.clock_ms(), keep_corrupt=True, decode=self._decode
+        )
         if not infos:
             raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
         return history_of(ctx, infos, envs)

@@ -336,8 +336,12 @@ class NodeDaemon:
         index = self.store.index
         while True:
             await trio.sleep(interval)
-            await trio.to_thread.run_sync(lambda: index.drain(max_batches=INDEX_DRAIN_BATCHES))
-            await trio.to_thread.run_sync(index.maybe_commit)
+            try:
+                await trio.to_thread.run_sync(lambda: index.drain(max_batches=INDEX_DRAIN_BATCHES))
+                await trio.to_thread.run_sync(index.maybe_commit)
+            except Exception:  # a bug or a broken index must not stop the node: next round
+                log.exception("the index refresh failed; retrying in %.2f s", interval)
+                self.metrics.internal_error("index_loop")
 
 
 def _load_key(pem: bytes) -> Ed25519PrivateKey:
