@@ -1,10 +1,18 @@
-"""The decrypted-record cache: a byte-bounded, TTL, LRU tier in front of decryption.
+"""The decrypted-record cache, and the set of envelope digests already verified.
 
 Owns: which decrypted values stay in memory, for how long, and the hit/miss/eviction counts.
-Entries are keyed by (context key, version id, role): a version is immutable, so an entry
-only goes stale when its context is deleted or purged, and the store then calls
-``invalidate_context``. Must not know what a value is (only its size, via ``sizeof``), nor
-log anything: the values are plaintext.
+Entries are keyed by (context key, version id, role, variant): a version is immutable, so
+an entry only goes stale when its context is deleted, purged or re-sealed, and the store
+then calls ``invalidate_context``. ``variant`` (default empty) names the exact stored copy
+when the caller cannot rely on that invalidation: ``storage.replica`` passes the SHA-256
+of the envelope bytes it decrypted, so a re-sealed copy (``storage.envelope``
+``seal_epoch``) never meets the view of another copy. Must not know what a value is (only
+its size, via ``sizeof``), nor log anything: the values are plaintext.
+
+Also owns ``VerifiedDigests``: a bounded LRU set of SHA-256 digests of envelope bytes whose
+signature was checked on this node (verify once, where a version enters the node). It
+holds digests of bytes, never ids: other bytes under a known version id miss, and are
+verified.
 
 Built on ``cachetools.TTLCache`` (LRU order, per-entry TTL, ``getsizeof`` bound), subclassed
 to count evictions and expirations and to keep a secondary index context key -> entry keys.
@@ -21,8 +29,10 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
@@ -31,7 +41,8 @@ from cachetools import TTLCache
 
 V = TypeVar("V")
 
-_Key = tuple[bytes, str, str]  # (context key, version id, role)
+_Key = tuple[bytes, str, str, bytes]  # (context key, version id, role, variant)
+MAX_VERIFIED_DIGESTS = 65_536  # ~100 bytes each: a few MB
 
 
 @dataclass(frozen=True)
@@ -173,27 +184,32 @@ class RecordCache(Generic[V]):
         self._misses = 0
         self._invalidations = 0
 
-    def get(self, context_key: bytes, version_id: str, role: str) -> V | None:
+    def get(
+        self, context_key: bytes, version_id: str, role: str, *, variant: bytes = b""
+    ) -> V | None:
         """The cached value of that version as read by ``role``, or None (counts a hit or miss).
 
         Args:
             context_key: ``ContextName.key()`` of the context.
             version_id: the version's id.
             role: the role the value was decrypted as.
+            variant: which stored copy it was decrypted from (see the module docstring).
 
         Returns:
             The value put earlier (the same object, not a copy), or None.
         """
         with self._lock:
             try:
-                entry = self._cache[(context_key, version_id, role)]
+                entry = self._cache[(context_key, version_id, role, variant)]
             except KeyError:
                 self._misses += 1
                 return None
             self._hits += 1
             return entry[0]
 
-    def put(self, context_key: bytes, version_id: str, role: str, value: V) -> None:
+    def put(
+        self, context_key: bytes, version_id: str, role: str, value: V, *, variant: bytes = b""
+    ) -> None:
         """Hold ``value``, evicting least recently used entries if needed.
 
         A value whose ``sizeof`` exceeds ``max_bytes`` is not held (and any entry under the
@@ -205,7 +221,7 @@ class RecordCache(Generic[V]):
         size = self._sizeof(value)
         if size < 0:
             raise ValueError(f"sizeof returned a negative size ({size})")
-        key = (context_key, version_id, role)
+        key = (context_key, version_id, role, variant)
         with self._lock:
             # Replace = remove + insert, so the old entry is never counted as an eviction.
             self._cache.pop(key, None)
@@ -246,3 +262,56 @@ class RecordCache(Generic[V]):
                 max_bytes=self._config.max_bytes,
                 expirations=cache.expirations,
             )
+
+
+def envelope_digest(data: bytes) -> bytes:
+    """The SHA-256 of stored or received envelope bytes (the key of ``VerifiedDigests``)."""
+    return hashlib.sha256(data).digest()
+
+
+class VerifiedDigests:
+    """Digests of envelope bytes whose signature this node checked: a bounded LRU set.
+
+    Thread-safe. A digest in the set means only "these exact bytes decode to an envelope
+    whose signature verifies against its embedded key"; whether that key is trusted, and
+    whether the envelope sits under the right key, stay the caller's checks.
+
+    Args:
+        max_entries: how many digests are remembered (least recently used go first).
+    """
+
+    def __init__(self, max_entries: int = MAX_VERIFIED_DIGESTS) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, not {max_entries}")
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def seen(self, digest: bytes) -> bool:
+        """Whether the bytes of ``digest`` verified here before (counts a hit or miss)."""
+        with self._lock:
+            if digest in self._digests:
+                self._digests.move_to_end(digest)
+                self.hits += 1
+                return True
+            self.misses += 1
+            return False
+
+    def add(self, digest: bytes) -> None:
+        """Remember that the bytes of ``digest`` verified."""
+        with self._lock:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self._max:
+                self._digests.popitem(last=False)
+
+    def discard(self, digest: bytes) -> None:
+        """Forget ``digest`` (nothing happens when it is not held)."""
+        with self._lock:
+            self._digests.pop(digest, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._digests)

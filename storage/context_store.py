@@ -43,9 +43,10 @@ from storage.errors import (
     KeyringUnusable,
     NotFound,
     StorageError,
+    UntrustedSigner,
 )
 from storage.index import FullTextIndex, IndexCorrupt, open_index, reset_index
-from storage.index_sync import IndexSync
+from storage.index_sync import IndexSync, NotYetIndexable
 from storage.key_age import rotation_warnings
 from storage.kv import KV, GroupCommitStats, LevelDBKV
 from storage.reader import VersionReader
@@ -154,7 +155,10 @@ class ContextStore:
         self.reader = VersionReader(
             self.versions, keyring, self.cache, clock_ms=clock_ms, trusted=self._trusted_signer
         )
-        self.index = IndexSync(index, data_dir.index, self._index_doc_source)
+        self.index = IndexSync(
+            index, data_dir.index, self._index_doc_source, kv=kv, clock_ms=clock_ms,
+            refresh_interval_s=config.index.refresh_interval_s,
+        )  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -763,7 +767,9 @@ class ContextStore:
 
     def trust_signer(self, public_key: bytes) -> None:
         """Trust versions signed by ``public_key`` (a node key certified by the cluster CA)."""
-        self._trusted_keys.add(bytes(public_key))
+        if bytes(public_key) not in self._trusted_keys:
+            self._trusted_keys.add(bytes(public_key))
+            self.index.retry_deferred()  # what waited for this key can be indexed now
 
     def _trusted_signer(self, public_key: bytes) -> bool:
         """This node's own key, plus every key the cluster told it to trust."""
@@ -772,15 +778,19 @@ class ContextStore:
     def _index_doc_source(
         self, ctx: ContextName, head: Head
     ) -> tuple[Envelope, dict[str, Any]] | None:
-        """The latest live version of a context, decrypted for indexing (None if unreadable)."""
+        """The latest live version of a context, decrypted for indexing (None if unreadable).
+
+        Raises:
+            NotYetIndexable: its signer is not trusted (yet).
+        """
         if not head.live:
             return None
-        try:
-            view = self.reader.read(ctx, head.latest, head.count, None)
-            env = self.reader.envelope(ctx, head.latest)
+        try:  # verified once (storage.reader's digest set), decrypted at most once (cache)
+            return self.reader.read_for_index(ctx, head)
+        except UntrustedSigner:  # its signer may be trusted later: keep it queued
+            raise NotYetIndexable(ctx.canonical()) from None
         except StorageError:
             return None
-        return env, view.fields
 
 
 def _open_or_reset_index(data_dir: DataDir, config: StorageConfig) -> tuple[FullTextIndex, bool]:

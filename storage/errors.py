@@ -127,6 +127,14 @@ class CorruptRecord(StorageError):
     code = "UCXL-500-CORRUPT_RECORD"
 
 
+class UntrustedSigner(CorruptRecord):
+    """A version's signature verifies, but under a key this node does not trust (now).
+
+    A ``CorruptRecord`` to every caller; the index drain tells it apart, because trust
+    can come later (a node trusts its peers' keys only after its store is open).
+    """
+
+
 class Internal(StorageError):
     """A bug: never expected."""
 

@@ -7,19 +7,26 @@ decryption, and the decrypted-record cache. Must not write anything but the cach
 Order of checks on a miss: version row -> decode -> signature -> trusted signer -> key
 match -> expiry -> role may read -> decrypt -> decode. A failure of any integrity check is
 ``CorruptRecord`` for that version alone.
+
+Verify once: the signature check is skipped for bytes whose SHA-256 is in ``verified``
+(``storage.cache.VerifiedDigests``: bytes this node verified before, on arrival or on an
+earlier read); the trusted-signer and key-match checks run on every read (they are set
+lookups and string compares). A digest is remembered only after its signature verified.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 from crypto.errors import DecryptionError
 from crypto.keyring import Keyring
 from crypto.roles import ADMIN_ROLE
 from storage.address import Address, ContextName, Temporal, parse
-from storage.cache import RecordCache
+from storage.cache import RecordCache, VerifiedDigests, envelope_digest
 from storage.envelope import Envelope, decompress_payload
-from storage.errors import CorruptRecord, Forbidden, NotFound
+from storage.errors import CorruptRecord, Forbidden, NotFound, UntrustedSigner
 from storage.record import decode_secret
 from storage.schema import Head
 from storage.version_store import VersionStore
@@ -38,12 +45,14 @@ class VersionReader:
         *,
         clock_ms: Callable[[], int],
         trusted: Callable[[bytes], bool],
+        verified: VerifiedDigests | None = None,
     ) -> None:
         self.versions = versions
         self.keyring = keyring
         self.cache = cache
         self._clock_ms = clock_ms
         self.trusted = trusted
+        self.verified = verified if verified is not None else VerifiedDigests()
 
     def resolve(self, addr: Address) -> ContextName:
         """The concrete context an address names (latest-updated match for wildcards)."""
@@ -59,16 +68,54 @@ class VersionReader:
         return best[1]
 
     def envelope(self, ctx: ContextName, vid: str) -> Envelope:
+        """The verified envelope stored as version ``vid`` of ``ctx``.
+
+        Raises:
+            NotFound: no such row.
+            CorruptRecord: it does not decode, verify, come from a trusted key, or sits
+                under another key.
+        """
         data = self.versions.version(ctx, vid)
         if data is None:
             raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
-        env = Envelope.decode(data)
-        env.check_signature()
-        if not self.trusted(env.signer):
-            raise CorruptRecord(f"version {vid} is signed by an untrusted key", field="signature")
+        env = self.checked(Envelope.decode(data), envelope_digest(data))
         if env.context != ctx.canonical() or env.version_id != vid:
             raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")
         return env
+
+    def checked(self, env: Envelope, digest: bytes) -> Envelope:
+        """``env`` (decoded from bytes of SHA-256 ``digest``) once its signature verified
+        (here or before: ``verified``) and its signer is trusted.
+
+        Raises:
+            CorruptRecord: unsigned or forged (``UntrustedSigner``: signed by a key that is
+                not trusted).
+        """
+        if not self.verified.seen(digest):
+            env.check_signature()
+            self.verified.add(digest)
+        if not self.trusted(env.signer):
+            raise UntrustedSigner(
+                f"version {env.version_id} is signed by an untrusted key", field="signature"
+            )
+        return env
+
+    def read_for_index(self, ctx: ContextName, head: Head) -> tuple[Envelope, dict[str, Any]]:
+        """The latest version's envelope and decrypted fields, for the index: verified once,
+        decrypted once (the view is cached, so a get right after costs no decrypt).
+
+        Raises:
+            StorageError: it cannot be read (gone, corrupt, no role held may read it).
+        """
+        env = self.envelope(ctx, head.latest)
+        if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
+            raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
+        role = self.reader_role(env, None)
+        view = self.cache.get(ctx.key(), head.latest, role)
+        if view is None:
+            view = self.decrypt_view(ctx, env, head.count, role)
+            self.cache.put(ctx.key(), head.latest, role, view)
+        return env, view.fields
 
     def infos(
         self, ctx: ContextName, *, keep_corrupt: bool = False
@@ -157,7 +204,7 @@ class VersionReader:
                 )
             return as_role
         # least privilege: the address's own role, then readers by rising authority, then admin
-        own = parse(env.context).role
+        own = _own_role(env.context)
         ranked = sorted(
             (name for name in env.readers if name in roles),
             key=lambda name: (name != own, roles.get(name).authority),
@@ -166,6 +213,12 @@ class VersionReader:
             if self.keyring.has_identity(name):
                 return name
         raise Forbidden(f"no role held by this node may read {env.context}", field="role")
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_role(context: str) -> str:
+    """The role segment of a context name (parsing is the slow part of choosing a role)."""
+    return parse(context).role
 
 
 def _signed(env: Envelope) -> bool:
@@ -177,20 +230,25 @@ def _signed(env: Envelope) -> bool:
 
 
 def infos_of(
-    rows: list[tuple[str, bytes]], now_ms: int, *, keep_corrupt: bool = False
+    rows: list[tuple[str, bytes]],
+    now_ms: int,
+    *,
+    keep_corrupt: bool = False,
+    decode: Callable[[bytes], Envelope] = Envelope.decode,
 ) -> tuple[list[VersionInfo], list[Envelope | None]]:
     """Navigation data for version rows (id, envelope bytes) sorted by id.
 
     Expired versions are left out (unless their expiry fails the signature check: an
     unverified expiry must not hide a version). With ``keep_corrupt``, a row that does
-    not decode keeps its place (its envelope is None), so ranks never shift.
+    not decode keeps its place (its envelope is None), so ranks never shift. ``decode``
+    replaces ``Envelope.decode`` (a memo of it: ``storage.replica``).
     """
     infos: list[VersionInfo] = []
     envs: list[Envelope | None] = []
     for version_id, data in rows:
         vid = VersionId.parse(version_id)
         try:
-            env = Envelope.decode(data)
+            env = decode(data)
             parent = None if env.parent is None else VersionId.parse(env.parent)
         except CorruptRecord:
             if keep_corrupt:  # dated by its id: the HLC wall time it was created at

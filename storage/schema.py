@@ -31,6 +31,15 @@ key                                     value
 ``h/`` ctx                              head summary: msgpack {latest, count, live, updated_ms}
 ``t/`` expires-ms(8, big-endian) ctx    empty; the TTL index (ctx SEP version-id follows)
 ``p/`` ctx                              purge marker: msgpack {upto, purged_ms, by}
+``i/`` ctx                              a context whose index document is stale (a
+                                        replicated version arrived and is not yet
+                                        indexed): ASCII decimal local milliseconds it
+                                        was first marked. Written in the same synced
+                                        batch as the versions; deleted (unsynced) once
+                                        the index commit that covers it is done; every
+                                        row left is re-indexed when the store opens
+                                        (``storage.index_sync``). Optional: a database
+                                        without any is fully indexed.
 ``a/``                                  the audit log (``crypto.audit`` owns the rows)
 ``H/`` target SEP seq(8, big-endian)     a hint (``storage.hints``): msgpack {v, target,
                                         context, created_ms, envelopes}; ``v`` is
@@ -72,6 +81,7 @@ VERSION_PREFIX = b"v/"
 HEAD_PREFIX = b"h/"
 TTL_PREFIX = b"t/"
 PURGE_PREFIX = b"p/"
+INDEX_DIRTY_PREFIX = b"i/"
 AUDIT_PREFIX = b"a/"
 HINT_PREFIX = b"H/"
 HINT_SCHEMA = 1
@@ -100,6 +110,11 @@ def head_key(ctx: bytes) -> bytes:
 def purge_key(ctx: bytes) -> bytes:
     """The key of a context's purge marker."""
     return PURGE_PREFIX + ctx
+
+
+def index_dirty_key(ctx: bytes) -> bytes:
+    """The key of a context's "index document is stale" row."""
+    return INDEX_DIRTY_PREFIX + ctx
 
 
 def ttl_key(expires_ms: int, ctx: bytes, version_id: str) -> bytes:

@@ -175,6 +175,7 @@ PURE_CORES = (
     "storage/backup.py",
     "storage/backup_manifest.py",
     "storage/backup_plan.py",
+    "storage/index_queue.py",
 )
 IMPURE_MODULES = frozenset({"trio", "time", "random", "os", "socket"})
 

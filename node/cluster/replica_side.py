@@ -131,6 +131,11 @@ class ReplicaSide:
             "purged_upto": None if marker is None else marker.upto,
         }
 
+    def index_status(self) -> Body:
+        """The ``index`` field of ``node.status``: ``{pending, lag_s}`` of the queue of
+        contexts replicated writes left to index (``storage.index_sync``)."""
+        return {"index": self.store.index.lag()}
+
     def heads(self, args: Body) -> Body:
         """The contexts held that match a pattern."""
         infos = self.store.list_contexts(args["pattern"], include_deleted=bool(args["deleted"]))

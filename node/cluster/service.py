@@ -203,6 +203,7 @@ class NodeService:
             max_background=config.max_repair_sends,
         )  # fmt: skip
         self.local = ReplicaSide(self.name, self.replica, self.fanout.blocking)
+        self.status_fields.append(self.local.index_status)  # index: {pending, lag_s}
         self._ring_key: tuple[str, ...] = ()
         self._ring = Ring([], vnodes=config.vnodes)
         self._old_ring_key: tuple[str, ...] = ()

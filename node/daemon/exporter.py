@@ -2,10 +2,11 @@
 
 Owns the mapping from the node's own counters and status sources to ``NodeMetrics``
 (node/daemon/metrics.py): the service's repair, quorum and replication totals, the
-replica's refused versions, the record cache, the contexts held (a head scan, so at most
-every ``contexts_interval_s``), the free share of the data directory's filesystem, and the
-``handoff`` / ``antientropy`` status sources (node/cluster/status.py), read through the
-same function as ``node.status`` so that ``slurp status --json`` and ``/metrics`` agree.
+replica's refused versions, the record cache, the index queue (pending, lag), the contexts
+held (a head scan, so at most every ``contexts_interval_s``), the free share of the data
+directory's filesystem, and the ``handoff`` / ``antientropy`` status sources
+(node/cluster/status.py), read through the same function as ``node.status`` so that
+``slurp status --json`` and ``/metrics`` agree.
 
 Must not know HTTP or trio. Invariants: ``export`` never raises for a broken source or an
 unreadable filesystem (that figure is left out and logged), so the loop calling it never
@@ -73,6 +74,8 @@ class MetricsExporter:
         cache = service.store.cache.stats()
         metrics.set_cache(hits=cache.hits, misses=cache.misses, evictions=cache.evictions)
         metrics.set_disk_free_ratio(disk_free_ratio(self.data_dir))
+        lag = service.store.index.lag()
+        metrics.set_index_lag(pending=lag["pending"], lag_s=lag["lag_s"])
         now = self._clock()
         if self._contexts_at is None or now - self._contexts_at >= self._contexts_interval_s:
             metrics.set_store_contexts(service.store.versions.count_contexts())

@@ -3,7 +3,8 @@
 Owns the life of a running node: open the store, start the RPC server (mutual TLS), the
 peer pool, the node service, hinted handoff, the control plane (Raft, leader duties,
 admin-key custody), Kademlia discovery, failure detection, anti-entropy, the /health and
-/metrics HTTP server, and the index refresh timer, in that order, all in one nursery; and
+/metrics HTTP server, and the index refresh timer (which also drains the queue of
+contexts replicated writes left to index), in that order, all in one nursery; and
 shut them down cleanly (in-flight requests finish or fail, then the store closes).
 
 Membership: the ring is placed from the members of the cluster metadata the control
@@ -72,6 +73,8 @@ from storage.hints import HintStore
 log = logging.getLogger(__name__)
 MEMBERSHIP_SYNC_S = 0.5
 PROBE_INTERVAL_S = 1.0
+INDEX_DRAIN_BATCHES = 16  # storage.index_sync.DRAIN_BATCH contexts each, per round
+INDEX_LOOP_MIN_S = 0.05  # index_refresh_s = 0 must not spin the loop
 
 
 @dataclass(frozen=True)
@@ -351,11 +354,19 @@ class NodeDaemon:
             return None
 
     async def _index_loop(self) -> None:
-        """Keep the search refresh bound even when nobody searches."""
-        interval = self.config.storage.index.refresh_interval_s
+        """Keep the search refresh bound even when nobody searches: every half refresh
+        interval, index what replicated writes queued (``IndexSync.drain``, bounded per
+        round so a busy node still commits) and commit what local writes buffered."""
+        interval = max(self.config.storage.index.refresh_interval_s / 2, INDEX_LOOP_MIN_S)
+        index = self.store.index
         while True:
             await trio.sleep(interval)
-            await trio.to_thread.run_sync(self.store.index.maybe_commit)
+            try:
+                await trio.to_thread.run_sync(lambda: index.drain(max_batches=INDEX_DRAIN_BATCHES))
+                await trio.to_thread.run_sync(index.maybe_commit)
+            except Exception:  # a bug or a broken index must not stop the node: next round
+                log.exception("the index refresh failed; retrying in %.2f s", interval)
+                self.metrics.internal_error("index_loop")
 
 
 def _load_key(pem: bytes) -> Ed25519PrivateKey:

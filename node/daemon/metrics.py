@@ -20,6 +20,9 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_connections_open                        open RPC connections  (RPC server statistics)
     slurp_members{state="up"|"down"}              known members by liveness   (membership sync)
     slurp_index_documents                         documents in the full-text index
+    slurp_index_pending                           contexts whose replicated writes wait to be
+                                                  indexed                 (the exporter)
+    slurp_index_lag_seconds                       age of the oldest of them (0: none)
     slurp_repair_pending                          read-repair sends queued or in flight
     slurp_store_contexts                          contexts held locally (a head scan, throttled)
     slurp_disk_free_ratio                         free share of the data dir's filesystem
@@ -85,6 +88,8 @@ FEEDERS: dict[str, str] = {
     "slurp_connections_open": "set_connections_open",
     "slurp_members": "set_members",
     "slurp_index_documents": "set_index_documents",
+    "slurp_index_pending": "set_index_lag",
+    "slurp_index_lag_seconds": "set_index_lag",
     "slurp_store_contexts": "set_store_contexts",
     "slurp_disk_free_ratio": "set_disk_free_ratio",
     "slurp_repair_pending": "set_repair_pending",
@@ -266,6 +271,15 @@ class NodeMetrics:
     def set_index_documents(self, count: int) -> None:
         """Set the number of documents in the full-text index."""
         self._index_documents.set(count)
+
+    def set_index_lag(self, *, pending: int | None, lag_s: float | None) -> None:
+        """The index queue (``storage.index_sync``): contexts waiting, age of the oldest;
+        None leaves a figure out (unknown)."""
+        self._report("slurp_index_pending", "gauge",
+                     "Contexts whose replicated writes wait to be indexed.", pending)  # fmt: skip
+        self._report("slurp_index_lag_seconds", "gauge",
+                     "Age of the oldest write not yet indexed (0 when none waits).",
+                     lag_s)  # fmt: skip
 
     def set_store_contexts(self, count: int) -> None:
         """Set the number of contexts in the local store."""

@@ -233,14 +233,14 @@ def cluster_status(root: Path) -> dict[str, Any]:
     "address", "pid", "up", "ownership", "contexts", "backlog": {"hints", "hint_bytes",
     "repair_pending"}, "antientropy": {"last_pass_age_s", "versions_repaired"}, "role",
     "term", "leader", "admin_key_held", "rebalance", "pending_ranges", "bytes_left",
-    "health", ...}]}``. ``rebalance`` is the node's range-streaming status
-    (``{epoch, in_transition, contexts_left, bytes_left, pending_ranges, streamed_bytes}``);
-    ``pending_ranges`` and ``bytes_left`` repeat two of its figures. ``backlog``,
-    ``antientropy``, ``role`` ("leader", "follower", "candidate"), ``term``, ``leader``
-    (a node name) and ``admin_key_held`` are the node's own ``node.status`` fields (null
-    when the node is down, and each figure null when the node does not know it);
-    ``state`` is its member state ("joining", "normal", "leaving", "removed"; null: down
-    or unknown).
+    "index": {"pending", "lag_s"}, "health", ...}]}``. ``rebalance`` is the node's
+    range-streaming status (``{epoch, in_transition, contexts_left, bytes_left,
+    pending_ranges, streamed_bytes}``); ``pending_ranges`` and ``bytes_left`` repeat two of
+    its figures. ``backlog``, ``antientropy``, ``index`` (the index queue), ``role``
+    ("leader", "follower", "candidate"), ``term``, ``leader`` (a node name) and
+    ``admin_key_held`` are the node's own ``node.status`` fields (null when the node is
+    down, and each figure null when the node does not know it); ``state`` is its member
+    state ("joining", "normal", "leaving", "removed"; null: down or unknown).
     """
     members = _load(root)
     out = []
@@ -258,6 +258,7 @@ def cluster_status(root: Path) -> dict[str, Any]:
                 "contexts": status.get("contexts"),
                 "backlog": status.get("backlog"),
                 "antientropy": status.get("antientropy"),
+                "index": status.get("index"),
                 "role": status.get("role"),
                 "term": status.get("term"),
                 "leader": status.get("leader"),

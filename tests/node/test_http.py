@@ -52,6 +52,7 @@ def busy_metrics() -> NodeMetrics:
     metrics.set_connections_open(4)
     metrics.set_members(up=3, down=1)
     metrics.set_index_documents(12)
+    metrics.set_index_lag(pending=2, lag_s=0.25)
     metrics.set_repair_pending(2)
     metrics.set_store_contexts(10)
     metrics.set_disk_free_ratio(0.5)
