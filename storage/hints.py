@@ -129,13 +129,18 @@ class HintStore:
             keys = [key for key, _ in self._sizes.values()]
         return sorted({split_hint_key(key)[0] for key in keys})
 
-    def pending(self, target: str, *, limit: int | None = None) -> list[Hint]:
-        """The hints for ``target``, oldest first (at most ``limit``).
+    def pending(
+        self, target: str, *, limit: int | None = None, after: int | None = None
+    ) -> list[Hint]:
+        """The hints for ``target``, oldest first (at most ``limit``; with ``after``, only
+        those whose sequence number is greater: a delivery round resumes past the hints it
+        kept).
 
         A damaged row is skipped (and left for ``discard`` by sequence number to clean).
         """
         hints: list[Hint] = []
-        for key, value in self._kv.scan(hints_prefix(target)):
+        resume = None if after is None else hint_key(target, after)
+        for key, value in self._kv.scan(hints_prefix(target), after=resume):
             if limit is not None and len(hints) >= limit:
                 break
             try:

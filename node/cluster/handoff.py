@@ -197,13 +197,21 @@ class HandoffService:
         return done
 
     async def _deliver_to(self, target: str) -> int:
+        """Deliver ``target``'s hints, each at most once per call: a round resumes past
+        the last hint of the one before, so hints kept for later (a redirect whose owner is
+        down) are not fetched again and again in a loop that never yields."""
         delivered = 0
+        after: int | None = None
         while True:
-            hints = await self._blocking(lambda: self.hints.pending(target, limit=HINTS_PER_ROUND))
+            hints = await self._blocking(
+                partial(self.hints.pending, target, limit=HINTS_PER_ROUND, after=after)
+            )
             if not hints:
                 return delivered
             for group in _groups(hints, self.batch_bytes):
                 delivered += await self._deliver_group(target, group)
+            after = hints[-1].seq
+            await trio.lowlevel.checkpoint()
 
     async def _deliver_group(self, target: str, group: list[Hint]) -> int:
         """Send a group of hints; delete each once the owner answered for all of it.
