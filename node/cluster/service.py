@@ -604,7 +604,8 @@ class NodeService:
         *,
         learned: Learned | None = None,
     ) -> ReplicateResult:
-        """Send versions to the live replicas in batches; return once W stored them all.
+        """Send versions this node just sealed (signed with its own key) to the live
+        replicas in batches; return once W stored them all.
 
         Each replica's batches go through the store batcher, which shares frames with
         concurrent writes; W is counted from this write's own flags. Newest version ids the
@@ -618,6 +619,8 @@ class NodeService:
         placement = self._placement(ctx)
         items = [Item(env.context, env.version_id, env.encode()) for env in envs]
         blobs = [item.blob for item in items]
+        for blob in blobs:  # sealed by this node just now: its local apply skips a verify
+            self.replica.sealed_here(blob)
         batches: list[list[Item]] = []
         for batch in batches_by_bytes(blobs, MAX_BATCH_BYTES):
             start = sum(len(b) for b in batches)
