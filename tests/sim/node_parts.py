@@ -9,16 +9,20 @@ store as a dying process does. Used by ``tests.sim.engine``.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
+from crypto.signing import Signer
 from node.cluster.ring import Ring, RingMember
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.bootstrap import (
@@ -172,15 +176,21 @@ def template(nodes: int, spares: int = 0) -> Template:
     The ``spares`` directories after the founders are made as ``cluster add`` makes a
     joiner's: the cluster's role identities without admin's, and (``join_rows``) the join
     marker in place of a bootstrap.
+
+    Each node's version-signing key, hence its node id (the Raft id; ids order the
+    configuration, the members and their rows), is derived from its name
+    (``seeded_signer``), so a replay in another process runs the same schedule.
     """
     if (nodes, spares) not in _TEMPLATES:
         root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-{spares}-"))
         names = [f"n{i}" for i in range(1, nodes + spares + 1)]
-        ContextStore.init(root / names[0], DEFAULT_ROLES)
+        with seeded_signer(names[0]):
+            ContextStore.init(root / names[0], DEFAULT_ROLES)
         with ContextStore.open(root / names[0], kv=MemoryKV()) as store:
             identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
         for name in names[1:]:
-            ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
+            with seeded_signer(name):
+                ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
         for name in names:
             config = root / name / "config.toml"  # index commits only on purge, close, 256 docs
             text = config.read_text(encoding="utf-8")
@@ -194,6 +204,23 @@ def template(nodes: int, spares: int = 0) -> Template:
             list(joining.scan(b"")),
         )  # fmt: skip
     return _TEMPLATES[(nodes, spares)]
+
+
+@contextmanager
+def seeded_signer(name: str) -> Iterator[None]:
+    """While open, ``Signer.generate`` makes the key derived from ``name`` (sim only: a
+    node's id is then the same in every process)."""
+    seed = hashlib.sha256(f"slurp-sim-node-signing-key:{name}".encode()).digest()
+    original = Signer.generate
+
+    def generate() -> Signer:
+        return Signer(Ed25519PrivateKey.from_private_bytes(seed))
+
+    Signer.generate = generate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Signer.generate = original  # type: ignore[method-assign]
 
 
 def _spare(root: Path, name: str) -> Spare:
