@@ -39,9 +39,11 @@ from storage.admin_key import META_ADMIN_SPLIT, OWN_SHARE_FILE, split_admin
 from storage.context_store import ContextStore
 from storage.errors import Unavailable
 from storage.kv import Deletes, MemoryKV, Puts
+from storage.schema import FORMAT_VERSION, META_FORMAT
 from tests.sim import memory_index
 
 BASE_MS = 1_700_000_000_000  # the wall clock of the simulation at trio time 0
+FORMAT_ROW = (META_FORMAT, str(FORMAT_VERSION).encode())  # as `slurp init` writes it
 
 
 class FaultyKV:
@@ -155,9 +157,11 @@ class Template:
 
     root: Path
     signers: list[bytes]  # every node's version-signing key (the spares' too)
-    control_rows: list[tuple[bytes, bytes]]  # Raft bootstrap snapshot + the admin split record
+    # the storage format row, the Raft bootstrap snapshot and the admin split record
+    control_rows: list[tuple[bytes, bytes]]
     spares: dict[str, Spare] = field(default_factory=dict)
-    join_rows: list[tuple[bytes, bytes]] = field(default_factory=list)  # a spare's first rows
+    # a spare's first rows: the storage format row and the join marker
+    join_rows: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 _TEMPLATES: dict[tuple[int, int], Template] = {}
@@ -175,7 +179,10 @@ def template(nodes: int, spares: int = 0) -> Template:
 
     The ``spares`` directories after the founders are made as ``cluster add`` makes a
     joiner's: the cluster's role identities without admin's, and (``join_rows``) the join
-    marker in place of a bootstrap.
+    marker in place of a bootstrap. Both row sets start with the storage format row, as
+    ``slurp init`` writes it into the database (``ContextStore.open`` writes it only into
+    a passed KV that lacks it: without it, a spare whose first start found its disk
+    failing raised out of the engine, seeds 9050 and 9135).
 
     Each node's version-signing key, hence its node id (the Raft id; ids order the
     configuration, the members and their rows), is derived from its name
@@ -198,6 +205,7 @@ def template(nodes: int, spares: int = 0) -> Template:
         signers, rows = _split_and_bootstrap(root, names[:nodes])
         made = {name: _spare(root, name) for name in names[nodes:]}
         joining = MemoryKV()
+        joining.write([FORMAT_ROW])
         mark_join(joining)
         _TEMPLATES[(nodes, spares)] = Template(
             root, signers + [spare.signing_key for spare in made.values()], rows, made,
@@ -258,6 +266,7 @@ def _split_and_bootstrap(
             cluster_id="slurp-sim",
         )  # fmt: skip
         rows = MemoryKV()
+        rows.write([FORMAT_ROW])
         write_bootstrap(rows, snapshot)
         rows.write([(META_ADMIN_SPLIT, record)])
         signers = [store.keyring.signer.public_key for store in stores]

@@ -175,3 +175,14 @@ def test_a_node_halted_while_a_member_joined_follows_that_member_as_leader() -> 
     assert sim.final == ["n1", "n2", "n3", "n4"]
     last_term = max(sim.control.record.leaders)
     assert sim.control.record.leaders[last_term] == {"n4"}
+
+
+def test_a_spare_whose_disk_fails_before_its_first_start_does_not_break_the_engine() -> None:
+    """Seeds 9050 and 9135: the join starts in the background, so ``DiskFail(n4)`` lands
+    before n4's first start. Its store must already hold the storage format row, as
+    ``slurp init`` writes it; it held none, and opening the store raised out of the engine."""
+    steps: list[Step] = [*WRITES, Join("n4"), DiskFail("n4", True), Sleep(1.2), Put("n1", 0)]
+    problems, sim = run(steps, 11)
+    assert problems == []
+    assert sim.nodes["n4"].lives >= 1
+    assert sim.nodes["n4"].disk_failures >= 1  # it did start on the failing disk
