@@ -197,13 +197,21 @@ class HandoffService:
         return done
 
     async def _deliver_to(self, target: str) -> int:
+        """Deliver ``target``'s hints, a round of ``HINTS_PER_ROUND`` at a time, while
+        every hint of a round is delivered: a hint kept (a redirect waiting for an owner
+        that is down, a refused one) ends the pass, else the next round would read the
+        same hints again and spin without ever yielding to the clock."""
         delivered = 0
         while True:
             hints = await self._blocking(lambda: self.hints.pending(target, limit=HINTS_PER_ROUND))
             if not hints:
                 return delivered
+            done = 0
             for group in _groups(hints, self.batch_bytes):
-                delivered += await self._deliver_group(target, group)
+                done += await self._deliver_group(target, group)
+            delivered += done
+            if done < len(hints):
+                return delivered  # the rest waits for the next pass
 
     async def _deliver_group(self, target: str, group: list[Hint]) -> int:
         """Send a group of hints; delete each once the owner answered for all of it.
