@@ -8,6 +8,13 @@ settled and every ring member has seen it, drops the contexts this node no longe
 after their owners confirmed holding them. Decisions come from
 ``node.cluster.rebalance_plan``; this module only talks.
 
+Cleanup is not once per epoch only: versions can reach a node that no longer owns their
+context after its cleanup (anti-entropy or hinted handoff from a node that restarted and
+still routes by an older ring epoch, a coordinator one epoch behind). The version store
+reports every context that gained versions (``VersionStore.add_observer``); once this
+node cleaned up for the epoch, each later poll offers those among them it does not own
+to their owners and drops them as a cleanup does (only the arrived contexts are read).
+
 Must not know: Raft, the leader's duty that ends a transition (it reads the marks this
 node proposes), how the layout is derived (``NodeService.layout``, set by the daemon
 from the applied metadata).
@@ -23,7 +30,8 @@ dropped only after every owner confirmed it durably (``rep.store`` acknowledged,
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +49,7 @@ from node.rpc.wire import MAX_BATCH_BYTES
 from storage.address import ContextName
 from storage.errors import StorageError
 from storage.schema import PurgeMarker
+from storage.version_store import SetChange
 
 if TYPE_CHECKING:
     from node.cluster.service import NodeService
@@ -116,6 +125,11 @@ class RebalanceService:
         self._walked: tuple[str, ...] | None = None  # ``new`` of the last complete walk
         self._cleaned: int | None = None  # epoch of the last complete cleanup
         self._wake = trio.Event()
+        # keys of contexts that gained versions since they were last looked at (written
+        # from the store's writer threads: under the lock)
+        self._arrived: set[bytes] = set()
+        self._arrived_lock = threading.Lock()
+        service.store.versions.add_observer(self._on_change)
         service.status_fields.append(lambda: {"rebalance": self.status()})
 
     def status(self) -> dict[str, Any]:
@@ -133,6 +147,21 @@ class RebalanceService:
     def wake(self) -> None:
         """Look at the metadata now (the control plane applied an entry)."""
         self._wake.set()
+
+    def _on_change(self, change: SetChange) -> None:
+        """The version store's observer (any thread): remember contexts that gained versions."""
+        if change.added:
+            with self._arrived_lock:
+                self._arrived.add(change.ctx)
+
+    def _take_arrived(self) -> set[bytes]:
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, set()
+        return arrived
+
+    def _put_back(self, keys: Collection[bytes]) -> None:
+        with self._arrived_lock:
+            self._arrived.update(keys)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Step every ``poll_s`` and whenever woken."""
@@ -155,13 +184,8 @@ class RebalanceService:
         seen = _by_name(meta, meta.seen)
         member = meta.members.get(me)
         if member is not None and member.state == "removed":  # decommissioned: hand off all
-            settled = not layout.in_transition and self._cleaned != layout.epoch
-            if (
-                settled
-                and plan.barrier_met(layout.new, seen, layout.epoch)
-                and await self.cleanup()
-            ):
-                self._cleaned = layout.epoch
+            if not layout.in_transition and plan.barrier_met(layout.new, seen, layout.epoch):
+                await self._clean(layout.epoch)
             return
         if meta.seen.get(me, 0) < layout.epoch:
             await self.control.propose(cmd_epoch_seen(me, layout.epoch))
@@ -176,9 +200,20 @@ class RebalanceService:
                 self._walked = layout.new
                 await self.control.propose(cmd_stream_done(me, layout.epoch))
             return
-        ready = plan.cleanup_ready(layout, seen, meta.streamed.get(me, 0))
-        if ready and self._cleaned != layout.epoch and await self.cleanup():
-            self._cleaned = layout.epoch
+        if plan.cleanup_ready(layout, seen, meta.streamed.get(me, 0)):
+            await self._clean(layout.epoch)
+
+    async def _clean(self, epoch: int) -> None:
+        """The whole cleanup for ``epoch`` until one completes; after it, the contexts
+        that gained versions since (the module docstring)."""
+        if self._cleaned != epoch:
+            self._take_arrived()  # the whole walk reads them (it starts after this)
+            if await self.cleanup():
+                self._cleaned = epoch
+            return
+        arrived = self._take_arrived()
+        if arrived and not await self.cleanup(arrived):
+            self._put_back(arrived)  # an owner did not confirm: next poll
 
     # -- walking ----------------------------------------------------------------------------
 
@@ -213,12 +248,18 @@ class RebalanceService:
             self.stats.pending_ranges = 0
         return complete
 
-    async def cleanup(self) -> bool:
-        """Drop held contexts this node does not own once every owner confirmed them."""
+    async def cleanup(self, only: Collection[bytes] | None = None) -> bool:
+        """Drop held contexts this node does not own once every owner confirmed them
+        (all of them; with ``only``, those among these context keys)."""
         _, ring = self.service.placement_rings()
         n, me = self.service.config.quorum.n, self.service.name
+        if only is None:
+            held = await self._held()
+        else:
+            foreign = [key for key in only if plan.drops(ring.preference_list(key, n), me)]
+            held = await self._held_of(foreign) if foreign else []
         items = []
-        for key, ids, upto in await self._held():
+        for key, ids, upto in held:
             preference = ring.preference_list(key, n)
             if ids and plan.drops(preference, me):
                 items.append(
@@ -312,6 +353,22 @@ class RebalanceService:
     async def _held(self) -> list[tuple[bytes, list[str], str | None]]:
         versions = self.service.store.versions
         return await self.service.fanout.blocking(lambda: list(versions.version_sets()))
+
+    async def _held_of(self, keys: Sequence[bytes]) -> list[tuple[bytes, list[str], str | None]]:
+        """What ``_held`` gives, for these context keys only."""
+        versions = self.service.store.versions
+
+        def read() -> list[tuple[bytes, list[str], str | None]]:
+            found = []
+            for key in sorted(keys):
+                ctx = ContextName.from_key(key)
+                marker = versions.purge_marker(ctx)
+                found.append(
+                    (key, versions.version_ids(ctx), None if marker is None else marker.upto)
+                )
+            return found
+
+        return await self.service.fanout.blocking(read)
 
     async def _sizes(self, items: Sequence[_Item]) -> None:
         versions = self.service.store.versions

@@ -25,7 +25,10 @@ Invariants:
   tick loop wakes at the lease's end, and any ``leader_term()`` call that sees a change
   notifies first (so a listener never sees a lapsed lease before being told).
 - A peer's message is stepped only when its sender id belongs to the certificate name it
-  came over (a node cannot speak for another) and it is addressed to this node.
+  came over (a node cannot speak for another) and it is addressed to this node. A sender
+  id the applied metadata does not know (a member added while this node was down, or
+  before its metadata caught up) is bound to the certificate name it first came over;
+  a removed member's id, and a known member's name speaking for another id, are refused.
 
 Joining (``node.control.bootstrap.mark_join``): a node created to join a running cluster
 starts its ``RawNode`` from an empty Raft state, with ``metadata`` None, until the
@@ -35,6 +38,13 @@ and records sender id -> certificate name (``name_of`` answers from that record 
 metadata is applied): that is how it answers the leader. Entries committed before a
 snapshot cannot reach it (a joiner's log is empty, so the leader's first append is a
 snapshot) and would be skipped.
+
+Stale metadata: a node that was down (or whose control plane halted) while a member
+joined restarts with metadata that does not list it, and that member may lead by then
+(Raft: a follower takes a valid leader's messages of a higher term whether or not its
+own, older, configuration lists it). Its node certificate (same CA) proves its name, so
+its messages are accepted as a joiner's are, and its id -> name is recorded so this node
+can answer it, until the log brings the metadata that lists it.
 """
 
 from __future__ import annotations
@@ -194,9 +204,9 @@ class ControlService:
         return self.name_of(leader)
 
     def name_of(self, node_id: str) -> str | None:
-        """A member's name by node id (from the applied metadata; before it, while joining,
-        from the certificates its messages came over)."""
-        if self.metadata is None:
+        """A member's name by node id (from the applied metadata; for an id it does not
+        list yet, e.g. while joining, from the certificates its messages came over)."""
+        if self.metadata is None or node_id not in self.metadata.members:
             return self._peer_names.get(node_id)
         return self.metadata.names().get(node_id)
 
@@ -481,16 +491,21 @@ class ControlService:
         return {"stepped": stepped}
 
     def _from(self, peer: Peer, node_id: str) -> bool:
-        """Whether ``peer`` may speak as ``node_id`` (its member name matches). Without
-        metadata (joining), any node certificate may, and its name is recorded."""
-        if self.metadata is None:
-            known = self._peer_names.get(node_id)
-            if known is not None and known != peer.name:
-                return False
-            self._peer_names[node_id] = peer.name
-            return True
-        name = self.name_of(node_id)
-        return name is not None and name == peer.name
+        """Whether ``peer`` may speak as ``node_id``: its member name matches, or (an id the
+        applied metadata does not list: joining, or stale metadata, see the module
+        docstring) the id is bound to this certificate name, on first sight."""
+        state = self.metadata
+        if state is not None:
+            member = state.members.get(node_id)
+            if member is not None:
+                return member.state != "removed" and member.name == peer.name
+            if state.member_by_name(peer.name) is not None:
+                return False  # a member's certificate speaking for an id not its own
+        known = self._peer_names.get(node_id)
+        if known is not None and known != peer.name:
+            return False
+        self._peer_names[node_id] = peer.name
+        return True
 
     # -- proposals --------------------------------------------------------------------------
 

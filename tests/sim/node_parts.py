@@ -9,16 +9,20 @@ store as a dying process does. Used by ``tests.sim.engine``.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from crypto.keyfiles import write_secret_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
+from crypto.signing import Signer
 from node.cluster.ring import Ring, RingMember
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.bootstrap import (
@@ -35,9 +39,11 @@ from storage.admin_key import META_ADMIN_SPLIT, OWN_SHARE_FILE, split_admin
 from storage.context_store import ContextStore
 from storage.errors import Unavailable
 from storage.kv import Deletes, MemoryKV, Puts
+from storage.schema import FORMAT_VERSION, META_FORMAT
 from tests.sim import memory_index
 
 BASE_MS = 1_700_000_000_000  # the wall clock of the simulation at trio time 0
+FORMAT_ROW = (META_FORMAT, str(FORMAT_VERSION).encode())  # as `slurp init` writes it
 
 
 class FaultyKV:
@@ -151,9 +157,11 @@ class Template:
 
     root: Path
     signers: list[bytes]  # every node's version-signing key (the spares' too)
-    control_rows: list[tuple[bytes, bytes]]  # Raft bootstrap snapshot + the admin split record
+    # the storage format row, the Raft bootstrap snapshot and the admin split record
+    control_rows: list[tuple[bytes, bytes]]
     spares: dict[str, Spare] = field(default_factory=dict)
-    join_rows: list[tuple[bytes, bytes]] = field(default_factory=list)  # a spare's first rows
+    # a spare's first rows: the storage format row and the join marker
+    join_rows: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 _TEMPLATES: dict[tuple[int, int], Template] = {}
@@ -171,16 +179,25 @@ def template(nodes: int, spares: int = 0) -> Template:
 
     The ``spares`` directories after the founders are made as ``cluster add`` makes a
     joiner's: the cluster's role identities without admin's, and (``join_rows``) the join
-    marker in place of a bootstrap.
+    marker in place of a bootstrap. Both row sets start with the storage format row, as
+    ``slurp init`` writes it into the database (``ContextStore.open`` writes it only into
+    a passed KV that lacks it: without it, a spare whose first start found its disk
+    failing raised out of the engine, seeds 9050 and 9135).
+
+    Each node's version-signing key, hence its node id (the Raft id; ids order the
+    configuration, the members and their rows), is derived from its name
+    (``seeded_signer``), so a replay in another process runs the same schedule.
     """
     if (nodes, spares) not in _TEMPLATES:
         root = Path(tempfile.mkdtemp(prefix=f"slurp-sim-template-{nodes}-{spares}-"))
         names = [f"n{i}" for i in range(1, nodes + spares + 1)]
-        ContextStore.init(root / names[0], DEFAULT_ROLES)
+        with seeded_signer(names[0]):
+            ContextStore.init(root / names[0], DEFAULT_ROLES)
         with ContextStore.open(root / names[0], kv=MemoryKV()) as store:
             identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
         for name in names[1:]:
-            ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
+            with seeded_signer(name):
+                ContextStore.init(root / name, DEFAULT_ROLES, role_identities=identities)
         for name in names:
             config = root / name / "config.toml"  # index commits only on purge, close, 256 docs
             text = config.read_text(encoding="utf-8")
@@ -188,12 +205,30 @@ def template(nodes: int, spares: int = 0) -> Template:
         signers, rows = _split_and_bootstrap(root, names[:nodes])
         made = {name: _spare(root, name) for name in names[nodes:]}
         joining = MemoryKV()
+        joining.write([FORMAT_ROW])
         mark_join(joining)
         _TEMPLATES[(nodes, spares)] = Template(
             root, signers + [spare.signing_key for spare in made.values()], rows, made,
             list(joining.scan(b"")),
         )  # fmt: skip
     return _TEMPLATES[(nodes, spares)]
+
+
+@contextmanager
+def seeded_signer(name: str) -> Iterator[None]:
+    """While open, ``Signer.generate`` makes the key derived from ``name`` (sim only: a
+    node's id is then the same in every process)."""
+    seed = hashlib.sha256(f"slurp-sim-node-signing-key:{name}".encode()).digest()
+    original = Signer.generate
+
+    def generate() -> Signer:
+        return Signer(Ed25519PrivateKey.from_private_bytes(seed))
+
+    Signer.generate = generate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Signer.generate = original  # type: ignore[method-assign]
 
 
 def _spare(root: Path, name: str) -> Spare:
@@ -231,6 +266,7 @@ def _split_and_bootstrap(
             cluster_id="slurp-sim",
         )  # fmt: skip
         rows = MemoryKV()
+        rows.write([FORMAT_ROW])
         write_bootstrap(rows, snapshot)
         rows.write([(META_ADMIN_SPLIT, record)])
         signers = [store.keyring.signer.public_key for store in stores]

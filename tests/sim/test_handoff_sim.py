@@ -151,3 +151,37 @@ async def test_a_fallback_beyond_the_preference_list_holds_and_delivers(
         sim.network.heal()
         await wait_for(lambda: vid in held(sim, down, addr))
         await wait_for(lambda: hint_totals(sim)["hints"] == 0)
+
+
+async def test_a_redirected_hint_waiting_for_a_down_owner_ends_the_pass(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Sim seed 9132: a hint whose target no longer owns its context waits while one of
+    the current owners is down (``_redirect`` keeps it). The pass must end there: it read
+    the same hints again and again, never yielding to the clock (the simulation hung)."""
+    async with open_sim_cluster(tmp_path, size=4, seed=0) as sim:
+        addr = address(0)
+        await put(sim, "n1", addr, "v1")
+        owner_list = owners(sim, addr)
+        target = next(n for n in sim.nodes if n not in owner_list)
+        holder, down = owner_list[0], owner_list[1]
+        node = sim.nodes[holder]
+        assert node.handoff is not None
+        hints = node.handoff.hints
+        blobs = [row.data for row in node.store.versions.versions(ctx_of(addr))]
+        assert hints.add(target, ctx_of(addr).canonical(), blobs) is not None
+        sim.network.partition([down], [n for n in sim.nodes if n != down] + ["client"])
+        await wait_for(lambda: not node.service.cluster.is_up(down))
+        reads = 0
+        pending = hints.pending
+
+        def counted(target: str, *, limit: int | None = None) -> Any:
+            nonlocal reads
+            reads += 1
+            assert reads < 10, "the pass read the same hints again and again"
+            return pending(target, limit=limit)
+
+        hints.pending = counted  # type: ignore[method-assign]
+        assert await node.handoff._deliver_to(target) == 0
+        assert reads == 1
+        assert [h.context for h in pending(target)] == [ctx_of(addr).canonical()]  # kept

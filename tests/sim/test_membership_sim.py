@@ -15,10 +15,14 @@ from tests.sim import engine, model
 from tests.sim.schedule import (
     CLIENT_STEPS,
     MEMBERSHIP_STEPS,
+    Crash,
     Decommission,
+    DiskFail,
+    Faults,
     Forget,
     Join,
     Put,
+    Restart,
     Schedule,
     Sleep,
     Step,
@@ -154,3 +158,31 @@ def test_a_change_that_would_leave_fewer_than_n_members_is_skipped() -> None:
     assert outcomes["forget n3"].startswith("skipped")
     assert sim.forgotten == set()  # n3 was never crashed
     assert sim.final == ["n1", "n2", "n3"]
+
+
+def test_a_node_halted_while_a_member_joined_follows_that_member_as_leader() -> None:
+    """Seed 7029's first 12 steps: n3's control plane halts (a failed disk) before n4
+    joins; in the quiet period n3 restarts with metadata that does not list n4, and n4
+    leads. n3 must take n4's Raft messages (its node certificate proves its name) and
+    answer them, or it never catches up and n4 never becomes normal."""
+    steps: list[Step] = [Restart("n1"), DiskFail("n3", True), Join("n4"), Sleep(1.2), Restart("n2"),
+             Faults(0.0, 0.1, 0.05), Forget("n3"), Put("n4", 0), Crash("n2"), Put("n3", 1),
+             Forget("n1"), Put("n3", 1)]  # fmt: skip
+    problems, sim = run(steps, 7029)
+    assert problems == []
+    assert dict(sim.history.changes)["add n4"].startswith("ok")
+    assert sim.nodes["n3"].lives == 2  # restarted after its control plane halted
+    assert sim.final == ["n1", "n2", "n3", "n4"]
+    last_term = max(sim.control.record.leaders)
+    assert sim.control.record.leaders[last_term] == {"n4"}
+
+
+def test_a_spare_whose_disk_fails_before_its_first_start_does_not_break_the_engine() -> None:
+    """Seeds 9050 and 9135: the join starts in the background, so ``DiskFail(n4)`` lands
+    before n4's first start. Its store must already hold the storage format row, as
+    ``slurp init`` writes it; it held none, and opening the store raised out of the engine."""
+    steps: list[Step] = [*WRITES, Join("n4"), DiskFail("n4", True), Sleep(1.2), Put("n1", 0)]
+    problems, sim = run(steps, 11)
+    assert problems == []
+    assert sim.nodes["n4"].lives >= 1
+    assert sim.nodes["n4"].disk_failures >= 1  # it did start on the failing disk

@@ -316,3 +316,38 @@ async def test_survivors_restore_n_after_a_forget(
         restored = sum(r.stats.streamed_bytes for r in rebalancers[:4])
         assert restored > 0, "the survivors copied n5's replicas to their new owners"
         nursery.cancel_scope.cancel()
+
+
+async def test_versions_reaching_a_non_owner_after_its_cleanup_are_dropped_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Sim seed 7095: a restarted node, still routing by an older ring, pushed a context to
+    a node that had already cleaned up for the settled epoch; the copy stayed for good (a
+    4th replica). The rebalancer now cleans up such arrivals too, once the owners hold them."""
+    async with (
+        open_sim_cluster(tmp_path, size=4, seed=0, antientropy=QUIET) as sim,
+        trio.open_nursery() as nursery,
+    ):
+        names = ["n1", "n2", "n3", "n4"]
+        log, rebalancers = await start(sim, nursery, ["n1", "n2", "n3"])
+        work = Workload(sim, 0, ["n1", "n2", "n3"])
+        for i in range(12):
+            await work.write(i)
+        await log.propose(cmd_member_add(member_of(sim, "n4", "joining")))
+        await settle(log, rebalancers, names)
+        check_replicas(sim, work, names)
+        ring = sim.nodes["n1"].service._current_ring()
+        i, want = next(iter(sorted(work.acked.items())))
+        ctx = parse(address(i)).context()
+        owners = ring.preference_list(ctx.key(), N)
+        outsider = next(name for name in names if name not in owners)
+        rows = sim.nodes[owners[0]].store.versions.versions(ctx)
+        stored, _ = sim.nodes[outsider].service.replica.apply([row.data for row in rows])
+        assert any(stored)  # the stale push arrived after the cleanup
+        assert want <= set(sim.nodes[outsider].store.versions.version_ids(ctx))
+        before = list(rebalancers[names.index(outsider)].drops)
+        await trio.sleep(2)  # a few polls
+        assert sim.nodes[outsider].store.versions.version_ids(ctx) == []
+        assert rebalancers[names.index(outsider)].drops == [*before, ctx.canonical()]
+        check_replicas(sim, work, names)
+        nursery.cancel_scope.cancel()

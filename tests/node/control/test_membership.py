@@ -30,6 +30,7 @@ from node.control.bootstrap import (
 from node.control.log_store import write_bootstrap
 from node.control.membership import Transitions
 from node.control.metadata import ClusterMetadata
+from node.control.raft_types import Message, MessageType
 from node.control.service import ControlConfig, ControlService
 from node.errors import RemoteError
 from tests.sim.harness import SimCluster, open_sim_cluster
@@ -217,3 +218,36 @@ async def test_member_methods_need_the_admin_role_and_parse_their_fields(
             with pytest.raises(RemoteError) as forbidden:
                 await client.call("ctl.member_remove", {"name": "n2"}, timeout_s=5.0)
         assert forbidden.value.code == "UCXL-403-FORBIDDEN"
+
+
+async def test_raft_messages_from_a_member_the_metadata_does_not_list_yet_are_taken(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A node that was down while a member joined restarts with metadata that does not
+    list it, and that member may lead by then: its messages are stepped (its node
+    certificate proves its name; the id is bound to that name on first sight) and this
+    node can answer it. A known member's certificate cannot speak for another id."""
+    async with open_world(tmp_path) as world:
+        leader = world.leader()
+        assert leader is not None
+        target = next(n for n in FOUNDERS if n != leader)
+        other = next(n for n in FOUNDERS if n not in (leader, target))
+        control = world.control[target]
+        newcomer = world.node_id(JOINER)
+        assert newcomer not in world.metadata(target).members  # stale: n4 is not listed
+        heartbeat = Message(
+            MessageType.HEARTBEAT, src=newcomer, dst=control.node_id, term=1
+        ).to_wire()  # a stale term: stepped, then ignored by the core
+        async with world.sim.network.open_client(JOINER, target) as caller:
+            answer = await caller.call("raft.msg", {"msgs": [heartbeat]}, timeout_s=2)
+        assert answer == {"stepped": 1}
+        assert control.name_of(newcomer) == JOINER  # so it can answer n4
+        async with world.sim.network.open_client(other, target) as caller:
+            taken = await caller.call("raft.msg", {"msgs": [heartbeat]}, timeout_s=2)
+            assert taken == {"stepped": 0}  # n4's id is bound to n4's certificate
+            invented = Message(
+                MessageType.HEARTBEAT, src="f" * 16, dst=control.node_id, term=1
+            ).to_wire()
+            taken = await caller.call("raft.msg", {"msgs": [invented]}, timeout_s=2)
+            assert taken == {"stepped": 0}  # a member's certificate speaks for its own id
+        assert control.name_of("f" * 16) is None
