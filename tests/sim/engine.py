@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -237,6 +238,7 @@ class Simulation:
                         for exc in leaves(group):
                             node.failures.append(
                                 f"{node.name} stopped: {type(exc).__name__}: {exc}"
+                                f" (at {raised_at(exc)})"
                             )
                     else:
                         node.teardown_errors += len(leaves(group))
@@ -419,3 +421,12 @@ def run_schedule_sync(
         return trio.run(
             lambda: run_schedule(schedule, Path(tmp), extra_services=extra_services), clock=clock
         )
+
+
+def raised_at(exc: BaseException) -> str:
+    """Where ``exc`` was raised: the innermost frames, ``file:line in function`` each."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    return (
+        " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(frames))
+        or "unknown"
+    )
