@@ -103,7 +103,11 @@ class PeerPool:
             raise PeerUnavailable("the peer pool is not running")
         opening = self._opening[name] = trio.Event()
         try:
-            await self._nursery.start(self._hold, name)
+            # the client comes back from ``started``: by the time this task runs again,
+            # another call may already have dropped it from ``_clients`` (a lookup there
+            # raised KeyError out of a node's task); a dropped client fails its calls with
+            # ClosedResourceError, which ``call`` handles
+            client: Caller = await self._nursery.start(self._hold, name)
         except PeerUnavailable:
             raise
         except (OSError, RemoteError) as exc:
@@ -111,16 +115,16 @@ class PeerPool:
         finally:
             del self._opening[name]
             opening.set()
-        return self._clients[name]
+        return client
 
-    async def _hold(self, name: str, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _hold(self, name: str, *, task_status: trio.TaskStatus[Caller]) -> None:
         closer = trio.Event()
         started = False
         try:
             async with self._connect(name) as client:
                 self._clients[name] = client
                 self._closers[name] = closer
-                task_status.started()
+                task_status.started(client)
                 started = True
                 await closer.wait()
         except (NodeError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -88,3 +88,43 @@ async def test_a_lost_connection_is_dropped_at_once() -> None:
     assert outcomes == ["lost", "ok"]
     assert opened == 2
     assert reports == [("peer", False), ("peer", True)]
+
+
+async def one_race() -> list[str]:
+    """Two callers race on a fresh pool whose first call loses the connection."""
+
+    @asynccontextmanager
+    async def connect(name: str) -> AsyncIterator[FakeClient]:
+        yield FakeClient(["lost"])
+
+    pool = PeerPool(connect)  # type: ignore[arg-type]
+    outcomes: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await pool.call("peer", "rep.ping", {}, timeout_s=1)
+            outcomes.append("ok")
+        except PeerUnavailable:
+            outcomes.append("lost")
+
+    async def eager() -> None:
+        while "peer" not in pool._clients:
+            await trio.lowlevel.checkpoint()
+        await caller()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(eager)
+            callers.start_soon(caller)
+        nursery.cancel_scope.cancel()
+    return outcomes
+
+
+@pytest.mark.trio
+async def test_a_connection_dropped_as_it_opens_fails_no_caller_with_a_key_error() -> None:
+    """Caller A opens the connection; before A runs again, caller B uses it, loses it and
+    drops it. A used to look the client up by name then (KeyError, out of a node's task).
+    The race depends on trio's scheduling order, so it is tried many times."""
+    for _ in range(30):
+        assert sorted(await one_race()) == ["lost", "ok"]
