@@ -1,7 +1,9 @@
-"""Fixtures for node tests: a cluster CA in tmp_path with node and client certificates."""
+"""Fixtures for node tests: a cluster CA in tmp_path with node and client certificates,
+and (real tier) a fresh 3-node cluster of real processes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from crypto.ca import CertificateAuthority
 from crypto.tls import TlsFiles
+from node.daemon.ops import LocalNode, cluster_down, cluster_up
 
 LONG_AGO = datetime.now(UTC) - timedelta(days=400)
 CLIENT_ROLES = ("backend_developer", "observer")
@@ -52,3 +55,15 @@ def pki(tmp_path: Path) -> Pki:
     foreign = CertificateAuthority.init(tmp_path / "foreign")
     foreign.issue_client("mallory", ["admin"])
     return Pki(ca=ca, foreign=foreign)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
+    """A fresh 3-node cluster (real processes) in ``tmp_path / "cluster"``, stopped after
+    the test (test_real_cluster.py overrides it with one cluster per module)."""
+    root = tmp_path / "cluster"
+    members = cluster_up(root, 3, timeout_s=90)
+    try:
+        yield root, members
+    finally:
+        cluster_down(root)

@@ -1,4 +1,5 @@
-"""Helpers of the real-tier cluster tests: certificates, one RPC call, a node's holdings.
+"""Helpers of the real-tier cluster tests: certificates, one RPC call, a node's status,
+a node's holdings.
 
 A node's holdings are read with ``rep.versions`` under a node certificate (``node1``'s),
 straight from its store: no client read, so no read repair is triggered.
@@ -11,8 +12,10 @@ from typing import Any
 
 from crypto.tls import TlsFiles
 from node.daemon.ops import LocalNode
+from node.errors import NodeError
 from node.rpc.transport import open_rpc_client
 from storage.address import parse
+from storage.errors import StorageError
 
 
 def tls(root: Path, name: str) -> TlsFiles:
@@ -31,9 +34,20 @@ async def call(
         return await c.call(method, body, timeout_s=20)
 
 
-async def held_by(root: Path, member: LocalNode, addresses: list[str]) -> set[str]:
-    """Every version id ``member`` holds locally of the contexts of ``addresses``."""
-    found: set[str] = set()
+async def node_status(root: Path, member: LocalNode) -> dict[str, Any] | None:
+    """``member``'s ``node.status`` as the client sees it, or None while it does not answer."""
+    try:
+        return await call(member.rpc_port, tls(root, "client"), "node.status", {})
+    except (NodeError, StorageError, OSError):
+        return None
+
+
+async def versions_held(
+    root: Path, member: LocalNode, addresses: list[str]
+) -> list[tuple[str, bytes]]:
+    """Every (version id, envelope) ``member`` holds locally of the contexts of
+    ``addresses``, page by page."""
+    out: list[tuple[str, bytes]] = []
     for addr in addresses:
         after: str | None = None
         while True:
@@ -41,9 +55,14 @@ async def held_by(root: Path, member: LocalNode, addresses: list[str]) -> set[st
             answer = await call(
                 member.rpc_port, tls(root, "node1"), "rep.versions", body, node="node1"
             )
-            page = [str(vid) for vid, _ in answer["envelopes"]]
-            found.update(page)
+            page = [(str(vid), bytes(data)) for vid, data in answer["envelopes"]]
+            out += page
             if not answer.get("more") or not page:
                 break
-            after = max(page)
-    return found
+            after = max(vid for vid, _ in page)
+    return out
+
+
+async def held_by(root: Path, member: LocalNode, addresses: list[str]) -> set[str]:
+    """Every version id ``member`` holds locally of the contexts of ``addresses``."""
+    return {vid for vid, _ in await versions_held(root, member, addresses)}

@@ -12,38 +12,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
+from node.daemon.ops import LocalNode, start_node
 from node.errors import NodeError
 from storage.errors import StorageError
-from tests.node.real_cluster import call, tls
+from tests.node.real_cluster import call, node_status, tls
 
 pytestmark = pytest.mark.slow
 SECRET = "ucxl://ceo:admin@chorus:board/*^/secret.md"
 SETTLE_TIMEOUT_S = 60.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
-    root = tmp_path / "cluster"
-    members = cluster_up(root, 3, timeout_s=90)
-    try:
-        yield root, members
-    finally:
-        cluster_down(root)
-
-
-async def _status(root: Path, member: LocalNode) -> dict[str, Any] | None:
-    try:
-        return await call(member.rpc_port, tls(root, "client"), "node.status", {})
-    except (NodeError, StorageError, OSError):
-        return None
 
 
 async def settled_leader(
@@ -54,7 +36,7 @@ async def settled_leader(
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     seen: list[Any] = []
     while time.monotonic() < deadline:
-        seen = [await _status(root, m) for m in members]
+        seen = [await node_status(root, m) for m in members]
         if all(s is not None for s in seen):
             leaders = {(s["leader"], s["term"]) for s in seen if s is not None}
             roles = [s["role"] for s in seen if s is not None]
@@ -90,7 +72,7 @@ async def test_sigkill_of_the_leader_elects_another_and_admin_reads_come_back(
     await call(members[0].rpc_port, tls(root, "client"), "ctx.put", body)
     for member in members:  # every node serves it: the leader itself, followers by forwarding
         assert await read_secret(root, member) == "admin only"
-    statuses = [s for s in [await _status(root, m) for m in members] if s is not None]
+    statuses = [s for s in [await node_status(root, m) for m in members] if s is not None]
     assert [s["name"] for s in statuses if s["admin_key_held"]] == [leader]
 
     os.kill(by_name[leader].pid, signal.SIGKILL)
@@ -104,7 +86,7 @@ async def test_sigkill_of_the_leader_elects_another_and_admin_reads_come_back(
     restarted = start_node(root, leader, timeout_s=60)
     again = [*survivors, restarted]
     final_leader, final_term = await settled_leader(root, again, above_term=term)
-    status = await _status(root, restarted)
+    status = await node_status(root, restarted)
     assert status is not None
     assert status["role"] == "follower"
     assert status["leader"] == final_leader

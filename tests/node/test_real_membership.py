@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,7 @@ from node.daemon.ops import (
     ClusterError,
     LocalNode,
     add_nodes,
-    cluster_down,
     cluster_status,
-    cluster_up,
     forget_node,
     remove_node,
 )
@@ -42,16 +39,6 @@ from tests.node.real_cluster import call, held_by, tls
 pytestmark = pytest.mark.slow
 BASE = "ucxl://dev:backend_developer@slurp:membership/*^/"
 SETTLE_S = 180.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
-    root = tmp_path / "cluster"
-    members = cluster_up(root, 3, timeout_s=90)
-    try:
-        yield root, members
-    finally:
-        cluster_down(root)
 
 
 class Writer:

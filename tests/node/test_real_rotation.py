@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,9 @@ from crypto.keyfiles import parse_identity
 from crypto.keyring import Keyring
 from crypto.seal_format import age_file_of
 from node.client import load_profile, open_client
-from node.daemon.ops import LocalNode, cluster_down, cluster_up, start_node
-from node.errors import NodeError
-from storage.address import parse
+from node.daemon.ops import LocalNode, cluster_down, start_node
 from storage.envelope import Envelope
-from storage.errors import StorageError
-from tests.node.real_cluster import call, tls
+from tests.node.real_cluster import call, node_status, tls, versions_held
 
 pytestmark = pytest.mark.slow
 ROLE = "backend_developer"
@@ -43,32 +39,15 @@ CONTEXTS = 60
 SETTLE_S = 180.0
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[LocalNode]]]:
-    root = tmp_path / "cluster"
-    members = cluster_up(root, 3, timeout_s=90)
-    try:
-        yield root, members
-    finally:
-        cluster_down(root)
-
-
 def _keys_dir(root: Path, name: str) -> Path:
     return root / name / "data" / "keys"
-
-
-async def _status(root: Path, member: LocalNode) -> dict[str, Any] | None:
-    try:
-        return await call(member.rpc_port, tls(root, "client"), "node.status", {})
-    except (NodeError, StorageError, OSError):
-        return None
 
 
 async def _leader(root: Path, members: list[LocalNode]) -> str:
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         for member in members:
-            status = await _status(root, member)
+            status = await node_status(root, member)
             if status is not None and status.get("role") == "leader":
                 return str(status["name"])
         await trio.sleep(0.2)
@@ -79,7 +58,7 @@ async def _all_up(root: Path, members: list[LocalNode]) -> None:
     """Wait until every node sees every member up (the writes below need W = 3)."""
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
-        seen = [await _status(root, member) for member in members]
+        seen = [await node_status(root, member) for member in members]
         if all(
             s is not None
             and len(s["members"]) == len(members)
@@ -108,7 +87,7 @@ async def _kill_during_reseal(root: Path, watch: LocalNode, victim: LocalNode) -
     seen: list[str] = []
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
-        status = await _status(root, watch)
+        status = await node_status(root, watch)
         rotation = None if status is None else status.get("rotation")
         phase = None if rotation is None else rotation.get("phase")
         if phase is not None and (not seen or seen[-1] != phase):
@@ -126,7 +105,7 @@ async def _wait_done(root: Path, members: list[LocalNode]) -> dict[str, Any]:
     last: Any = None
     while time.monotonic() < deadline:
         for member in members:
-            status = await _status(root, member)
+            status = await node_status(root, member)
             last = None if status is None else status.get("rotation")
             if last is not None and last.get("role") == ROLE and last["phase"] == "done":
                 return dict(last)
@@ -138,20 +117,7 @@ async def _wait_done(root: Path, members: list[LocalNode]) -> dict[str, Any]:
 
 async def _stored(root: Path, member: LocalNode, addresses: list[str]) -> list[Envelope]:
     """Every version ``member`` holds of ``addresses``, read from its store."""
-    out: list[Envelope] = []
-    for addr in addresses:
-        after: str | None = None
-        while True:
-            body = {"context": parse(addr).context().canonical(), "after": after}
-            answer = await call(
-                member.rpc_port, tls(root, "node1"), "rep.versions", body, node="node1"
-            )
-            page = [(str(vid), bytes(data)) for vid, data in answer["envelopes"]]
-            out += [Envelope.decode(data) for _, data in page]
-            if not answer.get("more") or not page:
-                break
-            after = max(vid for vid, _ in page)
-    return out
+    return [Envelope.decode(data) for _, data in await versions_held(root, member, addresses)]
 
 
 def _opens(env: Envelope, identity: x25519.Identity) -> bool:
