@@ -32,12 +32,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 V = TypeVar("V")
 
@@ -283,29 +282,25 @@ class VerifiedDigests:
     def __init__(self, max_entries: int = MAX_VERIFIED_DIGESTS) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, not {max_entries}")
-        self._max = max_entries
         self._lock = threading.Lock()
-        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._digests: LRUCache[bytes, bool] = LRUCache(maxsize=max_entries)
         self.hits = 0
         self.misses = 0
 
     def seen(self, digest: bytes) -> bool:
         """Whether the bytes of ``digest`` verified here before (counts a hit or miss)."""
         with self._lock:
-            if digest in self._digests:
-                self._digests.move_to_end(digest)
+            found = self._digests.get(digest, False)  # a hit moves it to the recent end
+            if found:
                 self.hits += 1
-                return True
-            self.misses += 1
-            return False
+            else:
+                self.misses += 1
+            return found
 
     def add(self, digest: bytes) -> None:
         """Remember that the bytes of ``digest`` verified."""
         with self._lock:
-            self._digests[digest] = None
-            self._digests.move_to_end(digest)
-            while len(self._digests) > self._max:
-                self._digests.popitem(last=False)
+            self._digests[digest] = True  # past max_entries, the least recent goes
 
     def discard(self, digest: bytes) -> None:
         """Forget ``digest`` (nothing happens when it is not held)."""

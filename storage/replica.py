@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
+
+from cachetools import LRUCache
 
 from storage.address import ContextName, Temporal
 from storage.cache import envelope_digest
@@ -54,7 +55,7 @@ class Replica:
         self.resealed = 0  # held copies replaced by a newer re-seal (convergence rule)
         # decoded envelopes of merged read sets, by the SHA-256 of their bytes (envelopes
         # are immutable values: equal bytes decode to equal envelopes)
-        self._decoded: OrderedDict[bytes, Envelope] = OrderedDict()
+        self._decoded: LRUCache[bytes, Envelope] = LRUCache(maxsize=DECODED_ENVELOPES)
 
     # -- as a replica ---------------------------------------------------------------------
 
@@ -262,15 +263,12 @@ class Replica:
         """``Envelope.decode``, remembered for the last ``DECODED_ENVELOPES`` byte strings."""
         digest = envelope_digest(data)
         with self._lock:
-            env = self._decoded.get(digest)
+            env = self._decoded.get(digest)  # a hit moves it to the recent end
             if env is not None:
-                self._decoded.move_to_end(digest)
                 return env
         env = Envelope.decode(data)  # raises CorruptRecord: nothing is remembered
         with self._lock:
-            self._decoded[digest] = env
-            while len(self._decoded) > DECODED_ENVELOPES:
-                self._decoded.popitem(last=False)
+            self._decoded[digest] = env  # past DECODED_ENVELOPES, the least recent goes
         return env
 
     def _role_for(self, env: Envelope, as_role: str | None, allowed: Sequence[str] | None) -> str:
