@@ -128,16 +128,19 @@ class Fanout:
         self.faults.internal_errors[where] = self.faults.internal_errors.get(where, 0) + 1
         self.sink.internal_error(where)
 
-    def failed(self, method: str, node: str, exc: BaseException) -> None:
-        """Account for a replica call that failed (called inside ``except``)."""
+    def failed(self, method: str, node: str, exc: BaseException) -> str:
+        """Account for a replica call that failed (called inside ``except``); a short, safe
+        description of why (for a quorum error)."""
         if isinstance(exc, MalformedAnswer):
             log.warning("%s answered a malformed %s: %s", node, method, exc.what)
             self.faults.malformed_answers += 1
             self.sink.peer_answer_malformed(method)
-        elif isinstance(exc, NodeError | StorageError):
+            return "malformed answer"
+        if isinstance(exc, NodeError | StorageError):
             log.debug("%s on %s failed: %s", method, node, exc)
-        else:
-            self.internal(method)
+            return str(exc)[:200]
+        self.internal(method)
+        return f"internal error ({type(exc).__name__})"
 
     # -- calls --------------------------------------------------------------------------
 
@@ -184,8 +187,7 @@ class Fanout:
                 await one(node)
                 success = True
             except Exception as exc:
-                self.failed(op, node, exc)
-                reason = _reason(exc)
+                reason = self.failed(op, node, exc)
             try:
                 if tracker.record(node, success, reason) is not Outcome.PENDING:
                     decided.set()
@@ -244,12 +246,3 @@ class Fanout:
             self.failed(what, "background", exc)
         finally:
             self._background -= 1
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, safe description of why a replica call failed (for the quorum error)."""
-    if isinstance(exc, MalformedAnswer):
-        return "malformed answer"
-    if isinstance(exc, NodeError | StorageError):
-        return str(exc)[:200]
-    return f"internal error ({type(exc).__name__})"
