@@ -21,6 +21,8 @@ member                             content
 ``audit.jsonl``                    JSON lines, the audit log (``AuditEntry.to_json``)
 ``keys/keyring.json``              the keyring metadata: roles and the public recipient of
                                    every key version (no secret)
+``keys/signers.json``              a cluster backup only: ``{"signers": [hex]}``, the raw
+                                   Ed25519 signing keys of the cluster's members (public)
 ``keys/secret/<file>``             only with ``--with-keys``: the keys directory's secret
                                    files byte for byte (role identities, node identity,
                                    signing key; sealed when the keyring is protected)
@@ -65,6 +67,7 @@ from storage.backup_manifest import (
     OVERLAP_MS,
     PURGES,
     SECRET_KEYS_DIR,
+    SIGNERS,
     VERSIONS_DIR,
     VERSIONS_PER_CHUNK,
     Backup,
@@ -172,7 +175,8 @@ def read(archive: bytes, *, trusted: Trusted | None = None) -> Backup:
     Args:
         archive: the tar archive.
         trusted: whether a signing key is trusted; None: the node key recorded in the
-            backup's own ``keys/keyring.json``.
+            backup's own ``keys/keyring.json`` and, in a cluster backup, the member keys
+            of ``keys/signers.json``.
 
     Raises:
         BackupInvalid: the first bad member, by name (see the module docstring).
@@ -195,8 +199,8 @@ def read(archive: bytes, *, trusted: Trusted | None = None) -> Backup:
     keyring_json = found.get(KEYRING)
     if keyring_json is None:
         raise BackupInvalid(f"member {KEYRING} is missing", field=KEYRING)
-    signer = _node_signing_key(keyring_json)
-    check = trusted if trusted is not None else (lambda key: key == signer)
+    signers = {_node_signing_key(keyring_json), *_cluster_signers(found.get(SIGNERS))}
+    check = trusted if trusted is not None else (lambda key: key in signers)
     chunks = sorted(name for name in found if name.startswith(VERSIONS_DIR))
     versions: list[VersionRow] = []
     for name in chunks:
@@ -363,6 +367,20 @@ def _node_signing_key(keyring_json: bytes) -> bytes:
         raise BackupInvalid(f"{KEYRING} is not a keyring of format 2", field=KEYRING) from None
 
 
+def _cluster_signers(data: bytes | None) -> list[bytes]:
+    """The member keys of ``keys/signers.json`` (none when the member is absent)."""
+    if data is None:
+        return []
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        keys = [bytes.fromhex(_text(item)) for item in raw["signers"]]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise BackupInvalid(f"{SIGNERS} is not a list of signing keys", field=SIGNERS) from None
+    if any(len(key) != 32 for key in keys):
+        raise BackupInvalid(f"{SIGNERS} holds a key that is not 32 bytes", field=SIGNERS)
+    return keys
+
+
 def _check_summary(manifest: Manifest, contents: Contents) -> None:
     counts = counts_of(contents)
     for name, value in counts.items():
@@ -375,7 +393,13 @@ def _check_summary(manifest: Manifest, contents: Contents) -> None:
     if bool(contents.secret_keys) != manifest.with_keys:
         raise BackupInvalid("manifest.json's with_keys does not match the members", field=MANIFEST)
     ids = [VersionId.parse(row.version_id) for row in contents.versions]
-    if _cut(ids, manifest.since) != manifest.cut:
+    top = _cut(ids, manifest.since)
+    if manifest.scope == "cluster" and manifest.cut is not None:
+        # the HLC cut: at or above every id included (``_versions`` refuses one above it)
+        if top is None or VersionId.parse(top) <= VersionId.parse(manifest.cut):
+            return
+        raise BackupInvalid("manifest.json's cut is below a version included", field=MANIFEST)
+    if top != manifest.cut:
         raise BackupInvalid(
             "manifest.json's cut is not the highest version included", field=MANIFEST
         )
@@ -392,6 +416,26 @@ def _lines(name: str, data: bytes) -> list[dict[str, Any]]:
     except (UnicodeDecodeError, ValueError):
         raise BackupInvalid(f"{name} is not JSON lines", field=name) from None
     return out
+
+
+def jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """JSON lines, as every ``.jsonl`` member is written."""
+    return _jsonl(rows)
+
+
+def version_json(row: VersionRow) -> dict[str, Any]:
+    """A ``versions/`` line."""
+    return _version_json(row)
+
+
+def purge_json(row: PurgeRow) -> dict[str, Any]:
+    """A ``purges.jsonl`` line."""
+    return _purge_json(row)
+
+
+def kind_of(row: VersionRow) -> str:
+    """put, tombstone (or corrupt) of a stored version."""
+    return _kind_of(row)
 
 
 def _jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
@@ -430,6 +474,7 @@ __all__ = [
     "OVERLAP_MS",
     "PURGES",
     "SECRET_KEYS_DIR",
+    "SIGNERS",
     "VERSIONS_DIR",
     "VERSIONS_PER_CHUNK",
     "Backup",
@@ -445,6 +490,10 @@ __all__ = [
     "check_signers",
     "chunk_name",
     "counts_of",
+    "jsonl",
+    "kind_of",
     "lower_bound",
+    "purge_json",
     "read",
+    "version_json",
 ]

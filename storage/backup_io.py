@@ -248,15 +248,21 @@ def collect(
         for key, data in store.kv.scan(PURGE_PREFIX)
     ]
     audit = [] if store.audit is None else [e.to_json() for e in store.audit.tail(2**62)]
+    keyring_json, secret = key_files(store, with_keys=with_keys)
+    if progress is not None:
+        progress(total, total)
+    return Contents(versions, purges, audit, keyring_json, secret)
+
+
+def key_files(store: ContextStore, *, with_keys: bool) -> tuple[bytes, dict[str, bytes]]:
+    """The keyring's public metadata and, with ``with_keys``, its secret files by name."""
     keys_dir = store.data_dir.keys
     secret = {}
     if with_keys:
         for path in sorted(keys_dir.iterdir()):
             if path.is_file() and path.name != KEYRING_FILE and not path.name.endswith(".tmp"):
                 secret[path.name] = path.read_bytes()
-    if progress is not None:
-        progress(total, total)
-    return Contents(versions, purges, audit, (keys_dir / KEYRING_FILE).read_bytes(), secret)
+    return (keys_dir / KEYRING_FILE).read_bytes(), secret
 
 
 _ANY = ContextName("any", "any", "any", "any", "")
@@ -380,6 +386,13 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BackupInvalid(f"{path} is not a backup sidecar", field="sidecar")
     return data
+
+
+def write_sidecar(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``path``'s sidecar (atomically); returns its path."""
+    side = sidecar_of(path)
+    _write_atomic(side, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+    return side
 
 
 def summary_json(manifest: Manifest) -> dict[str, Any]:

@@ -25,6 +25,7 @@ VERSIONS_DIR = "versions/"
 PURGES = "purges.jsonl"
 AUDIT = "audit.jsonl"
 KEYRING = "keys/keyring.json"
+SIGNERS = "keys/signers.json"  # a cluster backup's member signing keys (public)
 SECRET_KEYS_DIR = "keys/secret/"  # noqa: S105 - a member name, not a secret
 VERSIONS_PER_CHUNK = 2000
 OVERLAP_MS = 60_000
@@ -90,10 +91,16 @@ class Manifest:
     with_keys: bool
     counts: Mapping[str, int]
     members: Mapping[str, str]  # member name -> SHA-256 hex
+    # "node": one store's backup (cut = the highest id included); "cluster": the leader's
+    # quorum read of every range (cut = the HLC cut, >= every id included). Written only
+    # when "cluster", so a node backup's manifest is unchanged.
+    scope: Literal["node", "cluster"] = "node"
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written."""
+        extra: dict[str, Any] = {} if self.scope == "node" else {"scope": self.scope}
         return {
+            **extra,
             "format": FORMAT_NAME,
             "format_version": BACKUP_FORMAT,
             "kind": self.kind,
@@ -122,6 +129,9 @@ class Manifest:
             kind = raw["kind"]
             if kind not in ("full", "incremental"):
                 raise ValueError("kind")
+            scope = raw.get("scope", "node")
+            if scope not in ("node", "cluster"):
+                raise ValueError("scope")
             manifest = cls(
                 kind=kind,
                 cluster_id=text(raw["cluster_id"]),
@@ -133,6 +143,7 @@ class Manifest:
                 with_keys=bool(raw["with_keys"]),
                 counts={text(k): count(v) for k, v in dict(raw["counts"]).items()},
                 members={text(k): text(v) for k, v in dict(raw["members"]).items()},
+                scope=scope,
             )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, CorruptRecord):
             raise BackupInvalid(

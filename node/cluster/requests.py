@@ -18,6 +18,7 @@ import pyrage
 from pyrage import x25519
 
 from node.cluster.antientropy import MAX_ITEMS
+from node.control.cluster_backup_plan import parse as backup_request
 from node.control.raft_types import MalformedRaftData, message_from_wire
 from storage.address import Address, ContextName, parse
 from storage.errors import AddressError, InvalidPayload
@@ -36,6 +37,10 @@ MAX_SEALED_SHARE_BYTES = 4096  # an admin share age-encrypted to a node (admin.r
 FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
 # the operator's membership methods (admin clients; a follower forwards them as ctl.member)
 MEMBER_METHODS = frozenset({"ctl.member_add", "ctl.member_remove", "ctl.member_forget"})
+# cluster backups (node.control.cluster_backup)
+BACKUP_METHODS = frozenset(
+    {"backup.create", "backup.create_leader", "backup.read", "backup.read_leader"}
+)
 MAX_NODE_ID_CHARS = 128
 SIGNING_KEY_BYTES = 32  # a raw Ed25519 public key
 
@@ -339,6 +344,8 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         args = {"term": _term(body), "epoch": _epoch(body), "share": share}
     elif method == "admin.forward":
         args = _forward(body)
+    elif method in BACKUP_METHODS:
+        args = backup_request(method, body)
     else:
         raise InvalidPayload(f"unknown method {method!r}", field="method")
     return Parsed(method, args)

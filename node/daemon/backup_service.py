@@ -9,9 +9,11 @@ field of ``node.status`` (``status``), whose ``warning`` says when the last good
 is older than twice the schedule.
 Must not know: the backup format, the schedule grammar (the core parses it).
 
-Until the control plane runs backups as a leader duty, every node that has
-``[backup] schedule`` set backs up its own store. A bad schedule or a failed backup is
-logged and counted, never fatal to the node; a failed backup is retried after
+A node outside a cluster (one ring member) that has ``[backup] schedule`` set backs up
+its own store; in a cluster the leader takes cluster backups as a duty instead
+(``node.control.cluster_backup`` sets ``defer``) and this service only waits. A bad
+schedule or a failed backup is logged and counted, never fatal to the node; a failed
+backup is retried after
 ``RETRY_S`` (or the interval, if shorter).
 """
 
@@ -42,6 +44,7 @@ from storage.views import iso_ms
 
 log = logging.getLogger(__name__)
 RETRY_S = 300.0
+DEFER_CHECK_S = 60
 
 
 class BackupService:
@@ -63,6 +66,9 @@ class BackupService:
         self._clock_ms = clock_ms
         self.failures = 0
         self.last_success_ms: int | None = None
+        # set by the cluster backup: True while the node is in a cluster, whose leader
+        # takes the backups as a duty (node.control.cluster_backup); this service waits
+        self.defer: Callable[[], bool] = lambda: False
         self.checked = trio.Event()  # set after the first check (and backup, if due)
         self._started_ms = clock_ms()
 
@@ -100,6 +106,8 @@ class BackupService:
 
     def step(self) -> float:
         """Take the backup that is due, if any; returns seconds until the next check."""
+        if self.defer():
+            return float(min(self.policy.interval_s, DEFER_CHECK_S))
         taken = self.taken()
         due = plan(self._clock_ms(), taken, self.policy)
         if due is None:

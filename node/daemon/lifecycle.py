@@ -44,6 +44,7 @@ from node.cluster.membership import Membership, NodeRecord
 from node.cluster.rebalance import RebalanceConfig, RebalanceService
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
+from node.control.cluster_backup import ClusterBackup
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
 from node.control.membership import Transitions
@@ -233,8 +234,10 @@ class NodeDaemon:
             await nursery.start(self.rebalance.run)
             nursery.start_soon(self._index_loop)
             backups = self._backup_service()
+            cluster_backup = self._cluster_backup(backups)
+            self.service.status_fields.append(cluster_backup.status)
+            await nursery.start(cluster_backup.run)
             if backups is not None:
-                self.service.status_fields.append(backups.status)
                 await nursery.start(backups.run)
             self.ready = True
             log.info("%s serving: rpc %s, http %s, dht %s", self.config.name, rpc_port,
@@ -352,6 +355,16 @@ class NodeDaemon:
             log.error("no scheduled backups: %s", exc.message)
             self.metrics.set_backup(last_success_s=None, failures=1)
             return None
+
+    def _cluster_backup(self, single: BackupService | None) -> ClusterBackup:
+        """``backup.*`` and the ``backup`` leader duty (at this node's ``[backup] schedule``
+        while it leads); ``single`` waits while the node is in a cluster."""
+        cfg = self.config.backup
+        interval = None if single is None else single.policy.interval_s
+        return ClusterBackup(
+            self.control, self.metrics, directory=cfg.dir, interval_s=interval,
+            keep=cfg.keep, single=single, clock_ms=now_ms,
+        )  # fmt: skip
 
     async def _index_loop(self) -> None:
         """Keep the search refresh bound even when nobody searches: every half refresh

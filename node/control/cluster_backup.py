@@ -1,0 +1,470 @@
+"""Cluster backups on the leader, and scheduled backups as the ``backup`` leader duty
+(issue 11, "Cluster" and "Scheduled backups").
+
+Owns the trio shell of a cluster backup and its RPC methods (node/rpc/api.py):
+
+- ``backup.create`` {recipients: [age1...], with_keys: bool} -> {name, bytes, sha256,
+  leader, manifest: {...summary}} (a client with the ``admin`` role; a follower hands it
+  to the leader as ``backup.create_leader``): the leader takes a backup into its
+  ``[backup] dir``;
+- ``backup.read`` {name, offset} -> {data: bytes (<= 4 MiB), eof: bool} (admin; a
+  follower reads through the leader with ``backup.read_leader``): a page of that file.
+
+How the leader takes one (docs/backup.md, "Cluster backups"):
+
+1. ``cut`` = a fresh id of the leader's HLC (its clock is moved past every id it has
+   applied or been sent, so the cut is after every write it has seen acknowledged).
+2. For every arc of the ring (the *old* ring during a membership transition: it holds
+   every acknowledged write) and each replica of its preference list, the contexts of
+   the arc's partitions (``rep.tree`` leaves, then ``rep.digests``), then, 256 contexts
+   at a time, each context's state (``rep.ids``). At least R replicas must answer every
+   step, otherwise the backup fails with 503 naming the partitions: with R + W > N every
+   write acknowledged before the cut is on one of them.
+3. Merge (``cluster_backup_plan.merge``), keep the ids at or below the cut
+   (``at_cut``), fetch them (``rep.fetch``) from the replica holding the highest seal
+   epoch, check each envelope's signature, and spool them to disk
+   (``storage.backup_stream``); never more than one chunk of contexts in memory.
+4. The leader's audit log and keyring (public key epochs; secrets with ``with_keys``),
+   the members' signing keys, then tar + age to the admin recipient (+ recipients).
+
+The duty: the leader's ``[backup] schedule`` is proposed as duty ``backup``'s interval;
+when the duties core says it is due, the leader takes a full cluster backup into its
+directory and prunes to ``keep`` (incremental cluster backups are not built). The last
+success comes from the duty's record in the log (so a new leader knows when the next one
+is due) or from the newest backup in this node's directory. A cluster of one member
+leaves backups to ``node.daemon.backup_service`` (which defers to this one in a cluster).
+
+Must not know: the archive format (``storage.backup_stream``), how Raft commits.
+Invariants: one backup at a time per node; a failed backup leaves no file (the spool is
+removed, the output renamed only when complete); a name from a request is validated
+(``check_name``) before any path is built from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyrage
+import trio
+from pyrage import x25519
+
+from crypto.roles import ADMIN_ROLE
+from node.cluster.antientropy import MAX_ITEMS, partitions_in
+from node.control import metadata
+from node.control.cluster_backup_plan import (
+    BACKUP_DUTY,
+    MAX_READ_BYTES,
+    SUFFIX,
+    ReplicaState,
+    at_cut,
+    backup_name,
+    check_name,
+    duty_step,
+    last_success_ms,
+    merge,
+    quorum_answered,
+    schedule_change,
+)
+from node.control.duties import DutyAction
+from node.control.service import ControlService
+from node.daemon.backup_service import BackupService
+from node.daemon.metrics import NodeMetrics
+from node.errors import NodeError, PeerUnavailable, RemoteError
+from node.rpc.transport import Peer
+from storage import backup_io
+from storage.backup import PurgeRow, VersionRow
+from storage.backup_plan import Taken, stale, to_prune
+from storage.backup_stream import ArchiveSpool
+from storage.envelope import Envelope
+from storage.errors import (
+    CorruptRecord,
+    Forbidden,
+    InvalidPayload,
+    NotFound,
+    StorageError,
+    Unavailable,
+)
+from storage.schema import PurgeMarker
+from storage.versions import VersionId
+from storage.views import iso_ms
+
+log = logging.getLogger(__name__)
+Body = dict[str, Any]
+PEER_TIMEOUT_S = 30.0
+FORWARD_TIMEOUT_S = 3600.0
+CONTEXT_CHUNK = 256
+SCHEDULE_CHECK_S = 5.0
+
+
+class BackupFailed(Unavailable):
+    """A cluster backup could not read a quorum (503: retry when more replicas are up)."""
+
+
+class ClusterBackup:
+    """Registers ``backup.*``, the ``backup`` duty and the ``backup`` status on one node."""
+
+    def __init__(
+        self,
+        control: ControlService,
+        metrics: NodeMetrics,
+        *,
+        directory: Path | None,
+        interval_s: int | None,
+        keep: int,
+        single: BackupService | None,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.control = control
+        self.service = control.service
+        self.store = self.service.store
+        self.metrics = metrics
+        self.directory = directory or self.store.data_dir.backups
+        self.interval_s = interval_s
+        self.keep = keep
+        self.single = single
+        self._clock_ms = clock_ms
+        self._started_ms = clock_ms()
+        self.failures = 0
+        self._lock = trio.Lock()
+        self._self_peer = Peer(self.service.name, "node", (), "self")
+        control.duty_handlers[BACKUP_DUTY] = self._duty
+        self.service.extra_client_methods["backup.create"] = self._create
+        self.service.extra_client_methods["backup.read"] = self._read
+        self.service.extra_replica_methods["backup.create_leader"] = self._create_leader
+        self.service.extra_replica_methods["backup.read_leader"] = self._read_leader
+        if single is not None:
+            single.defer = self.in_cluster
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def in_cluster(self) -> bool:
+        """Whether the applied metadata has two or more ring members."""
+        state = self.control.metadata
+        return state is not None and len(state.ring_members()) > 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """As leader, keep duty ``backup`` scheduled at this node's ``[backup] schedule``."""
+        task_status.started()
+        while True:
+            await trio.sleep(SCHEDULE_CHECK_S)
+            state = self.control.metadata
+            if self.control.leader_term() is None or state is None or not self.in_cluster():
+                continue
+            duty = state.duties.get(BACKUP_DUTY)
+            interval = schedule_change(None if duty is None else duty.interval_s, self.interval_s)
+            if interval is None:
+                self._feed()
+                continue
+            try:
+                await self.control.propose(metadata.cmd_duty_schedule(BACKUP_DUTY, interval))
+            except StorageError as exc:
+                log.info("backup duty not scheduled: %s", exc.message)
+
+    # -- status and metrics ---------------------------------------------------------------------
+
+    def _last_success_ms(self) -> int | None:
+        state = self.control.metadata
+        duty = None if state is None else state.duties.get(BACKUP_DUTY)
+        newest = max((t.created_ms for t in self._taken()), default=None)
+        if duty is None:
+            return newest
+        return last_success_ms(duty.last_ok, duty.last_finished_ms, duty.last_term, newest)
+
+    def _feed(self) -> None:
+        if self.control.leader_term() is None:
+            return
+        last = self._last_success_ms()
+        self.metrics.set_backup(
+            last_success_s=None if last is None else last / 1000, failures=self.failures
+        )
+
+    def status(self) -> Body:
+        """``node.status``'s ``backup`` (docs/backup.md): the single-node service's outside
+        a cluster; in one, the cluster duty's: {schedule_s, dir, last_success_at, failures,
+        warning, scope: "cluster", leader}."""
+        if not self.in_cluster():
+            return self.single.status() if self.single is not None else {}
+        if self.interval_s is None and self.single is None:
+            return {}
+        state = self.control.metadata
+        duty = None if state is None else state.duties.get(BACKUP_DUTY)
+        interval = self.interval_s if duty is None else duty.interval_s
+        last = self._last_success_ms()
+        warning = None
+        if interval and stale(self._clock_ms(), last or self._started_ms, interval):
+            what = (
+                "no cluster backup has succeeded"
+                if last is None
+                else "the last good cluster backup is"
+            )
+            warning = f"{what} older than twice the schedule ({interval} s)"
+        return {
+            "backup": {
+                "schedule_s": interval,
+                "dir": str(self.directory),
+                "last_success_at": None if last is None else iso_ms(last),
+                "failures": self.failures,
+                "warning": warning,
+                "scope": "cluster",
+                "leader": self.control.leader_name(),
+            }
+        }
+
+    # -- the duty -------------------------------------------------------------------------------
+
+    async def _duty(self, action: DutyAction, term: int) -> str:
+        step = duty_step(
+            members=0
+            if self.control.metadata is None
+            else len(self.control.metadata.ring_members()),
+            interval_s=self.interval_s,
+        )
+        if step != "take":
+            return f"skipped: {step}"
+        try:
+            made = await self.take((), with_keys=False)
+        except (StorageError, NodeError, OSError) as exc:
+            self.failures += 1
+            self._feed()
+            log.error("scheduled cluster backup failed: %s", exc)
+            raise
+        pruned = self._prune()
+        self._feed()
+        return f"{made['name']}: {made['manifest']['counts']['versions']} versions, {pruned} pruned"
+
+    def _taken(self) -> list[Taken]:
+        out = []
+        for entry in backup_io.list_backups(self.directory):
+            created = entry.get("created_ms")
+            if entry.get("scope") == "cluster" and isinstance(created, int):
+                out.append(Taken(Path(entry["file"]).name, "full", created))
+        return sorted(out, key=lambda item: item.created_ms)
+
+    def _prune(self) -> int:
+        names = to_prune(self._taken(), self.keep)
+        for name in names:
+            path = self.directory / name
+            path.unlink(missing_ok=True)
+            backup_io.sidecar_of(path).unlink(missing_ok=True)
+        return len(names)
+
+    # -- RPC --------------------------------------------------------------------------------------
+
+    async def _create(self, peer: Peer, args: Body) -> Body:
+        if ADMIN_ROLE not in peer.roles:
+            raise Forbidden("backup.create needs a client certificate with the admin role")
+        if self.control.leader_term() is not None:
+            return await self.take(args["recipients"], with_keys=args["with_keys"])
+        body = {"recipients": args["recipients"], "with_keys": args["with_keys"]}
+        return await self._to_leader("backup.create_leader", body)
+
+    async def _create_leader(self, peer: Peer, args: Body) -> Body:
+        if self.control.leader_term() is None:
+            raise Unavailable(f"{self.service.name} is not the leader any more; retry")
+        return await self.take(args["recipients"], with_keys=args["with_keys"])
+
+    async def _read(self, peer: Peer, args: Body) -> Body:
+        if ADMIN_ROLE not in peer.roles:
+            raise Forbidden("backup.read needs a client certificate with the admin role")
+        if self.control.leader_term() is not None or not self.in_cluster():
+            return await self._page(args["name"], args["offset"])
+        return await self._to_leader("backup.read_leader", dict(args))
+
+    async def _read_leader(self, peer: Peer, args: Body) -> Body:
+        return await self._page(args["name"], args["offset"])
+
+    async def _to_leader(self, method: str, body: Body) -> Body:
+        leader = self.control.leader_name()
+        if leader is None or leader == self.service.name:
+            raise Unavailable("no control-plane leader is known yet; retry")
+        return await self.service.dialer.call(leader, method, body, timeout_s=FORWARD_TIMEOUT_S)
+
+    async def _page(self, name: str, offset: int) -> Body:
+        path = self.directory / check_name(name)
+
+        def read() -> Body:
+            try:
+                with path.open("rb") as handle:
+                    size = path.stat().st_size
+                    if offset > size:
+                        raise InvalidPayload(
+                            f"offset {offset} is past the end ({size})", field="offset"
+                        )
+                    handle.seek(offset)
+                    data = handle.read(MAX_READ_BYTES)
+            except FileNotFoundError:
+                raise NotFound(f"no backup {name} on {self.service.name}", field="name") from None
+            return {"data": data, "eof": offset + len(data) >= size}
+
+        result: Body = await trio.to_thread.run_sync(read)
+        return result
+
+    # -- taking a backup ---------------------------------------------------------------------------
+
+    async def take(self, recipients: Sequence[str], *, with_keys: bool) -> Body:
+        """Take a full cluster backup into the backup directory (module docstring)."""
+        targets = [_recipient(self.store.keyring.recipient(ADMIN_ROLE))]
+        targets += [_recipient(text) for text in recipients]
+        async with self._lock:
+            state = self.control.metadata
+            cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
+            signers = (
+                []
+                if state is None
+                else [m.signing_key for m in state.members.values() if m.signing_key]
+            )
+            cut = str(await trio.to_thread.run_sync(self.store.next_id))
+            created = self._clock_ms()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            taken = [p.name for p in self.directory.glob(f"*{SUFFIX}")]
+            out = self.directory / backup_name(created, taken)
+            with ArchiveSpool(self.directory) as spool:
+                await self._collect(cut, spool)
+                audit = (
+                    []
+                    if self.store.audit is None
+                    else [e.to_json() for e in self.store.audit.tail(2**62)]
+                )
+                keyring_json, secret = backup_io.key_files(self.store, with_keys=with_keys)
+                spool.set_audit(audit)
+                spool.set_keys(
+                    keyring_json, [*signers, self.store.keyring.signer.public_key], secret
+                )
+
+                def finish() -> tuple[Any, int, str]:
+                    return spool.finish(out, targets, cluster_id=cluster_id,
+                                        node_id=self.store.keyring.node_id, created_ms=created,
+                                        cut=cut)  # fmt: skip
+
+                manifest, size, sha = await trio.to_thread.run_sync(finish)
+            summary = backup_io.summary_json(manifest)
+            sidecar = {**summary, "file_sha256": sha}
+            backup_io.write_sidecar(out, sidecar)
+            self.store.audit_event("backup.create_cluster", None, "ok")
+            log.info("cluster backup %s: cut %s, %s versions", out.name, cut,
+                     manifest.counts["versions"])  # fmt: skip
+            return {"name": out.name, "bytes": size, "sha256": sha,
+                    "leader": self.service.name, "manifest": summary}  # fmt: skip
+
+    async def _collect(self, cut: str, spool: ArchiveSpool) -> None:
+        old, _new = self.service.placement_rings()  # the old list holds every acked write
+        quorum = self.service.config.quorum
+        for start, end, replicas in old.ranges(quorum.n):
+            parts = list(partitions_in(start, end, old.partitions))
+            if parts:
+                await self._arc(parts, list(replicas), quorum.r, cut, spool)
+
+    async def _call(self, name: str, method: str, body: Body) -> Body:
+        if name == self.service.name:
+            return await self.service.handle(self._self_peer, method, body)
+        return await self.service.dialer.call(name, method, body, timeout_s=PEER_TIMEOUT_S)
+
+    async def _arc(
+        self, parts: list[int], replicas: list[str], r: int, cut: str, spool: ArchiveSpool
+    ) -> None:
+        contexts: set[str] = set()
+        answered: list[str] = []
+        failed: dict[str, str] = {}
+        for name in replicas:
+            try:
+                contexts |= await self._contexts(name, parts)
+                answered.append(name)
+            except _PEER_FAILURES as exc:
+                failed[name] = str(exc)
+        where = f"partitions {parts[0]}..{parts[-1]}"
+        if not quorum_answered(answered, r):
+            raise BackupFailed(
+                f"{where}: {len(answered)} of {replicas} answered, a backup reads R={r} "
+                f"({'; '.join(f'{k}: {v}' for k, v in sorted(failed.items()))})"
+            )
+        ordered = sorted(contexts)
+        for start in range(0, len(ordered), CONTEXT_CHUNK):
+            chunk = ordered[start : start + CONTEXT_CHUNK]
+            states: dict[str, dict[str, ReplicaState]] = {ctx: {} for ctx in chunk}
+            ok: list[str] = []
+            for name in answered:
+                try:
+                    answer = await self._call(name, "rep.ids", {"contexts": chunk})
+                    for ctx, state in _states(answer):
+                        if ctx in states:
+                            states[ctx][name] = state
+                    ok.append(name)
+                except _PEER_FAILURES as exc:
+                    failed[name] = str(exc)
+            if not quorum_answered(ok, r):
+                raise BackupFailed(f"{where}: fewer than R={r} replicas answered rep.ids")
+            for ctx in chunk:
+                merged = merge(states[ctx])
+                if merged.marker is not None:
+                    spool.add_purge(PurgeRow(ctx, merged.marker))
+                rows: list[VersionRow] = []
+                for source, ids in sorted(at_cut(merged, cut).items()):
+                    rows += await self._fetch(source, ctx, ids)
+                for row in sorted(rows, key=lambda row: VersionId.parse(row.version_id)):
+                    spool.add_version(row)
+
+    async def _contexts(self, name: str, parts: list[int]) -> set[str]:
+        segments: list[list[int]] = []
+        for start in range(0, len(parts), 256):
+            chunk = parts[start : start + 256]
+            answer = await self._call(name, "rep.tree", {"partitions": chunk, "leaves": True})
+            leaves = answer["leaves"]
+            if len(leaves) != len(chunk):
+                raise ValueError("rep.tree answered a different number of partitions")
+            for partition, found in zip(chunk, leaves, strict=True):
+                segments += [[partition, int(leaf)] for leaf, _hash in found]
+        contexts: set[str] = set()
+        for start in range(0, len(segments), MAX_ITEMS):
+            body = {"segments": segments[start : start + MAX_ITEMS]}
+            answer = await self._call(name, "rep.digests", body)
+            contexts.update(str(ctx) for ctx, _digest in answer["digests"])
+        return contexts
+
+    async def _fetch(self, source: str, ctx: str, ids: list[str]) -> list[VersionRow]:
+        rows: list[VersionRow] = []
+        wanted = list(ids)
+        trusted = self.store.reader.trusted
+        while wanted:
+            answer = await self._call(source, "rep.fetch", {"context": ctx, "ids": wanted})
+            blobs = [bytes(b) for b in answer["envelopes"]]
+            more = [str(v) for v in answer["more"]]
+            for raw in blobs:
+                env = Envelope.decode(raw)
+                if env.context != ctx or env.version_id not in wanted:
+                    raise ValueError(f"{source} answered another version than asked for {ctx}")
+                env.check_signature()
+                if not trusted(env.signer):
+                    raise CorruptRecord(f"{ctx} {env.version_id}: untrusted signer",
+                                        field="signature")  # fmt: skip
+                rows.append(VersionRow(ctx, env.version_id, raw))
+            if not blobs or not set(more) < set(wanted):
+                if more:
+                    raise BackupFailed(f"{source} no longer holds {len(more)} versions of {ctx}")
+                break
+            wanted = more
+        return rows
+
+
+_PEER_FAILURES = (PeerUnavailable, RemoteError, StorageError, NodeError, KeyError, TypeError,
+                  ValueError)  # fmt: skip
+
+
+def _states(answer: Body) -> list[tuple[str, ReplicaState]]:
+    """``rep.ids``' answer as replica states (a malformed answer raises ValueError)."""
+    out = []
+    for canonical, ids, marker, *rest in answer["states"]:
+        parsed = None if marker is None else PurgeMarker.decode(bytes(marker))
+        epochs = {str(vid): int(epoch) for vid, epoch in (rest[0] if rest else [])}
+        out.append((str(canonical), ReplicaState(frozenset(str(v) for v in ids), parsed, epochs)))
+    return out
+
+
+def _recipient(text: str) -> x25519.Recipient:
+    try:
+        return x25519.Recipient.from_str(text)
+    except pyrage.RecipientError:
+        raise InvalidPayload(f"{text[:80]!r} is not an age X25519 recipient",
+                             field="recipients") from None  # fmt: skip

@@ -1,0 +1,215 @@
+"""The cluster backup's decisions: the merge of replica states at an HLC cut, backup file
+names, the ``backup.*`` request bodies, and the scheduled duty's skip rules (issue 11).
+
+Owns, for ``node.control.cluster_backup`` (the shell):
+
+- ``merge``: one context's state from the replicas that answered (``rep.ids``): the union
+  of their version ids; the purge marker that covers more wins; for each id, the replica
+  holding its highest seal epoch is where it is fetched from (as reads prefer a re-sealed
+  copy); ties go to the first replica by name.
+- ``at_cut``: the versions a backup at ``cut`` holds: ids at or below the cut and above
+  the merged purge marker, oldest first, grouped by the replica to fetch them from.
+- ``check_name``: a backup file name the client may ask for (no path, no traversal).
+- ``parse``: the typed bodies of ``backup.create`` / ``backup.read`` (400 naming the field).
+- ``duty_step``: what the ``backup`` duty does on this leader (skip, or take one), and
+  ``schedule_change``: whether the leader should (re)schedule the duty in the log.
+
+Pure: no I/O, trio, clock or randomness. Must not know: RPC, files, the archive format.
+Invariants: ``merge`` is commutative in its replicas; ``at_cut`` never returns an id
+above ``cut`` or covered by the merged marker; ``check_name`` accepts only names
+``backup_name`` can produce.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from storage.errors import InvalidPayload
+from storage.schema import PurgeMarker
+from storage.versions import VersionId
+
+BACKUP_DUTY = "backup"
+SUFFIX = ".slurp-backup.age"
+MAX_READ_BYTES = 4 << 20  # one backup.read page
+MAX_RECIPIENTS = 64
+_NAME = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z(-[0-9]{1,4})?\.slurp-backup\.age$")
+_RECIPIENT = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica's answer for one context (``rep.ids``)."""
+
+    ids: frozenset[str]
+    marker: PurgeMarker | None = None
+    epochs: Mapping[str, int] = field(default_factory=dict)  # re-sealed copies only
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One context merged over the replicas that answered."""
+
+    marker: PurgeMarker | None
+    source: Mapping[str, str]  # version id -> the replica to fetch it from
+
+
+def merge(states: Mapping[str, ReplicaState]) -> Merged:
+    """Union of the replicas' states (module docstring)."""
+    marker: PurgeMarker | None = None
+    for state in states.values():
+        if state.marker is not None and (
+            marker is None or VersionId.parse(state.marker.upto) > VersionId.parse(marker.upto)
+        ):
+            marker = state.marker
+    best: dict[str, tuple[int, str]] = {}
+    for name in sorted(states):
+        state = states[name]
+        for vid in state.ids:
+            epoch = state.epochs.get(vid, 0)
+            held = best.get(vid)
+            if held is None or epoch > held[0]:
+                best[vid] = (epoch, name)
+    return Merged(marker, {vid: name for vid, (_, name) in best.items()})
+
+
+def at_cut(merged: Merged, cut: str) -> dict[str, list[str]]:
+    """replica -> the ids to fetch from it: at or below ``cut``, above the marker, in order."""
+    top = VersionId.parse(cut)
+    floor = None if merged.marker is None else VersionId.parse(merged.marker.upto)
+    out: dict[str, list[str]] = {}
+    for vid in sorted(merged.source, key=VersionId.parse):
+        parsed = VersionId.parse(vid)
+        if parsed > top or (floor is not None and parsed <= floor):
+            continue
+        out.setdefault(merged.source[vid], []).append(vid)
+    return out
+
+
+def quorum_answered(answered: Sequence[str], r: int) -> bool:
+    """Whether enough replicas answered for a read quorum (R of the preference list)."""
+    return len(set(answered)) >= r
+
+
+# -- names and request bodies -------------------------------------------------------------
+
+
+def backup_name(created_ms: int, taken: Sequence[str] = ()) -> str:
+    """``YYYYMMDDTHHMMSS.ffffffZ.slurp-backup.age`` (UTC), with ``-N`` if that is taken."""
+    seconds, ms = divmod(created_ms, 1000)
+    days, rest = divmod(seconds, 86_400)
+    y, m, d = _civil(days)
+    hh, rem = divmod(rest, 3600)
+    mm, ss = divmod(rem, 60)
+    stem = f"{y:04d}{m:02d}{d:02d}T{hh:02d}{mm:02d}{ss:02d}.{ms * 1000:06d}Z"
+    name = stem + SUFFIX
+    number = 1
+    while name in taken:
+        name = f"{stem}-{number}{SUFFIX}"
+        number += 1
+    return name
+
+
+def _civil(days: int) -> tuple[int, int, int]:
+    """(year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm)."""
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (1 if month <= 2 else 0), month, day
+
+
+def check_name(value: Any) -> str:
+    """A backup file name from a request.
+
+    Raises:
+        InvalidPayload: not a name this module makes (field ``name``).
+    """
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidPayload(
+            "name must be a backup file name as backup.create answers it "
+            "(YYYYMMDDTHHMMSS.ffffffZ.slurp-backup.age), without a directory",
+            field="name",
+        )
+    return value
+
+
+def parse(method: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed arguments of a ``backup.*`` request.
+
+    Raises:
+        InvalidPayload: a field is missing, of the wrong type or out of range (named).
+    """
+    if method in ("backup.create", "backup.create_leader"):
+        recipients = body.get("recipients") or []
+        if not isinstance(recipients, list) or len(recipients) > MAX_RECIPIENTS:
+            raise InvalidPayload(
+                f"recipients must be a list of at most {MAX_RECIPIENTS} age1... recipients",
+                field="recipients",
+            )
+        for item in recipients:
+            if not isinstance(item, str) or not _RECIPIENT.match(item):
+                raise InvalidPayload(
+                    f"{str(item)[:80]!r} is not an age X25519 recipient (age1...)",
+                    field="recipients",
+                )
+        if body.get("since") is not None:
+            raise InvalidPayload(
+                "--since (an incremental) is not built for cluster backups: take a full one",
+                field="since",
+            )
+        with_keys = body.get("with_keys", False)
+        if not isinstance(with_keys, bool):
+            raise InvalidPayload("with_keys must be true or false", field="with_keys")
+        return {"recipients": list(recipients), "with_keys": with_keys}
+    if method in ("backup.read", "backup.read_leader"):
+        offset = body.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**48:
+            raise InvalidPayload("offset must be a whole number of bytes", field="offset")
+        return {"name": check_name(body.get("name")), "offset": offset}
+    raise InvalidPayload(f"unknown method {method!r}", field="method")
+
+
+# -- the scheduled duty ---------------------------------------------------------------------
+
+Step = Literal["take", "skip_not_cluster", "skip_no_schedule"]
+
+
+def duty_step(*, members: int, interval_s: int | None) -> Step:
+    """What the ``backup`` duty does when the duties core says it is due on this leader.
+
+    A cluster of one member backs up through the single-node service instead
+    (``node.daemon.backup_service``); a leader without ``[backup] schedule`` takes none.
+    """
+    if members < 2:
+        return "skip_not_cluster"
+    if interval_s is None:
+        return "skip_no_schedule"
+    return "take"
+
+
+def schedule_change(logged_s: int | None, configured_s: int | None) -> int | None:
+    """The interval the leader should propose for the ``backup`` duty (None: nothing).
+
+    The leader's ``[backup] schedule`` is the cluster's: a duty not yet in the log, or
+    logged with another interval, is (re)scheduled; without a schedule nothing is
+    proposed (a logged duty then finds ``skip_no_schedule``).
+    """
+    if configured_s is None or logged_s == configured_s:
+        return None
+    return configured_s
+
+
+def last_success_ms(
+    duty_ok: bool, finished_ms: int, term: int, newest_file_ms: int | None
+) -> int | None:
+    """When the last good cluster backup finished: the duty's record in the log if its last
+    run succeeded, or the newest backup in this node's directory, whichever is later."""
+    times = [t for t in (finished_ms if duty_ok and term > 0 else None, newest_file_ms) if t]
+    return max(times, default=None)
