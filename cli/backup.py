@@ -1,6 +1,8 @@
 """``slurp backup create|verify|list``, ``slurp restore``, ``slurp export``, ``slurp import``.
 
-Embedded only (a node's data directory; the cluster part of issue 11 is not here).
+Embedded (a node's data directory), except ``backup create`` with remote options, which
+asks the cluster's leader for a cluster backup and downloads it (``backup.create`` /
+``backup.read``, node.control.cluster_backup).
 Argument parsing, progress bars (stderr) and rendering; ``storage.backup_io`` and
 ``storage.export`` do the work. Formats: docs/backup.md.
 """
@@ -17,6 +19,7 @@ from pyrage import x25519
 from rich.progress import Progress
 
 from cli import render
+from cli.backend import connect
 from cli.common import STATE, JsonOpt, fail, opened, passphrase_source, run
 from cli.keys import identity_file
 from storage import backup_io, export, restore
@@ -91,7 +94,23 @@ def create(
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up this node: an age file to admin (+ recipients) holding a verified tar."""
+    """Back up this node: an age file to admin (+ recipients) holding a verified tar.
+
+    With --profile/--node: the cluster's leader takes the backup (a quorum read of every
+    range at an HLC cut) into its backup directory, and it is downloaded to --out.
+    """
+    if STATE.remote.given:
+        if since is not None:
+            fail(
+                InvalidPayload(
+                    "--since (an incremental) is not built for cluster backups: take a full "
+                    "one (leave --since out)",
+                    field="since",
+                ),
+                as_json,
+            )
+        _create_cluster(out, recipient or [], with_keys, as_json)
+        return
     ids = _identities(identity, as_json)
     with opened(as_json, "backup create") as store, _progress(as_json, "backing up") as step:
         target = out or backup_io.default_path(store)
@@ -115,6 +134,42 @@ def create(
     render.out.print(
         f"wrote {made.file} ({made.manifest.kind}, cut {made.manifest.cut}, "
         f"{counts['versions']} versions, {made.bytes} bytes)",
+        markup=False,
+    )
+
+
+def _create_cluster(
+    out: Path | None, recipients: list[str], with_keys: bool, as_json: bool
+) -> None:
+    """``backup create`` against a cluster: the leader takes it, we download it."""
+    STATE.refused = None  # the one backup command that goes to a cluster
+    remote = run(as_json, lambda: connect(STATE.remote))
+    try:
+        client = remote.client
+        with Progress(console=render.err, disable=as_json) as bar:
+            task = bar.add_task("the leader is backing up the cluster", total=None)
+            made = run(as_json, lambda: client.backup_create(recipients, with_keys=with_keys))
+            target = out or Path(str(made["name"]))
+            bar.update(task, description=f"downloading {made['name']}", total=made["bytes"])
+            run(
+                as_json,
+                lambda: backup_io.download(
+                    client.backup_read, str(made["name"]), target, str(made["sha256"]),
+                    progress=lambda done: bar.update(task, completed=done),
+                ),
+            )  # fmt: skip
+    finally:
+        remote.close()
+    backup_io.write_sidecar(target, {**made["manifest"], "file_sha256": made["sha256"]})
+    if as_json:
+        render.print_json({"file": str(target), "leader_file": made["name"],
+                           "leader": made["leader"], "bytes": made["bytes"],
+                           "sha256": made["sha256"], **made["manifest"]})  # fmt: skip
+        return
+    counts = made["manifest"]["counts"]
+    render.out.print(
+        f"wrote {target} (cluster backup by {made['leader']}, cut {made['manifest']['cut']}, "
+        f"{counts['versions']} versions, {made['bytes']} bytes)",
         markup=False,
     )
 

@@ -395,6 +395,53 @@ def write_sidecar(path: Path, data: dict[str, Any]) -> Path:
     return side
 
 
+def download(
+    read_page: Callable[[str, int], tuple[bytes, bool]],
+    name: str,
+    out: Path,
+    sha256: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Fetch backup ``name`` page by page into ``out`` (tmp + fsync + rename), checking the
+    SHA-256 the leader reported; returns its size.
+
+    Raises:
+        InvalidPayload: ``out`` exists.
+        BackupInvalid: the bytes received do not match ``sha256`` (nothing is written).
+    """
+    if out.exists():
+        raise InvalidPayload(f"{out} exists; backups are never overwritten", field="out")
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    offset = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            while True:
+                data, eof = read_page(name, offset)
+                handle.write(data)
+                digest.update(data)
+                offset += len(data)
+                if progress is not None:
+                    progress(offset)
+                if eof:
+                    break
+                if not data:
+                    raise BackupInvalid(f"{name}: the leader sent an empty page", field="file")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != sha256:
+            raise BackupInvalid(
+                f"{name}: the {offset} bytes received do not match the SHA-256 the leader reported",
+                field="file",
+            )
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return offset
+
+
 def summary_json(manifest: Manifest) -> dict[str, Any]:
     """The manifest without member hashes (the sidecar, and ``--json`` summaries)."""
     out = manifest.to_json()

@@ -158,6 +158,7 @@ PURE_CORES = (
     "node/cluster/layout.py",
     "node/cluster/rebalance_plan.py",
     "node/control/raft_types.py",
+    "node/control/cluster_backup_plan.py",
     "node/control/raft_log.py",
     "node/control/raft.py",
     "node/control/metadata.py",

@@ -256,6 +256,16 @@ class Client:
         """See ``AsyncClient.rotate_role``."""
         return self._run(partial(self._client.rotate_role, role))
 
+    def backup_create(
+        self, recipients: list[str] | None = None, *, with_keys: bool = False
+    ) -> dict[str, Any]:
+        """See ``AsyncClient.backup_create``."""
+        return self._run(partial(self._client.backup_create, recipients, with_keys=with_keys))
+
+    def backup_read(self, name: str, offset: int) -> tuple[bytes, bool]:
+        """See ``AsyncClient.backup_read``."""
+        return self._run(partial(self._client.backup_read, name, offset))
+
     def status(self) -> dict[str, Any]:
         """See ``AsyncClient.status``."""
         return self._run(self._client.status)

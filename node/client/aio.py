@@ -52,8 +52,12 @@ from storage.views import (
 )
 
 READ_METHODS = frozenset(
-    {"ctx.get", "ctx.get_batch", "ctx.history", "ctx.ls", "ctx.search", "node.status"}
-)
+    {
+        "ctx.get", "ctx.get_batch", "ctx.history", "ctx.ls", "ctx.search", "node.status",
+        "backup.read",
+    }
+)  # fmt: skip
+BACKUP_TIMEOUT_S = 3600.0  # backup.create: the leader reads every range before answering
 _ERROR_CLASSES: tuple[type[StorageError], ...] = (
     InvalidAddress, TemporalInvalid, InvalidPayload, Forbidden, NotFound, TemporalOutOfRange,
     DataDirInUse, AlreadyInitialised, KeyringUnusable, Unavailable, CorruptRecord, Internal,
@@ -294,6 +298,25 @@ class AsyncClient:
         ``admin``): ``{role, duty, started, ...}``; follow it in ``status()["rotation"]``."""
         return await self._call("keys.rotate", {"role": role})
 
+    async def backup_create(
+        self, recipients: list[str] | None = None, *, with_keys: bool = False,
+        timeout_s: float = BACKUP_TIMEOUT_S,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Have the leader take a cluster backup into its ``[backup] dir`` (needs ``admin``):
+        ``{name, bytes, sha256, leader, manifest}``; download it with ``backup_read``.
+        Not retried (it writes a file); it may run for minutes (``timeout_s``)."""
+        body = {"recipients": list(recipients or []), "with_keys": with_keys}
+        return await self._call("backup.create", body, timeout_s=timeout_s)
+
+    async def backup_read(self, name: str, offset: int) -> tuple[bytes, bool]:
+        """One page (at most 4 MiB) of the leader's backup ``name`` from ``offset``:
+        (data, eof)."""
+        body = await self._call("backup.read", {"name": name, "offset": offset})
+        data, eof = body.get("data"), body.get("eof")
+        if not isinstance(data, bytes) or not isinstance(eof, bool):
+            raise Internal("backup.read: the node answered a malformed page", field="data")
+        return data, eof
+
     async def status(self) -> dict[str, Any]:
         """The connected node's ``node.status``: name, node_id, members, ring, quorum."""
         return await self._call("node.status", {})
@@ -322,7 +345,9 @@ class AsyncClient:
         Returns {name, node_id, state, ring_epoch}."""
         return await self._call("ctl.member_forget", {"name": name})
 
-    async def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _call(
+        self, method: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         """``method`` with failover (module docstring); the answer's body.
 
         Raises:
@@ -338,7 +363,8 @@ class AsyncClient:
             conn = await self._connection(tried, failure)
             conn.active += 1
             try:
-                return await conn.caller.call(method, body, timeout_s=self.config.timeout_s)
+                budget = self.config.timeout_s if timeout_s is None else timeout_s
+                return await conn.caller.call(method, body, timeout_s=budget)
             except RemoteError as exc:
                 raise storage_error(exc.code, exc.message, exc.field) from None
             except FrameTooLarge:
