@@ -93,7 +93,7 @@ async def test_a_cluster_backup_with_a_node_down_holds_every_acknowledged_write(
     follower = next(m for m in members if (statuses[m.name] or {}).get("role") == "follower")
     os.kill(follower.pid, signal.SIGKILL)
     up = [m for m in members if m is not follower]
-    expected = {}  # version id -> envelope, as the live nodes hold it
+    expected: dict[str, bytes] = {}  # version id -> envelope, as the live nodes hold it
     for member in up:
         expected.update(await versions_held(root, member, [address(i) for i in range(CONTEXTS)]))
 
