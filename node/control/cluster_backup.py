@@ -136,7 +136,7 @@ class ClusterBackup:
         self.service.extra_replica_methods["backup.create_leader"] = self._create_leader
         self.service.extra_replica_methods["backup.read_leader"] = self._read_leader
         if single is not None:
-            single.defer = self.in_cluster
+            single.defer = self._single_waits
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -144,6 +144,13 @@ class ClusterBackup:
         """Whether the applied metadata has two or more ring members."""
         state = self.control.metadata
         return state is not None and len(state.ring_members()) > 1
+
+    def _single_waits(self) -> bool:
+        """The single-node service waits in a cluster, and until the control plane has
+        applied its metadata (it may be a cluster); a halted control plane: it runs."""
+        if self.control.metadata is None:
+            return self.control.halted is None
+        return self.in_cluster()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """As leader, keep duty ``backup`` scheduled at this node's ``[backup] schedule``."""

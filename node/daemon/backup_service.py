@@ -44,7 +44,7 @@ from storage.views import iso_ms
 
 log = logging.getLogger(__name__)
 RETRY_S = 300.0
-DEFER_CHECK_S = 60
+DEFER_CHECK_S = 5  # while deferring: how often to look again (no I/O)
 
 
 class BackupService:

@@ -17,14 +17,16 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
 from pyrage import x25519
 
-from node.daemon.ops import LocalNode
+from node.daemon.ops import LocalNode, cluster_down, start_cluster
 from node.errors import NodeError
+from storage import backup_io
 from storage.address import ContextName, parse
 from storage.backup import read
 from storage.context_store import ContextStore
@@ -161,3 +163,57 @@ async def test_a_cluster_backup_with_a_node_down_holds_every_acknowledged_write(
                 assert upto.upto == marker.marker.upto
             else:
                 assert rows == {v: expected[v] for v, c in acked.items() if c == context_of(i)}
+
+
+def _schedule(root: Path, names: list[str], schedule: str) -> None:
+    for name in names:
+        config = root / name / "node.toml"
+        text = config.read_text(encoding="utf-8")
+        lines = [
+            f'schedule = "{schedule}"' if line.startswith("# schedule: unset") else line
+            for line in text.splitlines()
+        ]
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+async def test_only_the_leader_takes_the_scheduled_backups_of_a_cluster(
+    cluster: tuple[Path, list[LocalNode]],
+) -> None:
+    root, members = cluster
+    names = [m.name for m in members]
+    cluster_down(root)
+    _schedule(root, names, "1h")
+    started = await trio.to_thread.run_sync(lambda: start_cluster(root, 3, timeout_s=90).nodes)
+    dirs = {name: root / name / "data" / "backups" for name in names}
+    with trio.fail_after(120):
+        while not any(backup_io.list_backups(d) for d in dirs.values()):  # noqa: ASYNC110
+            await trio.sleep(0.5)
+    taken = {name: backup_io.list_backups(d) for name, d in dirs.items()}
+    (leader,) = [name for name, found in taken.items() if found]
+    (entry,) = taken[leader]
+    assert entry["scope"] == "cluster"
+    assert entry["kind"] == "full"
+    by_name = {m.name: m for m in started}
+    status = await node_status(root, by_name[leader])
+    assert status is not None
+    assert status["role"] == "leader"
+    backup = status["backup"]
+    assert backup["scope"] == "cluster"
+    assert backup["schedule_s"] == 3600
+    assert backup["warning"] is None
+    assert backup["failures"] == 0
+    with trio.fail_after(30):  # the duty's record reaches the followers through the log
+        while True:
+            follower = await node_status(root, by_name[next(n for n in names if n != leader)])
+            if follower is not None and follower["backup"]["last_success_at"] is not None:
+                break
+            await trio.sleep(0.5)
+    assert follower["backup"]["leader"] == leader
+    text = await trio.to_thread.run_sync(lambda: _metrics(by_name[leader].http_port))
+    assert "slurp_backup_last_success_timestamp_seconds" in text
+    assert "slurp_backup_failures_total 0" in text
