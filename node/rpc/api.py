@@ -87,6 +87,16 @@ Control-plane methods (node certificates only; docs/control.md):
   idempotent; fenced)
 - ``keys.rotate_leader``: {role} -> as ``keys.rotate`` (a follower hands it to the leader)
 
+Cluster backups (node/control/cluster_backup.py; docs/backup.md, "Cluster backups"):
+
+- ``backup.create``: {recipients: ["age1..."], with_keys: bool} -> {name, bytes, sha256,
+  leader, manifest: {...}} (needs ``admin``; the leader takes a full backup into its
+  ``[backup] dir``; a follower hands it to the leader as ``backup.create_leader``, node
+  certificates only; ``since`` given: 400, incrementals are not built for clusters)
+- ``backup.read``: {name, offset} -> {data: bytes (<= 4 MiB), eof: bool} (needs ``admin``;
+  a page of the leader's backup ``name``; a follower reads through the leader with
+  ``backup.read_leader``; a name that is not a bare backup file name: 400, field ``name``)
+
 Client method ``keys.rotate``: {role} -> {role, duty, started, term?} (needs ``admin``;
 starts the cluster-wide rotation on the leader; follow it in ``node.status``'s
 ``rotation``: {role, version, phase, members_done, members_total, rows_done,
