@@ -268,6 +268,18 @@ class AuditLog:
         )
         batch.put(self._prefix + HEAD_KEY, msgpack.packb(head, use_bin_type=True))
 
+    def entries(self) -> Iterator[AuditEntry]:
+        """Every entry, oldest first, one at a time (a snapshot taken now).
+
+        Raises:
+            AuditError: An entry is unreadable (run ``verify``).
+        """
+        for key, value in self._entries():
+            entry = _decode(value)
+            if entry is None:
+                raise AuditError(f"audit row {key.decode('ascii', 'replace')} is unreadable")
+            yield entry
+
     def tail(self, n: int = 20) -> list[AuditEntry]:
         """The last ``n`` entries, oldest first.
 

@@ -330,13 +330,10 @@ class ClusterBackup:
             out = self.directory / backup_name(created, taken)
             with ArchiveSpool(self.directory) as spool:
                 await self._collect(cut, spool)
-                audit = (
-                    []
-                    if self.store.audit is None
-                    else [e.to_json() for e in self.store.audit.tail(2**62)]
-                )
+                audit = self.store.audit
+                rows = () if audit is None else (entry.to_json() for entry in audit.entries())
+                await trio.to_thread.run_sync(lambda: spool.set_audit(rows))
                 keyring_json, secret = backup_io.key_files(self.store, with_keys=with_keys)
-                spool.set_audit(audit)
                 spool.set_keys(
                     keyring_json, [*signers, self.store.keyring.signer.public_key], secret
                 )
@@ -404,7 +401,7 @@ class ClusterBackup:
             if not quorum_answered(ok, r):
                 raise BackupFailed(f"{where}: fewer than R={r} replicas answered rep.ids")
             for ctx in chunk:
-                merged = merge(states[ctx])
+                merged = merge(states[ctx], prefer=self.service.name)
                 if merged.marker is not None:
                     spool.add_purge(PurgeRow(ctx, merged.marker))
                 rows: list[VersionRow] = []

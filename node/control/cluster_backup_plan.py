@@ -6,7 +6,7 @@ Owns, for ``node.control.cluster_backup`` (the shell):
 - ``merge``: one context's state from the replicas that answered (``rep.ids``): the union
   of their version ids; the purge marker that covers more wins; for each id, the replica
   holding its highest seal epoch is where it is fetched from (as reads prefer a re-sealed
-  copy); ties go to the first replica by name.
+  copy); ties go to the preferred replica (the leader itself), then the first by name.
 - ``at_cut``: the versions a backup at ``cut`` holds: ids at or below the cut and above
   the merged purge marker, oldest first, grouped by the replica to fetch them from.
 - ``check_name``: a backup file name the client may ask for (no path, no traversal).
@@ -56,8 +56,10 @@ class Merged:
     source: Mapping[str, str]  # version id -> the replica to fetch it from
 
 
-def merge(states: Mapping[str, ReplicaState]) -> Merged:
-    """Union of the replicas' states (module docstring)."""
+def merge(states: Mapping[str, ReplicaState], prefer: str | None = None) -> Merged:
+    """Union of the replicas' states (module docstring); on a tie of seal epochs the
+    ``prefer``red replica (the leader: a local read) is the source, then the first by
+    name."""
     marker: PurgeMarker | None = None
     for state in states.values():
         if state.marker is not None and (
@@ -65,7 +67,7 @@ def merge(states: Mapping[str, ReplicaState]) -> Merged:
         ):
             marker = state.marker
     best: dict[str, tuple[int, str]] = {}
-    for name in sorted(states):
+    for name in sorted(states, key=lambda name: (name != prefer, name)):
         state = states[name]
         for vid in state.ids:
             epoch = state.epochs.get(vid, 0)

@@ -237,3 +237,11 @@ def test_embedded_only_commands_refuse_remote_options(
     assert "--node" in error["message"]
     assert f"slurp {args[0]}" in error["message"]
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_cluster_backup_refuses_since_naming_it(tmp_path: Path, ca: CertificateAuthority) -> None:
+    options = ["--node", "127.0.0.1:7000", *tls_options(ca)]
+    cli = RemoteSlurp(tmp_path / "absent", CliRunner(), options)
+    error = cli.error("backup", "create", "--since", "old.age", code=INVALID_PAYLOAD, exit_code=2)
+    assert error["field"] == "since"
+    assert "not built for cluster backups" in error["message"]

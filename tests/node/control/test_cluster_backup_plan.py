@@ -47,10 +47,15 @@ def test_merge_is_the_union_with_the_larger_marker_and_the_newest_seal() -> None
     assert merged.source == {vid(1): "node1", vid(2): "node2", vid(4): "node2", vid(5): "node3"}
 
 
-def test_a_tie_in_seal_epoch_goes_to_the_first_replica_by_name() -> None:
+def test_a_tie_in_seal_epoch_goes_to_the_preferred_then_the_first_replica_by_name() -> None:
     same = frozenset({vid(7)})
     merged = merge({"node3": ReplicaState(same), "node1": ReplicaState(same)})
     assert merged.source == {vid(7): "node1"}
+    preferred = merge({"node3": ReplicaState(same), "node1": ReplicaState(same)}, "node3")
+    assert preferred.source == {vid(7): "node3"}  # the leader reads its own copy
+    newer = merge({"node3": ReplicaState(same), "node1": ReplicaState(same, None, {vid(7): 1})},
+                  "node3")  # fmt: skip
+    assert newer.source == {vid(7): "node1"}  # a newer seal beats the preference
 
 
 def test_at_cut_keeps_ids_at_or_below_the_cut_and_above_the_marker_in_order() -> None:
