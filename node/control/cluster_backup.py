@@ -75,6 +75,7 @@ from node.daemon.metrics import NodeMetrics
 from node.errors import NodeError, PeerUnavailable, RemoteError
 from node.rpc.transport import Peer
 from storage import backup_io
+from storage.address import ContextName
 from storage.backup import PurgeRow, VersionRow
 from storage.backup_plan import Taken, stale, to_prune
 from storage.backup_stream import ArchiveSpool
@@ -400,15 +401,53 @@ class ClusterBackup:
                     failed[name] = str(exc)
             if not quorum_answered(ok, r):
                 raise BackupFailed(f"{where}: fewer than R={r} replicas answered rep.ids")
+            plans: dict[str, tuple[PurgeMarker | None, dict[str, list[str]]]] = {}
             for ctx in chunk:
                 merged = merge(states[ctx], prefer=self.service.name)
-                if merged.marker is not None:
-                    spool.add_purge(PurgeRow(ctx, merged.marker))
-                rows: list[VersionRow] = []
-                for source, ids in sorted(at_cut(merged, cut).items()):
-                    rows += await self._fetch(source, ctx, ids)
-                for row in sorted(rows, key=lambda row: VersionId.parse(row.version_id)):
-                    spool.add_version(row)
+                plans[ctx] = (merged.marker, at_cut(merged, cut))
+            here = {ctx: plan.get(self.service.name, []) for ctx, (_, plan) in plans.items()}
+            rows = await trio.to_thread.run_sync(self._read_local, here)
+            for ctx, (_marker, plan) in plans.items():
+                for source, ids in sorted(plan.items()):
+                    if source != self.service.name:
+                        rows[ctx] = rows.get(ctx, []) + await self._fetch(source, ctx, ids)
+
+            await trio.to_thread.run_sync(_spool_chunk, spool, plans, rows)
+
+    def _read_local(self, wanted: dict[str, list[str]]) -> dict[str, list[VersionRow]]:
+        """The versions this node is the source of, read from its own store and checked
+        (one worker-thread call per chunk of contexts, not one RPC per context)."""
+        versions = self.store.versions
+        out: dict[str, list[VersionRow]] = {}
+        for ctx, ids in wanted.items():
+            if not ids:
+                continue
+            name = ContextName.from_canonical(ctx)
+            raws = []
+            for vid in ids:
+                raw = versions.version(name, vid)
+                if raw is not None:  # None: purged or expired since rep.ids (purge wins)
+                    raws.append(bytes(raw))
+            out[ctx] = self._checked(self.service.name, ctx, raws, set(ids))
+        return out
+
+    def _checked(
+        self, source: str, ctx: str, raws: list[bytes], wanted: set[str]
+    ) -> list[VersionRow]:
+        """``raws`` as rows, once each decodes to a wanted version of ``ctx`` signed by a
+        trusted key (a replica's answer is checked like any other, nothing garbled is kept)."""
+        trusted = self.store.reader.trusted
+        rows = []
+        for raw in raws:
+            env = Envelope.decode(raw)
+            if env.context != ctx or env.version_id not in wanted:
+                raise ValueError(f"{source} answered another version than asked for {ctx}")
+            env.check_signature()
+            if not trusted(env.signer):
+                raise CorruptRecord(f"{ctx} {env.version_id}: untrusted signer",
+                                    field="signature")  # fmt: skip
+            rows.append(VersionRow(ctx, env.version_id, raw))
+        return rows
 
     async def _contexts(self, name: str, parts: list[int]) -> set[str]:
         segments: list[list[int]] = []
@@ -430,30 +469,36 @@ class ClusterBackup:
     async def _fetch(self, source: str, ctx: str, ids: list[str]) -> list[VersionRow]:
         rows: list[VersionRow] = []
         wanted = list(ids)
-        trusted = self.store.reader.trusted
         while wanted:
             answer = await self._call(source, "rep.fetch", {"context": ctx, "ids": wanted})
             blobs = [bytes(b) for b in answer["envelopes"]]
             more = [str(v) for v in answer["more"]]
-            for raw in blobs:
-                env = Envelope.decode(raw)
-                if env.context != ctx or env.version_id not in wanted:
-                    raise ValueError(f"{source} answered another version than asked for {ctx}")
-                env.check_signature()
-                if not trusted(env.signer):
-                    raise CorruptRecord(f"{ctx} {env.version_id}: untrusted signer",
-                                        field="signature")  # fmt: skip
-                rows.append(VersionRow(ctx, env.version_id, raw))
+            rows += self._checked(source, ctx, blobs, set(wanted))
             if not blobs or not set(more) < set(wanted):
-                if more:
-                    raise BackupFailed(f"{source} no longer holds {len(more)} versions of {ctx}")
-                break
+                break  # the rest was purged or expired since rep.ids (a purge wins)
             wanted = more
         return rows
 
 
 _PEER_FAILURES = (PeerUnavailable, RemoteError, StorageError, NodeError, KeyError, TypeError,
                   ValueError)  # fmt: skip
+
+
+def _vid_of(row: VersionRow) -> VersionId:
+    return VersionId.parse(row.version_id)
+
+
+def _spool_chunk(
+    spool: ArchiveSpool,
+    plans: dict[str, tuple[PurgeMarker | None, dict[str, list[str]]]],
+    rows: dict[str, list[VersionRow]],
+) -> None:
+    """Spool one chunk of contexts: each one's purge marker, then its versions in order."""
+    for ctx, (marker, _plan) in plans.items():
+        if marker is not None:
+            spool.add_purge(PurgeRow(ctx, marker))
+        for row in sorted(rows.get(ctx, []), key=_vid_of):
+            spool.add_version(row)
 
 
 def _states(answer: Body) -> list[tuple[str, ReplicaState]]:
