@@ -14,9 +14,10 @@ How the leader takes one (docs/backup.md, "Cluster backups"):
 
 1. ``cut`` = a fresh id of the leader's HLC (its clock is moved past every id it has
    applied or been sent, so the cut is after every write it has seen acknowledged).
-2. For every arc of the ring (the *old* ring during a membership transition: it holds
-   every acknowledged write) and each replica of its preference list, the contexts of
-   the arc's partitions (``rep.tree`` leaves, then ``rep.digests``), then, 256 contexts
+2. For every set of replicas of the ring's arcs (the *old* ring during a membership
+   transition: it holds every acknowledged write; ``replica_groups``: the partitions
+   that set replicates, so 3 nodes with N=3 are one group) and each of those replicas,
+   the contexts of those partitions (``rep.tree`` leaves, then ``rep.digests``), then, 256 contexts
    at a time, each context's state (``rep.ids``). At least R replicas must answer every
    step, otherwise the backup fails with 503 naming the partitions: with R + W > N every
    write acknowledged before the cut is on one of them.
@@ -52,7 +53,7 @@ import trio
 from pyrage import x25519
 
 from crypto.roles import ADMIN_ROLE
-from node.cluster.antientropy import MAX_ITEMS, partitions_in
+from node.cluster.antientropy import MAX_ITEMS
 from node.control import metadata
 from node.control.cluster_backup_plan import (
     BACKUP_DUTY,
@@ -66,6 +67,7 @@ from node.control.cluster_backup_plan import (
     last_success_ms,
     merge,
     quorum_answered,
+    replica_groups,
     schedule_change,
 )
 from node.control.duties import DutyAction
@@ -357,10 +359,8 @@ class ClusterBackup:
     async def _collect(self, cut: str, spool: ArchiveSpool) -> None:
         old, _new = self.service.placement_rings()  # the old list holds every acked write
         quorum = self.service.config.quorum
-        for start, end, replicas in old.ranges(quorum.n):
-            parts = list(partitions_in(start, end, old.partitions))
-            if parts:
-                await self._arc(parts, list(replicas), quorum.r, cut, spool)
+        for replicas, parts in replica_groups(old.ranges(quorum.n), old.partitions):
+            await self._arc(parts, list(replicas), quorum.r, cut, spool)
 
     async def _call(self, name: str, method: str, body: Body) -> Body:
         if name == self.service.name:

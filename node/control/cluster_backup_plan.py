@@ -9,6 +9,8 @@ Owns, for ``node.control.cluster_backup`` (the shell):
   copy); ties go to the preferred replica (the leader itself), then the first by name.
 - ``at_cut``: the versions a backup at ``cut`` holds: ids at or below the cut and above
   the merged purge marker, oldest first, grouped by the replica to fetch them from.
+- ``replica_groups``: the ring's partitions grouped by their replica set (one quorum read
+  per group, not per arc).
 - ``check_name``: a backup file name the client may ask for (no path, no traversal).
 - ``parse``: the typed bodies of ``backup.create`` / ``backup.read`` (400 naming the field).
 - ``duty_step``: what the ``backup`` duty does on this leader (skip, or take one), and
@@ -23,10 +25,11 @@ above ``cut`` or covered by the merged marker; ``check_name`` accepts only names
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from node.cluster.antientropy import partitions_in
 from storage.errors import InvalidPayload
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
@@ -88,6 +91,21 @@ def at_cut(merged: Merged, cut: str) -> dict[str, list[str]]:
             continue
         out.setdefault(merged.source[vid], []).append(vid)
     return out
+
+
+def replica_groups(
+    ranges: Iterable[tuple[int, int, tuple[str, ...]]], partitions: int
+) -> list[tuple[tuple[str, ...], list[int]]]:
+    """The ring's partitions grouped by the set of replicas that hold them (from
+    ``Ring.ranges``): (replicas sorted by name, partitions in order), groups sorted. Arcs
+    with the same replicas in another order are one group: a quorum read asks each
+    replica once for all of them."""
+    groups: dict[tuple[str, ...], set[int]] = {}
+    for start, end, replicas in ranges:
+        parts = partitions_in(start, end, partitions)
+        if parts and replicas:
+            groups.setdefault(tuple(sorted(replicas)), set()).update(parts)
+    return [(replicas, sorted(parts)) for replicas, parts in sorted(groups.items())]
 
 
 def quorum_answered(answered: Sequence[str], r: int) -> bool:

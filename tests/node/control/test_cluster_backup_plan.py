@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.cluster.antientropy import partitions_in
+from node.cluster.ring import Ring, RingMember
 from node.control.cluster_backup_plan import (
     MAX_RECIPIENTS,
     Merged,
@@ -21,6 +23,7 @@ from node.control.cluster_backup_plan import (
     merge,
     parse,
     quorum_answered,
+    replica_groups,
     schedule_change,
 )
 from storage.errors import InvalidPayload
@@ -195,3 +198,22 @@ def test_the_last_success_comes_from_the_log_or_the_directory() -> None:
     assert last_success_ms(False, 5_000, 2, 3_000) == 3_000  # the last run failed
     assert last_success_ms(False, 5_000, 2, None) is None
     assert last_success_ms(True, 0, 0, None) is None  # never ran
+
+
+def test_replica_groups_cover_every_partition_once_by_replica_set() -> None:
+    ring = Ring([RingMember(f"node{i}") for i in range(1, 6)], vnodes=8)
+    groups = replica_groups(ring.ranges(3), ring.partitions)
+    seen = [p for _, parts in groups for p in parts]
+    assert sorted(seen) == list(range(ring.partitions))  # every partition, once
+    held_by = {
+        p: set(replicas)
+        for start, end, replicas in ring.ranges(3)
+        for p in partitions_in(start, end, ring.partitions)
+    }
+    for replicas, parts in groups:
+        assert list(replicas) == sorted(replicas)
+        assert all(held_by[p] == set(replicas) for p in parts)
+    assert len(groups) == len({frozenset(r) for r in held_by.values()})
+    three = Ring([RingMember(f"node{i}") for i in range(1, 4)], vnodes=8)
+    (only,) = replica_groups(three.ranges(3), three.partitions)  # N = members: one group
+    assert only == (("node1", "node2", "node3"), list(range(three.partitions)))
