@@ -154,7 +154,8 @@ def _create_cluster(
             run(
                 as_json,
                 lambda: backup_io.download(
-                    client.backup_read, str(made["name"]), target, str(made["sha256"]),
+                    lambda name, offset: client.backup_read(name, offset, str(made["leader"])),
+                    str(made["name"]), target, str(made["sha256"]),
                     progress=lambda done: bar.update(task, completed=done),
                 ),
             )  # fmt: skip

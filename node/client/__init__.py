@@ -262,9 +262,9 @@ class Client:
         """See ``AsyncClient.backup_create``."""
         return self._run(partial(self._client.backup_create, recipients, with_keys=with_keys))
 
-    def backup_read(self, name: str, offset: int) -> tuple[bytes, bool]:
+    def backup_read(self, name: str, offset: int, node: str | None = None) -> tuple[bytes, bool]:
         """See ``AsyncClient.backup_read``."""
-        return self._run(partial(self._client.backup_read, name, offset))
+        return self._run(partial(self._client.backup_read, name, offset, node))
 
     def status(self) -> dict[str, Any]:
         """See ``AsyncClient.status``."""

@@ -308,10 +308,12 @@ class AsyncClient:
         body = {"recipients": list(recipients or []), "with_keys": with_keys}
         return await self._call("backup.create", body, timeout_s=timeout_s)
 
-    async def backup_read(self, name: str, offset: int) -> tuple[bytes, bool]:
-        """One page (at most 4 MiB) of the leader's backup ``name`` from ``offset``:
-        (data, eof)."""
-        body = await self._call("backup.read", {"name": name, "offset": offset})
+    async def backup_read(
+        self, name: str, offset: int, node: str | None = None
+    ) -> tuple[bytes, bool]:
+        """One page (at most 4 MiB) of backup ``name`` from ``offset`` on ``node``
+        (``backup_create``'s ``leader``; None: the current leader): (data, eof)."""
+        body = await self._call("backup.read", {"name": name, "offset": offset, "node": node})
         data, eof = body.get("data"), body.get("eof")
         if not isinstance(data, bytes) or not isinstance(eof, bool):
             raise Internal("backup.read: the node answered a malformed page", field="data")

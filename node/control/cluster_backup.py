@@ -7,8 +7,10 @@ Owns the trio shell of a cluster backup and its RPC methods (node/rpc/api.py):
   leader, manifest: {...summary}} (a client with the ``admin`` role; a follower hands it
   to the leader as ``backup.create_leader``): the leader takes a backup into its
   ``[backup] dir``;
-- ``backup.read`` {name, offset} -> {data: bytes (<= 4 MiB), eof: bool} (admin; a
-  follower reads through the leader with ``backup.read_leader``): a page of that file.
+- ``backup.read`` {name, offset, node?} -> {data: bytes (<= 4 MiB), eof: bool} (admin):
+  a page of the file on ``node`` (``backup.create``'s ``leader``, so a leader change in
+  between does not lose it), or on the current leader; another node reads it there with
+  ``backup.read_leader`` (node certificates only).
 
 How the leader takes one (docs/backup.md, "Cluster backups"):
 
@@ -279,9 +281,17 @@ class ClusterBackup:
     async def _read(self, peer: Peer, args: Body) -> Body:
         if ADMIN_ROLE not in peer.roles:
             raise Forbidden("backup.read needs a client certificate with the admin role")
-        if self.control.leader_term() is not None or not self.in_cluster():
+        node = args["node"]
+        if node == self.service.name or (
+            node is None and (self.control.leader_term() is not None or not self.in_cluster())
+        ):
             return await self._page(args["name"], args["offset"])
-        return await self._to_leader("backup.read_leader", dict(args))
+        body = {"name": args["name"], "offset": args["offset"]}
+        if node is None:
+            return await self._to_leader("backup.read_leader", body)
+        return await self.service.dialer.call(
+            node, "backup.read_leader", body, timeout_s=PEER_TIMEOUT_S
+        )
 
     async def _read_leader(self, peer: Peer, args: Body) -> Body:
         return await self._page(args["name"], args["offset"])

@@ -39,6 +39,7 @@ SUFFIX = ".slurp-backup.age"
 MAX_READ_BYTES = 4 << 20  # one backup.read page
 MAX_RECIPIENTS = 64
 _NAME = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z(-[0-9]{1,4})?\.slurp-backup\.age$")
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RECIPIENT = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
 
 
@@ -192,7 +193,10 @@ def parse(method: str, body: Mapping[str, Any]) -> dict[str, Any]:
         offset = body.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**48:
             raise InvalidPayload("offset must be a whole number of bytes", field="offset")
-        return {"name": check_name(body.get("name")), "offset": offset}
+        node = body.get("node")
+        if node is not None and (not isinstance(node, str) or not _NODE.match(node)):
+            raise InvalidPayload("node must be a node name (backup.create's leader)", field="node")
+        return {"name": check_name(body.get("name")), "offset": offset, "node": node}
     raise InvalidPayload(f"unknown method {method!r}", field="method")
 
 

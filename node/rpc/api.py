@@ -93,8 +93,9 @@ Cluster backups (node/control/cluster_backup.py; docs/backup.md, "Cluster backup
   leader, manifest: {...}} (needs ``admin``; the leader takes a full backup into its
   ``[backup] dir``; a follower hands it to the leader as ``backup.create_leader``, node
   certificates only; ``since`` given: 400, incrementals are not built for clusters)
-- ``backup.read``: {name, offset} -> {data: bytes (<= 4 MiB), eof: bool} (needs ``admin``;
-  a page of the leader's backup ``name``; a follower reads through the leader with
+- ``backup.read``: {name, offset, node?} -> {data: bytes (<= 4 MiB), eof: bool} (needs
+  ``admin``; a page of backup ``name`` on ``node``, ``backup.create``'s ``leader``, or on
+  the current leader when absent; any other node reads it there with
   ``backup.read_leader``; a name that is not a bare backup file name: 400, field ``name``)
 
 Client method ``keys.rotate``: {role} -> {role, duty, started, term?} (needs ``admin``;

@@ -161,12 +161,16 @@ def test_bad_create_bodies_name_their_field(body: dict[str, object], field: str)
 
 def test_read_bodies_validate_the_name_and_offset() -> None:
     name = backup_name(5_000)
-    assert parse("backup.read", {"name": name}) == {"name": name, "offset": 0}
-    assert parse("backup.read_leader", {"name": name, "offset": 9}) == {"name": name, "offset": 9}
+    assert parse("backup.read", {"name": name}) == {"name": name, "offset": 0, "node": None}
+    assert parse("backup.read_leader", {"name": name, "offset": 9, "node": "node2"}) == {
+        "name": name, "offset": 9, "node": "node2",
+    }  # fmt: skip
     cases: list[tuple[dict[str, Any], str]] = [
         ({"name": "../x"}, "name"),
         ({"name": name, "offset": -1}, "offset"),
         ({"name": name, "offset": True}, "offset"),
+        ({"name": name, "node": "../node1"}, "node"),
+        ({"name": name, "node": 3}, "node"),
     ]
     for body, field in cases:
         with pytest.raises(InvalidPayload) as caught:
