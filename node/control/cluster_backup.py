@@ -60,6 +60,7 @@ from node.control import metadata
 from node.control.cluster_backup_plan import (
     BACKUP_DUTY,
     MAX_READ_BYTES,
+    SKIPPED,
     SUFFIX,
     ReplicaState,
     at_cut,
@@ -69,6 +70,7 @@ from node.control.cluster_backup_plan import (
     last_success_ms,
     merge,
     quorum_answered,
+    read_quorum,
     replica_groups,
     schedule_change,
 )
@@ -183,7 +185,9 @@ class ClusterBackup:
         newest = max((t.created_ms for t in self._taken()), default=None)
         if duty is None:
             return newest
-        return last_success_ms(duty.last_ok, duty.last_finished_ms, duty.last_term, newest)
+        return last_success_ms(
+            duty.last_ok, duty.last_finished_ms, duty.last_term, duty.last_message, newest
+        )
 
     def _feed(self) -> None:
         if self.control.leader_term() is None:
@@ -235,7 +239,7 @@ class ClusterBackup:
             interval_s=self.interval_s,
         )
         if step != "take":
-            return f"skipped: {step}"
+            return f"{SKIPPED}{step}"
         try:
             made = await self.take((), with_keys=False)
         except (StorageError, NodeError, OSError) as exc:
@@ -370,7 +374,8 @@ class ClusterBackup:
         old, _new = self.service.placement_rings()  # the old list holds every acked write
         quorum = self.service.config.quorum
         for replicas, parts in replica_groups(old.ranges(quorum.n), old.partitions):
-            await self._arc(parts, list(replicas), quorum.r, cut, spool)
+            r = read_quorum(quorum.r, len(replicas))
+            await self._arc(parts, list(replicas), r, cut, spool)
 
     async def _call(self, name: str, method: str, body: Body) -> Body:
         if name == self.service.name:

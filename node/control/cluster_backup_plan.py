@@ -35,6 +35,7 @@ from storage.schema import PurgeMarker
 from storage.versions import VersionId
 
 BACKUP_DUTY = "backup"
+SKIPPED = "skipped: "  # the duty's message when it took no backup
 SUFFIX = ".slurp-backup.age"
 MAX_READ_BYTES = 4 << 20  # one backup.read page
 MAX_RECIPIENTS = 64
@@ -231,9 +232,16 @@ def schedule_change(logged_s: int | None, configured_s: int | None) -> int | Non
 
 
 def last_success_ms(
-    duty_ok: bool, finished_ms: int, term: int, newest_file_ms: int | None
+    duty_ok: bool, finished_ms: int, term: int, message: str, newest_file_ms: int | None
 ) -> int | None:
     """When the last good cluster backup finished: the duty's record in the log if its last
-    run succeeded, or the newest backup in this node's directory, whichever is later."""
-    times = [t for t in (finished_ms if duty_ok and term > 0 else None, newest_file_ms) if t]
+    run took one and succeeded (a skipped run took none), or the newest backup in this
+    node's directory, whichever is later."""
+    took = duty_ok and term > 0 and not message.startswith(SKIPPED)
+    times = [t for t in (finished_ms if took else None, newest_file_ms) if t]
     return max(times, default=None)
+
+
+def read_quorum(r: int, replicas: int) -> int:
+    """R for a replica set smaller than N (a cluster of fewer than N members): all of them."""
+    return max(1, min(r, replicas))

@@ -23,6 +23,7 @@ from node.control.cluster_backup_plan import (
     merge,
     parse,
     quorum_answered,
+    read_quorum,
     replica_groups,
     schedule_change,
 )
@@ -197,11 +198,20 @@ def test_the_leader_schedules_the_duty_at_its_configured_interval() -> None:
 
 
 def test_the_last_success_comes_from_the_log_or_the_directory() -> None:
-    assert last_success_ms(True, 5_000, 2, None) == 5_000  # a new leader: from the log
-    assert last_success_ms(True, 5_000, 2, 9_000) == 9_000
-    assert last_success_ms(False, 5_000, 2, 3_000) == 3_000  # the last run failed
-    assert last_success_ms(False, 5_000, 2, None) is None
-    assert last_success_ms(True, 0, 0, None) is None  # never ran
+    took = "20231114T221320.123000Z.slurp-backup.age: 10 versions, 0 pruned"
+    assert last_success_ms(True, 5_000, 2, took, None) == 5_000  # a new leader: the log
+    assert last_success_ms(True, 5_000, 2, took, 9_000) == 9_000
+    assert last_success_ms(False, 5_000, 2, "503", 3_000) == 3_000  # the last run failed
+    assert last_success_ms(False, 5_000, 2, "503", None) is None
+    assert last_success_ms(True, 0, 0, "", None) is None  # never ran
+    skipped = "skipped: skip_no_schedule"
+    assert last_success_ms(True, 5_000, 2, skipped, None) is None  # a skip took none
+
+
+def test_the_read_quorum_shrinks_with_a_small_cluster() -> None:
+    assert read_quorum(2, 3) == 2
+    assert read_quorum(2, 1) == 1  # a cluster of one member
+    assert read_quorum(3, 2) == 2
 
 
 def test_replica_groups_cover_every_partition_once_by_replica_set() -> None:
