@@ -54,6 +54,7 @@ import pyrage
 import trio
 from pyrage import x25519
 
+from crypto.errors import CryptoError
 from crypto.roles import ADMIN_ROLE
 from node.cluster.antientropy import MAX_ITEMS
 from node.control import metadata
@@ -242,7 +243,7 @@ class ClusterBackup:
             return f"{SKIPPED}{step}"
         try:
             made = await self.take((), with_keys=False)
-        except (StorageError, NodeError, OSError) as exc:
+        except (StorageError, NodeError) as exc:
             self.failures += 1
             self._feed()
             log.error("scheduled cluster backup failed: %s", exc)
@@ -329,9 +330,23 @@ class ClusterBackup:
     # -- taking a backup ---------------------------------------------------------------------------
 
     async def take(self, recipients: Sequence[str], *, with_keys: bool) -> Body:
-        """Take a full cluster backup into the backup directory (module docstring)."""
+        """Take a full cluster backup into the backup directory (module docstring).
+
+        Raises:
+            BackupFailed: no read quorum somewhere, or the file could not be written (a
+                full disk, an unreadable audit row): 503, nothing is left behind.
+            InvalidPayload: a bad recipient.
+        """
         targets = [_recipient(self.store.keyring.recipient(ADMIN_ROLE))]
         targets += [_recipient(text) for text in recipients]
+        try:
+            return await self._take(targets, with_keys=with_keys)
+        except (OSError, CryptoError) as exc:
+            raise BackupFailed(
+                f"the cluster backup could not be written in {self.directory}: {exc}"
+            ) from None
+
+    async def _take(self, targets: list[x25519.Recipient], *, with_keys: bool) -> Body:
         async with self._lock:
             state = self.control.metadata
             cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
