@@ -18,14 +18,16 @@ How the leader takes one (docs/backup.md, "Cluster backups"):
    applied or been sent, so the cut is after every write it has seen acknowledged).
 2. For every set of replicas of the ring's arcs (the *old* ring during a membership
    transition: it holds every acknowledged write; ``replica_groups``: the partitions
-   that set replicates, so 3 nodes with N=3 are one group) and each of those replicas,
-   the contexts of those partitions (``rep.tree`` leaves, then ``rep.digests``), then, 256 contexts
-   at a time, each context's state (``rep.ids``). At least R replicas must answer every
-   step, otherwise the backup fails with 503 naming the partitions: with R + W > N every
-   write acknowledged before the cut is on one of them.
+   that set replicates, so 3 nodes with N=3 are one group), from R of those replicas
+   (this node first, read without an RPC; the next one when one fails): the contexts of
+   those partitions (``rep.tree`` leaves, then ``rep.digests``), then, 256 contexts at a
+   time, each context's state (``rep.ids``). Fewer than R answering fails the backup
+   with 503 naming the partitions: with R + W > N every write acknowledged before the
+   cut is on one of any R replicas.
 3. Merge (``cluster_backup_plan.merge``), keep the ids at or below the cut
    (``at_cut``), fetch them (``rep.fetch``) from the replica holding the highest seal
-   epoch, check each envelope's signature, and spool them to disk
+   epoch (this node's own store on a tie), check each envelope's signature (once per
+   node: ``VersionReader.checked``'s digest cache), and spool them to disk
    (``storage.backup_stream``); never more than one chunk of contexts in memory.
 4. The leader's audit log and keyring (public key epochs; secrets with ``with_keys``),
    the members' signing keys, then tar + age to the admin recipient (+ recipients).
@@ -45,8 +47,11 @@ removed, the output renamed only when complete); a name from a request is valida
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +93,6 @@ from storage.backup_plan import Taken, stale, to_prune
 from storage.backup_stream import ArchiveSpool
 from storage.envelope import Envelope
 from storage.errors import (
-    CorruptRecord,
     Forbidden,
     InvalidPayload,
     NotFound,
@@ -136,6 +140,7 @@ class ClusterBackup:
         self._clock_ms = clock_ms
         self._started_ms = clock_ms()
         self.failures = 0
+        self.phases: dict[str, float] = {}  # the last backup's seconds by phase
         self._lock = trio.Lock()
         self._self_peer = Peer(self.service.name, "node", (), "self")
         control.duty_handlers[BACKUP_DUTY] = self._duty
@@ -346,8 +351,18 @@ class ClusterBackup:
                 f"the cluster backup could not be written in {self.directory}: {exc}"
             ) from None
 
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the block to ``phases[phase]`` (the log and the answer)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = round(self.phases.get(phase, 0.0) + time.perf_counter() - start, 3)
+
     async def _take(self, targets: list[x25519.Recipient], *, with_keys: bool) -> Body:
         async with self._lock:
+            self.phases = {}
             state = self.control.metadata
             cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
             signers = (
@@ -375,14 +390,15 @@ class ClusterBackup:
                                         node_id=self.store.keyring.node_id, created_ms=created,
                                         cut=cut)  # fmt: skip
 
-                manifest, size, sha = await trio.to_thread.run_sync(finish)
+                with self._timed("tar_and_age"):
+                    manifest, size, sha = await trio.to_thread.run_sync(finish)
             summary = backup_io.summary_json(manifest)
             sidecar = {**summary, "file_sha256": sha}
             backup_io.write_sidecar(out, sidecar)
             self.store.audit_event("backup.create_cluster", None, "ok")
-            log.info("cluster backup %s: cut %s, %s versions", out.name, cut,
-                     manifest.counts["versions"])  # fmt: skip
-            return {"name": out.name, "bytes": size, "sha256": sha,
+            log.info("cluster backup %s: cut %s, %s versions; seconds by phase: %s", out.name, cut,
+                     manifest.counts["versions"], self.phases)  # fmt: skip
+            return {"name": out.name, "bytes": size, "sha256": sha, "seconds": dict(self.phases),
                     "leader": self.service.name, "manifest": summary}  # fmt: skip
 
     async def _collect(self, cut: str, spool: ArchiveSpool) -> None:
@@ -403,9 +419,14 @@ class ClusterBackup:
         contexts: set[str] = set()
         answered: list[str] = []
         failed: dict[str, str] = {}
-        for name in replicas:
+        # R replicas suffice (R + W > N): this node first (no RPC), the others while one fails
+        candidates = sorted(replicas, key=lambda name: (name != self.service.name, name))
+        for name in candidates:
+            if len(answered) >= r:
+                break
             try:
-                contexts |= await self._contexts(name, parts)
+                with self._timed("listing"):
+                    contexts |= await self._contexts(name, parts)
                 answered.append(name)
             except _PEER_FAILURES as exc:
                 failed[name] = str(exc)
@@ -420,9 +441,14 @@ class ClusterBackup:
             chunk = ordered[start : start + CONTEXT_CHUNK]
             states: dict[str, dict[str, ReplicaState]] = {ctx: {} for ctx in chunk}
             ok: list[str] = []
-            for name in answered:
+            for name in [*answered, *(n for n in candidates if n not in answered)]:
+                if len(ok) >= r:
+                    break
+                if name in failed:
+                    continue
                 try:
-                    answer = await self._call(name, "rep.ids", {"contexts": chunk})
+                    with self._timed("states"):
+                        answer = await self._call(name, "rep.ids", {"contexts": chunk})
                     for ctx, state in _states(answer):
                         if ctx in states:
                             states[ctx][name] = state
@@ -436,13 +462,17 @@ class ClusterBackup:
                 merged = merge(states[ctx], prefer=self.service.name)
                 plans[ctx] = (merged.marker, at_cut(merged, cut))
             here = {ctx: plan.get(self.service.name, []) for ctx, (_, plan) in plans.items()}
-            rows = await trio.to_thread.run_sync(self._read_local, here)
+            with self._timed("local_reads"):
+                rows = await trio.to_thread.run_sync(self._read_local, here)
             for ctx, (_marker, plan) in plans.items():
                 for source, ids in sorted(plan.items()):
                     if source != self.service.name:
-                        rows[ctx] = rows.get(ctx, []) + await self._fetch(source, ctx, ids)
+                        with self._timed("remote_fetches"):
+                            fetched = await self._fetch(source, ctx, ids)
+                        rows[ctx] = rows.get(ctx, []) + fetched
 
-            await trio.to_thread.run_sync(_spool_chunk, spool, plans, rows)
+            with self._timed("spool"):
+                await trio.to_thread.run_sync(_spool_chunk, spool, plans, rows)
 
     def _read_local(self, wanted: dict[str, list[str]]) -> dict[str, list[VersionRow]]:
         """The versions this node is the source of, read from its own store and checked
@@ -466,17 +496,16 @@ class ClusterBackup:
     ) -> list[VersionRow]:
         """``raws`` as rows, once each decodes to a wanted version of ``ctx`` signed by a
         trusted key (a replica's answer is checked like any other, nothing garbled is kept)."""
-        trusted = self.store.reader.trusted
+        reader = self.store.reader
         rows = []
         for raw in raws:
             env = Envelope.decode(raw)
             if env.context != ctx or env.version_id not in wanted:
                 raise ValueError(f"{source} answered another version than asked for {ctx}")
-            env.check_signature()
-            if not trusted(env.signer):
-                raise CorruptRecord(f"{ctx} {env.version_id}: untrusted signer",
-                                    field="signature")  # fmt: skip
+            # signature and trust; a version this node verified before is not verified again
+            reader.checked(env, hashlib.sha256(raw).digest())
             rows.append(VersionRow(ctx, env.version_id, raw))
+
         return rows
 
     async def _contexts(self, name: str, parts: list[int]) -> set[str]:

@@ -89,7 +89,7 @@ Control-plane methods (node certificates only; docs/control.md):
 
 Cluster backups (node/control/cluster_backup.py; docs/backup.md, "Cluster backups"):
 
-- ``backup.create``: {recipients: ["age1..."], with_keys: bool} -> {name, bytes, sha256,
+- ``backup.create``: {recipients: ["age1..."], with_keys: bool} -> {name, bytes, sha256, seconds,
   leader, manifest: {...}} (needs ``admin``; the leader takes a full backup into its
   ``[backup] dir``; a follower hands it to the leader as ``backup.create_leader``, node
   certificates only; ``since`` given: 400, incrementals are not built for clusters)
