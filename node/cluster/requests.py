@@ -33,7 +33,9 @@ MAX_ROLES = 64  # roles of a forwarded client
 MAX_SEALED_IDENTITY_BYTES = 4096  # a role identity age-encrypted to a node (keys.install)
 MAX_SEALED_SHARE_BYTES = 4096  # an admin share age-encrypted to a node (admin.reshare)
 # client methods a node may forward to the leader in ``admin.forward``
-FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
+FORWARDABLE_METHODS = frozenset(
+    {"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge", "restore.upload", "restore.apply"}
+)
 # the operator's membership methods (admin clients; a follower forwards them as ctl.member)
 MEMBER_METHODS = frozenset({"ctl.member_add", "ctl.member_remove", "ctl.member_forget"})
 MAX_NODE_ID_CHARS = 128
