@@ -25,12 +25,13 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,9 +105,12 @@ class Found:
     merge_s: float = 0.0
     index_s: float = 0.0
     base_restore_s: float = 0.0
+    ab: dict[str, list[float]] = field(default_factory=dict)  # --ab: merge seconds by mode
 
 
-def run(work: Path, contexts: int, seed: int, *, reverify: bool = False) -> Found:
+def run(
+    work: Path, contexts: int, seed: int, *, reverify: bool = False, ab_rounds: int = 0
+) -> Found:
     found = Found(contexts)
     data = work / "data"
     log(f"populating {contexts:,} contexts")
@@ -144,20 +148,36 @@ def run(work: Path, contexts: int, seed: int, *, reverify: bool = False) -> Foun
         lambda: restore.load_chain([out], opener, target_cluster=None, trusted=None)
     )
     refresh = restore._refresh
+    reverify_now = [reverify]
 
     def timed_refresh(store: ContextStore, touched: Any, checked: Any) -> None:
-        memo = {} if reverify else checked  # --reverify: as before the verified memo
-        found.index_s, _ = timed(lambda: refresh(store, touched, memo))
+        memo = {} if reverify_now[0] else checked  # reverify: as before the verified memo
+        spent, _ = timed(lambda: refresh(store, touched, memo))
+        if not found.merge_s:  # the main restore's (the A/B rounds come after it)
+            found.index_s = spent
 
     restore._refresh = timed_refresh  # the re-index at the end of a merge, timed apart
     try:
         found.merge_s, _ = timed(lambda: restore.restore_fresh(target, chain, None, None, result))
+        log(
+            f"restore: open + verify {found.load_s:.2f} s, build + merge {found.merge_s:.2f} s "
+            f"(of which re-index {found.index_s:.2f} s)"
+        )
+        for round_ in range(ab_rounds):  # the same merge, with and without the memo, alternated
+            for mode in (True, False) if round_ % 2 == 0 else (False, True):
+                reverify_now[0] = mode
+                again = work / f"ab-{round_}-{int(mode)}"
+                merged = restore.Restored(again, [str(out)], created_node=False)
+                spent, _ = timed(
+                    lambda again=again, merged=merged: restore.restore_fresh(
+                        again, chain, None, None, merged
+                    )
+                )
+                found.ab.setdefault("reverify" if mode else "memo", []).append(spent)
+                shutil.rmtree(again)
+            log(f"A/B round {round_ + 1}: {found.ab}")
     finally:
         restore._refresh = refresh
-    log(
-        f"restore: open + verify {found.load_s:.2f} s, build + merge {found.merge_s:.2f} s "
-        f"(of which re-index {found.index_s:.2f} s)"
-    )
     if result.added != found.versions:
         raise SystemExit(f"restored {result.added} versions of {found.versions}")
     return found
@@ -185,7 +205,21 @@ def report(f: Found) -> str:
         "",
         f"Restore split: open and verify every member and signature {f.load_s:.2f} s; build"
         f" the node and merge {f.merge_s - f.index_s:.2f} s; re-index {f.index_s:.2f} s.",
+        *_ab_lines(f),
     ])  # fmt: skip
+
+
+def _ab_lines(f: Found) -> list[str]:
+    if not f.ab:
+        return []
+    memo, before = statistics.median(f.ab["memo"]), statistics.median(f.ab["reverify"])
+    return [
+        "",
+        f"Build + merge + re-index, A/B in this run ({len(f.ab['memo'])} rounds each,"
+        f" alternated): each head's signature verified once (now) median {memo:.2f} s"
+        f" ({f.versions / memo:,.0f} versions/s); verified again to index it (before) median"
+        f" {before:.2f} s ({f.versions / before:,.0f} versions/s).",
+    ]
 
 
 def main() -> None:
@@ -195,6 +229,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data")
+    parser.add_argument(
+        "--ab", type=int, default=0, help="rounds of merges with and without the verified memo"
+    )
     parser.add_argument(
         "--reverify",
         action="store_true",
@@ -206,7 +243,7 @@ def main() -> None:
     scratch.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="backup-", dir=scratch))
     try:
-        body = report(run(work, contexts, args.seed, reverify=args.reverify))
+        body = report(run(work, contexts, args.seed, reverify=args.reverify, ab_rounds=args.ab))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
