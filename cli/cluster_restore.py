@@ -4,7 +4,8 @@ Owns the client side of ``restore.upload``/``restore.apply`` (node/rpc/api.py): 
 goes to the leader in ``CHUNK_BYTES`` chunks, then the merge is driven step by step from
 the cursor the leader answers, summing its counts. The leader verifies everything before
 its first write, and every step is idempotent (node/control/cluster_restore.py), so a
-failed run is simply run again.
+step answered ``UCXL-503`` (out of time, a busy node) is sent again from the same cursor, and
+a failed run is simply run again.
 Must not know: the backup format, how the leader merges.
 """
 
@@ -19,10 +20,11 @@ from rich.progress import Progress
 from cli import render
 from cli.backend import connect
 from cli.common import STATE, fail, run
-from storage.errors import InvalidPayload, StorageError
+from storage.errors import InvalidPayload, StorageError, Unavailable
 
 CHUNK_BYTES = 4 << 20  # the most a restore.upload carries
 VERIFY_POLL_S = 0.5
+MAX_STEP_RETRIES = 5  # a step is idempotent: one that timed out is sent again
 COUNTS = ("versions_sent", "already_held", "purged", "purges_applied", "purges_held")
 
 
@@ -73,8 +75,17 @@ def _restore(client: Any, files: list[Path], as_json: bool) -> dict[str, Any]:
         merge = bar.add_task("verifying", total=None)
         counts = dict.fromkeys(COUNTS, 0)
         cursor = 0
+        failures = 0
         while True:
-            answer = client.restore_apply(uploads, cursor)
+            try:
+                answer = client.restore_apply(uploads, cursor)
+            except Unavailable:  # a step that ran out of time: run again from the cursor
+                failures += 1
+                if failures > MAX_STEP_RETRIES:
+                    raise
+                time.sleep(VERIFY_POLL_S * failures)
+                continue
+            failures = 0
             if answer.get("phase") == "verifying":
                 time.sleep(VERIFY_POLL_S)
                 continue

@@ -34,8 +34,8 @@ Order, and why it is safe while writes continue:
 Invariants: nothing is written before every file verified; only versions signed by a
 cluster member's key are sent; a step reports done only after W owners of each of its
 contexts acknowledged durably; the uploads are deleted when the merge is done.
-Not durable across leaders: a new leader holds no uploads, and the client starts again
-(idempotent).
+Not durable across leaders or restarts: a new leader holds no uploads (a restarted node
+deletes what it kept), and the client starts again (idempotent).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 Body = dict[str, Any]
 RESTORE_DIR = "restore"
 UPLOAD_SUFFIX = ".upload"
-STEP_VERSIONS = 1000  # versions merged by one restore.apply call
-STEP_CONTEXTS = 200  # contexts (or purge markers) merged by one call
+STEP_VERSIONS = 500  # versions merged by one restore.apply call (well inside a call's 5 s)
+STEP_CONTEXTS = 100  # contexts (or purge markers) merged by one call
 CONCURRENT_CONTEXTS = 16  # contexts of a step replicated at once
 
 
@@ -121,6 +121,9 @@ class ClusterRestore:
         self.max_bytes = max_bytes
         self.root = service.store.data_dir.root / RESTORE_DIR
         self._job: _Job | None = None
+        # uploads live as long as this process: a restart drops what an earlier run left
+        for stale in self.root.glob(f"*{UPLOAD_SUFFIX}") if self.root.is_dir() else ():
+            stale.unlink(missing_ok=True)
         service.extra_client_methods["restore.upload"] = self._upload
         service.extra_client_methods["restore.apply"] = self._apply
 
