@@ -5,9 +5,10 @@ The backup is an embedded-format one of node1's data directory, taken while the 
 is stopped (``storage.backup_io.create``, encrypted to the cluster's admin recipient).
 Versions are then lost on every node (removed without a purge marker, as a lost disk
 would), one context is purged through the cluster, and the restore must bring back every
-lost version on all three replicas with the same ids and bytes (so the same signatures),
-keep the purged context purged, change nothing the second time, and write nothing for a
-tampered file or one signed by a key the cluster does not trust.
+lost version on all three replicas with the same ids and bytes (so the same signatures)
+while writes continue (and keep those writes), keep the purged context purged, change
+nothing the second time, and write nothing for a tampered file or one signed by a key the
+cluster does not trust.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTEXTS = 12
 LOST = range(0, 6)  # contexts whose every version is lost on every node
 PURGED = 7  # purged through the cluster after the backup: the cluster's marker wins
+WRITES_DURING = 60  # the most puts made while the restore runs (at least 3)
 
 
 def _address(i: int) -> str:
@@ -179,7 +181,25 @@ async def test_restore_into_a_running_cluster(
     assert "untrusted key" in json.loads(alien.stdout)["error"]["message"]
     assert await _holdings(root, members) == damaged  # neither wrote anything
 
-    first = _restore(root, backup)
+    new_ids: set[str] = set()  # versions written through the cluster while it restores
+    first: dict[str, Any] = {}
+    restored = trio.Event()
+
+    async def keep_writing() -> None:
+        async with open_client(load_profile(root / "client.toml")) as client:
+            for n in range(WRITES_DURING):
+                if restored.is_set() and n >= 3:
+                    return
+                i = n % CONTEXTS
+                if i != PURGED:
+                    ref = await client.put(_address(i), {"summary": f"during the restore {n}"})
+                    new_ids.add(ref.version_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_writing)
+        first.update(await trio.to_thread.run_sync(_restore, root, backup))
+        restored.set()
+    assert new_ids
     assert first["versions_total"] == len(written)
     assert first["versions_sent"] == _count_lost(written)
     assert first["purged"] == len(purged_ids)
@@ -187,11 +207,15 @@ async def test_restore_into_a_running_cluster(
     with trio.fail_after(60):  # W acknowledged at once; the third replica may follow
         while True:
             after = await _holdings(root, members)
-            if all(len(held) == len(written) - len(purged_ids) for held in after.values()):
+            want = len(written) - len(purged_ids) + len(new_ids)
+            if all(len(held) == want for held in after.values()):
                 break
             await trio.sleep(0.2)
-    for held in after.values():
-        assert held == {vid: env for vid, env in written.items() if vid not in purged_ids}
+    for held in after.values():  # the backup's versions byte for byte, and every new write
+        assert {vid: held[vid] for vid in held if vid not in new_ids} == {
+            vid: env for vid, env in written.items() if vid not in purged_ids
+        }
+        assert new_ids <= set(held)
 
     second = _restore(root, backup)
     assert second["versions_sent"] == 0
