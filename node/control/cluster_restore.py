@@ -121,6 +121,9 @@ class ClusterRestore:
         self.max_bytes = max_bytes
         self.root = service.store.data_dir.root / RESTORE_DIR
         self._job: _Job | None = None
+        # the uploads of the last finished merge and its answer: a call repeated because
+        # its answer was lost is answered "done" again (nothing more to do)
+        self._finished: tuple[tuple[str, ...], Body] | None = None
         # uploads live as long as this process: a restart drops what an earlier run left
         for stale in self.root.glob(f"*{UPLOAD_SUFFIX}") if self.root.is_dir() else ():
             stale.unlink(missing_ok=True)
@@ -184,6 +187,9 @@ class ClusterRestore:
         _admin_only(peer, "restore.apply")
         term = self.custody.require_leader_term()
         uploads = tuple(args["uploads"])
+        finished = self._finished
+        if finished is not None and finished[0] == uploads:  # the last answer was lost
+            return {**finished[1], "counts": Tally().to_wire()}
         job = self._job
         if job is None or job.uploads != uploads:
             job = self._start(uploads)
@@ -201,17 +207,18 @@ class ClusterRestore:
         tally = Tally()
         cursor = await self._step(plan, cursor, term, tally)
         done = cursor >= plan.units
-        if done:
-            await self._finish(plan)
-        return {
+        answer: Body = {
             "phase": "merging",
             "cursor": cursor,
             "units": plan.units,
             "done": done,
             "total_versions": plan.total_versions,
             "cut": plan.cut,
-            "counts": tally.to_wire(),
         }
+        if done:
+            await self._finish(plan)
+            self._finished = (uploads, answer)
+        return {**answer, "counts": tally.to_wire()}
 
     def _start(self, uploads: tuple[str, ...]) -> _Job:
         job = _Job(uploads)
