@@ -84,7 +84,7 @@ from storage.backup_manifest import (
 from storage.backup_manifest import (
     text as _text,
 )
-from storage.envelope import Envelope
+from storage.envelope import Envelope, kind_of
 from storage.errors import CorruptRecord
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
@@ -394,8 +394,11 @@ def _lines(name: str, data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+_LINE = json.JSONEncoder(sort_keys=True)  # json.dumps(row, sort_keys=True), built once
+
+
 def _jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    return b"".join(json.dumps(row, sort_keys=True).encode() + b"\n" for row in rows)
+    return "".join(_LINE.encode(row) + "\n" for row in rows).encode()
 
 
 def _version_json(row: VersionRow) -> dict[str, Any]:
@@ -418,7 +421,7 @@ def _purge_json(row: PurgeRow) -> dict[str, Any]:
 
 def _kind_of(row: VersionRow) -> str:
     try:
-        return Envelope.decode(row.envelope).kind
+        return kind_of(row.envelope)
     except CorruptRecord:
         return "corrupt"
 
