@@ -1,8 +1,9 @@
 """``slurp backup create|verify|list``, ``slurp restore``, ``slurp export``, ``slurp import``.
 
-Embedded (a node's data directory), except ``backup create`` with remote options, which
-asks the cluster's leader for a cluster backup and downloads it (``backup.create`` /
-``backup.read``, node.control.cluster_backup).
+Embedded (a node's data directory), except two commands with ``--node``/``--profile``:
+``restore`` (``cli.cluster_restore``: a merge into a running cluster through its leader)
+and ``backup create``, which asks the cluster's leader for a cluster backup and downloads
+it (``backup.create`` / ``backup.read``, node.control.cluster_backup).
 Argument parsing, progress bars (stderr) and rendering; ``storage.backup_io`` and
 ``storage.export`` do the work. Formats: docs/backup.md.
 """
@@ -20,6 +21,7 @@ from rich.progress import Progress
 
 from cli import render
 from cli.backend import connect
+from cli.cluster_restore import restore_cluster
 from cli.common import STATE, JsonOpt, fail, opened, passphrase_source, run
 from cli.keys import identity_file
 from storage import backup_io, export, restore
@@ -227,11 +229,24 @@ def restore_cmd(
     identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore backups into a node (merge) or into a fresh directory (new node).
+    """Restore backups into a node (merge) or into a fresh directory (new node); with
+    --node/--profile, merge them into the running cluster through its leader.
 
     Every file is verified in full before the first write; restoring twice changes
     nothing; a purge marker in the target or the backup wins.
     """
+    if STATE.remote.given:  # --node/--profile: a merge into the running cluster
+        if data_dir is not None or identity:
+            fail(
+                InvalidPayload(
+                    "a cluster restore (--node/--profile) takes neither --data-dir nor "
+                    "--identity: the leader opens the backup with the admin identity it holds",
+                    field="data_dir" if data_dir is not None else "identity",
+                ),
+                as_json,
+            )
+        restore_cluster(files, as_json)
+        return
     root = data_dir or STATE.data_dir
     STATE.data_dir = root
     ids = _identities(identity, as_json)

@@ -87,7 +87,7 @@ from storage.backup_manifest import (
 from storage.backup_manifest import (
     text as _text,
 )
-from storage.envelope import Envelope
+from storage.envelope import Envelope, kind_of
 from storage.errors import CorruptRecord
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
@@ -433,13 +433,16 @@ def purge_json(row: PurgeRow) -> dict[str, Any]:
     return _purge_json(row)
 
 
-def kind_of(row: VersionRow) -> str:
+def row_kind(row: VersionRow) -> str:
     """put, tombstone (or corrupt) of a stored version."""
     return _kind_of(row)
 
 
+_LINE = json.JSONEncoder(sort_keys=True)  # json.dumps(row, sort_keys=True), built once
+
+
 def _jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    return b"".join(json.dumps(row, sort_keys=True).encode() + b"\n" for row in rows)
+    return "".join(_LINE.encode(row) + "\n" for row in rows).encode()
 
 
 def _version_json(row: VersionRow) -> dict[str, Any]:
@@ -462,7 +465,7 @@ def _purge_json(row: PurgeRow) -> dict[str, Any]:
 
 def _kind_of(row: VersionRow) -> str:
     try:
-        return Envelope.decode(row.envelope).kind
+        return kind_of(row.envelope)
     except CorruptRecord:
         return "corrupt"
 
@@ -491,9 +494,9 @@ __all__ = [
     "chunk_name",
     "counts_of",
     "jsonl",
-    "kind_of",
     "lower_bound",
     "purge_json",
     "read",
+    "row_kind",
     "version_json",
 ]

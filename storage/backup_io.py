@@ -226,7 +226,8 @@ def collect(
     """The rows of a backup: versions newer than ``since`` as stored, every purge marker,
     the audit log, the keyring's public part and, with ``with_keys``, its secret files."""
     low = lower_bound(since)
-    total = sum(head.count for _, head in store.versions.heads(_ANY))
+    # the progress bar's total: a scan of every head, so only when a bar is drawn
+    total = 0 if progress is None else sum(h.count for _, h in store.versions.heads(_ANY))
     versions: list[VersionRow] = []
     done = 0
     last_key, last_name = b"", ""

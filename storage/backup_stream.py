@@ -42,8 +42,8 @@ from storage.backup import (
     VersionRow,
     chunk_name,
     jsonl,
-    kind_of,
     purge_json,
+    row_kind,
     version_json,
 )
 from storage.errors import InvalidPayload
@@ -119,7 +119,7 @@ class ArchiveSpool:
         self._chunk.write(jsonl([version_json(row)]))
         self._in_chunk += 1
         self.counts["versions"] += 1
-        if kind_of(row) == "tombstone":
+        if row_kind(row) == "tombstone":
             self.counts["tombstones"] += 1
         if row.context != self._last_context:
             self.counts["contexts"] += 1

@@ -311,6 +311,26 @@ def _strs(value: Any) -> tuple[str, ...]:
     return tuple(_str(item) for item in value)
 
 
+def kind_of(data: bytes) -> Kind:
+    """The kind of a stored envelope, read without building the ``Envelope`` (counting
+    tombstones over a whole store; the signature is not checked here).
+
+    Raises:
+        CorruptRecord: damaged bytes, or no valid kind where it belongs.
+    """
+    try:
+        row = msgpack.unpackb(data, raw=False, use_list=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise CorruptRecord("stored version does not decode", field="envelope") from None
+    where = 1 + _HEADER_FIELDS.index("kind")
+    if not isinstance(row, tuple) or len(row) <= where:
+        raise CorruptRecord("stored version has the wrong shape", field="envelope")
+    try:
+        return _kind(row[where])
+    except ValueError:
+        raise CorruptRecord("stored version has an unknown kind", field="envelope") from None
+
+
 def _kind(value: Any) -> Kind:
     if value == "put":
         return "put"

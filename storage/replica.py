@@ -184,6 +184,9 @@ class Replica:
         removed = self.store.versions.purge(ctx, marker)
         self.store.cache.invalidate_context(ctx.key())
         self.store.index.remove(ctx)
+        head = self.store.versions.head(ctx)
+        if head is not None:  # versions newer than the marker stay (VersionStore.purge)
+            self.store.index.refresh_context(ctx, head)
         self.store.index.commit()
         return removed
 

@@ -18,7 +18,7 @@ and renamed into place before the merge.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from crypto.keyfiles import PassphraseSource
 from storage.address import ContextName
 from storage.backup import Backup, Trusted, check_chain, check_signers, read
 from storage.backup_io import Opener, Progress, write_keys
+from storage.cache import envelope_digest
 from storage.context_store import ContextStore
 from storage.datadir import DataDir
 from storage.envelope import Envelope
@@ -139,6 +140,7 @@ def apply(
             result.purges_applied += 1
             touched.add(ctx)
     rows = [row for backup in backups for row in backup.contents.versions]
+    checked = {(row.context, row.version_id): row.envelope for row in rows}
     for start in range(0, len(rows), APPEND_BATCH):
         envs = [Envelope.decode(row.envelope) for row in rows[start : start + APPEND_BATCH]]
         added = store.versions.append(envs)
@@ -158,15 +160,26 @@ def apply(
         last = store.kv.get(META_HLC)
         if last is None or VersionId.parse(last.decode()) < VersionId.parse(cut):
             store.versions.append([], meta=[(META_HLC, cut.encode())])
-    _refresh(store, touched)
+    _refresh(store, touched, checked)
     store.audit_event("backup.restore", None, "ok")
 
 
-def _refresh(store: ContextStore, touched: set[ContextName]) -> None:
-    """Drop the cached views of the contexts a restore changed and re-index them."""
+def _refresh(
+    store: ContextStore, touched: set[ContextName], checked: Mapping[tuple[str, str], bytes]
+) -> None:
+    """Drop the cached views of the contexts a restore changed and re-index them.
+
+    ``checked``: the envelopes ``storage.backup.read`` verified, by (context, id); a head
+    stored byte for byte as verified there is not verified a second time to be indexed.
+    """
     for ctx in sorted(touched, key=ContextName.canonical):
         store.cache.invalidate_context(ctx.key())
-        store.index.refresh_context(ctx, store.versions.head(ctx))
+        head = store.versions.head(ctx)
+        if head is not None:
+            data = checked.get((ctx.canonical(), head.latest))
+            if data is not None:  # the digest matches only the very bytes stored
+                store.reader.verified.add(envelope_digest(data))
+        store.index.refresh_context(ctx, head)
         store.index.maybe_commit()
     store.index.commit()
 

@@ -175,16 +175,33 @@ class VersionStore:
         return envelopes, results
 
     def purge(self, context: ContextName, marker: PurgeMarker) -> int:
-        """Remove every version of ``context`` and leave ``marker``; returns rows removed."""
+        """Remove every version of ``context`` the marker covers (id <= ``upto``) and leave
+        ``marker``; returns rows removed. Versions newer than the marker stay (a restored
+        backup's older marker, or a write that sorts after it), with the head recomputed."""
         ctx = context.key()
+        upto = VersionId.parse(marker.upto)
+        prefix = len(versions_prefix(ctx))
         with self._lock:
             old = self.kv.get(purge_key(ctx))
-            rows = list(self.kv.scan(versions_prefix(ctx)))
-            deletes = [key for key, _ in rows] + [head_key(ctx)]
+            rows: list[tuple[bytes, bytes]] = []
+            kept: list[Envelope] = []
+            for key, data in self.kv.scan(versions_prefix(ctx)):
+                if VersionId.parse(key[prefix:].decode("ascii")) <= upto:
+                    rows.append((key, data))
+                else:
+                    kept.append(Envelope.decode(data))
+            deletes = [key for key, _ in rows]
             for _, data in rows:
                 deletes.extend(self._ttl_rows_of(ctx, data))
-            self.kv.write([(purge_key(ctx), marker.encode())], deletes, sync=True)
-            prefix = len(versions_prefix(ctx))
+            head: Head | None = None
+            for env in kept:
+                head = _advance(head, env)
+            puts = [(purge_key(ctx), marker.encode())]
+            if head is None:
+                deletes.append(head_key(ctx))
+            else:
+                puts.append((head_key(ctx), head.encode()))
+            self.kv.write(puts, deletes, sync=True)
             change = SetChange(
                 ctx,
                 removed=tuple(key[prefix:].decode("ascii") for key, _ in rows),

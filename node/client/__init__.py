@@ -266,6 +266,14 @@ class Client:
         """See ``AsyncClient.backup_read``."""
         return self._run(partial(self._client.backup_read, name, offset, node))
 
+    def restore_upload(self, data: bytes, offset: int, upload_id: str | None) -> str:
+        """See ``AsyncClient.restore_upload``."""
+        return self._run(partial(self._client.restore_upload, data, offset, upload_id))
+
+    def restore_apply(self, uploads: list[str], cursor: int) -> dict[str, Any]:
+        """See ``AsyncClient.restore_apply``."""
+        return self._run(partial(self._client.restore_apply, uploads, cursor))
+
     def status(self) -> dict[str, Any]:
         """See ``AsyncClient.status``."""
         return self._run(self._client.status)

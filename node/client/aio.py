@@ -319,6 +319,21 @@ class AsyncClient:
             raise Internal("backup.read: the node answered a malformed page", field="data")
         return data, eof
 
+    async def restore_upload(self, data: bytes, offset: int, upload_id: str | None) -> str:
+        """Send one chunk (<= 4 MiB) of a backup file to the leader (needs ``admin``);
+        the upload's id (a new one when ``upload_id`` is None and ``offset`` is 0)."""
+        body = {"upload_id": upload_id, "offset": offset, "data": data}
+        answer = await self._call("restore.upload", body)
+        found = _part(answer, "upload_id", "restore.upload")
+        if not isinstance(found, str):
+            raise Internal("restore.upload: the node answered a malformed id", field="upload_id")
+        return found
+
+    async def restore_apply(self, uploads: list[str], cursor: int) -> dict[str, Any]:
+        """One step of merging uploaded backups into the cluster (needs ``admin``):
+        ``{phase, cursor, done, ...}`` (node/rpc/api.py); call again from ``cursor``."""
+        return await self._call("restore.apply", {"uploads": uploads, "cursor": cursor})
+
     async def status(self) -> dict[str, Any]:
         """The connected node's ``node.status``: name, node_id, members, ring, quorum."""
         return await self._call("node.status", {})

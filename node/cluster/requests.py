@@ -34,7 +34,9 @@ MAX_ROLES = 64  # roles of a forwarded client
 MAX_SEALED_IDENTITY_BYTES = 4096  # a role identity age-encrypted to a node (keys.install)
 MAX_SEALED_SHARE_BYTES = 4096  # an admin share age-encrypted to a node (admin.reshare)
 # client methods a node may forward to the leader in ``admin.forward``
-FORWARDABLE_METHODS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge"})
+FORWARDABLE_METHODS = frozenset(
+    {"ctx.get", "ctx.get_batch", "ctx.history", "ctx.purge", "restore.upload", "restore.apply"}
+)
 # the operator's membership methods (admin clients; a follower forwards them as ctl.member)
 MEMBER_METHODS = frozenset({"ctl.member_add", "ctl.member_remove", "ctl.member_forget"})
 # cluster backups (node.control.cluster_backup)
@@ -42,6 +44,9 @@ BACKUP_METHODS = frozenset(
     {"backup.create", "backup.create_leader", "backup.read", "backup.read_leader"}
 )
 MAX_NODE_ID_CHARS = 128
+MAX_RESTORE_CHUNK = 4 << 20  # bytes of one restore.upload (a backup file travels in chunks)
+MAX_RESTORE_FILES = 1000  # files of one restore.apply (a full backup and its incrementals)
+MAX_UPLOAD_ID_CHARS = 64
 SIGNING_KEY_BYTES = 32  # a raw Ed25519 public key
 
 
@@ -199,6 +204,14 @@ def _list(body: dict[str, Any], name: str, limit: int = MAX_BATCH_ITEMS) -> list
     return value
 
 
+def _upload_id(value: Any) -> str:
+    """An upload id the leader handed out: lowercase hex (it names a file there)."""
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_UPLOAD_ID_CHARS
+            and all(c in "0123456789abcdef" for c in value)):  # fmt: skip
+        raise InvalidPayload("upload_id must be an id restore.upload answered", field="upload_id")
+    return value
+
+
 def _bytes(value: Any, name: str) -> bytes:
     if not isinstance(value, bytes):
         raise InvalidPayload(f"{name} must be bytes", field=name)
@@ -346,6 +359,24 @@ def parse_request(method: str, body: dict[str, Any]) -> Parsed:
         args = _forward(body)
     elif method in BACKUP_METHODS:
         args = backup_request(method, body)
+    elif method == "restore.upload":
+        data = _bytes(body.get("data"), "data")
+        if len(data) > MAX_RESTORE_CHUNK:
+            raise InvalidPayload(f"data: over {MAX_RESTORE_CHUNK} bytes", field="data")
+        upload = body.get("upload_id")
+        offset = body.get("offset")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**62:
+            raise InvalidPayload("offset must be a byte offset (an integer >= 0)", field="offset")
+        args = {"upload_id": None if upload is None else _upload_id(upload),
+                "data": data, "offset": offset}  # fmt: skip
+    elif method == "restore.apply":
+        uploads = _list(body, "uploads", MAX_RESTORE_FILES)
+        if not uploads:
+            raise InvalidPayload("uploads: give at least one uploaded file", field="uploads")
+        cursor = body.get("cursor", 0)
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or not 0 <= cursor < 2**62:
+            raise InvalidPayload("cursor must be an integer >= 0", field="cursor")
+        args = {"uploads": [_upload_id(item) for item in uploads], "cursor": cursor}
     else:
         raise InvalidPayload(f"unknown method {method!r}", field="method")
     return Parsed(method, args)

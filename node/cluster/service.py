@@ -561,6 +561,13 @@ class NodeService:
             if not learned.covers(envs):
                 return envs, result
         except Unavailable:
+            if learned.purged_upto is None and not pre_read:
+                # a replica of an older release refuses a purged version without naming
+                # its marker's ``upto``: ask the replicas' heads once, on this failure path
+                _, upto_seen = await self._latest(ctx)
+                if upto_seen is None or not Learned(upto_seen).covers(envs):
+                    raise
+                learned.note_purged(upto_seen)
             if learned.purged_upto is None:
                 raise
         upto = learned.purged_upto

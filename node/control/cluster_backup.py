@@ -34,7 +34,8 @@ How the leader takes one (docs/backup.md, "Cluster backups"):
 
 The duty: the leader's ``[backup] schedule`` is proposed as duty ``backup``'s interval;
 when the duties core says it is due, the leader takes a full cluster backup into its
-directory and prunes to ``keep`` (incremental cluster backups are not built). The last
+directory and prunes to ``keep`` (incremental cluster backups are not built; a cron spec
+is followed as an interval of its longest gap). The last
 success comes from the duty's record in the log (so a new leader knows when the next one
 is due) or from the newest backup in this node's directory. A cluster of one member
 leaves backups to ``node.daemon.backup_service`` (which defers to this one in a cluster).
@@ -226,6 +227,7 @@ class ClusterBackup:
         return {
             "backup": {
                 "schedule_s": interval,
+                "cron": None if self.single is None else self.single.policy.cron,
                 "dir": str(self.directory),
                 "last_success_at": None if last is None else iso_ms(last),
                 "failures": self.failures,

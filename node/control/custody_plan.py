@@ -27,9 +27,10 @@ from enum import Enum
 from crypto.roles import ADMIN_ROLE
 
 MAX_RETRY_S = 2.0  # the longest wait between two share collections of one term
-# client methods that need the admin identity when read as admin; purge always is leader-only
+# client methods that need the admin identity when read as admin; purge and a cluster
+# restore (the backup opens with the admin identity only) always are leader-only
 ADMIN_READS = frozenset({"ctx.get", "ctx.get_batch", "ctx.history"})
-LEADER_OPS = frozenset({"ctx.purge"})
+LEADER_OPS = frozenset({"ctx.purge", "restore.upload", "restore.apply"})
 
 
 class Action(Enum):

@@ -504,7 +504,13 @@ class ControlService:
         known = self._peer_names.get(node_id)
         if known is not None and known != peer.name:
             return False
-        self._peer_names[node_id] = peer.name
+        if known is None:
+            # one id per certificate name: a node that re-creates its id (a fresh data dir
+            # under the same certificate) replaces its old binding, so the map stays as
+            # small as the number of node certificates that ever spoke to this node
+            for stale in [i for i, name in self._peer_names.items() if name == peer.name]:
+                del self._peer_names[stale]
+            self._peer_names[node_id] = peer.name
         return True
 
     # -- proposals --------------------------------------------------------------------------

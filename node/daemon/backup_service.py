@@ -33,7 +33,7 @@ from storage.backup_plan import (
     Step,
     Taken,
     due_in_ms,
-    parse_schedule,
+    parse,
     plan,
     stale,
     to_prune,
@@ -89,7 +89,8 @@ class BackupService:
         Raises:
             InvalidPayload: the schedule does not parse (``field`` is ``backup.schedule``).
         """
-        policy = Policy(parse_schedule(schedule), keep=keep, incremental=incremental)
+        parsed = parse(schedule)
+        policy = Policy(parsed.interval_s, keep=keep, incremental=incremental, cron=parsed.cron)
         return cls(store, policy, directory or store.data_dir.backups, metrics,
                    clock_ms=clock_ms)  # fmt: skip
 
@@ -125,7 +126,7 @@ class BackupService:
             path = self.directory / name
             path.unlink(missing_ok=True)
             backup_io.sidecar_of(path).unlink(missing_ok=True)
-        return float(self.policy.interval_s)
+        return due_in_ms(self._clock_ms(), self.taken(), self.policy) / 1000
 
     def taken(self) -> list[Taken]:
         """The backups in the directory that have a readable sidecar, oldest first."""
@@ -145,9 +146,10 @@ class BackupService:
                  made.manifest.cut)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        """``node.status``'s ``backup``: {schedule_s, dir, last_success_at, failures,
-        warning}; ``warning`` is null unless the last good backup (or, without one, the
-        service's start) is older than twice the schedule."""
+        """``node.status``'s ``backup``: {schedule_s, cron, dir, last_success_at, failures,
+        warning}; ``schedule_s`` is the interval (for a cron spec, in ``cron``, its
+        longest gap between two runs); ``warning`` is null unless the last good backup (or,
+        without one, the service's start) is older than twice the schedule."""
         since = self.last_success_ms if self.last_success_ms is not None else self._started_ms
         old = stale(self._clock_ms(), since, self.policy.interval_s)
         warning = None
@@ -157,10 +159,14 @@ class BackupService:
                 if self.last_success_ms is None
                 else "the last good backup is"
             )
-            warning = f"{what} older than twice the schedule ({self.policy.interval_s} s)"
+            span = f"{self.policy.interval_s} s"
+            if self.policy.cron is not None:
+                span = f"the longest gap of {self.policy.cron!r}, {span}"
+            warning = f"{what} older than twice the schedule ({span})"
         return {
             "backup": {
                 "schedule_s": self.policy.interval_s,
+                "cron": self.policy.cron,
                 "dir": str(self.directory),
                 "last_success_at": None
                 if self.last_success_ms is None

@@ -50,6 +50,9 @@ from the environment against the current directory; ``~`` is expanded in both.
     [backup] dir                   SLURP_BACKUP_DIR                    DATA_DIR/backups
     [backup] keep                  SLURP_BACKUP_KEEP                   7 full backups (1..10000)
     [backup] incremental           SLURP_BACKUP_INCREMENTAL            6 between fulls (0..10000)
+    [backup] restore_max_bytes     SLURP_BACKUP_RESTORE_MAX_BYTES      8 GiB of backup files sent
+                                                                       to a leader for a cluster
+                                                                       restore (1 MiB..16 TiB)
     [antientropy] enabled          SLURP_ANTIENTROPY_ENABLED           true
     [antientropy] interval_s       SLURP_ANTIENTROPY_INTERVAL_S        60.0 (> 0)
     [antientropy] bytes_per_s      SLURP_ANTIENTROPY_BYTES_PER_S       8388608 (>= 1024)
@@ -128,7 +131,13 @@ SCHEMA: dict[str, dict[str, str]] = {
     },
     "keys": {"max_key_age_days": "int"},
     "election": {"heartbeat_ms": "int", "election_timeout_ms": "int_pair"},
-    "backup": {"schedule": "optional_str", "dir": "path", "keep": "int", "incremental": "int"},
+    "backup": {
+        "schedule": "optional_str",
+        "dir": "path",
+        "keep": "int",
+        "incremental": "int",
+        "restore_max_bytes": "int",
+    },
     "antientropy": {
         "enabled": "bool",
         "interval_s": "float",
@@ -236,6 +245,9 @@ class ElectionConfig:
     election_timeout_ms: tuple[int, int] = (300, 600)
 
 
+DEFAULT_RESTORE_MAX_BYTES = 8 << 30
+
+
 @dataclass(frozen=True)
 class BackupConfig:
     """The ``[backup]`` table; ``schedule`` is kept as written (``storage.backup_plan``
@@ -245,6 +257,8 @@ class BackupConfig:
     dir: Path | None = None  # None: DATA_DIR/backups
     keep: int = 7
     incremental: int = 6
+    # the most bytes of backup files a leader keeps uploaded for ``slurp --profile P restore``
+    restore_max_bytes: int = DEFAULT_RESTORE_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -356,6 +370,9 @@ class _Reader:
                 dir=self._path("backup.dir"),
                 keep=self._int("backup.keep", 7, 1, 10_000),
                 incremental=self._int("backup.incremental", 6, 0, 10_000),
+                restore_max_bytes=self._int(
+                    "backup.restore_max_bytes", DEFAULT_RESTORE_MAX_BYTES, 1 << 20, 1 << 44
+                ),
             ),
             antientropy=self._antientropy(),
             handoff=self._handoff(),
@@ -646,6 +663,7 @@ def render_node_config(cfg: NodeConfig) -> str:
             "dir": cfg.backup.dir,
             "keep": cfg.backup.keep,
             "incremental": cfg.backup.incremental,
+            "restore_max_bytes": cfg.backup.restore_max_bytes,
         },
         "antientropy": {
             "enabled": cfg.antientropy.enabled,

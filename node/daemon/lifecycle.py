@@ -45,6 +45,7 @@ from node.cluster.rebalance import RebalanceConfig, RebalanceService
 from node.cluster.replication import Quorum
 from node.cluster.service import NodeService, ServiceConfig
 from node.control.cluster_backup import ClusterBackup
+from node.control.cluster_restore import ClusterRestore
 from node.control.custody import AdminCustody
 from node.control.maintenance import Maintenance
 from node.control.membership import Transitions
@@ -157,6 +158,8 @@ class NodeDaemon:
         Maintenance(self.control, self.custody.fence, max_key_age_days=config.keys.max_key_age_days)
         self.transitions = Transitions(self.control)  # ctl.member_* and the transition driver
         self.rotation = ClusterRotation(self.control, self.custody.fence)
+        # restore.upload / restore.apply: a backup merged into this cluster by the leader
+        ClusterRestore(self.service, self.custody, max_bytes=config.backup.restore_max_bytes)
 
     def _check_key(self) -> None:
         public = self._key.public_key().public_bytes(

@@ -103,6 +103,19 @@ starts the cluster-wide rotation on the leader; follow it in ``node.status``'s
 ``rotation``: {role, version, phase, members_done, members_total, rows_done,
 rows_total} while it runs, then {role, phase: "done"|"failed", message, finished_ms}).
 
+Client methods ``restore.upload`` and ``restore.apply`` (need ``admin``; leader-only, a
+follower forwards them through ``admin.forward``; node/control/cluster_restore.py,
+docs/backup.md):
+
+- ``restore.upload``: {upload_id: str|None, offset: int, data: bytes (<= 4 MiB)} ->
+  {upload_id, size} (a new upload starts at offset 0 without an id; refused past
+  ``[backup] restore_max_bytes`` on the leader)
+- ``restore.apply``: {uploads: [upload_id] (a full backup, then its incrementals), cursor:
+  int} -> {phase: "verifying", cursor, done: false} while the leader verifies, then
+  {phase: "merging", cursor, units, done, total_versions, cut, counts: {versions_sent,
+  already_held, purged, purges_applied, purges_held}} (one bounded step; call again from
+  ``cursor`` until ``done``; the counts are the step's)
+
 Authorization: a client may write a context whose role is one of its certificate roles
 (or any context, with ``admin``); it may read as one of its roles only; ``ctx.purge``
 needs ``admin``. Violations answer ``UCXL-403-FORBIDDEN``.

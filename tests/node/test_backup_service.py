@@ -94,10 +94,31 @@ def test_a_failed_backup_is_counted_and_retried(store: ContextStore, clock: Cloc
 def test_a_bad_schedule_is_refused_by_name(store: ContextStore, clock: Clock) -> None:
     with pytest.raises(InvalidPayload) as raised:
         BackupService.from_config(
-            store, "0 3 * * *", keep=1, incremental=0, directory=None,
+            store, "0 25 * * *", keep=1, incremental=0, directory=None,
             metrics=NodeMetrics(), clock_ms=clock,
         )  # fmt: skip
     assert raised.value.field == "backup.schedule"
+    assert "hour field '25'" in raised.value.message
+
+
+def test_a_cron_schedule_backs_up_at_its_runs(store: ContextStore, clock: Clock) -> None:
+    backups = BackupService.from_config(
+        store, "0 3 * * *", keep=2, incremental=1, directory=None,
+        metrics=NodeMetrics(), clock_ms=clock,
+    )  # fmt: skip
+    assert backups.step() == 3 * 3600.0  # the first at once (00:00), the next at 03:00
+    clock.now_ms += 3 * HOUR_MS - 1
+    assert backups.step() == 0.001
+    assert len(backups.taken()) == 1
+    clock.now_ms += 1
+    assert backups.step() == 24 * 3600.0
+    assert [t.kind for t in backups.taken()] == ["full", "incremental"]
+    status = backups.status()["backup"]
+    assert status["cron"] == "0 3 * * *"
+    assert status["schedule_s"] == 86_400
+    assert status["warning"] is None
+    clock.now_ms += 2 * 86_400_000 + 1
+    assert "longest gap of '0 3 * * *'" in backups.status()["backup"]["warning"]
 
 
 async def test_the_service_takes_the_first_backup_then_waits(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -133,3 +134,26 @@ async def test_puts_sharing_a_frame_are_acknowledged_each_by_its_own_flags(
             for node in sim.nodes.values():
                 assert node.store.versions.head(ctx) is not None
         assert n3.store.versions.head(parse(A.replace("doc.md", "b")).context()) is None
+
+
+async def test_a_put_behind_a_purge_on_replicas_of_an_older_release_is_resealed_too(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas of an older release refuse a purged version without naming the marker's
+    ``upto``: the coordinator asks their heads once (``rep.head`` names it) and retries."""
+    async with open_sim_cluster(tmp_path) as sim:
+        await sim.call("n1", "ctx.put", {"address": A, "record": {"summary": "old"}})
+        ctx = parse(A).context()
+        now = sim.nodes["n2"].store.next_id()
+        ahead = VersionId(now.wall_ms + HOUR_MS, 0, "purger")
+        marker = PurgeMarker(str(ahead), now.wall_ms + HOUR_MS, "purger")
+        for name in ("n1", "n3"):
+            sim.nodes[name].service.replica.apply_purge(ctx, marker)
+            monkeypatch.setattr(sim.nodes[name].service.local, "_purged_refusals",
+                                lambda blobs, stored: {})  # fmt: skip
+        coordinator = sim.nodes["n2"]
+        ref = await sim.call("n2", "ctx.put", {"address": A, "record": {"summary": "new"}})
+        assert VersionId.parse(ref["ref"]["version_id"]) > ahead
+        assert coordinator.service.purge_retries == 1
+        got = (await sim.call("n1", "ctx.get", {"address": A}))["version"]
+        assert got["version_id"] == ref["ref"]["version_id"]

@@ -9,6 +9,7 @@ from storage.backup_plan import (
     Step,
     Taken,
     due_in_ms,
+    parse,
     parse_schedule,
     plan,
     stale,
@@ -28,7 +29,7 @@ def test_schedule_grammar(text: str, seconds: int) -> None:
     assert parse_schedule(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["0 3 * * *", "soon", "10x", "", "30s"])
+@pytest.mark.parametrize("text", ["soon", "10x", "", "30s", "0 3 * *", "0 3 * * * *"])
 def test_bad_schedules_name_the_key(text: str) -> None:
     with pytest.raises(InvalidPayload) as raised:
         parse_schedule(text)
@@ -68,3 +69,66 @@ def test_stale_after_twice_the_interval() -> None:
     assert not stale(2 * HOUR_MS, 0, 3600)
     assert stale(2 * HOUR_MS + 1, 0, 3600)
     assert not stale(10 * HOUR_MS, None, 3600)
+
+
+# -- cron specs ---------------------------------------------------------------------------
+
+JAN_1_2026_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a Thursday
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "value"),
+    [("61 * * * *", "minute", "61"), ("0 24 * * *", "hour", "24"),
+     ("0 3 0 * *", "day-of-month", "0"), ("0 3 * 13 *", "month", "13"),
+     ("0 3 * * 8", "day-of-week", "8"), ("0 3 31 2 *", "day-of-month", "31"),
+     ("*/x 3 * * *", "minute", "*/x")],
+)  # fmt: skip
+def test_a_bad_cron_field_is_named(spec: str, field: str, value: str) -> None:
+    with pytest.raises(InvalidPayload) as raised:
+        parse(spec)
+    assert raised.value.field == "backup.schedule"
+    assert f"its {field} field {value!r} does not parse" in raised.value.message
+
+
+def test_a_cron_spec_needs_five_fields() -> None:
+    with pytest.raises(InvalidPayload) as raised:
+        parse("0 3 * * * 2026")
+    assert "five fields" in raised.value.message
+    assert "not 6" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("spec", "gap_s"),
+    [("* * * * *", 60), ("*/15 * * * *", 900), ("0 3 * * *", 86_400),
+     ("0 0,12 * * *", 43_200), ("0 9 * * 1-5", 3 * 86_400), ("30 2 1 * *", 31 * 86_400),
+     ("0 0 29 2 *", 1461 * 86_400), ("0 0 13 * 5", 7 * 86_400),
+     ("* * * 1 *", 335 * 86_400 + 60)],
+)  # fmt: skip
+def test_a_cron_spec_is_stale_after_twice_its_longest_gap(spec: str, gap_s: int) -> None:
+    schedule = parse(f"  {spec} ")
+    assert schedule.cron == spec
+    assert schedule.interval_s == gap_s
+    assert parse_schedule(spec) == gap_s
+    assert not stale(JAN_1_2026_MS + 2 * gap_s * 1000, JAN_1_2026_MS, schedule.interval_s)
+    assert stale(JAN_1_2026_MS + 2 * gap_s * 1000 + 1, JAN_1_2026_MS, schedule.interval_s)
+
+
+@pytest.mark.parametrize(
+    ("spec", "after_ms", "due_ms"),
+    [("0 3 * * *", JAN_1_2026_MS, JAN_1_2026_MS + 3 * HOUR_MS),
+     ("0 3 * * *", JAN_1_2026_MS + 3 * HOUR_MS, JAN_1_2026_MS + DAY_MS + 3 * HOUR_MS),
+     ("0 3 * * *", JAN_1_2026_MS + 3 * HOUR_MS - 1, JAN_1_2026_MS + 3 * HOUR_MS),
+     ("*/20 * * * *", JAN_1_2026_MS + 21 * MINUTE_MS, JAN_1_2026_MS + 40 * MINUTE_MS),
+     ("0 9 * * 1-5", JAN_1_2026_MS + DAY_MS + 10 * HOUR_MS,  # Friday 10:00 -> Monday 09:00
+      JAN_1_2026_MS + 4 * DAY_MS + 9 * HOUR_MS),
+     ("0 0 1 */3 *", JAN_1_2026_MS, JAN_1_2026_MS + (31 + 28 + 31) * DAY_MS)],
+)  # fmt: skip
+def test_next_cron_run(spec: str, after_ms: int, due_ms: int) -> None:
+    policy = Policy(parse(spec).interval_s, cron=spec)
+    assert policy.due_ms(after_ms) == due_ms
+    taken = [Taken("a", "full", after_ms)]
+    assert due_in_ms(after_ms, taken, policy) == due_ms - after_ms
+    assert plan(due_ms - 1, taken, policy) is None
+    assert plan(due_ms, taken, policy) == Step("incremental", "a")

@@ -15,6 +15,7 @@ from storage.envelope import (
     Envelope,
     compress_payload,
     decompress_payload,
+    kind_of,
 )
 from storage.errors import CorruptRecord
 
@@ -88,3 +89,18 @@ def test_compression_threshold_and_round_trip() -> None:
     assert decompress_payload(packed, how) == large
     with pytest.raises(CorruptRecord):
         decompress_payload(b"not zstd", "zstd")
+
+
+def test_kind_of_reads_the_kind_without_building_the_envelope() -> None:
+    put = _envelope().sealed(SIGNER).encode()
+    tombstone = _envelope(kind="tombstone", ciphertext=b"").sealed(SIGNER).encode()
+    assert (kind_of(put), kind_of(tombstone)) == ("put", "tombstone")
+    with pytest.raises(CorruptRecord):
+        kind_of(b"\x93\x01\x02\x03")  # a short array: no kind where it belongs
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=200))
+def test_kind_of_arbitrary_bytes_raises_only_corrupt_record(data: bytes) -> None:
+    with contextlib.suppress(CorruptRecord):
+        assert kind_of(data) in ("put", "tombstone")

@@ -22,7 +22,7 @@ from storage.index_queue import IndexQueue
 from storage.index_sync import DRAIN_BATCH
 from storage.record import ContextRecord
 from storage.replica import Replica
-from storage.schema import INDEX_DIRTY_PREFIX
+from storage.schema import INDEX_DIRTY_PREFIX, PurgeMarker
 from tests.storage.conftest import FakeClock
 
 BE = "backend_developer"
@@ -425,3 +425,26 @@ def test_a_version_whose_signer_is_not_trusted_yet_waits_for_the_trust(
         assert _stale_rows(a) == []
     finally:
         a.close()
+
+
+def test_a_purge_keeps_versions_newer_than_its_marker(
+    pair: tuple[ContextStore, ContextStore],
+) -> None:
+    """A restored backup's marker may be older than versions the replica holds: those stay,
+    with the head and the index recomputed (VersionStore.purge)."""
+    a, b = pair
+    old, kept = _write(b, 1, "old words"), _write(b, 1, "newer words")
+    replica = Replica(a)
+    replica.apply([old, kept])
+    old_id, kept_id = Envelope.decode(old).version_id, Envelope.decode(kept).version_id
+    a.index.drain()
+    marker = PurgeMarker(old_id, 0, "admin@test")
+    assert replica.apply_purge(_ctx(1), marker) == 1
+    assert [row.version_id for row in a.versions.versions(_ctx(1))] == [kept_id]
+    head = a.versions.head(_ctx(1))
+    assert head is not None
+    assert (head.latest, head.count) == (kept_id, 1)
+    assert a.versions.purge_marker(_ctx(1)) == marker
+    a.index.commit()
+    assert _found(a, "newer") == [_ctx(1).canonical()]
+    assert replica.apply([old]) == ([None], {_ctx(1).canonical(): 1})  # covered: refused

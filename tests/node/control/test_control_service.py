@@ -27,6 +27,7 @@ from node.control.log_store import write_bootstrap
 from node.control.raft_types import Message, MessageType, Role
 from node.control.service import ControlConfig, ControlService
 from node.errors import RemoteError
+from node.rpc.transport import Peer
 from tests.node.discovery_fixtures import wait_until
 from tests.sim.harness import SimCluster, open_sim_cluster
 
@@ -235,3 +236,25 @@ async def test_a_duty_cut_by_a_lapsed_lease_is_resumed_by_the_same_leader(
                     leader.metadata is not None and not leader.metadata.duties["ttl_sweep"].running
                 )
             )
+
+
+async def test_a_non_member_certificate_binds_one_node_id_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Ids learned from certificates (a joiner's, before the metadata lists it) stay
+    bounded: each certificate name holds one id, and a new id replaces its old one."""
+    async with control_plane(tmp_path) as plane:
+        await plane.leader()
+        control = next(iter(plane.controls.values()))
+        joiner = Peer(name="node9", kind="node", roles=(), fingerprint="00" * 32)
+        other = Peer(name="node8", kind="node", roles=(), fingerprint="11" * 32)
+        for i in range(50):
+            assert control._from(joiner, f"id-{i}")
+        assert control.name_of("id-49") == "node9"
+        assert control.name_of("id-0") is None
+        assert not control._from(other, "id-49")  # still bound to node9's certificate
+        assert control._from(other, "id-0")  # released when node9 moved on
+        assert control.name_of("id-0") == "node8"
+        member = next(iter(control.metadata.members.values())) if control.metadata else None
+        assert member is not None
+        assert not control._from(joiner, member.node_id)  # a member's id is never rebound
