@@ -364,10 +364,12 @@ class Keyring:
         self._open_keys = DataKeyCache(policy.open_keys)
 
     def sealing_stats(self) -> dict[str, int]:
-        """``{data_keys_issued, open_keys, open_key_hits, open_key_misses}``."""
+        """``{data_keys_issued, records_sealed, open_keys, open_key_hits, open_key_misses}``:
+        counters since the last ``configure_sealing`` (the node configures once, at start)."""
         cache = self._open_keys
         return {
             "data_keys_issued": self._issuer.issued,
+            "records_sealed": self._issuer.sealed,
             "open_keys": len(cache),
             "open_key_hits": cache.hits,
             "open_key_misses": cache.misses,

@@ -30,6 +30,10 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_quorum_failures_total{op}               requests that missed W or R
     slurp_refused_versions_total                  versions refused (forged, unsigned, garbage)
     slurp_cache_hits_total, _misses_total, _evictions_total   record cache
+    slurp_data_keys_issued_total                  data keys drawn to seal records (crypto.sealing)
+    slurp_records_sealed_total                    records sealed under a data key
+    slurp_data_key_cache_hits_total, _misses_total   opens that found / had to unwrap the data key
+    slurp_data_key_cache_keys                     unwrapped data keys held in memory (bounded)
     slurp_internal_errors_total{where}            bugs caught at a request or task boundary
     slurp_peer_answer_malformed_total{method}     peer answers that did not parse
     slurp_requests_refused_busy_total             requests refused at max_inflight_requests
@@ -99,6 +103,11 @@ FEEDERS: dict[str, str] = {
     "slurp_cache_hits_total": "set_cache",
     "slurp_cache_misses_total": "set_cache",
     "slurp_cache_evictions_total": "set_cache",
+    "slurp_data_keys_issued_total": "set_sealing",
+    "slurp_records_sealed_total": "set_sealing",
+    "slurp_data_key_cache_hits_total": "set_sealing",
+    "slurp_data_key_cache_misses_total": "set_sealing",
+    "slurp_data_key_cache_keys": "set_sealing",
     "slurp_hints": "set_handoff",
     "slurp_hint_bytes": "set_handoff",
     "slurp_hints_dropped_total": "set_handoff",
@@ -327,6 +336,22 @@ class NodeMetrics:
             ("slurp_cache_evictions_total", "Record cache evictions.", evictions),
         ):
             self._reported.set(name, "counter", doc, {(): value})
+
+    def set_sealing(self, stats: Mapping[str, int]) -> None:
+        """Record sealing's counters (``crypto.keyring.Keyring.sealing_stats``)."""
+        for name, kind, doc, key in (
+            ("slurp_data_keys_issued_total", "counter",
+             "Data keys drawn (and age-wrapped) to seal records.", "data_keys_issued"),
+            ("slurp_records_sealed_total", "counter",
+             "Records sealed under a data key.", "records_sealed"),
+            ("slurp_data_key_cache_hits_total", "counter",
+             "Record opens that found their data key unwrapped in memory.", "open_key_hits"),
+            ("slurp_data_key_cache_misses_total", "counter",
+             "Record opens that had to unwrap their data key with age.", "open_key_misses"),
+            ("slurp_data_key_cache_keys", "gauge",
+             "Unwrapped data keys (and refusals) held in memory.", "open_keys"),
+        ):  # fmt: skip
+            self._report(name, kind, doc, stats.get(key))
 
     def set_handoff(
         self, *, hints: int | None, hint_bytes: int | None, dropped: int | None,

@@ -45,6 +45,9 @@ async def test_a_write_is_queued_then_searchable_within_the_bound(
             got = gauges(metrics)
             assert got["slurp_index_pending"] == 1
             assert got["slurp_index_lag_seconds"] == node.store.index.lag()["lag_s"]
+            sealed_here = 1 if name == "n1" else 0  # the coordinator sealed the one record
+            assert got["slurp_records_sealed_total"] == sealed_here, name
+            assert got["slurp_data_keys_issued_total"] == sealed_here, name
         assert (await sim.call("n2", "ctx.search", body()))["hits"] == []  # not yet due
         refresh_s = sim.nodes["n1"].store.config.index.refresh_interval_s
         await trio.sleep(refresh_s)  # past the freshness bound: a search drains first
