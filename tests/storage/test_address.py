@@ -661,3 +661,18 @@ def test_derived_values_are_kept_and_equal_to_fresh_ones() -> None:
         ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")
     with pytest.raises(AddressError):
         ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")
+
+
+def test_parse_keeps_what_it_parsed_and_never_a_failure() -> None:
+    """parse returns the kept instance for a text it parsed, equal to a fresh parse; a text
+    that fails raises every time, with the same field."""
+    text = "UCXL://claude:backend_developer@chorus:auth/*^//src//b.py"
+    first = parse(text)
+    assert parse(text) is first
+    assert first == parse(first.canonical())
+    assert first.canonical() == "ucxl://claude:backend_developer@chorus:auth/*^/src/b.py"
+    bad = "ucxl://claude:backend developer@chorus:auth/*^/a"
+    for _ in range(2):
+        with pytest.raises(InvalidAddress) as caught:
+            parse(bad)
+        assert caught.value.field == "role"
