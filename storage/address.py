@@ -208,7 +208,20 @@ class ContextName:
         Raises:
             InvalidAddress: if the canonical string would exceed ``MAX_ADDRESS_LEN``.
         """
-        return Address(self.agent, self.role, self.project, self.task, self.path, temporal)
+        if not isinstance(temporal, Temporal):
+            raise _temporal_error("temporal must be a Temporal", repr(temporal))
+        # This name's components passed ``_check_name`` when it was built (instances are
+        # canonical): only the length, which depends on ``temporal``, is checked again.
+        addr: Address = object.__new__(Address)
+        for field, value in (
+            ("agent", self.agent), ("role", self.role), ("project", self.project),
+            ("task", self.task), ("path", self.path), ("temporal", temporal),
+            ("_context", self),
+        ):  # fmt: skip
+            object.__setattr__(addr, field, value)
+        canonical = addr.canonical()
+        _check_length(canonical, canonical)
+        return addr
 
     def canonical(self) -> str:
         """The canonical string of ``self.address(LATEST)``."""

@@ -676,3 +676,26 @@ def test_parse_keeps_what_it_parsed_and_never_a_failure() -> None:
         with pytest.raises(InvalidAddress) as caught:
             parse(bad)
         assert caught.value.field == "role"
+
+
+@given(sts.addresses())
+def test_context_address_equals_a_checked_address(addr: Address) -> None:
+    """ContextName.address (which skips re-checking the name) equals the Address that the
+    checking constructor builds, and keeps its context."""
+    ctx = addr.context()
+    rebuilt = ctx.address(addr.temporal)
+    assert rebuilt == Address(addr.agent, addr.role, addr.project, addr.task, addr.path,
+                              addr.temporal)  # fmt: skip
+    assert rebuilt.canonical() == addr.canonical()
+    assert rebuilt.context() is ctx
+
+
+def test_context_address_still_checks_the_length_and_the_temporal() -> None:
+    head = "ucxl://a:b@c:d/*^/"
+    ctx = parse(head + "p" * (MAX_ADDRESS_LEN - len(head))).context()
+    assert len(ctx.address().canonical()) == MAX_ADDRESS_LEN
+    with pytest.raises(InvalidAddress) as info:
+        ctx.address(Temporal("version", 10))  # "*~10" is two characters longer than "*^"
+    assert info.value.field == "address"
+    with pytest.raises(TemporalInvalid):
+        ctx.address("*^")  # type: ignore[arg-type]
