@@ -62,6 +62,7 @@ a test checks that each is called outside this module.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -207,6 +208,8 @@ class NodeMetrics:
         self._repair_pending = Gauge(
             "slurp_repair_pending", "Read-repair sends queued or in flight.", registry=reg
         )
+        # (method, outcome) -> its counter and histogram children: bounded by the label sets
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._reported = _Reported()
         reg.register(self._reported)
         self._internal_errors = Counter(
@@ -257,8 +260,16 @@ class NodeMetrics:
             outcome: ``"ok"`` or the UCXL error code the request ended with.
             seconds: Its duration, from a monotonic clock.
         """
-        self._requests.labels(method=method, outcome=outcome).inc()
-        self._duration.labels(method=method).observe(seconds)
+        key = (method, outcome)
+        children = self._request_children.get(key)
+        if children is None:  # labels() builds and checks the label tuple under a lock
+            children = (
+                self._requests.labels(method=method, outcome=outcome),
+                self._duration.labels(method=method),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def bad_frame(self, reason: str) -> None:
         """Count a malformed or oversized frame (``reason``: ``"oversized"``, ``"decode"``...)."""

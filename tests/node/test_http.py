@@ -287,3 +287,15 @@ async def test_connections_beyond_the_limit_get_503(nursery: trio.Nursery) -> No
                 raw += chunk
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert (await get(port, "/health")).status == 200
+
+
+async def test_repeated_requests_count_on_the_same_series() -> None:
+    """observe_request keeps each (method, outcome) series' children: repeats add up."""
+    metrics = NodeMetrics()
+    for seconds in (0.001, 0.002, 0.004):
+        metrics.observe_request("ctx.put", "ok", seconds)
+    metrics.observe_request("ctx.put", "UCXL-404-NOT_FOUND", 0.5)
+    text = metrics.render().decode()
+    assert 'slurp_requests_total{method="ctx.put",outcome="ok"} 3.0' in text
+    assert 'slurp_requests_total{method="ctx.put",outcome="UCXL-404-NOT_FOUND"} 1.0' in text
+    assert 'slurp_request_duration_seconds_count{method="ctx.put"} 4.0' in text
