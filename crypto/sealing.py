@@ -154,9 +154,17 @@ class DataKeyCache:
             self._keys[(scope, digest)] = key
 
     def clear(self) -> None:
-        """Forget every DEK (after an identity was added, retired or released)."""
+        """Forget every DEK (after a key rotation changed which identities a role has)."""
         with self._lock:
             self._keys.clear()
+
+    def drop(self, scope_matches: Callable[[Hashable], bool]) -> int:
+        """Forget the entries of every scope ``scope_matches`` accepts; return how many."""
+        with self._lock:
+            gone = [key for key in self._keys if scope_matches(key[0])]
+            for key in gone:
+                del self._keys[key]
+            return len(gone)
 
     def __len__(self) -> int:
         with self._lock:
