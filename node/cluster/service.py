@@ -96,7 +96,9 @@ UNLIMITED_METHODS = frozenset({"rep.ping", "node.status", "raft.msg"})
 # A write of one record with at most this much content is prepared (encoded, compressed,
 # sealed: ~30-60 µs for 1 KB) on the event loop: handing it to a worker thread and back
 # costs more CPU than the work (~60-120 µs measured here) and buys no parallelism, since
-# the work holds the GIL. Larger or batched writes still go to a thread.
+# the work holds the GIL. Larger or batched writes still go to a thread. The one slow case
+# is the write that draws a new data key: one age wrap (~0.3-1 ms) per [keys]
+# data_key_max_records records or data_key_max_age_s, on the event loop.
 INLINE_PREPARE_MAX_CONTENT_BYTES = 64 * 1024
 
 
