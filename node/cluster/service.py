@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -448,6 +448,7 @@ class NodeService:
             "quorum_failures": self.quorum_failures,
             "faults": self.fanout.faults.to_wire(),
             "inflight": dict(self._inflight),
+            "store_batches": asdict(self.store_batcher.stats),
             **self._operator_status(),
             **{k: v for fields in self.status_fields for k, v in fields().items()},
         }  # fmt: skip
