@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from crypto.signing import Signer
 from storage.envelope import (
     COMPRESS_THRESHOLD_BYTES,
+    REUSED_CODEC_MAX_BYTES,
     Envelope,
     compress_payload,
     decompress_payload,
@@ -96,7 +97,8 @@ def test_reused_codecs_give_the_bytes_of_fresh_ones_in_every_thread() -> None:
     """The per-thread zstd objects are reused: the output is what a fresh compressor
     writes, a failed decompress leaves the next one working, and other threads get their
     own objects."""
-    payloads = [bytes([i]) * 700 + b"abc" * (400 + i) for i in range(4)]
+    payloads = [bytes([i]) * 700 + b"abc" * (400 + i) for i in range(3)]
+    payloads.append(b"large " * (REUSED_CODEC_MAX_BYTES // 4))  # past the reused contexts
     fresh = [zstandard.ZstdCompressor(level=3).compress(p) for p in payloads]
 
     def check(out: list[bool]) -> None:
