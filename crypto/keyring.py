@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -364,10 +364,12 @@ class Keyring:
         self._open_keys = DataKeyCache(policy.open_keys)
 
     def sealing_stats(self) -> dict[str, int]:
-        """``{data_keys_issued, open_keys, open_key_hits, open_key_misses}``."""
+        """``{data_keys_issued, records_sealed, open_keys, open_key_hits, open_key_misses}``:
+        counters since the last ``configure_sealing`` (the node configures once, at start)."""
         cache = self._open_keys
         return {
             "data_keys_issued": self._issuer.issued,
+            "records_sealed": self._issuer.sealed,
             "open_keys": len(cache),
             "open_key_hits": cache.hits,
             "open_key_misses": cache.misses,
@@ -502,6 +504,20 @@ class Keyring:
             raise DecryptionError("cannot decrypt")
         return open_box(record, key, associated)
 
+    def _forget_unwraps_of(self, role: str) -> None:
+        """``role`` gained or lost an identity held in memory (custody holds and wipes the
+        admin identity as leadership comes and goes): drop what its scopes and the
+        any-identity scope unwrapped or failed to, and nothing else. Other roles' unwraps
+        do not depend on it, and the writer's data keys depend on recipients only
+        (``hold_in_memory`` takes only the current key), so a leader's lease flapping under
+        load no longer costs every data key of the node (a new age wrap for each reader
+        set, and an age unwrap on every node that reads them)."""
+
+        def touched(scope: Hashable) -> bool:  # ("role", r), ("version", r, v) or ("any",)
+            return isinstance(scope, tuple) and (scope == ("any",) or scope[1:2] == (role,))
+
+        self._open_keys.drop(touched)
+
     def _forget_data_keys(self) -> None:
         """Drop every data key: identities changed, so cached unwraps may be wrong."""
         self._issuer.clear()
@@ -582,14 +598,14 @@ class Keyring:
             raise KeyringError(f"that identity is not the current key of role {role!r}")
         with self._lock:
             self._identities[(role, rk.current)] = identity
-            self._forget_data_keys()
+            self._forget_unwraps_of(role)
 
     def release(self, role: str) -> None:
         """Drop every cached identity of ``role`` (files on disk are untouched)."""
         with self._lock:
             for key in [k for k in self._identities if k[0] == role]:
                 del self._identities[key]
-            self._forget_data_keys()
+            self._forget_unwraps_of(role)
 
     def forget(self, role: str) -> None:
         """Delete the current identity file of ``role`` (overwritten first) and its cache.

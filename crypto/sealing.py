@@ -92,6 +92,7 @@ class DataKeyIssuer:
         self._lock = threading.Lock()
         self._keys: LRUCache[Hashable, DataKey] = LRUCache(maxsize=policy.writer_sets)
         self.issued = 0  # DEKs drawn so far (a counter for tests and metrics)
+        self.sealed = 0  # records sealed so far, under any DEK (a counter for metrics)
 
     def take(self, reader_set: Hashable, wrap: Callable[[bytes], bytes]) -> tuple[DataKey, bool]:
         """The DEK for one more record of ``reader_set``; True when it was drawn now.
@@ -113,6 +114,7 @@ class DataKeyIssuer:
                 self._keys[reader_set] = found
                 self.issued += 1
             found.sealed += 1
+            self.sealed += 1
             return found, fresh
 
     def clear(self) -> None:
@@ -152,9 +154,17 @@ class DataKeyCache:
             self._keys[(scope, digest)] = key
 
     def clear(self) -> None:
-        """Forget every DEK (after an identity was added, retired or released)."""
+        """Forget every DEK (after a key rotation changed which identities a role has)."""
         with self._lock:
             self._keys.clear()
+
+    def drop(self, scope_matches: Callable[[Hashable], bool]) -> int:
+        """Forget the entries of every scope ``scope_matches`` accepts; return how many."""
+        with self._lock:
+            gone = [key for key in self._keys if scope_matches(key[0])]
+            for key in gone:
+                del self._keys[key]
+            return len(gone)
 
     def __len__(self) -> int:
         with self._lock:

@@ -8,6 +8,7 @@ distinct (address, version id, header digest, ciphertext digest) tuples share a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -152,6 +153,16 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> None:
         SignatureInvalid: it does not verify, or the key is malformed.
     """
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        _public_key(bytes(public_key)).verify(signature, message)
     except (InvalidSignature, ValueError):
         raise SignatureInvalid("signature does not verify") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    """The key object of ``raw`` (a cluster has a few signers; loading one costs ~5 µs).
+
+    Raises:
+        ValueError: ``raw`` is not a 32-byte Ed25519 public key (not cached).
+    """
+    return Ed25519PublicKey.from_public_bytes(raw)

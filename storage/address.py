@@ -21,7 +21,8 @@ Invariants:
       ``Address`` keeps its ``context()``, a ``ContextName`` its ``canonical()`` and
       ``key()``, and ``ContextName.from_canonical`` keeps the last
       ``CANONICAL_CACHE_SIZE`` names it parsed (the write path meets the same context
-      string several times per version: service, version store, replica).
+      string several times per version: service, version store, replica), and ``parse``
+      the last ``PARSED_CACHE_SIZE`` addresses (a hot read parses nothing).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ WILDCARD = "any"
 SCHEME = "ucxl://"
 MAX_TEMPORAL_NUMBER = 10**9
 CANONICAL_CACHE_SIZE = 4096  # context strings kept parsed by ContextName.from_canonical
+PARSED_CACHE_SIZE = 4096  # address strings kept parsed by parse (a hot read parses none)
 
 TemporalKind = Literal["latest", "first", "version", "back", "forward", "instant"]
 _KINDS: frozenset[str] = frozenset(get_args(TemporalKind))
@@ -206,7 +208,20 @@ class ContextName:
         Raises:
             InvalidAddress: if the canonical string would exceed ``MAX_ADDRESS_LEN``.
         """
-        return Address(self.agent, self.role, self.project, self.task, self.path, temporal)
+        if not isinstance(temporal, Temporal):
+            raise _temporal_error("temporal must be a Temporal", repr(temporal))
+        # This name's components passed ``_check_name`` when it was built (instances are
+        # canonical): only the length, which depends on ``temporal``, is checked again.
+        addr: Address = object.__new__(Address)
+        for field, value in (
+            ("agent", self.agent), ("role", self.role), ("project", self.project),
+            ("task", self.task), ("path", self.path), ("temporal", temporal),
+            ("_context", self),
+        ):  # fmt: skip
+            object.__setattr__(addr, field, value)
+        canonical = addr.canonical()
+        _check_length(canonical, canonical)
+        return addr
 
     def canonical(self) -> str:
         """The canonical string of ``self.address(LATEST)``."""
@@ -346,20 +361,8 @@ _context_from_canonical = functools.lru_cache(maxsize=CANONICAL_CACHE_SIZE)(
 )
 
 
-def parse(text: str) -> Address:
-    """Parse and normalise a UCXL address (shared/UCXL.md).
-
-    Args:
-        text: e.g. ``ucxl://claude:developer@chorus:auth/~~2/src/auth/jwt.py``.
-
-    Returns:
-        The canonical ``Address``.
-
-    Raises:
-        InvalidAddress: the address is malformed; ``field`` is one of scheme, agent, role,
-            project, task, temporal (missing), path or address (too long).
-        TemporalInvalid: the temporal segment is malformed.
-    """
+def _parse(text: str) -> Address:
+    """``parse`` without the cache."""
     source = text[:MAX_ADDRESS_LEN]
     if len(text) > MAX_ADDRESS_LEN:
         raise _invalid("address", f"address is longer than {MAX_ADDRESS_LEN} characters", source)
@@ -392,6 +395,31 @@ def parse(text: str) -> Address:
     except InvalidAddress as exc:  # only the canonical length can fail here
         exc.input = source
         raise
+
+
+_parse_cached = functools.lru_cache(maxsize=PARSED_CACHE_SIZE)(_parse)
+
+
+def parse(text: str) -> Address:
+    """Parse and normalise a UCXL address (shared/UCXL.md).
+
+    The last ``PARSED_CACHE_SIZE`` addresses parsed are kept (an ``Address`` is immutable,
+    so the same instance is shared); a text that fails is parsed again each time.
+
+    Args:
+        text: e.g. ``ucxl://claude:developer@chorus:auth/~~2/src/auth/jwt.py``.
+
+    Returns:
+        The canonical ``Address``.
+
+    Raises:
+        InvalidAddress: the address is malformed; ``field`` is one of scheme, agent, role,
+            project, task, temporal (missing), path or address (too long).
+        TemporalInvalid: the temporal segment is malformed.
+    """
+    if not isinstance(text, str):  # unhashable input must fail as before, not in the cache
+        return _parse(text)
+    return _parse_cached(text)
 
 
 def parse_temporal(segment: str) -> Temporal:

@@ -229,6 +229,7 @@ class ContextStore:
                     field="format",
                 )
             keyring = Keyring.open(data_dir.keys, passphrase)
+            keyring.configure_sealing(load_keys_config(data_dir.config).seal_policy())
             if keyring.protected:  # a wrong passphrase fails here (one scrypt), not mid-read;
                 keyring.unlock(roles=())  # identities unseal lazily, on first use
             index, needs_rebuild = _open_or_reset_index(data_dir, config)

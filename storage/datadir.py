@@ -2,7 +2,8 @@
 
 Owns the layout ``DATA_DIR/{config.toml, db/, index/, keys/, backups/}``, reading the
 ``[storage]`` and ``[keys]`` tables of ``config.toml``, and validating them with errors
-that name the key.
+that name the key. ``[keys]`` holds the rotation warning age and the data-key policy of
+record sealing (``crypto.sealing.SealPolicy``: records per data key, and its age).
 Must not open LevelDB, the index or the keyring (the ContextStore does).
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crypto.sealing import DEFAULT_MAX_AGE_S, DEFAULT_MAX_RECORDS, SealPolicy
 from storage.cache import CacheConfig
 from storage.errors import InvalidPayload
 from storage.index import IndexConfig
@@ -29,8 +31,15 @@ cache_ttl_s = 300.0
 
 [keys]
 max_key_age_days = 90            # `slurp stats` warns when a role key is older; 0: never
+data_key_max_records = 4096      # records sealed under one data key before a new one
+data_key_max_age_s = 3600.0      # seconds a data key seals records before a new one
 """
 DEFAULT_MAX_KEY_AGE_DAYS = 90
+# A data key seals records under random 96-bit ChaCha20-Poly1305 nonces; 2**24 records
+# keep the chance of a nonce collision under one key below 2**-48 (birthday bound
+# n**2 / 2**97), far inside the usual 2**32-messages-per-key limit for random nonces.
+MAX_DATA_KEY_RECORDS = 1 << 24
+MAX_DATA_KEY_AGE_S = 365 * 24 * 3600.0
 
 
 class ConfigError(InvalidPayload):
@@ -50,6 +59,12 @@ class KeysConfig:
     """The validated ``[keys]`` table."""
 
     max_key_age_days: int = DEFAULT_MAX_KEY_AGE_DAYS  # 0: no rotation-due warning
+    data_key_max_records: int = DEFAULT_MAX_RECORDS  # crypto.sealing.SealPolicy.max_records
+    data_key_max_age_s: float = DEFAULT_MAX_AGE_S  # crypto.sealing.SealPolicy.max_age_s
+
+    def seal_policy(self) -> SealPolicy:
+        """The data-key policy these settings give (the cache bounds keep their defaults)."""
+        return SealPolicy(max_records=self.data_key_max_records, max_age_s=self.data_key_max_age_s)
 
 
 @dataclass(frozen=True)
@@ -133,14 +148,38 @@ def load_keys_config(path: Path) -> KeysConfig:
     Raises:
         ConfigError: unreadable TOML, an unknown key, or a bad value (``field`` names it).
     """
-    table = _table(path, "keys", {"max_key_age_days"})
+    table = _table(path, "keys", {"max_key_age_days", "data_key_max_records", "data_key_max_age_s"})
     days = table.get("max_key_age_days", DEFAULT_MAX_KEY_AGE_DAYS)
     if isinstance(days, bool) or not isinstance(days, int) or days < 0:
         raise ConfigError(
             "keys.max_key_age_days must be a whole number of days >= 0 (0: never warn)",
             field="keys.max_key_age_days",
         )
-    return KeysConfig(max_key_age_days=days)
+    records = table.get("data_key_max_records", DEFAULT_MAX_RECORDS)
+    if not _whole_in(records, 1, MAX_DATA_KEY_RECORDS):
+        raise ConfigError(
+            f"keys.data_key_max_records must be a whole number of records in"
+            f" 1..{MAX_DATA_KEY_RECORDS}",
+            field="keys.data_key_max_records",
+        )
+    age = table.get("data_key_max_age_s", DEFAULT_MAX_AGE_S)
+    if (
+        isinstance(age, bool)
+        or not isinstance(age, int | float)
+        or not 0 < age <= MAX_DATA_KEY_AGE_S
+    ):
+        raise ConfigError(
+            f"keys.data_key_max_age_s must be a number of seconds > 0 and at most"
+            f" {MAX_DATA_KEY_AGE_S:.0f} (a year)",
+            field="keys.data_key_max_age_s",
+        )
+    return KeysConfig(
+        max_key_age_days=days, data_key_max_records=records, data_key_max_age_s=float(age)
+    )
+
+
+def _whole_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _table(path: Path, name: str, known: set[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import trio
 from node.cluster.answers import MalformedAnswer
 from node.cluster.coordinator import inner_timeout
 from node.cluster.replication import Outcome, QuorumTracker
+from node.cluster.thread_hop import ThreadHop
 from node.errors import NodeError, PeerUnavailable
 from storage.errors import StorageError, Unavailable
 
@@ -114,6 +115,7 @@ class Fanout:
         self.dialer = dialer
         self.timeout_s = timeout_s
         self.blocking_in_threads = blocking_in_threads
+        self.threads = ThreadHop()
         self.max_background = max_background
         self.faults = FaultCounters()
         self.sink: FaultSink = NoFaultSink()
@@ -153,7 +155,7 @@ class Fanout:
     async def blocking(self, fn: Callable[[], T]) -> T:
         """Run local storage work (in a thread unless the simulation runs us)."""
         if self.blocking_in_threads:
-            return await trio.to_thread.run_sync(fn)
+            return await self.threads.run_sync(fn)
         return fn()
 
     async def on(self, node: str, method: str, body: Body, local: Callable[[], Body]) -> Body:

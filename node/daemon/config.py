@@ -43,6 +43,9 @@ from the environment against the current directory; ``~`` is expanded in both.
     [storage] cache_max_bytes      SLURP_STORAGE_CACHE_MAX_BYTES       67108864
     [storage] cache_ttl_s          SLURP_STORAGE_CACHE_TTL_S           300.0
     [keys] max_key_age_days        SLURP_KEYS_MAX_KEY_AGE_DAYS         90 (0: never warn)
+    [keys] data_key_max_records    SLURP_KEYS_DATA_KEY_MAX_RECORDS     4096 (1..16777216 records
+                                                                       sealed per data key)
+    [keys] data_key_max_age_s      SLURP_KEYS_DATA_KEY_MAX_AGE_S       3600.0 (> 0, <= a year)
     [election] heartbeat_ms        SLURP_ELECTION_HEARTBEAT_MS         150 (< MIN below)
     [election] election_timeout_ms SLURP_ELECTION_ELECTION_TIMEOUT_MS  [300, 600] (MIN < MAX)
     [backup] schedule              SLURP_BACKUP_SCHEDULE               none (kept as written; the
@@ -129,7 +132,11 @@ SCHEMA: dict[str, dict[str, str]] = {
         "cache_max_bytes": "int",
         "cache_ttl_s": "float",
     },
-    "keys": {"max_key_age_days": "int"},
+    "keys": {
+        "max_key_age_days": "int",
+        "data_key_max_records": "int",
+        "data_key_max_age_s": "float",
+    },
     "election": {"heartbeat_ms": "int", "election_timeout_ms": "int_pair"},
     "backup": {
         "schedule": "optional_str",
@@ -653,7 +660,11 @@ def render_node_config(cfg: NodeConfig) -> str:
             "cache_max_bytes": cfg.storage.cache.max_bytes,
             "cache_ttl_s": float(cfg.storage.cache.ttl_s),
         },
-        "keys": {"max_key_age_days": cfg.keys.max_key_age_days},
+        "keys": {
+            "max_key_age_days": cfg.keys.max_key_age_days,
+            "data_key_max_records": cfg.keys.data_key_max_records,
+            "data_key_max_age_s": float(cfg.keys.data_key_max_age_s),
+        },
         "election": {
             "heartbeat_ms": cfg.election.heartbeat_ms,
             "election_timeout_ms": list(cfg.election.election_timeout_ms),

@@ -73,6 +73,7 @@ class MetricsExporter:
         metrics.set_refused_versions(service.replica.refused)
         cache = service.store.cache.stats()
         metrics.set_cache(hits=cache.hits, misses=cache.misses, evictions=cache.evictions)
+        metrics.set_sealing(service.store.keyring.sealing_stats())
         metrics.set_disk_free_ratio(disk_free_ratio(self.data_dir))
         lag = service.store.index.lag()
         metrics.set_index_lag(pending=lag["pending"], lag_s=lag["lag_s"])

@@ -103,6 +103,7 @@ class NodeDaemon:
     def __init__(self, config: NodeConfig, store: ContextStore) -> None:
         self.config = config
         self.store = store
+        store.keyring.configure_sealing(config.keys.seal_policy())  # node.toml's [keys]
         self.metrics = NodeMetrics()
         self.cluster = StaticCluster(config.name, [config.name])
         self.addresses: dict[str, tuple[str, int]] = {}

@@ -30,6 +30,10 @@ Metrics (names carry their unit; counters end in ``_total``), with who feeds eac
     slurp_quorum_failures_total{op}               requests that missed W or R
     slurp_refused_versions_total                  versions refused (forged, unsigned, garbage)
     slurp_cache_hits_total, _misses_total, _evictions_total   record cache
+    slurp_data_keys_issued_total                  data keys drawn to seal records (crypto.sealing)
+    slurp_records_sealed_total                    records sealed under a data key
+    slurp_data_key_cache_hits_total, _misses_total   opens that found / had to unwrap the data key
+    slurp_data_key_cache_keys                     unwrapped data keys held in memory (bounded)
     slurp_internal_errors_total{where}            bugs caught at a request or task boundary
     slurp_peer_answer_malformed_total{method}     peer answers that did not parse
     slurp_requests_refused_busy_total             requests refused at max_inflight_requests
@@ -58,6 +62,7 @@ a test checks that each is called outside this module.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -99,6 +104,11 @@ FEEDERS: dict[str, str] = {
     "slurp_cache_hits_total": "set_cache",
     "slurp_cache_misses_total": "set_cache",
     "slurp_cache_evictions_total": "set_cache",
+    "slurp_data_keys_issued_total": "set_sealing",
+    "slurp_records_sealed_total": "set_sealing",
+    "slurp_data_key_cache_hits_total": "set_sealing",
+    "slurp_data_key_cache_misses_total": "set_sealing",
+    "slurp_data_key_cache_keys": "set_sealing",
     "slurp_hints": "set_handoff",
     "slurp_hint_bytes": "set_handoff",
     "slurp_hints_dropped_total": "set_handoff",
@@ -198,6 +208,8 @@ class NodeMetrics:
         self._repair_pending = Gauge(
             "slurp_repair_pending", "Read-repair sends queued or in flight.", registry=reg
         )
+        # (method, outcome) -> its counter and histogram children: bounded by the label sets
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._reported = _Reported()
         reg.register(self._reported)
         self._internal_errors = Counter(
@@ -248,8 +260,16 @@ class NodeMetrics:
             outcome: ``"ok"`` or the UCXL error code the request ended with.
             seconds: Its duration, from a monotonic clock.
         """
-        self._requests.labels(method=method, outcome=outcome).inc()
-        self._duration.labels(method=method).observe(seconds)
+        key = (method, outcome)
+        children = self._request_children.get(key)
+        if children is None:  # labels() builds and checks the label tuple under a lock
+            children = (
+                self._requests.labels(method=method, outcome=outcome),
+                self._duration.labels(method=method),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def bad_frame(self, reason: str) -> None:
         """Count a malformed or oversized frame (``reason``: ``"oversized"``, ``"decode"``...)."""
@@ -327,6 +347,22 @@ class NodeMetrics:
             ("slurp_cache_evictions_total", "Record cache evictions.", evictions),
         ):
             self._reported.set(name, "counter", doc, {(): value})
+
+    def set_sealing(self, stats: Mapping[str, int]) -> None:
+        """Record sealing's counters (``crypto.keyring.Keyring.sealing_stats``)."""
+        for name, kind, doc, key in (
+            ("slurp_data_keys_issued_total", "counter",
+             "Data keys drawn (and age-wrapped) to seal records.", "data_keys_issued"),
+            ("slurp_records_sealed_total", "counter",
+             "Records sealed under a data key.", "records_sealed"),
+            ("slurp_data_key_cache_hits_total", "counter",
+             "Record opens that found their data key unwrapped in memory.", "open_key_hits"),
+            ("slurp_data_key_cache_misses_total", "counter",
+             "Record opens that had to unwrap their data key with age.", "open_key_misses"),
+            ("slurp_data_key_cache_keys", "gauge",
+             "Unwrapped data keys (and refusals) held in memory.", "open_keys"),
+        ):  # fmt: skip
+            self._report(name, kind, doc, stats.get(key))
 
     def set_handoff(
         self, *, hints: int | None, hint_bytes: int | None, dropped: int | None,

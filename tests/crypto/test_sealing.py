@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import DecryptionError, KeyringError
-from crypto.keyring import Keyring
+from crypto.keyring import Keyring, read_identity_file
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES, UnknownRole
 from crypto.seal_format import (
     AGE_PREFIX,
@@ -280,3 +280,25 @@ def test_a_pending_seal_holds_no_bytes_and_cannot_be_mistaken_for_a_record(ring:
     assert "plaintext" not in repr(pending)
     with pytest.raises(DecryptionError):
         ring.decrypt(pending, BE, associated=AD)
+
+
+def test_holding_or_wiping_one_identity_keeps_the_other_data_keys(tmp_path: Path) -> None:
+    """Custody holding and wiping the admin identity drops only what admin's identities
+    unwrapped: another role's unwrapped data keys and the writer's data keys stay."""
+    writer = Keyring.create(tmp_path / "keys", DEFAULT_ROLES)
+    admin = read_identity_file(writer.identity_path(ADMIN_ROLE))
+    data = sealed(writer, b"payload")
+    reader = Keyring.open(tmp_path / "keys")  # another node: it must unwrap
+    assert reader.decrypt(data, BE, associated=AD) == b"payload"
+    assert reader.decrypt(data, ADMIN_ROLE, associated=AD) == b"payload"
+    before = reader.sealing_stats()
+    assert before["open_key_misses"] == 2  # one unwrap per role
+    for node in (reader, writer):
+        node.hold_in_memory(ADMIN_ROLE, admin)
+        node.release(ADMIN_ROLE)
+    assert reader.decrypt(data, BE, associated=AD) == b"payload"
+    assert reader.sealing_stats()["open_key_misses"] == 2  # still unwrapped for BE
+    assert reader.decrypt(data, ADMIN_ROLE, associated=AD) == b"payload"  # from its file
+    assert reader.sealing_stats()["open_key_misses"] == 3  # admin's unwrap was dropped
+    sealed(writer, b"more")
+    assert writer.sealing_stats()["data_keys_issued"] == 1  # the writer kept its data key

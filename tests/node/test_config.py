@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import node.daemon.config
+from crypto.sealing import SealPolicy
 from node.cluster.antientropy import AntiEntropyConfig
 from node.cluster.handoff_plan import HandoffConfig
 from node.daemon.config import (
@@ -123,6 +124,15 @@ BAD_FILE_VALUES = [
     ("storage", "cache_ttl_s", '"x"'),
     ("keys", "max_key_age_days", "-1"),
     ("keys", "max_key_age_days", "1.5"),
+    ("keys", "data_key_max_records", "0"),
+    ("keys", "data_key_max_records", "16777217"),
+    ("keys", "data_key_max_records", "4096.0"),
+    ("keys", "data_key_max_records", "true"),
+    ("keys", "data_key_max_age_s", "0"),
+    ("keys", "data_key_max_age_s", "-5"),
+    ("keys", "data_key_max_age_s", "nan"),
+    ("keys", "data_key_max_age_s", "inf"),
+    ("keys", "data_key_max_age_s", '"1h"'),
     ("election", "heartbeat_ms", "0"),
     ("election", "heartbeat_ms", "300"),  # not below the election timeout's MIN
     ("election", "election_timeout_ms", "[600, 300]"),
@@ -172,6 +182,9 @@ BAD_ENV_VALUES = [
     ("SLURP_STORAGE_CACHE_TTL_S", "nan", "storage.cache_ttl_s"),
     ("SLURP_STORAGE_CACHE_MAX_BYTES", "1.5", "storage.cache_max_bytes"),
     ("SLURP_KEYS_MAX_KEY_AGE_DAYS", "-3", "keys.max_key_age_days"),
+    ("SLURP_KEYS_DATA_KEY_MAX_RECORDS", "many", "keys.data_key_max_records"),
+    ("SLURP_KEYS_DATA_KEY_MAX_RECORDS", "0", "keys.data_key_max_records"),
+    ("SLURP_KEYS_DATA_KEY_MAX_AGE_S", "-1", "keys.data_key_max_age_s"),
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "600,300", "election.election_timeout_ms"),
     ("SLURP_ELECTION_ELECTION_TIMEOUT_MS", "x", "election.election_timeout_ms"),
     ("SLURP_ELECTION_HEARTBEAT_MS", "1000", "election.heartbeat_ms"),
@@ -181,6 +194,18 @@ BAD_ENV_VALUES = [
     ("SLURP_HANDOFF_MAX_BYTES", "lots", "handoff.max_bytes"),
     ("SLURP_HANDOFF_INTERVAL_S", "-1", "handoff.interval_s"),
 ]
+
+
+def test_keys_table_sets_the_data_key_policy_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, toml_text({"keys": {"data_key_max_records": "100"}}))
+    cfg = load_node_config(path, env={})
+    assert cfg.keys == KeysConfig(max_key_age_days=90, data_key_max_records=100)
+    assert cfg.keys.seal_policy() == SealPolicy(max_records=100, max_age_s=3600.0)
+    env = {"SLURP_KEYS_DATA_KEY_MAX_AGE_S": "90", "SLURP_KEYS_DATA_KEY_MAX_RECORDS": "5"}
+    cfg = load_node_config(path, env=env)
+    assert cfg.keys.seal_policy() == SealPolicy(max_records=5, max_age_s=90.0)
+    defaults = load_node_config(write(tmp_path, toml_text()), env={}).keys
+    assert defaults.seal_policy() == SealPolicy()  # 4,096 records, 1 h
 
 
 def test_handoff_table_from_file_and_environment(tmp_path: Path) -> None:
@@ -352,7 +377,7 @@ def test_render_load_round_trip_of_a_full_config(tmp_path: Path) -> None:
             index=IndexConfig(backend="whoosh", refresh_interval_s=0.5),
             cache=CacheConfig(max_bytes=1024, ttl_s=1.5),
         ),
-        keys=KeysConfig(max_key_age_days=0),
+        keys=KeysConfig(max_key_age_days=0, data_key_max_records=7, data_key_max_age_s=0.25),
         election=ElectionConfig(heartbeat_ms=50, election_timeout_ms=(150, 151)),
         backup=BackupConfig(schedule='0 3 * * * "nightly"\t\\'),
     )

@@ -60,6 +60,8 @@ def busy_metrics() -> NodeMetrics:
     metrics.set_quorum_failures({"write": 1})
     metrics.set_refused_versions(3)
     metrics.set_cache(hits=5, misses=1, evictions=1)
+    metrics.set_sealing({"data_keys_issued": 2, "records_sealed": 9, "open_keys": 3,
+                         "open_key_hits": 7, "open_key_misses": 3})  # fmt: skip
     metrics.set_handoff(hints=4, hint_bytes=4096, dropped=1, delivered=7)
     metrics.set_antientropy(last_pass_age_s=12.5, versions_repaired=3, bytes_sent=100,
                             bytes_received=200)  # fmt: skip
@@ -166,6 +168,8 @@ async def test_metrics_parse_and_name_every_family(nursery: trio.Nursery) -> Non
     assert samples[("slurp_requests_total", (("method", "put"), ("outcome", "ok")))] == 1.0
     assert samples[("slurp_members", (("state", "down"),))] == 1.0
     assert samples[("slurp_hints", ())] == 4.0
+    assert samples[("slurp_records_sealed_total", ())] == 9.0
+    assert samples[("slurp_data_key_cache_misses_total", ())] == 3.0
     assert samples[("slurp_is_leader", ())] == 1.0
     assert samples[("slurp_term", ())] == 3.0
     assert samples[("slurp_antientropy_bytes_total", (("direction", "sent"),))] == 100.0
@@ -283,3 +287,15 @@ async def test_connections_beyond_the_limit_get_503(nursery: trio.Nursery) -> No
                 raw += chunk
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert (await get(port, "/health")).status == 200
+
+
+async def test_repeated_requests_count_on_the_same_series() -> None:
+    """observe_request keeps each (method, outcome) series' children: repeats add up."""
+    metrics = NodeMetrics()
+    for seconds in (0.001, 0.002, 0.004):
+        metrics.observe_request("ctx.put", "ok", seconds)
+    metrics.observe_request("ctx.put", "UCXL-404-NOT_FOUND", 0.5)
+    text = metrics.render().decode()
+    assert 'slurp_requests_total{method="ctx.put",outcome="ok"} 3.0' in text
+    assert 'slurp_requests_total{method="ctx.put",outcome="UCXL-404-NOT_FOUND"} 1.0' in text
+    assert 'slurp_request_duration_seconds_count{method="ctx.put"} 4.0' in text

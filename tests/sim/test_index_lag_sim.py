@@ -39,12 +39,18 @@ async def test_a_write_is_queued_then_searchable_within_the_bound(
         for name, node in sim.nodes.items():
             status = await sim.call(name, "node.status", {})
             assert status["index"]["pending"] == 1, name
+            # one put, one rep.store frame to each of the 3 replicas (n1's own copy included)
+            sent = {"frames": 3, "puts": 3, "largest_frame": 1} if name == "n1" else None
+            assert status["store_batches"] == (sent or {"frames": 0, "puts": 0, "largest_frame": 0})
             assert 0.5 <= status["index"]["lag_s"] < 1.0, name
             metrics = NodeMetrics()
             MetricsExporter(metrics, node.service, tmp_path, clock=trio.current_time).export()
             got = gauges(metrics)
             assert got["slurp_index_pending"] == 1
             assert got["slurp_index_lag_seconds"] == node.store.index.lag()["lag_s"]
+            sealed_here = 1 if name == "n1" else 0  # the coordinator sealed the one record
+            assert got["slurp_records_sealed_total"] == sealed_here, name
+            assert got["slurp_data_keys_issued_total"] == sealed_here, name
         assert (await sim.call("n2", "ctx.search", body()))["hits"] == []  # not yet due
         refresh_s = sim.nodes["n1"].store.config.index.refresh_interval_s
         await trio.sleep(refresh_s)  # past the freshness bound: a search drains first

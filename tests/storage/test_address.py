@@ -661,3 +661,41 @@ def test_derived_values_are_kept_and_equal_to_fresh_ones() -> None:
         ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")
     with pytest.raises(AddressError):
         ContextName.from_canonical("ucxl://claude:backend_developer@chorus:auth/~~1/a")
+
+
+def test_parse_keeps_what_it_parsed_and_never_a_failure() -> None:
+    """parse returns the kept instance for a text it parsed, equal to a fresh parse; a text
+    that fails raises every time, with the same field."""
+    text = "UCXL://claude:backend_developer@chorus:auth/*^//src//b.py"
+    first = parse(text)
+    assert parse(text) is first
+    assert first == parse(first.canonical())
+    assert first.canonical() == "ucxl://claude:backend_developer@chorus:auth/*^/src/b.py"
+    bad = "ucxl://claude:backend developer@chorus:auth/*^/a"
+    for _ in range(2):
+        with pytest.raises(InvalidAddress) as caught:
+            parse(bad)
+        assert caught.value.field == "role"
+
+
+@given(sts.addresses())
+def test_context_address_equals_a_checked_address(addr: Address) -> None:
+    """ContextName.address (which skips re-checking the name) equals the Address that the
+    checking constructor builds, and keeps its context."""
+    ctx = addr.context()
+    rebuilt = ctx.address(addr.temporal)
+    assert rebuilt == Address(addr.agent, addr.role, addr.project, addr.task, addr.path,
+                              addr.temporal)  # fmt: skip
+    assert rebuilt.canonical() == addr.canonical()
+    assert rebuilt.context() is ctx
+
+
+def test_context_address_still_checks_the_length_and_the_temporal() -> None:
+    head = "ucxl://a:b@c:d/*^/"
+    ctx = parse(head + "p" * (MAX_ADDRESS_LEN - len(head))).context()
+    assert len(ctx.address().canonical()) == MAX_ADDRESS_LEN
+    with pytest.raises(InvalidAddress) as info:
+        ctx.address(Temporal("version", 10))  # "*~10" is two characters longer than "*^"
+    assert info.value.field == "address"
+    with pytest.raises(TemporalInvalid):
+        ctx.address("*^")  # type: ignore[arg-type]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.signing import Signer
 from storage.envelope import (
     COMPRESS_THRESHOLD_BYTES,
+    REUSED_CODEC_MAX_BYTES,
     Envelope,
     compress_payload,
     decompress_payload,
@@ -104,3 +107,30 @@ def test_kind_of_reads_the_kind_without_building_the_envelope() -> None:
 def test_kind_of_arbitrary_bytes_raises_only_corrupt_record(data: bytes) -> None:
     with contextlib.suppress(CorruptRecord):
         assert kind_of(data) in ("put", "tombstone")
+
+
+def test_reused_codecs_give_the_bytes_of_fresh_ones_in_every_thread() -> None:
+    """The per-thread zstd objects are reused: the output is what a fresh compressor
+    writes, a failed decompress leaves the next one working, and other threads get their
+    own objects."""
+    payloads = [bytes([i]) * 700 + b"abc" * (400 + i) for i in range(3)]
+    payloads.append(b"large " * (REUSED_CODEC_MAX_BYTES // 4))  # past the reused contexts
+    fresh = [zstandard.ZstdCompressor(level=3).compress(p) for p in payloads]
+
+    def check(out: list[bool]) -> None:
+        for payload, expected in zip(payloads, fresh, strict=True):
+            packed, how = compress_payload(payload)
+            with pytest.raises(CorruptRecord):
+                decompress_payload(packed[:-3], "zstd")  # truncated: refused
+            out.append(packed == expected and decompress_payload(packed, how) == payload)
+
+    here: list[bool] = []
+    check(here)
+    there: list[bool] = []
+    threads = [threading.Thread(target=check, args=(there,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert here == [True] * 4
+    assert there == [True] * 12

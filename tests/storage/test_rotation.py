@@ -284,6 +284,23 @@ def test_keys_config(tmp_path: Path) -> None:
         load_keys_config(path)
 
 
+def test_data_key_policy_comes_from_the_keys_table(data_dir: Path) -> None:
+    """ContextStore.open seals under the [keys] data-key policy of config.toml; a bad value
+    is refused naming its key, and leaves the data directory free to open again."""
+    config = data_dir / "config.toml"
+    text = config.read_text()
+    config.write_text(text.replace("data_key_max_records = 4096", "data_key_max_records = 0"))
+    with pytest.raises(ConfigError) as caught:
+        ContextStore.open(data_dir)
+    assert caught.value.field == "keys.data_key_max_records"
+    config.write_text(text.replace("data_key_max_records = 4096", "data_key_max_records = 2"))
+    with ContextStore.open(data_dir) as store:
+        for i in range(5):
+            store.store(f"ucxl://a:backend_developer@p:t/*^/f{i}.py", ContextRecord(summary=str(i)))
+        stats = store.keyring.sealing_stats()
+    assert (stats["data_keys_issued"], stats["records_sealed"]) == (3, 5)
+
+
 def test_the_default_config_has_a_keys_table(data_dir: Path) -> None:
     assert load_keys_config(data_dir / "config.toml") == KeysConfig(max_key_age_days=90)
     assert "[keys]" in (data_dir / "config.toml").read_text()
