@@ -61,6 +61,7 @@ from crypto.roles import ADMIN_ROLE
 from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.handoff_plan import counts_toward_w
+from node.cluster.inflight_writes import InflightWrites, WriteToken
 from node.cluster.layout import Layout, place_layout
 from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
@@ -234,10 +235,41 @@ class NodeService:
             self._send_store, lambda: self.fanout.nursery, max_bytes=MAX_BATCH_BYTES
         )
         self.purge_retries = 0  # writes re-sealed after a replica's purge marker
+        # writes in flight per layout epoch: ``epoch_seen`` waits for the older ones
+        self.writes = InflightWrites()
+        self._write_ended = trio.Event()
 
     def set_layout(self, layout: Layout | None) -> None:
         """Place by ``layout`` from now on (None: by ``cluster.member_names()``)."""
         self.layout = layout
+
+    def _begin_write(self) -> _Write:
+        """Count a write routed by the current layout (call right before placing it)."""
+        return _Write(self.writes.begin(0 if self.layout is None else self.layout.epoch))
+
+    def _end_write(self, token: WriteToken) -> None:
+        """Every attempt of the write of ``token`` ended; wake whoever waits on it."""
+        self.writes.end(token)
+        self._write_ended.set()
+        self._write_ended = trio.Event()
+
+    def _end_unless_handed(self, write: _Write) -> None:
+        """End ``write`` now unless its attempts were started (their end ends it)."""
+        if not write.handed:
+            self._end_write(write.token)
+
+    async def wait_writes_drained(self, epoch: int, timeout_s: float) -> bool:
+        """Wait until no write this node coordinates that was routed by a layout older
+        than ``epoch`` is in flight (every replica attempt of it ended).
+
+        Returns:
+            True once drained; False when ``timeout_s`` passed first.
+        """
+        with trio.move_on_after(timeout_s):
+            while not self.writes.drained_below(epoch):
+                await self._write_ended.wait()
+            return True
+        return False
 
     @property
     def faults(self) -> Any:
@@ -409,18 +441,22 @@ class NodeService:
         if not rows:
             raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
         marker = self.replica.purge_marker_for(rows[-1][0], f"{peer.name}")
-        placement = self._placement(ctx)
         body: Body = {"context": ctx.canonical(), "marker": marker.encode()}
         if term is not None:
             body["term"] = term
-        tracker = self._tracker(placement, self.config.quorum.w, "purge")
 
         async def one(node: str) -> None:
             answers.parse_purge(await self.fanout.on(
                 node, "rep.purge", body, lambda: self.local.purge(ctx, marker, term)
             ))  # fmt: skip
 
-        await self._quorum(placement, tracker, one, op="purge")
+        write = self._begin_write()  # routed by this layout: epoch_seen waits for it
+        try:
+            placement = self._placement(ctx)
+            tracker = self._tracker(placement, self.config.quorum.w, "purge")
+            await self._quorum(placement, tracker, one, op="purge", write=write)
+        finally:
+            self._end_unless_handed(write)
         return {"versions": len(rows)}
 
     async def _status(self, peer: Peer, args: Body) -> Body:
@@ -616,6 +652,21 @@ class NodeService:
         versions for the failed and down ones).
         """
         quorum = self._quorum_of(w=w)
+        write = self._begin_write()  # routed by this layout: epoch_seen waits for it
+        try:
+            return await self._replicate(ctx, envs, quorum, write, learned)
+        finally:
+            self._end_unless_handed(write)
+
+    async def _replicate(
+        self,
+        ctx: ContextName,
+        envs: Sequence[Envelope],
+        quorum: Quorum,
+        write: _Write,
+        learned: Learned | None,
+    ) -> ReplicateResult:
+        """``replicate`` under the write tracker's ``write`` (ended once all attempts end)."""
         placement = self._placement(ctx)
         items = [Item(env.context, env.version_id, env.encode()) for env in envs]
         blobs = [item.blob for item in items]
@@ -681,7 +732,7 @@ class NodeService:
                 for context, count in answer.heads.items():
                     result.heads[context] = max(result.heads.get(context, 0), count)
 
-        await self._quorum(asked, tracker, one, op="write")
+        await self._quorum(asked, tracker, one, op="write", write=write)
         result.acked = list(tracker.ok)
         result.failed = [node for node in tracker.failed if node in placement.live]
         return result
@@ -710,9 +761,17 @@ class NodeService:
         one: Callable[[str], Awaitable[None]],
         *,
         op: str,
+        write: _Write | None = None,
     ) -> None:
-        """Run ``one`` on every live replica; Unavailable unless the quorum is reached."""
-        await self.fanout.quorum(placement.live, tracker, one, op=op)
+        """Run ``one`` on every live replica; Unavailable unless the quorum is reached.
+
+        ``write``: the write tracker's entry, ended once every attempt ended.
+        """
+        settled = None
+        if write is not None:
+            write.handed = True
+            settled = partial(self._end_write, write.token)
+        await self.fanout.quorum(placement.live, tracker, one, op=op, settled=settled)
         if not tracker.reached:
             self._count_quorum_failure(op)
             raise Unavailable(
@@ -850,6 +909,14 @@ class NodeService:
             self._ring = Ring([RingMember(name) for name in names], vnodes=self.config.vnodes)
             self._ring_key = names
         return self._ring
+
+
+@dataclass
+class _Write:
+    """A write counted by ``NodeService.writes``; ``handed``: its attempts end it."""
+
+    token: WriteToken
+    handed: bool = False
 
 
 _SELF = Peer(name="self", kind="node", roles=(), fingerprint="")
