@@ -38,8 +38,13 @@ bounded fan-out).
 Membership changes (``set_layout``, ``node.cluster.layout``): while a layout is in
 transition, writes (puts, deletes, purges, their hints) go to the union of the old and
 the new preference list and succeed only with W acknowledgements in each; reads gather R
-from the old list, which holds every acknowledged write. Without a layout, or outside a
-transition, placement is the ring over ``cluster.member_names()`` / the layout's members.
+from the old list, which holds every acknowledged write, and also ask the new-only owners
+(not counted toward R): every answer, the late ones too, gets read repair, so a read
+during a move makes the context's new owners whole. Every write counts in ``writes``
+(``node.cluster.inflight_writes``) by the ring epoch it was placed by, until each of its
+replica attempts ended: range streaming's ``epoch_seen`` waits for the older ones.
+Without a layout, or outside a transition, placement is the ring over
+``cluster.member_names()`` / the layout's members.
 
 Errors: a body that does not parse answers ``UCXL-400-INVALID_PAYLOAD`` naming the field;
 after parsing, an exception that is not a ``StorageError``/``NodeError`` is our bug: it is
@@ -62,14 +67,16 @@ from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.handoff_plan import counts_toward_w
 from node.cluster.inflight_writes import InflightWrites, WriteToken
-from node.cluster.layout import Layout, place_layout
+from node.cluster.layout import Layout, place_layout, place_read
 from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
+    Merged,
     Placement,
     Quorum,
     QuorumTracker,
     VersionSet,
     batches_by_bytes,
+    lacking,
     merge_hits,
     merge_listings,
     merge_version_sets,
@@ -775,7 +782,7 @@ class NodeService:
         if not tracker.reached:
             self._count_quorum_failure(op)
             raise Unavailable(
-                f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
+                f"{op}: {tracker.counted} of {tracker.needed} needed replicas answered in time"
                 f" ({tracker.shortfall()})"
             )
 
@@ -789,6 +796,7 @@ class NodeService:
         placement = self._read_placement(ctx)
         tracker = self._tracker(placement, quorum.r, "read")
         found: dict[str, VersionSet] = {}
+        read: list[Merged] = []  # the merged answer, once the quorum decided
 
         async def one(node: str) -> None:
             envelopes: dict[str, bytes] = {}
@@ -805,13 +813,16 @@ class NodeService:
                     break
                 after = max(page.envelopes)
             found[node] = VersionSet(envelopes, page.purge)
+            if read and placement.groups:  # answered after the merge, during a transition
+                self._repair(ctx, lacking(read[0], node, found[node]))
 
         await self._quorum(placement, tracker, one, op="read")
         merged = merge_version_sets({node: found[node] for node in tracker.ok})
+        read.append(merged)
         self._repair(ctx, merged)
         return list(merged.envelopes)
 
-    def _repair(self, ctx: ContextName, merged: Any) -> None:
+    def _repair(self, ctx: ContextName, merged: Merged) -> None:
         """Carry out the repair plan in the background (bounded; excess dropped, counted)."""
         plan = coordinator.repair_plan(merged, MAX_BATCH_BYTES)
         by_id = dict(merged.envelopes)
@@ -884,9 +895,14 @@ class NodeService:
         return place_layout(old, new, ctx.key(), self.config.quorum.n, up)
 
     def _read_placement(self, ctx: ContextName) -> Placement:
-        """Where reads go: the old list (while in transition it holds every ack'd write)."""
+        """Where reads go: the old list, which counts toward R (while in transition it
+        holds every acknowledged write), and in transition the new-only owners too,
+        asked for read repair only (``layout.place_read``)."""
         up = set(self._up_members())
-        return place(self.placement_rings()[0], ctx.key(), self.config.quorum.n, up)
+        old, new = self.placement_rings()
+        if old is new:
+            return place(old, ctx.key(), self.config.quorum.n, up)
+        return place_read(old, new, ctx.key(), self.config.quorum.n, up)
 
     def placement_rings(self) -> tuple[Ring, Ring]:
         """The old and the new ring (the same ring outside a transition)."""

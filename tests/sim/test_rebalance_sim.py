@@ -24,7 +24,7 @@ import trio.testing
 
 from node.cluster.antientropy_service import AntiEntropyConfig
 from node.cluster.handoff_plan import HandoffConfig
-from node.cluster.layout import layout_of
+from node.cluster.layout import Layout, layout_of
 from node.cluster.rebalance import RebalanceConfig, RebalanceService, _Item
 from node.cluster.ring import Ring, RingMember
 from node.control.metadata import (
@@ -457,3 +457,50 @@ async def test_a_write_in_flight_across_a_join_reaches_the_new_owner_by_the_walk
         assert sum(r.stats.drain_timeouts for r in rebalancers) == 0
         assert sim.nodes["n4"].service.writes.in_flight() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_read_during_a_join_repairs_the_new_owner_too(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A read in transition asks the new-only owner as well (not counted toward R) and
+    repairs it, also when its answer comes after the read was answered; R still counts
+    in the old list only. No streaming, no anti-entropy, no handoff: only reads move data."""
+    founders, everyone = ["n1", "n2", "n3"], ["n1", "n2", "n3", "n4"]
+    async with open_sim_cluster(tmp_path, size=4, seed=1, antientropy=QUIET,
+                                handoff=HandoffConfig(enabled=False)) as sim:  # fmt: skip
+        for node in sim.nodes.values():
+            node.service.set_layout(Layout.steady(1, founders))
+        work = Workload(sim, 1, founders)
+        for i in range(12):
+            await work.write(i)
+        new_ring = joined_ring(sim, everyone)
+        moving = [i for i in work.acked if "n4" in owners_of(new_ring, i)]
+        assert moving
+        n4 = sim.nodes["n4"]
+        assert all(not n4.store.versions.version_ids(parse(address(i)).context())
+                   for i in work.acked)  # fmt: skip
+        for node in sim.nodes.values():
+            node.service.set_layout(Layout(2, tuple(founders), tuple(everyone)))
+        real = n4.service.local._rep_versions
+        late: list[int] = []
+
+        async def slow(peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+            await trio.sleep(0.3)  # after the old list's answers: the read is answered
+            late.append(1)
+            return await real(peer, args)
+
+        n4.service.local._rep_versions = slow  # type: ignore[method-assign]
+        work.coordinators = everyone  # n4 reads itself on time; the others hear it late
+        await work.read_all()
+        await trio.sleep(1)  # the background repairs
+        assert late, "n4 was asked"
+        for i in moving:
+            held = set(n4.store.versions.version_ids(parse(address(i)).context()))
+            assert work.acked[i] <= held, f"doc{i}: the read did not repair the new owner"
+        for i in set(work.acked) - set(moving):  # not n4's: never sent there
+            assert not n4.store.versions.version_ids(parse(address(i)).context())
+        sim.network.partition(["n2", "n3"], ["n1", "n4", "client"])
+        with pytest.raises(RemoteError) as refused:
+            await sim.call("n1", "ctx.history", {"address": address(moving[0]), "r": 2})
+        assert refused.value.code == "UCXL-503-UNAVAILABLE"  # n1 and n4 answered: n4 is
+        assert "read: 1 of 2 needed" in str(refused.value)  # not counted toward R
