@@ -175,15 +175,25 @@ class Simulation:
     # -- node lifecycle -------------------------------------------------------------------
 
     async def start(self, name: str) -> None:
-        """Start ``name`` (no-op when it runs); returns once its server is up."""
+        """Start ``name`` (no-op when it runs); returns once its server is up.
+
+        A start while another is under way (a ``Restart`` step right after the ``Join``
+        that starts a spare) waits for that one instead of starting a second life."""
         node = self.nodes[name]
+        while node.starting is not None:
+            await node.starting.wait()
         if node.running and node.scope is not None and node.scope.cancel_called:
             assert node.stopped is not None
             await node.stopped.wait()  # it is dying (crashed mid-write): restart it after
         if node.running:
             return
         assert self._nursery is not None
-        await self._nursery.start(self._node_main, node)
+        node.starting = starting = trio.Event()
+        try:
+            await self._nursery.start(self._node_main, node)
+        finally:
+            node.starting = None
+            starting.set()
 
     async def crash(self, name: str) -> None:
         """Kill ``name`` now; returns once its tasks are gone."""
