@@ -373,6 +373,21 @@ class Simulation:
             problems += model.settled(self.member_states())
             problems += model.exact_replicas(self.replicas(), snaps)
         problems += self.control.drop_problems
+        problems += self.writes_in_flight()
+        return problems
+
+    def writes_in_flight(self) -> list[str]:
+        """Every write a running node coordinated has ended (its write tracker is empty):
+        the client operations are over and the quiet period outlasts any replica attempt,
+        so a write still counted is a leaked token, which would hold ``epoch_seen`` back."""
+        problems = []
+        for name in self.present():
+            service = self.nodes[name].service
+            if service is not None and service.writes.in_flight():
+                problems.append(
+                    f"{name} counts {service.writes.in_flight()} writes in flight after the"
+                    " quiet period"
+                )
         return problems
 
     async def check_control(self) -> list[str]:
