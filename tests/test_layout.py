@@ -157,6 +157,7 @@ PURE_CORES = (
     "node/cluster/status.py",
     "node/cluster/layout.py",
     "node/cluster/rebalance_plan.py",
+    "node/cluster/inflight_writes.py",
     "node/control/raft_types.py",
     "node/control/cluster_backup_plan.py",
     "node/control/raft_log.py",

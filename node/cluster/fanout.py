@@ -174,32 +174,53 @@ class Fanout:
         one: Callable[[str], Awaitable[object]],
         *,
         op: str,
+        settled: Callable[[], None] | None = None,
     ) -> None:
         """Run ``one`` on every live replica; return once the tracker has decided.
 
         The attempts run in the service nursery (they finish after the answer); each
         catches everything, so a failing replica or a bug fails that replica only.
+        ``settled`` is called once, when every attempt has ended (at once when there is
+        none; also when starting them failed): the write tracker's end of a write.
         """
         decided = trio.Event()
+        left = len(live)
+
+        def ended() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and settled is not None:
+                settled()
 
         async def attempt(node: str) -> None:
             success = False
             reason = ""
             try:
-                await one(node)
-                success = True
-            except Exception as exc:
-                reason = self.failed(op, node, exc)
-            try:
-                if tracker.record(node, success, reason) is not Outcome.PENDING:
+                try:
+                    await one(node)
+                    success = True
+                except Exception as exc:
+                    reason = self.failed(op, node, exc)
+                try:
+                    if tracker.record(node, success, reason) is not Outcome.PENDING:
+                        decided.set()
+                except Exception:
+                    self.internal(f"{op}.tracker")
                     decided.set()
-            except Exception:
-                self.internal(f"{op}.tracker")
-                decided.set()
+            finally:
+                ended()
 
         assert self.nursery is not None, "NodeService.run must be running"
-        for node in live:
-            self.nursery.start_soon(attempt, node)
+        if not live and settled is not None:
+            settled()
+        started = 0
+        try:
+            for node in live:
+                self.nursery.start_soon(attempt, node)
+                started += 1
+        finally:
+            for _ in range(len(live) - started):  # the nursery closed: they never run
+                ended()
         with trio.move_on_after(self.timeout()):
             await decided.wait()
 

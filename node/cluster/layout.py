@@ -1,7 +1,8 @@
 """The layout: which rings the data plane places by while membership changes (a pure core).
 
 Owns: the ``Layout`` value derived from the applied cluster metadata (``layout_of``), the
-placement of a key under a layout (``place_layout``), and the arcs of the key space whose
+placement of a write (``place_layout``) and of a read (``place_read``) under a layout,
+and the arcs of the key space whose
 replica set differs between the old and the new ring (``moving_arcs``).
 
 Must not know: the metadata log, Raft, RPC, storage. ``layout_of`` reads any value shaped
@@ -21,6 +22,9 @@ Invariants:
 - In transition a write's placement is the union of both preference lists (old list
   first, then the new-only owners) with one quorum group per list: a write succeeds only
   with W acknowledgements in each group (Garage: a quorum in every active version).
+- In transition a read asks the old list and the new-only owners, with one quorum group,
+  the old list: R counts there only (it holds every acknowledged write); the new-only
+  owners' answers join the merge and read repair, so a read makes them whole too.
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def place_layout(old: Ring, new: Ring, key: bytes, n: int, up: Collection[str]) 
         return Placement(old_list, tuple(x for x in old_list if x in up))
     union = old_list + tuple(x for x in new_list if x not in old_list)
     return Placement(union, tuple(x for x in union if x in up), groups=(old_list, new_list))
+
+
+def place_read(old: Ring, new: Ring, key: bytes, n: int, up: Collection[str]) -> Placement:
+    """Where a read of ``key`` goes: the old list, whose answers count toward R (its one
+    quorum group), then the new-only owners, asked for read repair only.
+
+    Returns the ordinary single-list placement when both lists are equal.
+    """
+    old_list = tuple(old.preference_list(key, n))
+    extra = tuple(x for x in new.preference_list(key, n) if x not in old_list)
+    if not extra:
+        return Placement(old_list, tuple(x for x in old_list if x in up))
+    union = old_list + extra
+    return Placement(union, tuple(x for x in union if x in up), groups=(old_list,))
 
 
 def moving_arcs(old: Ring, new: Ring, n: int) -> list[tuple[int, int]]:

@@ -19,6 +19,10 @@ Must not know: Raft, the leader's duty that ends a transition (it reads the mark
 node proposes), how the layout is derived (``NodeService.layout``, set by the daemon
 from the applied metadata).
 
+``epoch_seen(E)`` is proposed only once the writes this node coordinates that were
+routed by a layout older than E ended (``NodeService.wait_writes_drained``, bounded by
+``drain_s``): the walk barrier then also means no such write is still in flight.
+
 Invariants: one walk at a time; version traffic is paced by a token bucket
 (``bytes_per_s``, the ``[antientropy] bytes_per_s`` figure unless configured apart) on
 trio's clock; an owner that cannot be reached leaves the walk incomplete (retried every
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = ["ControlView", "RebalanceConfig", "RebalanceService"]
 log = logging.getLogger(__name__)
 Body = dict[str, Any]
+DRAIN_TIMEOUTS = 4  # the default bound of the epoch_seen wait, in request timeouts
 
 
 class ControlView(Protocol):
@@ -80,10 +85,15 @@ class RebalanceConfig:
     bytes_per_s: int = 8 * 1024 * 1024  # the daemon passes [antientropy] bytes_per_s
     poll_s: float = 1.0  # how often the applied metadata is looked at
     contexts_per_call: int = 256  # contexts per rep.ids question (<= MAX_ITEMS)
+    # how long epoch_seen waits for older writes to end; None: DRAIN_TIMEOUTS request
+    # timeouts (a write's attempt: a queued frame, its own frame, a hint store)
+    drain_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.bytes_per_s <= 0 or self.poll_s <= 0:
             raise ValueError("bytes_per_s and poll_s must be > 0")
+        if self.drain_s is not None and self.drain_s <= 0:
+            raise ValueError("drain_s must be > 0")
         if not 1 <= self.contexts_per_call <= MAX_ITEMS:
             raise ValueError(f"contexts_per_call must be in 1..{MAX_ITEMS}")
 
@@ -100,6 +110,7 @@ class RebalanceStats:
     contexts_dropped: int = 0  # running total: contexts removed after a change settled
     refused_versions: int = 0  # versions an owner refused (untrusted, purged): not retried
     walks: int = 0  # complete walks
+    drain_timeouts: int = 0  # epoch_seen proposed with older writes still in flight
 
 
 @dataclass
@@ -188,7 +199,7 @@ class RebalanceService:
                 await self._clean(layout.epoch)
             return
         if meta.seen.get(me, 0) < layout.epoch:
-            await self.control.propose(cmd_epoch_seen(me, layout.epoch))
+            await self._mark_seen(me, layout.epoch)
             return
         kind = plan.walk_kind(layout, meta.streamed.get(me, 0), self._walked)
         if kind is not None:
@@ -202,6 +213,27 @@ class RebalanceService:
             return
         if plan.cleanup_ready(layout, seen, meta.streamed.get(me, 0)):
             await self._clean(layout.epoch)
+
+    async def _mark_seen(self, me: str, epoch: int) -> None:
+        """Propose ``epoch_seen(epoch)`` once no write this node coordinates that was routed
+        by an older layout is in flight (Garage's ack tracker): when every live member
+        has seen the epoch, no such write is in flight anywhere, so the walks that start
+        then see every acknowledged write. Bounded by ``drain_s``: past it a stuck write
+        has failed (its request's deadline), and the mark is proposed anyway."""
+        bound = self.config.drain_s
+        if bound is None:
+            bound = DRAIN_TIMEOUTS * self.service.config.timeout_s
+        if not await self.service.wait_writes_drained(epoch, bound):
+            self.stats.drain_timeouts += 1
+            log.warning(
+                "%s: %d writes routed by a layout older than epoch %d still in flight "
+                "after %.3g s; marking epoch_seen anyway",
+                self.service.name, self.service.writes.in_flight(epoch), epoch, bound,
+            )  # fmt: skip
+        layout = self.service.layout
+        if layout is None or layout.epoch != epoch:
+            return  # the layout moved on while we waited: the next step marks that one
+        await self.control.propose(cmd_epoch_seen(me, epoch))
 
     async def _clean(self, epoch: int) -> None:
         """The whole cleanup for ``epoch`` until one completes; after it, the contexts

@@ -11,9 +11,12 @@ the applied metadata as plain maps: name -> epoch), trio or a clock.
 The protocol (research/self-healing.md: Cassandra's pending ranges, Garage's layout
 versions and sync trackers):
 
-1. A node applies ring epoch E and routes by it, then marks ``epoch_seen(E)``.
+1. A node applies ring epoch E and routes by it, waits until the writes it coordinates
+   that were routed by an older layout ended (``node.cluster.inflight_writes``, bounded),
+   then marks ``epoch_seen(E)``.
 2. Once every live member of old ∪ new has seen E (no coordinator still writes by an
-   older layout), a node that has not marked ``stream_done(E)`` walks what it holds:
+   older layout, and no such write is still in flight), a node that has not marked
+   ``stream_done(E)`` walks what it holds:
    - "stream" (in transition): offer each context to its new-list owners that are not
      in its old list;
    - "restore" (not in transition, and this node does not know that it already walked

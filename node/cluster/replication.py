@@ -137,6 +137,14 @@ class QuorumTracker:
         return Outcome.PENDING
 
     @property
+    def counted(self) -> int:
+        """Successes that count toward ``needed``: with groups, those of the group that
+        has fewest (an answer outside every group counts nowhere)."""
+        if not self.groups:
+            return len(self.ok)
+        return min(sum(1 for x in group if x in self.ok) for group in self.groups)
+
+    @property
     def reached(self) -> bool:
         """Whether the quorum is reached."""
         return self.outcome is Outcome.REACHED
@@ -194,6 +202,18 @@ def merge_version_sets(answers: Mapping[str, VersionSet]) -> Merged:
         )
     )
     return Merged(ordered, purge, {k: v for k, v in missing.items() if v}, stale)
+
+
+def lacking(merged: Merged, node: str, held: VersionSet) -> Merged:
+    """What one replica whose answer came after a read was merged lacks of it: the
+    ``missing`` and ``stale_purge`` of ``node`` alone (read repair of a late answer).
+
+    Versions only ``node`` holds are not taken into the read's result (it was answered).
+    """
+    both = merge_version_sets({"": VersionSet(dict(merged.envelopes), merged.purge), node: held})
+    missing = {node: both.missing[node]} if node in both.missing else {}
+    stale = tuple(name for name in both.stale_purge if name == node)
+    return Merged(both.envelopes, both.purge, missing, stale)
 
 
 def merge_listings(infos: Sequence[ContextInfo]) -> list[ContextInfo]:

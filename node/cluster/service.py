@@ -38,8 +38,13 @@ bounded fan-out).
 Membership changes (``set_layout``, ``node.cluster.layout``): while a layout is in
 transition, writes (puts, deletes, purges, their hints) go to the union of the old and
 the new preference list and succeed only with W acknowledgements in each; reads gather R
-from the old list, which holds every acknowledged write. Without a layout, or outside a
-transition, placement is the ring over ``cluster.member_names()`` / the layout's members.
+from the old list, which holds every acknowledged write, and also ask the new-only owners
+(not counted toward R): every answer, the late ones too, gets read repair, so a read
+during a move makes the context's new owners whole. Every write counts in ``writes``
+(``node.cluster.inflight_writes``) by the ring epoch it was placed by, until each of its
+replica attempts ended: range streaming's ``epoch_seen`` waits for the older ones.
+Without a layout, or outside a transition, placement is the ring over
+``cluster.member_names()`` / the layout's members.
 
 Errors: a body that does not parse answers ``UCXL-400-INVALID_PAYLOAD`` naming the field;
 after parsing, an exception that is not a ``StorageError``/``NodeError`` is our bug: it is
@@ -61,14 +66,17 @@ from crypto.roles import ADMIN_ROLE
 from node.cluster import answers, coordinator, status
 from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.handoff_plan import counts_toward_w
-from node.cluster.layout import Layout, place_layout
+from node.cluster.inflight_writes import InflightWrites, WriteToken
+from node.cluster.layout import Layout, place_layout, place_read
 from node.cluster.replica_side import ReplicaSide
 from node.cluster.replication import (
+    Merged,
     Placement,
     Quorum,
     QuorumTracker,
     VersionSet,
     batches_by_bytes,
+    lacking,
     merge_hits,
     merge_listings,
     merge_version_sets,
@@ -241,10 +249,41 @@ class NodeService:
             self._send_store, lambda: self.fanout.nursery, max_bytes=MAX_BATCH_BYTES
         )
         self.purge_retries = 0  # writes re-sealed after a replica's purge marker
+        # writes in flight per layout epoch: ``epoch_seen`` waits for the older ones
+        self.writes = InflightWrites()
+        self._write_ended = trio.Event()
 
     def set_layout(self, layout: Layout | None) -> None:
         """Place by ``layout`` from now on (None: by ``cluster.member_names()``)."""
         self.layout = layout
+
+    def _begin_write(self) -> _Write:
+        """Count a write routed by the current layout (call right before placing it)."""
+        return _Write(self.writes.begin(0 if self.layout is None else self.layout.epoch))
+
+    def _end_write(self, token: WriteToken) -> None:
+        """Every attempt of the write of ``token`` ended; wake whoever waits on it."""
+        self.writes.end(token)
+        self._write_ended.set()
+        self._write_ended = trio.Event()
+
+    def _end_unless_handed(self, write: _Write) -> None:
+        """End ``write`` now unless its attempts were started (their end ends it)."""
+        if not write.handed:
+            self._end_write(write.token)
+
+    async def wait_writes_drained(self, epoch: int, timeout_s: float) -> bool:
+        """Wait until no write this node coordinates that was routed by a layout older
+        than ``epoch`` is in flight (every replica attempt of it ended).
+
+        Returns:
+            True once drained; False when ``timeout_s`` passed first.
+        """
+        with trio.move_on_after(timeout_s):
+            while not self.writes.drained_below(epoch):
+                await self._write_ended.wait()
+            return True
+        return False
 
     @property
     def faults(self) -> Any:
@@ -416,18 +455,22 @@ class NodeService:
         if not rows:
             raise NotFound(f"no such context: {ctx.canonical()}", input=ctx.canonical())
         marker = self.replica.purge_marker_for(rows[-1][0], f"{peer.name}")
-        placement = self._placement(ctx)
         body: Body = {"context": ctx.canonical(), "marker": marker.encode()}
         if term is not None:
             body["term"] = term
-        tracker = self._tracker(placement, self.config.quorum.w, "purge")
 
         async def one(node: str) -> None:
             answers.parse_purge(await self.fanout.on(
                 node, "rep.purge", body, lambda: self.local.purge(ctx, marker, term)
             ))  # fmt: skip
 
-        await self._quorum(placement, tracker, one, op="purge")
+        write = self._begin_write()  # routed by this layout: epoch_seen waits for it
+        try:
+            placement = self._placement(ctx)
+            tracker = self._tracker(placement, self.config.quorum.w, "purge")
+            await self._quorum(placement, tracker, one, op="purge", write=write)
+        finally:
+            self._end_unless_handed(write)
         return {"versions": len(rows)}
 
     async def _status(self, peer: Peer, args: Body) -> Body:
@@ -634,6 +677,21 @@ class NodeService:
         versions for the failed and down ones).
         """
         quorum = self._quorum_of(w=w)
+        write = self._begin_write()  # routed by this layout: epoch_seen waits for it
+        try:
+            return await self._replicate(ctx, envs, quorum, write, learned)
+        finally:
+            self._end_unless_handed(write)
+
+    async def _replicate(
+        self,
+        ctx: ContextName,
+        envs: Sequence[Envelope],
+        quorum: Quorum,
+        write: _Write,
+        learned: Learned | None,
+    ) -> ReplicateResult:
+        """``replicate`` under the write tracker's ``write`` (ended once all attempts end)."""
         placement = self._placement(ctx)
         items = [Item(env.context, env.version_id, env.encode()) for env in envs]
         blobs = [item.blob for item in items]
@@ -699,7 +757,7 @@ class NodeService:
                 for context, count in answer.heads.items():
                     result.heads[context] = max(result.heads.get(context, 0), count)
 
-        await self._quorum(asked, tracker, one, op="write")
+        await self._quorum(asked, tracker, one, op="write", write=write)
         result.acked = list(tracker.ok)
         result.failed = [node for node in tracker.failed if node in placement.live]
         return result
@@ -728,13 +786,21 @@ class NodeService:
         one: Callable[[str], Awaitable[None]],
         *,
         op: str,
+        write: _Write | None = None,
     ) -> None:
-        """Run ``one`` on every live replica; Unavailable unless the quorum is reached."""
-        await self.fanout.quorum(placement.live, tracker, one, op=op)
+        """Run ``one`` on every live replica; Unavailable unless the quorum is reached.
+
+        ``write``: the write tracker's entry, ended once every attempt ended.
+        """
+        settled = None
+        if write is not None:
+            write.handed = True
+            settled = partial(self._end_write, write.token)
+        await self.fanout.quorum(placement.live, tracker, one, op=op, settled=settled)
         if not tracker.reached:
             self._count_quorum_failure(op)
             raise Unavailable(
-                f"{op}: {len(tracker.ok)} of {tracker.needed} needed replicas answered in time"
+                f"{op}: {tracker.counted} of {tracker.needed} needed replicas answered in time"
                 f" ({tracker.shortfall()})"
             )
 
@@ -748,6 +814,7 @@ class NodeService:
         placement = self._read_placement(ctx)
         tracker = self._tracker(placement, quorum.r, "read")
         found: dict[str, VersionSet] = {}
+        read: list[Merged] = []  # the merged answer, once the quorum decided
 
         async def one(node: str) -> None:
             envelopes: dict[str, bytes] = {}
@@ -764,13 +831,16 @@ class NodeService:
                     break
                 after = max(page.envelopes)
             found[node] = VersionSet(envelopes, page.purge)
+            if read and placement.groups:  # answered after the merge, during a transition
+                self._repair(ctx, lacking(read[0], node, found[node]))
 
         await self._quorum(placement, tracker, one, op="read")
         merged = merge_version_sets({node: found[node] for node in tracker.ok})
+        read.append(merged)
         self._repair(ctx, merged)
         return list(merged.envelopes)
 
-    def _repair(self, ctx: ContextName, merged: Any) -> None:
+    def _repair(self, ctx: ContextName, merged: Merged) -> None:
         """Carry out the repair plan in the background (bounded; excess dropped, counted)."""
         plan = coordinator.repair_plan(merged, MAX_BATCH_BYTES)
         by_id = dict(merged.envelopes)
@@ -843,9 +913,14 @@ class NodeService:
         return place_layout(old, new, ctx.key(), self.config.quorum.n, up)
 
     def _read_placement(self, ctx: ContextName) -> Placement:
-        """Where reads go: the old list (while in transition it holds every ack'd write)."""
+        """Where reads go: the old list, which counts toward R (while in transition it
+        holds every acknowledged write), and in transition the new-only owners too,
+        asked for read repair only (``layout.place_read``)."""
         up = set(self._up_members())
-        return place(self.placement_rings()[0], ctx.key(), self.config.quorum.n, up)
+        old, new = self.placement_rings()
+        if old is new:
+            return place(old, ctx.key(), self.config.quorum.n, up)
+        return place_read(old, new, ctx.key(), self.config.quorum.n, up)
 
     def placement_rings(self) -> tuple[Ring, Ring]:
         """The old and the new ring (the same ring outside a transition)."""
@@ -868,6 +943,14 @@ class NodeService:
             self._ring = Ring([RingMember(name) for name in names], vnodes=self.config.vnodes)
             self._ring_key = names
         return self._ring
+
+
+@dataclass
+class _Write:
+    """A write counted by ``NodeService.writes``; ``handed``: its attempts end it."""
+
+    token: WriteToken
+    handed: bool = False
 
 
 _SELF = Peer(name="self", kind="node", roles=(), fingerprint="")

@@ -9,7 +9,7 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.cluster.layout import Layout, layout_of, moving_arcs, place_layout
+from node.cluster.layout import Layout, layout_of, moving_arcs, place_layout, place_read
 from node.cluster.replication import Outcome, Placement, QuorumTracker, place
 from node.cluster.ring import KEY_SPACE, Ring, RingMember
 
@@ -81,6 +81,41 @@ def test_place_layout_in_transition_is_the_union_with_a_group_per_list(
         assert p.groups == ()
     else:
         assert p.groups == (tuple(old_list), tuple(new_list))
+
+
+@SETTINGS
+@given(st.binary(min_size=1, max_size=16), st.sets(st.sampled_from(["n1", "n2", "n3", "n4"])))
+def test_place_read_counts_the_old_list_and_asks_the_new_only_owners(
+    key: bytes, up: set[str]
+) -> None:
+    """A read asks old ∪ new (old first); R counts in its one group, the old list."""
+    old, new = ring("n1", "n2", "n3"), ring("n1", "n2", "n3", "n4")
+    p = place_read(old, new, key, 3, up)
+    old_list, new_list = old.preference_list(key, 3), new.preference_list(key, 3)
+    assert p.replicas[:3] == tuple(old_list)
+    assert set(p.replicas) == set(old_list) | set(new_list)
+    assert p.live == tuple(x for x in p.replicas if x in up)
+    if old_list == new_list:
+        assert p == place(old, key, 3, up)
+    else:
+        assert p.groups == (tuple(old_list),)
+        assert p.can_reach(2) == (sum(1 for x in old_list if x in up) >= 2)
+
+
+def test_a_read_in_transition_is_not_reached_by_a_new_only_answer() -> None:
+    """R=2 with one old-list answer and the new owner's: still pending; the old list's
+    second answer reaches it."""
+    old, new = ring("n1", "n2", "n3"), ring("n1", "n2", "n3", "n4")
+    key = next(k.to_bytes(4, "big") for k in range(10_000)
+               if "n4" in new.preference_list(k.to_bytes(4, "big"), 3))  # fmt: skip
+    p = place_read(old, new, key, 3, {"n1", "n2", "n3", "n4"})
+    tracker = QuorumTracker(p.live, 2, groups=p.groups)
+    first, second = p.groups[0][:2]
+    assert tracker.record("n4", True) is Outcome.PENDING
+    assert tracker.record(first, True) is Outcome.PENDING
+    assert (len(tracker.ok), tracker.counted) == (2, 1)  # n4's answer counts nowhere
+    assert tracker.record(second, True) is Outcome.REACHED
+    assert tracker.counted == 2
 
 
 def reference_outcome(groups: list[list[str]], needed: int, ok: set[str], failed: set[str]) -> str:

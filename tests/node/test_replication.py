@@ -12,6 +12,7 @@ from node.cluster.replication import (
     QuorumTracker,
     VersionSet,
     batches_by_bytes,
+    lacking,
     merge_hits,
     merge_listings,
     merge_version_sets,
@@ -51,6 +52,23 @@ def test_merge_is_a_union_minus_what_a_purge_covers() -> None:
     assert [v for v, _ in merged.envelopes] == [vid(2), vid(3)]
     assert merged.missing == {"a": (vid(2),)}
     assert merged.stale_purge == ("a",)
+
+
+def test_lacking_names_what_a_late_answer_lacks_of_the_merged_read() -> None:
+    merged = merge_version_sets(
+        {
+            "a": VersionSet({vid(2): b"2", vid(3): b"3"}, PurgeMarker(vid(1), 0, "admin")),
+            "b": VersionSet({vid(3): b"3"}),
+        }
+    )
+    late = lacking(merged, "c", VersionSet({vid(1): b"1", vid(3): b"3", vid(4): b"4"}))
+    assert late.missing == {"c": (vid(2),)}  # vid(4) only c holds: nobody else is repaired
+    assert late.stale_purge == ("c",)  # c still holds vid(1), which the marker covers
+    assert late.purge == merged.purge
+    assert dict(late.envelopes)[vid(2)] == b"2"
+    whole = lacking(merged, "d", VersionSet({vid(2): b"2", vid(3): b"3"}, merged.purge))
+    assert whole.missing == {}
+    assert whole.stale_purge == ()
 
 
 def _info(context: str, versions: int, updated: int) -> ContextInfo:

@@ -175,15 +175,25 @@ class Simulation:
     # -- node lifecycle -------------------------------------------------------------------
 
     async def start(self, name: str) -> None:
-        """Start ``name`` (no-op when it runs); returns once its server is up."""
+        """Start ``name`` (no-op when it runs); returns once its server is up.
+
+        A start while another is under way (a ``Restart`` step right after the ``Join``
+        that starts a spare) waits for that one instead of starting a second life."""
         node = self.nodes[name]
+        while node.starting is not None:
+            await node.starting.wait()
         if node.running and node.scope is not None and node.scope.cancel_called:
             assert node.stopped is not None
             await node.stopped.wait()  # it is dying (crashed mid-write): restart it after
         if node.running:
             return
         assert self._nursery is not None
-        await self._nursery.start(self._node_main, node)
+        node.starting = starting = trio.Event()
+        try:
+            await self._nursery.start(self._node_main, node)
+        finally:
+            node.starting = None
+            starting.set()
 
     async def crash(self, name: str) -> None:
         """Kill ``name`` now; returns once its tasks are gone."""
@@ -363,6 +373,21 @@ class Simulation:
             problems += model.settled(self.member_states())
             problems += model.exact_replicas(self.replicas(), snaps)
         problems += self.control.drop_problems
+        problems += self.writes_in_flight()
+        return problems
+
+    def writes_in_flight(self) -> list[str]:
+        """Every write a running node coordinated has ended (its write tracker is empty):
+        the client operations are over and the quiet period outlasts any replica attempt,
+        so a write still counted is a leaked token, which would hold ``epoch_seen`` back."""
+        problems = []
+        for name in self.present():
+            service = self.nodes[name].service
+            if service is not None and service.writes.in_flight():
+                problems.append(
+                    f"{name} counts {service.writes.in_flight()} writes in flight after the"
+                    " quiet period"
+                )
         return problems
 
     async def check_control(self) -> list[str]:

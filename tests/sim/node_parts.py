@@ -108,6 +108,7 @@ class SimNode:
     service: NodeService | None = None
     scope: trio.CancelScope | None = None
     stopped: trio.Event | None = None
+    starting: trio.Event | None = None  # set when the start under way is over
     failures: list[str] = field(default_factory=list)
     teardown_errors: int = 0
     lives: int = 0

@@ -1,10 +1,10 @@
 """``scripts/sim``: run many seeded simulation schedules and report failures and speed.
 
-Owns: the command line (``--schedules N --seed S --nodes K --steps L --jobs J``), the loop
-over seeds ``S, S+1, ...`` (split into J disjoint ranges, one process each, when J > 1),
-and the report: schedules run, failures (each with its seed, its schedule and a one-line
-replay command) and schedules per minute of wall time. Exit status 1 when any schedule
-broke an invariant.
+Owns: the command line (``--schedules N --seed S --nodes K --steps L --jobs J``, and
+``--membership [--changes-only]``), the loop over seeds ``S, S+1, ...`` (split into J
+disjoint ranges, one process each, when J > 1), and the report: schedules run, failures
+(each with its seed, its schedule and a one-line replay command) and schedules per minute
+of wall time. Exit status 1 when any schedule broke an invariant.
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ class Summary:
         return 60.0 * self.schedules / self.seconds if self.seconds else 0.0
 
 
+def changing_seeds(schedules: int, seed: int, nodes: int, length: int = 24) -> list[int]:
+    """The seeds among ``seed .. seed + schedules - 1`` whose membership schedule changes
+    the membership (what ``run_many(..., changes_only=True)`` runs)."""
+    return [
+        current
+        for current in range(seed, seed + schedules)
+        if random_schedule(
+            current, nodes, length=length, threaded_every=THREADED_EVERY, spares=SPARES
+        ).changes
+    ]
+
+
 def replay_command(seed: int, nodes: int, membership: bool = False) -> str:
     """The one-line command that runs exactly one schedule again."""
     flag = " --membership" if membership else ""
@@ -55,11 +67,18 @@ def run_many(
     length: int = 24,
     out: TextIO | None = None,
     membership: bool = False,
+    changes_only: bool = False,
 ) -> Summary:
-    """Run ``schedules`` schedules from ``seed`` on; print each failure as it happens.
+    """Run the schedules of seeds ``seed .. seed + schedules - 1``; print each failure as
+    it happens.
 
     ``membership``: mix membership changes (join, decommission, forget) into about one
-    schedule in four (spare nodes); off by default (see docs/simulation.md)."""
+    schedule in four (spare nodes); off by default (see docs/simulation.md).
+    ``changes_only`` (with ``membership``): run only those seeds' schedules that change
+    the membership (the others are the plain random schedules); ``Summary.schedules``
+    counts the schedules run."""
+    if changes_only and not membership:
+        raise ValueError("changes_only needs membership")
     stream = out or sys.stdout
     spares = SPARES if membership else 0
     template(nodes, spares)  # built once, outside the timing
@@ -69,6 +88,8 @@ def run_many(
         schedule = random_schedule(
             current, nodes, length=length, threaded_every=THREADED_EVERY, spares=spares
         )
+        if changes_only and not schedule.changes:
+            continue
         try:
             problems = run_schedule_sync(schedule)
         except Exception as exc:  # the engine itself broke: still a failing seed to replay
@@ -86,7 +107,14 @@ def run_many(
 
 
 def run_jobs(
-    schedules: int, seed: int, nodes: int, length: int, jobs: int, *, membership: bool = False
+    schedules: int,
+    seed: int,
+    nodes: int,
+    length: int,
+    jobs: int,
+    *,
+    membership: bool = False,
+    changes_only: bool = False,
 ) -> Summary:
     """Run the seeds in ``jobs`` processes on disjoint ranges; their output passes through."""
     share, extra = divmod(schedules, jobs)
@@ -113,6 +141,7 @@ def run_jobs(
                 "--steps",
                 str(length),
                 *(["--membership"] if membership else []),
+                *(["--changes-only"] if changes_only else []),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -146,20 +175,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--membership", action="store_true",
         help="mix membership changes (join, decommission, forget) into the schedules",
     )  # fmt: skip
+    parser.add_argument(
+        "--changes-only", action="store_true",
+        help="with --membership: of the seeds, run only the schedules that change membership",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.schedules < 1 or args.nodes < 3 or args.steps < 1 or args.jobs < 1:
         parser.error("--schedules, --steps and --jobs must be >= 1 and --nodes >= 3")
+    if args.changes_only and not args.membership:
+        parser.error("--changes-only needs --membership")
     logging.disable(logging.CRITICAL)  # nodes log expected faults; invariants decide
     try:
         if args.jobs > 1:
             summary = run_jobs(
                 args.schedules, args.seed, args.nodes, args.steps, args.jobs,
-                membership=args.membership,
+                membership=args.membership, changes_only=args.changes_only,
             )  # fmt: skip
         else:
             summary = run_many(
                 args.schedules, args.seed, args.nodes, length=args.steps,
-                membership=args.membership,
+                membership=args.membership, changes_only=args.changes_only,
             )  # fmt: skip
     finally:
         logging.disable(logging.NOTSET)  # main() also runs inside pytest (tests/sim/test_run.py)

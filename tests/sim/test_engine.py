@@ -115,6 +115,32 @@ async def test_extra_services_start_with_every_life_of_a_node(
     assert sorted(started) == ["n1", "n2", "n2", "n3"]
 
 
+async def test_a_write_tracker_token_never_ended_is_a_violation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Planted: n2 begins a write and never ends it (a leak that would hold its
+    epoch_seen back); the check after the quiet period names it. The real writes of the
+    schedule all ended."""
+
+    class Leak:
+        def __init__(self, ctx: SimNodeContext) -> None:
+            self.service = ctx.service
+
+        async def run(
+            self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            if self.service.name == "n2":
+                self.service.writes.begin(0)
+            task_status.started()
+            await trio.sleep_forever()
+
+    sim, problems = await _run(
+        tmp_path, Put("n1", 0), Put("n2", 1), Sleep(0.5), extra=[*engine.EXTRA_SERVICES, Leak]
+    )
+    assert problems == ["n2 counts 1 writes in flight after the quiet period"]
+    assert len(_acked(sim)) == 2
+
+
 def test_a_seed_replays_the_same_run() -> None:
     """Two runs of one schedule see the same outcome of every operation."""
 

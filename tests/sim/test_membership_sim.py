@@ -186,3 +186,16 @@ def test_a_spare_whose_disk_fails_before_its_first_start_does_not_break_the_engi
     assert problems == []
     assert sim.nodes["n4"].lives >= 1
     assert sim.nodes["n4"].disk_failures >= 1  # it did start on the failing disk
+
+
+def test_a_restart_right_after_a_join_does_not_start_the_spare_twice() -> None:
+    """Sim seed 273 (``--membership``): ``Restart(n5)`` came while ``Join(n5)`` was
+    starting the spare; seeing it not running yet, the restart started a second life
+    beside the first ("n5 is already serving": the node stopped by itself). A start now
+    waits for one under way."""
+    steps = [Join("n4"), Restart("n4"), *WRITES, Put("n4", 0), Sleep(0.6)]
+    problems, sim = run(steps, 0)  # seed 0 interleaves them that way (273 did not, here)
+    assert problems == []
+    assert sim.nodes["n4"].lives == 1  # the join's start; the restart found it running
+    assert not sim.nodes["n4"].failures
+    assert dict(sim.history.changes)["add n4"].startswith("ok")

@@ -16,14 +16,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from node.cluster.antientropy_service import AntiEntropyConfig
-from node.cluster.layout import layout_of
+from node.cluster.handoff_plan import HandoffConfig
+from node.cluster.layout import Layout, layout_of
 from node.cluster.rebalance import RebalanceConfig, RebalanceService, _Item
+from node.cluster.ring import Ring, RingMember
 from node.control.metadata import (
     ApplyResult,
     ClusterMetadata,
@@ -34,7 +37,9 @@ from node.control.metadata import (
     cmd_member_state,
 )
 from node.errors import PeerUnavailable, RemoteError
+from node.rpc.transport import Peer
 from storage.address import ContextName, parse
+from storage.errors import Unavailable
 from tests.sim.harness import SimCluster, open_sim_cluster
 
 N = 3
@@ -351,3 +356,151 @@ async def test_versions_reaching_a_non_owner_after_its_cleanup_are_dropped_again
         assert rebalancers[names.index(outsider)].drops == [*before, ctx.canonical()]
         check_replicas(sim, work, names)
         nursery.cancel_scope.cancel()
+
+
+class HeldStores:
+    """Holds the next ``rep.store`` on some replicas until released, and fails it on others
+    (each once): a write kept in flight across a layout change."""
+
+    def __init__(self, sim: SimCluster, held: Sequence[str], failed: Sequence[str]) -> None:
+        self.arrived = {name: trio.Event() for name in held}
+        self.release = trio.Event()
+        for name in held:
+            self._hold(sim, name)
+        for name in failed:
+            self._fail(sim, name)
+
+    def _hold(self, sim: SimCluster, name: str) -> None:
+        side = sim.nodes[name].service.local
+        real = side._rep_store
+
+        async def held(peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+            del side._rep_store  # once: back to the real method
+            self.arrived[name].set()
+            await self.release.wait()
+            return await real(peer, args)
+
+        side._rep_store = held  # type: ignore[method-assign]
+
+    def _fail(self, sim: SimCluster, name: str) -> None:
+        side = sim.nodes[name].service.local
+
+        async def failed(peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+            del side._rep_store
+            raise Unavailable(f"{name}: disk busy (test)")
+
+        side._rep_store = failed  # type: ignore[method-assign]
+
+
+def owners_of(ring: Ring, i: int) -> list[str]:
+    return ring.preference_list(parse(address(i)).context().key(), N)
+
+
+def joined_ring(sim: SimCluster, names: Sequence[str]) -> Ring:
+    vnodes = sim.nodes[names[0]].service.config.vnodes
+    return Ring([RingMember(name) for name in names], vnodes=vnodes)
+
+
+async def test_a_write_in_flight_across_a_join_reaches_the_new_owner_by_the_walk(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A write routed by the old layout, acknowledged only after the join: its
+    coordinator's epoch_seen waits for it (the write tracker), so the walks start after it
+    and offer it to the new owner. Without the wait the walks passed before it was
+    acknowledged; the displaced owner missed it (its store failed), so neither cleanup nor
+    an arrival carried it to the joiner: only anti-entropy could (off here, and so is
+    hinted handoff, which would redirect its hint)."""
+    founders = ["n1", "n2", "n3"]
+    async with (
+        open_sim_cluster(tmp_path, size=4, seed=0, antientropy=QUIET,
+                         handoff=HandoffConfig(enabled=False)) as sim,
+        trio.open_nursery() as nursery,
+    ):  # fmt: skip
+        log, rebalancers = await start(sim, nursery, founders)
+        work = Workload(sim, 0, founders)
+        for i in range(6):
+            await work.write(i)
+        new_ring = joined_ring(sim, [*founders, "n4"])
+        i = next(i for i in range(6, 60) if "n4" in owners_of(new_ring, i))
+        ctx = parse(address(i)).context()
+        staying = [n for n in new_ring.preference_list(ctx.key(), N) if n != "n4"]
+        [displaced] = [n for n in founders if n not in staying]
+        stores = HeldStores(sim, held=staying, failed=[displaced])
+        acked: list[str] = []
+        answered = trio.Event()
+
+        async def put() -> None:  # through n4: it owns nothing yet, so it holds no copy
+            body = {"address": address(i), "record": {"summary": "in flight"}}
+            acked.append((await sim.call("n4", "ctx.put", body))["ref"]["version_id"])
+            answered.set()
+
+        nursery.start_soon(put)
+        for event in stores.arrived.values():
+            await event.wait()
+        walks = [r.stats.walks for r in rebalancers]
+        await log.propose(cmd_member_add(member_of(sim, "n4", "joining")))
+        epoch = layout_of(log.state).epoch
+        await trio.sleep(0.8)  # the replicas hold the write (inside its 1 s inner timeout)
+        n4 = sim.nodes["n4"].store.keyring.node_id
+        assert log.state.seen.get(n4, 0) < epoch, "n4 marked epoch_seen with its write open"
+        assert layout_of(log.state).in_transition
+        assert [r.stats.walks for r in rebalancers] == walks  # no walk started yet
+        stores.release.set()
+        await answered.wait()
+        await trio.sleep(2)  # a few polls: the walks (with the fix), cleanups, arrivals
+        await settle(log, rebalancers, [*founders, "n4"])
+        [vid] = acked
+        work.acked.setdefault(i, set()).add(vid)
+        assert vid in sim.nodes["n4"].store.versions.version_ids(ctx)
+        assert vid not in sim.nodes[displaced].store.versions.version_ids(ctx)
+        check_replicas(sim, work, [*founders, "n4"])
+        assert sum(r.stats.drain_timeouts for r in rebalancers) == 0
+        assert sim.nodes["n4"].service.writes.in_flight() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_during_a_join_repairs_the_new_owner_too(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A read in transition asks the new-only owner as well (not counted toward R) and
+    repairs it, also when its answer comes after the read was answered; R still counts
+    in the old list only. No streaming, no anti-entropy, no handoff: only reads move data."""
+    founders, everyone = ["n1", "n2", "n3"], ["n1", "n2", "n3", "n4"]
+    async with open_sim_cluster(tmp_path, size=4, seed=1, antientropy=QUIET,
+                                handoff=HandoffConfig(enabled=False)) as sim:  # fmt: skip
+        for node in sim.nodes.values():
+            node.service.set_layout(Layout.steady(1, founders))
+        work = Workload(sim, 1, founders)
+        for i in range(12):
+            await work.write(i)
+        new_ring = joined_ring(sim, everyone)
+        moving = [i for i in work.acked if "n4" in owners_of(new_ring, i)]
+        assert moving
+        n4 = sim.nodes["n4"]
+        assert all(not n4.store.versions.version_ids(parse(address(i)).context())
+                   for i in work.acked)  # fmt: skip
+        for node in sim.nodes.values():
+            node.service.set_layout(Layout(2, tuple(founders), tuple(everyone)))
+        real = n4.service.local._rep_versions
+        late: list[int] = []
+
+        async def slow(peer: Peer, args: dict[str, Any]) -> dict[str, Any]:
+            await trio.sleep(0.3)  # after the old list's answers: the read is answered
+            late.append(1)
+            return await real(peer, args)
+
+        n4.service.local._rep_versions = slow  # type: ignore[method-assign]
+        work.coordinators = everyone  # n4 reads itself on time; the others hear it late
+        await work.read_all()
+        await trio.sleep(1)  # the background repairs
+        assert late, "n4 was asked"
+        for i in moving:
+            held = set(n4.store.versions.version_ids(parse(address(i)).context()))
+            assert work.acked[i] <= held, f"doc{i}: the read did not repair the new owner"
+        for i in set(work.acked) - set(moving):  # not n4's: never sent there
+            assert not n4.store.versions.version_ids(parse(address(i)).context())
+        sim.network.partition(["n2", "n3"], ["n1", "n4", "client"])
+        with pytest.raises(RemoteError) as refused:
+            await sim.call("n1", "ctx.history", {"address": address(moving[0]), "r": 2})
+        assert refused.value.code == "UCXL-503-UNAVAILABLE"  # n1 and n4 answered: n4 is
+        assert "read: 1 of 2 needed" in str(refused.value)  # not counted toward R
