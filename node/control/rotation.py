@@ -297,6 +297,13 @@ class RotationDriver:
         return seal_identity(keyring.current_identity(cursor.role), recipient)
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation: ``trio.Cancelled``, or a group of nothing else."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+
+
 def register_member_methods(service: NodeService, member: MemberKeys) -> None:
     """``keys.install``, ``keys.reseal`` and ``keys.retire`` (node peers only) on ``service``."""
 
@@ -421,13 +428,18 @@ class ClusterRotation:
     async def _drive(self, action: DutyAction, term: int) -> str:
         """``driver.run``, known to be driven here while it runs (the duty handler).
 
-        Cancelled (deposed, or the lease lapsed): revived at once if the lease is back."""
+        Cancelled (deposed, or the lease lapsed): revived at once if the lease is back. The
+        lease may well be back already: a run cancelled in a member call unwinds only once
+        that call returns (a local one runs in a thread), and the notice that the lease came
+        back found it still driven. The cancellation usually comes out of the walk's nursery
+        as an exception group, not as a bare ``trio.Cancelled``."""
         self._driving.add(action.name)
         try:
             return await self.driver.run(action, term)
-        except trio.Cancelled:
-            self._driving.discard(action.name)
-            self._revive()
+        except BaseException as exc:
+            if _cancellation(exc):
+                self._driving.discard(action.name)
+                self._revive()
             raise
         finally:
             self._driving.discard(action.name)
