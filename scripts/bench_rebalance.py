@@ -53,7 +53,7 @@ REST_S = 10.0
 QUICK_REST_S = 5.0
 POLL_S = 0.25
 CALL_TIMEOUT_S = 60.0
-LOAD_ATTEMPTS = 5  # put_batch calls per load batch before the load fails
+LOAD_ATTEMPTS = 8  # put_batch calls per load batch before the load fails
 JOIN_TIMEOUT_S = 900.0
 ROTATION_TIMEOUT_S = 300.0  # then the rotation is reported unfinished (NaN) with its state
 ROTATION_TIMEOUT_PER_CONTEXT_S = 0.04  # ... or this per context, when that is longer
@@ -261,7 +261,7 @@ async def _put_retrying(
                 raise
             retried[0] += 1
             log(f"  put_batch: {exc}; sending it again")
-            await trio.sleep(0.5 * (attempt + 1))
+            await trio.sleep(min(0.5 * 2**attempt, 5.0))
 
 
 class Writer:
