@@ -2,7 +2,9 @@
 cluster, then the cluster rotates a role key over the same contexts.
 
 1. Load: N contexts of ~1 KB (``put_batch`` of ``BATCH`` items, ``LOAD_STREAMS`` batches in
-   flight through different nodes), under the role the rest of the benchmark uses.
+   flight through different nodes), under the role the rest of the benchmark uses. A batch
+   refused as Unavailable (W copies not made in time on a loaded machine) is sent again,
+   up to ``LOAD_ATTEMPTS`` times, and counted in the notes.
 2. At rest: a steady writer (one put at a time, at most one every ``WRITE_EVERY_S``, W = the
    cluster's) runs for ``REST_S``; its latencies are the baseline.
 3. Join: ``node.daemon.ops.add_nodes`` (in a thread: it creates, starts and proposes the new
@@ -13,7 +15,8 @@ cluster, then the cluster rotates a role key over the same contexts.
    end / the window (contexts/s) and the growth of the old nodes' ``streamed_bytes`` / the
    window (MB/s).
 4. Rotation: ``AsyncClient.rotate_role(ROLE)`` (admin), then ``node.status``'s ``rotation``
-   is polled until its phase is "done" (or "failed"); time = the call to that poll.
+   is polled until its phase is "done" (or "failed"); time = the call to that poll. It is
+   waited for ``rotation_timeout_s(N)`` (300 s, or 40 ms a context for large N).
 
 Owns: the phase's steps, timing and figures (``Outcome``, ``figures``). Must not know: the
 table or the Markdown (``bench_cluster`` renders the figures). Wall times come from
@@ -50,8 +53,10 @@ REST_S = 10.0
 QUICK_REST_S = 5.0
 POLL_S = 0.25
 CALL_TIMEOUT_S = 60.0
+LOAD_ATTEMPTS = 8  # put_batch calls per load batch before the load fails
 JOIN_TIMEOUT_S = 900.0
 ROTATION_TIMEOUT_S = 300.0  # then the rotation is reported unfinished (NaN) with its state
+ROTATION_TIMEOUT_PER_CONTEXT_S = 0.04  # ... or this per context, when that is longer
 ROTATE_RETRY_S = 60.0
 MB = 1_000_000
 
@@ -94,6 +99,11 @@ def rates(contexts: int, streamed: int, seconds: float) -> tuple[float, float]:
     if not seconds > 0:
         return math.nan, math.nan
     return contexts / seconds, streamed / MB / seconds
+
+
+def rotation_timeout_s(contexts: int) -> float:
+    """How long the rotation of ``contexts`` contexts is waited for."""
+    return max(ROTATION_TIMEOUT_S, contexts * ROTATION_TIMEOUT_PER_CONTEXT_S)
 
 
 def percentile_ms(samples_s: Sequence[float], pct: float) -> float:
@@ -210,10 +220,12 @@ def node_config(base: ClientConfig, member: LocalNode, timeout_s: float) -> Clie
     return replace(base, seeds=(("127.0.0.1", member.rpc_port),), timeout_s=timeout_s)
 
 
-async def load(clients: Sequence[AsyncClient], contexts: int) -> float:
-    """Put ``contexts`` contexts through ``put_batch``; seconds it took."""
+async def load(clients: Sequence[AsyncClient], contexts: int) -> tuple[float, int]:
+    """Put ``contexts`` contexts through ``put_batch``; (seconds it took, batches sent
+    again after an Unavailable)."""
     batches = iter(range(0, contexts, BATCH))
     done = [0]
+    retried = [0]
     begin = trio.current_time()
     mark = [begin]
 
@@ -222,7 +234,7 @@ async def load(clients: Sequence[AsyncClient], contexts: int) -> float:
             items = [
                 (load_address(k), fields(k)) for k in range(start, min(contexts, start + BATCH))
             ]
-            await client.put_batch(items)
+            await _put_retrying(client, items, retried)
             done[0] += len(items)
             if trio.current_time() - mark[0] > 10:
                 mark[0] = trio.current_time()
@@ -231,7 +243,25 @@ async def load(clients: Sequence[AsyncClient], contexts: int) -> float:
     async with trio.open_nursery() as nursery:
         for number in range(LOAD_STREAMS):
             nursery.start_soon(stream, clients[number % len(clients)])
-    return trio.current_time() - begin
+    return trio.current_time() - begin, retried[0]
+
+
+async def _put_retrying(
+    client: AsyncClient, items: list[tuple[str, Any]], retried: list[int]
+) -> None:
+    """``put_batch``, sent again after an Unavailable (a loaded cluster may miss W in
+    time; the contexts of a batch stored on fewer than W replicas then get a second
+    version, which the rotation re-seals too)."""
+    for attempt in range(LOAD_ATTEMPTS):
+        try:
+            await client.put_batch(items)
+            return
+        except Unavailable as exc:
+            if attempt == LOAD_ATTEMPTS - 1:
+                raise
+            retried[0] += 1
+            log(f"  put_batch: {exc}; sending it again")
+            await trio.sleep(min(0.5 * 2**attempt, 5.0))
 
 
 class Writer:
@@ -288,7 +318,12 @@ async def run(
             await stack.enter_async_context(open_client(node_config(base, m, 5.0))) for m in members
         ]
         log(f"rebalance: loading {contexts:,} contexts ({BATCH} per put_batch)")
-        out = Outcome(contexts, await load(clients, contexts))
+        load_s, retried = await load(clients, contexts)
+        out = Outcome(contexts, load_s)
+        if retried:
+            out.notes.append(
+                f"load: {retried} put_batch calls were sent again after an Unavailable"
+            )
         log(f"  loaded in {out.load_s:.1f} s ({contexts / out.load_s:,.0f} contexts/s)")
         writer = Writer(clients[0], out)
         stop = trio.Event()
@@ -379,7 +414,8 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
     if not answer.get("started"):
         raise ClusterError(f"rotation not started: {answer}")
     last: dict[str, Any] = {}
-    with trio.move_on_after(ROTATION_TIMEOUT_S):
+    timeout_s = rotation_timeout_s(out.contexts)
+    with trio.move_on_after(timeout_s):
         while True:
             try:
                 rotation = (await watcher.status()).get("rotation") or {}
@@ -400,7 +436,7 @@ async def _rotate(client: AsyncClient, watcher: AsyncClient, out: Outcome) -> No
             await trio.sleep(POLL_S)
     if not out.rotation_phase:
         out.notes.append(
-            f"the rotation did not finish within {ROTATION_TIMEOUT_S:g} s; last seen: phase"
+            f"the rotation did not finish within {timeout_s:g} s; last seen: phase"
             f" {last.get('phase')}, {last.get('members_done')}/{last.get('members_total')}"
             f" members done, rows {last.get('rows_done')}/{last.get('rows_total')}"
         )

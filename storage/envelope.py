@@ -117,6 +117,11 @@ class Envelope:
         fields = [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
         return [*fields, self.seal_epoch] if self.seal_epoch else fields
 
+    def same_header(self, other: Envelope) -> bool:
+        """Whether ``other`` has this clear header, the seal epoch aside (a re-seal of the
+        same version keeps every other header field)."""
+        return all(getattr(self, name) == getattr(other, name) for name in _HEADER_FIELDS)
+
     def header_digest(self) -> bytes:
         """SHA-256 of the msgpack-encoded clear header (signed, and bound into the box)."""
         return hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()

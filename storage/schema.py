@@ -201,7 +201,9 @@ class RotationCursor:
 
     ``after`` is the last version-row key done (b"" before the first); ``since_ms`` the
     wall time from which rows are checked again at the end (``storage.rotation``);
-    ``scanned`` and ``rewritten`` count rows over every run of this rotation.
+    ``scanned`` and ``rewritten`` count rows over every run of this rotation; ``total`` is
+    the number of version rows when the rotation began (for progress; None in a cursor
+    written before the field existed, which still decodes).
     """
 
     to_version: int
@@ -209,6 +211,7 @@ class RotationCursor:
     since_ms: int
     scanned: int = 0
     rewritten: int = 0
+    total: int | None = None
 
     def encode(self) -> bytes:
         """The stored form."""
@@ -219,6 +222,7 @@ class RotationCursor:
             "since_ms": self.since_ms,
             "scanned": self.scanned,
             "rewritten": self.rewritten,
+            "total": self.total,
         }
         return bytes(msgpack.packb(row, use_bin_type=True))
 
@@ -239,6 +243,7 @@ class RotationCursor:
                 int(row["since_ms"]),
                 int(row["scanned"]),
                 int(row["rewritten"]),
+                None if row.get("total") is None else int(row["total"]),
             )
         except (KeyError, TypeError, ValueError):
             raise CorruptRecord("rotation cursor is damaged", field="rotation") from None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from storage.address import ContextName
 from storage.envelope import Envelope, seal_epoch_of
@@ -273,7 +273,7 @@ class VersionStore:
                         continue
                     held = Envelope.decode(stored)
                     old_epoch = held.seal_epoch
-                if replace(held, seal_epoch=0).header() != replace(env, seal_epoch=0).header():
+                if not held.same_header(env):
                     raise Internal(f"a rewrite must keep the header of version {env.version_id}")
                 if held.seal_epoch > env.seal_epoch:
                     continue  # the convergence rule: a newer re-seal is never taken back

@@ -17,7 +17,12 @@ How a rotation goes (docs/keys.md, "Cluster-wide rotation"):
    then ``cmd_key_epoch(role, version, recipient, now)`` is committed.
 4. ``keys.reseal`` to every member, batch by batch, until each says ``done``: the member
    re-encrypts its own rows the role reads (``storage.rotation.reseal_step``, resumable
-   from its durable cursor; rows signed by any trusted member are re-sealed).
+   from its durable cursor; rows signed by any trusted member are re-sealed). A call
+   re-seals synced batches of ``RESEAL_BATCH_ROWS`` rows until it has worked
+   ``RESEAL_BUDGET_S`` (at least one batch, at most ``RESEAL_MAX_BATCHES``), so it answers
+   in about that time whatever the member's speed; the leader waits up to
+   ``RESEAL_TIMEOUT_S`` for it (one slow batch on a loaded member must not turn into a
+   timeout, a pause of ``RETRY_S`` and a call that queues behind the unfinished one).
 5. ``keys.retire`` to every member: the old identity file is deleted everywhere.
 6. The duty finishes. A leader change at any point: the duty is still marked running
    under the old term, the new leader resumes it from the cursor in the log.
@@ -44,6 +49,7 @@ member's persisted fence.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -79,9 +85,14 @@ log = logging.getLogger(__name__)
 Body = dict[str, Any]
 NEVER_DUE_S = 10**9  # the rotation duty's interval: it is only ever started on request
 RETRY_S = 1.0
-# per keys.reseal call: ~1.2 ms a row (decrypt + verify), so 2 x 200 rows stay well inside
-# a request's time budget (a call that outlives it is never answered in time)
-MAX_BATCHES = 2
+# per keys.reseal call: synced batches of RESEAL_BATCH_ROWS rows (a crash of the member
+# loses at most one) until the call has worked RESEAL_BUDGET_S; at ~0.3-0.6 ms a row on an
+# idle core that is a few thousand rows a call, and a loaded member answers after a batch
+# or two. RESEAL_TIMEOUT_S, the leader's wait, leaves room for one slow batch.
+RESEAL_BATCH_ROWS = 250
+RESEAL_MAX_BATCHES = 40
+RESEAL_BUDGET_S = 1.0
+RESEAL_TIMEOUT_S = 20.0
 Call = Callable[[str, str, Body], Awaitable[Body]]  # (member name, method, body)
 
 
@@ -99,13 +110,17 @@ class MemberKeys:
         store: ContextStore,
         fence: Fence,
         *,
-        batch_size: int = 200,
-        max_batches: int = MAX_BATCHES,
+        batch_size: int = RESEAL_BATCH_ROWS,
+        max_batches: int = RESEAL_MAX_BATCHES,
+        budget_s: float | None = RESEAL_BUDGET_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.fence = fence
         self.batch_size = batch_size
         self.max_batches = max_batches
+        self.budget_s = budget_s  # None: only max_batches bounds a call
+        self.clock = clock
 
     def install(self, term: int, role: str, version: int, sealed: bytes) -> Body:
         """Unseal the identity with this node's identity and install it as ``version``.
@@ -127,11 +142,19 @@ class MemberKeys:
         return {"version": installed.version}
 
     def reseal(self, term: int, role: str, version: int) -> Body:
-        """Re-encrypt up to ``max_batches`` batches of rows (``reseal_step``)."""
+        """Re-encrypt batches of rows (``reseal_step``) until ``budget_s`` is spent (after
+        at least one batch) or ``max_batches`` are written."""
         self.fence.admit(term)
+        stop = None
+        if self.budget_s is not None:
+            until = self.clock() + self.budget_s
+
+            def stop() -> bool:
+                return self.clock() >= until
+
         report = reseal_step(
             self.store, role, version, trusted=self.store.reader.trusted,
-            batch_size=self.batch_size, max_batches=self.max_batches,
+            batch_size=self.batch_size, max_batches=self.max_batches, stop=stop,
         )  # fmt: skip
         return report.to_dict()
 
@@ -274,6 +297,13 @@ class RotationDriver:
         return seal_identity(keyring.current_identity(cursor.role), recipient)
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation: ``trio.Cancelled``, or a group of nothing else."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+
+
 def register_member_methods(service: NodeService, member: MemberKeys) -> None:
     """``keys.install``, ``keys.reseal`` and ``keys.retire`` (node peers only) on ``service``."""
 
@@ -365,6 +395,9 @@ class ClusterRotation:
             "keys.reseal": lambda: self.member.reseal(body["term"], body["role"], body["version"]),
             "keys.retire": lambda: self.member.retire(body["term"], body["role"], body["version"]),
         }[method]
+        if method == "keys.reseal" and name != self.service.name:
+            # a call works RESEAL_BUDGET_S; one slow batch must not become a timeout
+            return await self.service.dialer.call(name, method, body, timeout_s=RESEAL_TIMEOUT_S)
         return await self.service.fanout.on(name, method, body, local)
 
     async def start(self, role: str) -> Body:
@@ -395,13 +428,18 @@ class ClusterRotation:
     async def _drive(self, action: DutyAction, term: int) -> str:
         """``driver.run``, known to be driven here while it runs (the duty handler).
 
-        Cancelled (deposed, or the lease lapsed): revived at once if the lease is back."""
+        Cancelled (deposed, or the lease lapsed): revived at once if the lease is back. The
+        lease may well be back already: a run cancelled in a member call unwinds only once
+        that call returns (a local one runs in a thread), and the notice that the lease came
+        back found it still driven. The cancellation usually comes out of the walk's nursery
+        as an exception group, not as a bare ``trio.Cancelled``."""
         self._driving.add(action.name)
         try:
             return await self.driver.run(action, term)
-        except trio.Cancelled:
-            self._driving.discard(action.name)
-            self._revive()
+        except BaseException as exc:
+            if _cancellation(exc):
+                self._driving.discard(action.name)
+                self._revive()
             raise
         finally:
             self._driving.discard(action.name)

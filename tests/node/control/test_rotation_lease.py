@@ -133,3 +133,56 @@ async def test_a_lapsed_lease_in_the_same_term_does_not_orphan_the_rotation(
                 with pytest.raises(pyrage.DecryptError):
                     pyrage.decrypt(age_file_of(env.ciphertext), [old])
         assert checked >= 20 * 2
+
+
+async def test_a_lease_back_before_the_cancelled_run_unwound_still_revives_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The lease lapses and is back before the cancelled run has unwound (in a real node
+    its member call runs in a thread that cannot be interrupted): the notice that the lease
+    is back finds the duty still driven and does not revive it; the run must revive it
+    itself once unwound. Its cancellation then comes out of the walk's nursery as an
+    exception group, not a bare ``trio.Cancelled``."""
+    async with open_sim_cluster(tmp_path / "nodes") as sim:
+        await _populate(sim, 30)
+        log = Log(_state(sim))
+        controls = {n: StandInControl(sim.nodes[n].service, log, leads=n == "n1") for n in NAMES}
+        rotations = {}
+        for name in NAMES:
+            fence = Fence(sim.nodes[name].store.kv, lambda: 0)
+            rotation = ClusterRotation(cast(ControlService, controls[name]), fence)
+            rotation.member.batch_size, rotation.member.max_batches = 4, 1  # a long walk
+            rotations[name] = rotation
+        leader = controls["n1"]
+        flickers = [0]
+
+        def flicker_halfway() -> None:
+            now = _cursor(log)
+            if (
+                not flickers[0]
+                and now is not None
+                and now.phase == "reseal"
+                and len(now.rows) == len(NAMES)
+            ):
+                flickers[0] += 1
+                leader.set_lease(False)  # the run is cancelled ...
+                leader.set_lease(True)  # ... and the lease is back before it unwound
+
+        finished = trio.Event()
+
+        def watch() -> None:
+            flicker_halfway()
+            duty = log.state.duties.get(DUTY)
+            if duty is not None and not duty.running and duty.last_finished_ms > 0:
+                finished.set()
+
+        leader.after_propose = watch
+        assert (await rotations["n1"].start(BE))["started"]
+        with trio.fail_after(300):
+            await finished.wait()
+        assert flickers[0] == 1
+        duty = log.state.duties[DUTY]
+        assert duty.last_ok, duty.last_message
+        assert log.state.key_epochs[BE].version == 2
+        for name in NAMES:
+            assert sim.nodes[name].store.keyring.rotation_in_progress(BE) is None
