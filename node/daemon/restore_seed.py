@@ -13,8 +13,8 @@ Must not know: how the cluster directory is laid out or started (``node.daemon.
 cluster_init``, ``node.daemon.ops``), how versions are merged (the leader's restore).
 
 Invariants: the whole backup is decrypted and verified (every member's hash and every
-signature) before anything is returned, and nothing is written, so a refused backup
-leaves no trace; the identities returned are exactly the current key version of every
+signature, as ``storage.backup.read`` does) before anything is returned, and nothing is
+written, so a refused backup leaves no trace; the identities returned are exactly the current key version of every
 role, admin's included, each checked against the recipient the backup's keyring records.
 """
 
@@ -30,8 +30,8 @@ from crypto.errors import CryptoError
 from crypto.key_versions import parse_meta
 from crypto.keyfiles import parse_identity
 from crypto.roles import ADMIN_ROLE, DEFAULT_ROLES
-from storage.backup import Backup, BackupInvalid, signers_of
-from storage.backup_io import Opener, verify
+from storage.backup import Backup, BackupInvalid, read, signers_of
+from storage.backup_io import Opener
 from storage.errors import InvalidPayload
 
 
@@ -69,7 +69,10 @@ def founding_keys(path: Path, identities: Sequence[x25519.Identity]) -> Founding
             "(the old admin identity, or a --recipient's)",
             field="identity",
         )
-    backup = verify(path, Opener(identities=tuple(identities)))
+    # every member's hash and every signature (by the backup's own signers); not every
+    # decrypt: a cluster backup's admin-only versions open only with the admin identity,
+    # which it does not hold (the leader's restore does not decrypt either)
+    backup = read(Opener(identities=tuple(identities)).decrypt(path))
     manifest = backup.manifest
     if manifest.kind != "full":
         raise InvalidPayload(
