@@ -14,8 +14,9 @@ cluster_init``, ``node.daemon.ops``), how versions are merged (the leader's rest
 
 Invariants: the whole backup is decrypted and verified (every member's hash and every
 signature, as ``storage.backup.read`` does) before anything is returned, and nothing is
-written, so a refused backup leaves no trace; the identities returned are exactly the current key version of every
-role, admin's included, each checked against the recipient the backup's keyring records.
+written, so a refused backup leaves no trace; the identities returned are exactly the
+current key version of every role, admin's included, each checked against the recipient
+the backup's keyring records.
 """
 
 from __future__ import annotations
