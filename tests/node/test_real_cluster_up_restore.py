@@ -9,7 +9,9 @@ with A's role keys and admin identity (rebuilt here from A's shares, as an opera
 with the recovery shares) and A's signers as trusted signers: every node of B then holds
 every version with A's exact envelopes (same ids, same signatures), every context reads
 back through B as it did through A (the admin-only one as admin), the purged context
-stays purged, and a new write to B is stored and replicated to every node.
+stays purged; after node3 of B loses contexts (a lost disk) and restarts, anti-entropy
+brings A's versions back to it (accepted because their signers are B's trusted signers);
+and a new write to B is stored and replicated to every node.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,11 @@ from crypto.keyfiles import write_secret_file
 from crypto.keyring import read_identity_file
 from crypto.shamir import combine_identity, decrypt_share
 from node.client import load_profile, open_client
-from node.daemon.ops import LocalNode, cluster_down
+from node.daemon.config import render_node_config
+from node.daemon.ops import LocalNode, cluster_down, load_node_config, start_cluster
 from node.errors import NodeError
 from storage.address import parse
+from storage.context_store import ContextStore
 from storage.envelope import Envelope
 from storage.errors import NotFound, StorageError
 from tests.node.real_cluster import call, node_status, tls, versions_held
@@ -42,6 +47,7 @@ CONTEXTS = 8
 DELETED = (2, 5)
 PURGED = 6
 SECRET = 7  # readable by admin only
+LOST = range(0, 4)  # contexts node3 of B loses after the restore
 
 
 def address(i: int) -> str:
@@ -89,6 +95,27 @@ def _admin_key(root: Path, names: list[str], out: Path) -> None:
         shares.append(decrypt_share((keys / "admin.share.age").read_bytes(), node_key))
     with combine_identity(shares) as rebuilt:
         write_secret_file(out, (str(rebuilt.identity()) + "\n").encode())
+
+
+def _index(envelope: bytes) -> int:
+    """The context number of a version (its ``docN.md``)."""
+    return int(Envelope.decode(envelope).context.rsplit("doc", 1)[1].split(".")[0])
+
+
+def _lose(data_dir: Path, lost: range) -> None:
+    """Remove every version of the ``lost`` contexts (no purge marker: a lost disk)."""
+    with ContextStore.open(data_dir) as store:
+        for i in lost:
+            ctx = parse(address(i)).context()
+            ids = [row.version_id for row in store.versions.versions(ctx)]
+            store.versions.remove_versions(ctx, ids)
+
+
+def _fast_antientropy(config: Path) -> None:
+    """Anti-entropy every second on the node of ``config`` (default: every minute)."""
+    cfg = load_node_config(config)
+    fast = replace(cfg, antientropy=replace(cfg.antientropy, interval_s=1.0))
+    config.write_text(render_node_config(fast), encoding="utf-8")
 
 
 async def _holdings(root: Path, members: list[LocalNode]) -> dict[str, dict[str, bytes]]:
@@ -235,6 +262,23 @@ async def test_cluster_up_restore_founds_a_cluster_that_holds_the_backup(
                     break
                 await trio.sleep(0.3)
         assert await _reads(b_root / "client.toml") == reads_a  # same ids, same contents
+
+        # a lost disk on node3 of B: anti-entropy brings A's versions back to it, signed by
+        # keys that are no member's; node3 accepts them after a restart (the trusted
+        # signers come back with its metadata)
+        cluster_down(b_root)
+        _lose(b_root / "node3" / "data", LOST)
+        for member in b_members:
+            _fast_antientropy(b_root / member.name / "node.toml")
+        b_members = start_cluster(b_root, 3, timeout_s=90).nodes
+        lost_ids = {vid for vid, env in expected.items() if _index(env) in LOST}
+        assert lost_ids
+        assert not lost_ids & set((await _holdings(b_root, b_members))["node3"])
+        with trio.fail_after(90):
+            while True:
+                if (await _holdings(b_root, b_members))["node3"] == expected:
+                    break
+                await trio.sleep(0.5)
 
         async with open_client(load_profile(b_root / "client.toml")) as client:
             ref = await client.put(address(0), {"summary": "written to B"}, w=3)
