@@ -36,6 +36,8 @@ from node.daemon.config import render_node_config
 from node.daemon.ops import LocalNode, cluster_down, load_node_config, start_cluster
 from node.errors import NodeError
 from storage.address import parse
+from storage.backup import read, signers_of
+from storage.backup_io import Opener
 from storage.context_store import ContextStore
 from storage.envelope import Envelope
 from storage.errors import NotFound, StorageError
@@ -291,5 +293,15 @@ async def test_cluster_up_restore_founds_a_cluster_that_holds_the_backup(
         for h in (await _holdings(b_root, b_members)).values():
             assert ref.version_id in h
             assert Envelope.decode(h[ref.version_id]).context == ctx
+
+        # a backup of B lists A's signers too (they signed most of B's versions), so it
+        # verifies by its own signers and founds a cluster in turn
+        again = tmp_path / "b.slurp-backup.age"
+        argv = ["--profile", str(b_root / "client.toml"), "backup", "create", "--out",
+                str(again), "--recipient", str(key.to_public())]  # fmt: skip
+        _ok(await trio.to_thread.run_sync(_slurp, *argv))
+        of_b = read(Opener(identities=(key,)).decrypt(again))
+        assert signer_keys <= {k.hex() for k in signers_of(of_b)}
+        assert expected.keys() <= {row.version_id for row in of_b.contents.versions}
     finally:
         cluster_down(b_root)
