@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,21 +13,28 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from cli import render
-from cli.common import CliError, JsonOpt, fail
+from cli.backend import RemoteOptions, connect
+from cli.cluster_restore import restore_files
+from cli.common import CliError, JsonOpt, fail, run
+from cli.keys import identity_file
 from node.daemon.ops import (
     ClusterError,
+    FoundingKeys,
     add_nodes,
     cluster_down,
     cluster_status,
     forget_node,
+    founding_keys,
     remove_node,
     run_node,
     start_cluster,
 )
+from storage.errors import InvalidPayload, StorageError, Unavailable
 
 node_app = typer.Typer(help="Run a node daemon.", no_args_is_help=True)
 cluster_app = typer.Typer(help="A local cluster on loopback, for trying slurp out.",
                           no_args_is_help=True)  # fmt: skip
+RESTORE_WAIT_S = 120.0  # how long --restore waits for a leader that holds the admin key
 DirOpt = Annotated[Path, typer.Option("--dir", help="The cluster directory.")]
 
 
@@ -47,18 +56,45 @@ def up(
     directory: Annotated[Path, typer.Option("--dir", help="The cluster directory.")] = Path(
         ".slurp-cluster"
     ),
+    restore: Annotated[
+        Path | None,
+        typer.Option(
+            "--restore",
+            help="Found a new cluster from this full backup, made "
+            "--with-keys (its keys, then its data).",
+        ),
+    ] = None,
+    identity: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--identity",
+            help="With --restore: an age identity file that opens "
+            "the backup; the old admin identity (repeatable).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create and start a local cluster, or start the nodes of an existing one that are down;
-    returns once every node is healthy."""
+    returns once every node is healthy. With --restore FILE: a new cluster founded with the
+    backup's keys, holding its data."""
+    if identity and restore is None:
+        fail(InvalidPayload("--identity is used with --restore only", field="identity"), as_json)
+    founding = None
+    if restore is not None:
+        keys = [identity_file(path, as_json) for path in identity or []]
+        founding = run(as_json, lambda: founding_keys(restore, keys))
     try:
-        result = start_cluster(directory, nodes)
+        result = start_cluster(directory, nodes, founding=founding)
     except ClusterError as exc:
         fail(_cluster_error(exc), as_json)
+    restored = None
+    if restore is not None and founding is not None:
+        restored = _restore_into(directory, restore, founding, as_json)
     if as_json:
         render.print_json({"dir": str(directory), "profile": str(directory / "client.toml"),
                            "created": result.created, "started": result.started,
-                           "nodes": [m.__dict__ for m in result.nodes]})  # fmt: skip
+                           "nodes": [m.__dict__ for m in result.nodes],
+                           **({} if restored is None else {"restore": restored})})  # fmt: skip
         return
     for member in result.nodes:
         render.out.print(
@@ -69,6 +105,52 @@ def up(
     render.out.print(render.started_line(result.started, len(result.nodes), result.created),
                      markup=False)  # fmt: skip
     render.out.print(f"client profile: {directory / 'client.toml'} (slurp --profile ...)")
+    if restored is not None:
+        render.out.print(
+            f"restored {restore}: {restored['versions_sent']} versions sent, "
+            f"{restored['purges_applied']} purge markers applied (cut {restored['cut']}); "
+            f"{len(restored['trusted_signers'])} trusted signer(s), admin identity from "
+            f"{restored['admin_identity']}",
+            markup=False,
+        )
+
+
+def _restore_into(
+    directory: Path, path: Path, founding: FoundingKeys, as_json: bool
+) -> dict[str, Any]:
+    """Merge the backup into the new cluster through its leader (``restore.upload`` /
+    ``restore.apply``, as ``slurp --profile P restore``), retrying while no leader holds
+    the admin identity yet; answer the restore summary."""
+    profile = directory / "client.toml"
+    deadline = time.monotonic() + RESTORE_WAIT_S
+    while True:
+        try:
+            with contextlib.closing(connect(RemoteOptions(profile=profile))) as remote:
+                summary = restore_files(remote.client, [path], as_json)
+            break
+        except Unavailable as exc:  # an election, or the leader still rebuilds the admin key
+            if time.monotonic() > deadline:
+                fail(_restore_failed(exc, profile, path), as_json)
+            time.sleep(1.0)
+        except StorageError as exc:
+            fail(_restore_failed(exc, profile, path), as_json)
+    manifest = founding.backup.manifest
+    return {
+        **summary,
+        "backup_cluster_id": manifest.cluster_id,
+        "admin_identity": founding.admin_from,
+        "trusted_signers": [key.hex() for key in founding.trusted_signers],
+    }
+
+
+def _restore_failed(exc: StorageError, profile: Path, path: Path) -> StorageError:
+    """``exc`` with what is left: the cluster runs; the merge is idempotent, run it again."""
+    return CliError(
+        exc.code,
+        f"{exc.message} (the new cluster is up with the backup's keys but its data is not all "
+        f"in: run `slurp --profile {profile} restore {path}` to finish)",
+        exc.field,
+    )
 
 
 @cluster_app.command("status")

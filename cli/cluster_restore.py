@@ -37,7 +37,7 @@ def restore_cluster(files: list[Path], as_json: bool) -> None:
     remote = run(as_json, lambda: connect(STATE.remote))
     try:
         client = remote.client
-        summary = run(as_json, lambda: _restore(client, files, as_json))
+        summary = run(as_json, lambda: restore_files(client, files, as_json))
     finally:
         remote.close()
     if as_json:
@@ -52,7 +52,9 @@ def restore_cluster(files: list[Path], as_json: bool) -> None:
         )
 
 
-def _restore(client: Any, files: list[Path], as_json: bool) -> dict[str, Any]:
+def restore_files(client: Any, files: list[Path], as_json: bool) -> dict[str, Any]:
+    """Upload ``files`` to the leader through ``client``, drive the merge, and answer the
+    summary (the ``--json`` shape of ``slurp --profile P restore``)."""
     uploads: list[str] = []
     total = sum(path.stat().st_size for path in files)
     with Progress(console=render.err, disable=as_json) as bar:

@@ -199,7 +199,8 @@ def read(archive: bytes, *, trusted: Trusted | None = None) -> Backup:
     keyring_json = found.get(KEYRING)
     if keyring_json is None:
         raise BackupInvalid(f"member {KEYRING} is missing", field=KEYRING)
-    signers = {_node_signing_key(keyring_json), *_cluster_signers(found.get(SIGNERS))}
+    vouched = (_node_signing_key(keyring_json), *_cluster_signers(found.get(SIGNERS)))
+    signers = set(vouched)
     check = trusted if trusted is not None else (lambda key: key in signers)
     chunks = sorted(name for name in found if name.startswith(VERSIONS_DIR))
     versions: list[VersionRow] = []
@@ -215,6 +216,7 @@ def read(archive: bytes, *, trusted: Trusted | None = None) -> Backup:
             for name, data in found.items()
             if name.startswith(SECRET_KEYS_DIR)
         },
+        signers=tuple(dict.fromkeys(vouched)),
     )
     _check_summary(manifest, contents)
     return Backup(manifest, contents)
@@ -257,6 +259,13 @@ def check_chain(manifests: Sequence[tuple[str, Manifest]], cluster_id: str | Non
             f"the backup is of {first.cluster_id}; this data directory belongs to {cluster_id}",
             field="cluster_id",
         )
+
+
+def signers_of(backup: Backup) -> list[bytes]:
+    """The signing keys a backup vouches for: its keyring's node key, then the member keys
+    of ``keys/signers.json`` (a cluster backup's). ``read`` trusts exactly these when it is
+    given no ``trusted``."""
+    return list(backup.contents.signers)
 
 
 def check_signers(backup: Backup, trusted: Trusted) -> None:
@@ -498,5 +507,6 @@ __all__ = [
     "purge_json",
     "read",
     "row_kind",
+    "signers_of",
     "version_json",
 ]

@@ -75,6 +75,9 @@ class Contents:
     audit: Sequence[Mapping[str, Any]]
     keyring_json: bytes
     secret_keys: Mapping[str, bytes] = field(default_factory=dict)  # file name -> bytes
+    # read back only (``storage.backup.read``): the keyring's node key, then the keys of
+    # ``keys/signers.json`` (a cluster backup's members); never written from here
+    signers: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A new cluster's first Raft state: the bootstrap snapshot built from the nodes' keyrings.
 
 Owns how the founding cluster metadata is read off the nodes (each member's keyring
-``node_id`` and node recipient, the roles' current key versions, the recorded admin split)
+``node_id`` and node recipient, the roles' current key versions, the recorded admin split;
+for ``cluster up --restore``, the restored backup's signers as trusted signers)
 and the bootstrap snapshot (index 1, term 1, every founding member a voter), written with
 ``node.control.log_store.write_bootstrap``. ``node.daemon.cluster_init`` calls it for a
 local cluster (one snapshot, written into every node); ``bootstrap_single`` gives a
@@ -95,11 +96,14 @@ def cluster_snapshot(
     key_epochs: Mapping[str, KeyEpoch],
     *,
     cluster_id: str | None = None,
+    trusted_signers: Sequence[bytes] = (),
 ) -> Snapshot:
-    """The bootstrap snapshot of a new cluster of ``members`` (default duties, 64 vnodes)."""
+    """The bootstrap snapshot of a new cluster of ``members`` (default duties, 64 vnodes);
+    ``trusted_signers``: signing keys trusted besides the members' (a restored backup's)."""
     state = bootstrap_state(
-        cluster_id or new_cluster_id(), list(members), custody, key_epochs, index=BOOTSTRAP_INDEX
-    )
+        cluster_id or new_cluster_id(), list(members), custody, key_epochs,
+        index=BOOTSTRAP_INDEX, trusted_signers=trusted_signers,
+    )  # fmt: skip
     return bootstrap_snapshot(state)
 
 

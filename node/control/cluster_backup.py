@@ -367,11 +367,7 @@ class ClusterBackup:
             self.phases = {}
             state = self.control.metadata
             cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
-            signers = (
-                []
-                if state is None
-                else [m.signing_key for m in state.members.values() if m.signing_key]
-            )
+            signers = [] if state is None else state.signing_keys(removed=True)
             cut = str(await trio.to_thread.run_sync(self.store.next_id))
             created = self._clock_ms()
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -260,9 +260,9 @@ class ClusterRestore:
                 message = exc.message.replace(str(path), name)
                 if "untrusted key" in message:
                     message += (
-                        " (no member of this cluster holds that signing key: a backup of "
-                        "another cluster is restored with `slurp cluster up --restore`, or "
-                        "moved with export/import)"
+                        " (no member of this cluster, nor any of its trusted signers, holds "
+                        "that signing key: a backup of another cluster is restored with "
+                        "`slurp cluster up --restore`, or moved with export/import)"
                     )
                 raise type(exc)(f"{name}: {message}", field=exc.field) from None
         check_chain([(f"file {i}", b.manifest) for i, b in enumerate(backups, 1)], None)

@@ -6,7 +6,8 @@ committed entry is a pure transformation from one immutable ``ClusterMetadata`` 
 next, and every node that applies the same log reaches the same state.
 
 Owns: the metadata values (members and their states, the ring epoch, key epochs per role,
-the Shamir custody parameters, the leader duties), the commands that change them (msgpack
+the Shamir custody parameters, the leader duties, and the trusted signers a cluster was
+founded with: fixed at bootstrap, changed by no command), the commands that change them (msgpack
 maps ``{"op": str, ...}`` built by the ``cmd_*`` functions), ``apply``, and the snapshot
 codec (``encode_state`` / ``decode_state``, schema ``STATE_SCHEMA``).
 
@@ -57,7 +58,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -478,6 +479,7 @@ def bootstrap_state(
     duties: Mapping[str, int] = DEFAULT_DUTIES,
     *,
     index: int = BOOTSTRAP_INDEX,
+    trusted_signers: Sequence[bytes] = (),
 ) -> ClusterMetadata:
     """The state of a new cluster at ``index`` (the bootstrap snapshot's), ring epoch 1.
 
@@ -489,6 +491,8 @@ def bootstrap_state(
         vnodes: the ring's vnodes (fixed for the cluster's life in practice).
         duties: duty name -> interval in seconds.
         index: the applied index the state stands for.
+        trusted_signers: raw Ed25519 keys trusted to sign versions besides the members'
+            (the signers of the backup a cluster is founded from; never members).
 
     Raises:
         MalformedRaftData: the values break an invariant (duplicate id or name, a holder
@@ -506,6 +510,7 @@ def bootstrap_state(
         key_epochs=frozen_map(dict(key_epochs)),
         custody=custody,
         duties=frozen_map({name: Duty(name, s) for name, s in sorted(duties.items())}),
+        trusted_signers=tuple(sorted(set(trusted_signers))),
     )
     if len(state.members) != len(members):
         raise MalformedRaftData("members: duplicate node id")

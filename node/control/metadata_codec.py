@@ -8,10 +8,12 @@ A pure module (no I/O, no clock, no randomness). Snapshot data is a map
 ``{"id", "name", "state", "recipient", "host", "port"}`` and a duty ``{"name", "interval_s",
 "last_started_ms", "last_finished_ms", "last_term", "running", "cursor", "last_ok",
 "last_message"}``; ``"streamed"`` and ``"seen"`` map node_id -> ring epoch (absent in
-snapshots written before they existed: empty); custody's ``"epoch"`` and ``"lost"`` are
-written only when not 0 (absent: 0), so a state without re-shares encodes to the bytes it
-always did. Lists are sorted by id / name so equal
-states encode to equal bytes.
+snapshots written before they existed: empty); ``"trusted"`` is the sorted list of raw
+Ed25519 trusted signers (``cluster up --restore``), written only when not empty (absent:
+empty), so every state written before it existed reads, and encodes, as it did;
+custody's ``"epoch"`` and ``"lost"`` are written only when not 0 (absent: 0), so a state
+without re-shares encodes to the bytes it always did. Lists are sorted by id / name so
+equal states encode to equal bytes.
 
 Must not know how commands change the state (``node.control.metadata``).
 
@@ -36,6 +38,7 @@ from node.control.metadata_types import (
     MAX_RECIPIENT,
     MAX_ROLES,
     MAX_SHARES,
+    MAX_TRUSTED_SIGNERS,
     MAX_VNODES,
     MAX_WEIGHT,
     STATES,
@@ -165,6 +168,8 @@ def encode_state(state: ClusterMetadata) -> bytes:
         "streamed": dict(sorted(state.streamed.items())),
         "seen": dict(sorted(state.seen.items())),
     }
+    if state.trusted_signers:
+        row["trusted"] = sorted(state.trusted_signers)
     return bytes(msgpack.packb(row, use_bin_type=True))
 
 
@@ -223,6 +228,7 @@ def decode_state(data: bytes) -> ClusterMetadata:
         duties=frozen_map(duties),
         streamed=_epochs(fields, "streamed"),
         seen=_epochs(fields, "seen"),
+        trusted_signers=trusted_from_wire(fields),
     )
     check_state(state)
     return state
@@ -233,6 +239,20 @@ def _epochs(fields: Fields, name: str) -> Mapping[str, int]:
     if not fields.has(name):
         return frozen_map({})
     return frozen_map(dict(sorted(fields.int_map(name, MAX_NAME, 0, MAX_INT, MAX_MEMBERS).items())))
+
+
+def trusted_from_wire(fields: Fields, name: str = "trusted") -> tuple[bytes, ...]:
+    """The sorted, distinct raw Ed25519 keys of list ``name`` (absent: none)."""
+    if not fields.has(name):
+        return ()
+    keys = []
+    for i, item in enumerate(fields.list_(name, MAX_TRUSTED_SIGNERS)):
+        if not isinstance(item, bytes) or len(item) != SIGNING_KEY_BYTES:
+            raise MalformedRaftData(
+                f"{fields.path}.{name}[{i}]: not a raw Ed25519 key ({SIGNING_KEY_BYTES} bytes)"
+            )
+        keys.append(item)
+    return tuple(sorted(set(keys)))
 
 
 def check_state(state: ClusterMetadata) -> None:

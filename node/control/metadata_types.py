@@ -42,6 +42,7 @@ MAX_SHARES = 255
 MAX_MEMBERS = 4096
 MAX_DUTIES = 64
 MAX_ROLES = 256
+MAX_TRUSTED_SIGNERS = 4096  # trusted signing keys that are not members (a restore's signers)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -135,6 +136,19 @@ class ClusterMetadata:
     # (``stream_done``), and the highest ring epoch it applied (``epoch_seen``)
     streamed: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
     seen: Mapping[str, int] = field(default_factory=lambda: frozen_map({}))
+    # raw Ed25519 keys that signed the versions a cluster was founded from (``cluster up
+    # --restore``): trusted like a member's signing key, never members; sorted, distinct
+    trusted_signers: tuple[bytes, ...] = ()
+
+    def signing_keys(self, *, removed: bool = False) -> list[bytes]:
+        """Every key this cluster trusts to sign versions: the signing keys of the members
+        not removed (with ``removed``: of every member ever), then the trusted signers."""
+        members = [
+            m.signing_key
+            for _, m in sorted(self.members.items())
+            if m.signing_key and (removed or m.state != "removed")
+        ]
+        return [*members, *(k for k in self.trusted_signers if k not in members)]
 
     def names(self) -> dict[str, str]:
         """node_id -> name of every member not removed."""

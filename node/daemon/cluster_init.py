@@ -5,7 +5,10 @@ D/client.toml) and the one-time setup: a CA, one data directory per node sharing
 role identities, node certificates issued for each node's signing key, free loopback
 ports, the admin identity Shamir-split across the nodes (each keeps only its share), and
 one Raft bootstrap snapshot of the cluster metadata (``node.control.bootstrap``: every node
-a normal member and a voter) written into every node's store.
+a normal member and a voter) written into every node's store. A cluster founded from a
+backup (``cluster up --restore``, ``node.daemon.restore_seed``) gets the backup's role and
+admin identities instead of fresh ones, and its snapshot lists the backup's signers as
+trusted signers.
 
 Growing a cluster (``create_joiner_dirs``, for ``slurp cluster add``): a new node's data
 directory gets the cluster's role identities (copied from an existing node's keyring; the
@@ -49,6 +52,7 @@ from node.daemon.config import (
     load_node_config,
     render_node_config,
 )
+from node.daemon.restore_seed import FoundingKeys
 from storage.admin_key import OWN_SHARE_FILE, split_admin
 from storage.context_store import ContextStore
 
@@ -79,7 +83,21 @@ def _node_key(data_dir: Path) -> Ed25519PrivateKey:
     return private_key_from_pem(path.read_bytes(), str(path))
 
 
-def create_cluster_dir(root: Path, count: int) -> list[LocalNode]:
+def create_cluster_dir(
+    root: Path, count: int, *, founding: FoundingKeys | None = None
+) -> list[LocalNode]:
+    """Create the directory of a new local cluster of ``count`` nodes (module docstring).
+
+    Args:
+        root: the cluster directory.
+        count: how many nodes.
+        founding: for ``cluster up --restore``: every node gets these role identities (the
+            admin one is split as usual) and the founding metadata records their trusted
+            signers; None: fresh keys.
+
+    Raises:
+        ClusterError: ``count`` < 1.
+    """
     if count < 1:
         raise ClusterError("a cluster needs at least one node")
     root.mkdir(parents=True, exist_ok=True)
@@ -95,9 +113,13 @@ def create_cluster_dir(root: Path, count: int) -> list[LocalNode]:
         for name in names
     ]
     first = root / names[0] / "data"
-    ContextStore.init(first, DEFAULT_ROLES)
-    with ContextStore.open(first) as store:
-        identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
+    if founding is None:
+        ContextStore.init(first, DEFAULT_ROLES)
+        with ContextStore.open(first) as store:
+            identities = {r.name: store.keyring.current_identity(r.name) for r in DEFAULT_ROLES}
+    else:
+        identities = dict(founding.identities)
+        ContextStore.init(first, DEFAULT_ROLES, role_identities=identities)
     for name in names[1:]:
         ContextStore.init(root / name / "data", DEFAULT_ROLES, role_identities=identities)
     for member in members:
@@ -123,7 +145,7 @@ def create_cluster_dir(root: Path, count: int) -> list[LocalNode]:
         )
         (root / member.name / "node.toml").write_text(render_node_config(config))
     _split_admin(root, names)
-    _bootstrap_raft(root, members)
+    _bootstrap_raft(root, members, () if founding is None else founding.trusted_signers)
     ca.issue_client("client", [role.name for role in DEFAULT_ROLES])
     seeds = ", ".join(f'"127.0.0.1:{m.rpc_port}"' for m in members)
     (root / "client.toml").write_text(
@@ -154,8 +176,11 @@ def _split_admin(root: Path, names: list[str]) -> None:
             store.keyring.forget(ADMIN_ROLE)
 
 
-def _bootstrap_raft(root: Path, members: list[LocalNode]) -> None:
-    """Write one bootstrap snapshot (all nodes normal voters) into every node's store.
+def _bootstrap_raft(
+    root: Path, members: list[LocalNode], trusted_signers: tuple[bytes, ...] = ()
+) -> None:
+    """Write one bootstrap snapshot (all nodes normal voters; ``trusted_signers`` trusted
+    besides them) into every node's store.
 
     Share number i of the admin split is held by the i-th node (``_split_admin``).
     """
@@ -166,8 +191,9 @@ def _bootstrap_raft(root: Path, members: list[LocalNode]) -> None:
     with ContextStore.open(root / members[0].name / "data") as store:
         holders = {m.node_id: number for number, m in enumerate(founding, start=1)}
         snapshot = cluster_snapshot(
-            founding, custody_of(store, holders), key_epochs_of(store.keyring)
-        )
+            founding, custody_of(store, holders), key_epochs_of(store.keyring),
+            trusted_signers=trusted_signers,
+        )  # fmt: skip
     for member in members:
         with ContextStore.open(root / member.name / "data") as store:
             write_bootstrap(store.kv, snapshot)

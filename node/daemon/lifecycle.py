@@ -324,8 +324,8 @@ class NodeDaemon:
             for member in applied.members.values():
                 if member.rpc_port and member.name not in self.addresses:
                     self.addresses[member.name] = (member.rpc_host, member.rpc_port)
-                if member.signing_key and member.state != "removed":
-                    self.store.trust_signer(member.signing_key)
+            for key in applied.signing_keys():  # members', and the founding trusted signers
+                self.store.trust_signer(key)
         for record in self.membership.members():
             names.append(record.name)
             self.addresses[record.name] = (record.rpc_host, record.rpc_port)

@@ -60,6 +60,7 @@ from node.daemon.cluster_init import (
 from node.daemon.config import NodeConfig, load_node_config
 from node.daemon.lifecycle import NodeDaemon
 from node.daemon.pidfile import pid_file_for, read_pid_file, remove_pid_file, write_pid_file
+from node.daemon.restore_seed import FoundingKeys, founding_keys
 from storage.context_store import ContextStore
 from storage.errors import StorageError
 
@@ -133,19 +134,33 @@ def cluster_up(root: Path, nodes: int = 3, *, timeout_s: float = 60.0) -> list[L
     return start_cluster(root, nodes, timeout_s=timeout_s).nodes
 
 
-def start_cluster(root: Path, nodes: int = 3, *, timeout_s: float = 60.0) -> ClusterUp:
+def start_cluster(
+    root: Path,
+    nodes: int = 3,
+    *,
+    timeout_s: float = 60.0,
+    founding: FoundingKeys | None = None,
+) -> ClusterUp:
     """Create (if new) a local cluster of ``nodes`` nodes, start those that are down, and
     wait until every node is healthy.
 
     On an existing cluster directory ``nodes`` is ignored: the nodes are those of
     ``cluster.json``; a node whose pid file names a live process is left running.
+    ``founding`` (``cluster up --restore``) founds a new cluster with a backup's keys
+    (``node.daemon.cluster_init``); it needs a directory that holds no cluster yet.
 
     Raises:
-        ClusterError: a node exited during start, or did not become healthy in time.
+        ClusterError: a node exited during start, or did not become healthy in time; or
+            ``founding`` with a directory that already holds a cluster.
     """
     root = root.absolute()  # node.toml paths are read relative to node.toml's directory
     created = not (root / "cluster.json").exists()
-    members = create_cluster_dir(root, nodes) if created else _load(root)
+    if founding is not None and (not created or (root.exists() and any(root.iterdir()))):
+        raise ClusterError(
+            f"{root} is not empty: --restore founds a new cluster in a new directory (to "
+            "merge a backup into a running cluster: slurp --profile P restore FILE)"
+        )
+    members = create_cluster_dir(root, nodes, founding=founding) if created else _load(root)
     down = [m for m in members if not _alive(m.pid)]
     started = {m.name: _start(root, m) for m in down}
     members = [started.get(m.name, m) for m in members]
@@ -523,6 +538,7 @@ def _load(root: Path) -> list[LocalNode]:
 __all__ = [
     "ClusterError",
     "ClusterUp",
+    "FoundingKeys",
     "LocalNode",
     "Progress",
     "add_nodes",
@@ -530,6 +546,7 @@ __all__ = [
     "cluster_status",
     "cluster_up",
     "forget_node",
+    "founding_keys",
     "health",
     "load_node_config",
     "pid_file_for",

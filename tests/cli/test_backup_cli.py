@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -187,3 +188,38 @@ def test_export_as_an_unknown_role_is_refused(slurp: Slurp, tmp_path: Path) -> N
     )
     assert error["field"] == "role"
     assert not (tmp_path / "x.age").exists()
+
+
+def _cluster_up(*args: str) -> tuple[int, dict[str, object], str]:
+    result = CliRunner().invoke(app, ["cluster", "up", *args, "--json"])
+    assert "Traceback" not in result.stderr
+    return result.exit_code, json.loads(result.stdout)["error"], result.stderr
+
+
+def test_cluster_up_restore_refuses_before_it_makes_anything(slurp: Slurp, tmp_path: Path) -> None:
+    """``cluster up --restore`` (no process is started here): a backup without keys, an
+    ``--identity`` without ``--restore`` and a directory that is not empty are refused
+    with a clear error, and no cluster directory is made."""
+    seeded(slurp)
+    admin_key = str(slurp.data_dir / "keys" / "admin.key")
+    plain = slurp.json("backup", "create", "--out", str(tmp_path / "plain.age"))["file"]
+    keyed = slurp.json("backup", "create", "--out", str(tmp_path / "k.age"), "--with-keys")
+    target = tmp_path / "new"
+    code, error, stderr = _cluster_up("--dir", str(target), "--restore", plain,
+                                      "--identity", admin_key)  # fmt: skip
+    assert code == 2
+    assert error["code"] == "UCXL-400-INVALID_PAYLOAD"
+    assert "made without --with-keys" in str(error["message"])
+    assert stderr.startswith("UCXL-400-INVALID_PAYLOAD: ")
+    assert not target.exists()
+    code, error, _ = _cluster_up("--dir", str(target), "--identity", admin_key)
+    assert code == 2
+    assert error["field"] == "identity"
+    assert not target.exists()
+    target.mkdir()
+    (target / "something").write_text("x", encoding="utf-8")
+    code, error, _ = _cluster_up("--dir", str(target), "--restore", keyed["file"],
+                                 "--identity", admin_key)  # fmt: skip
+    assert code != 0
+    assert "is not empty" in str(error["message"])
+    assert sorted(p.name for p in target.iterdir()) == ["something"]

@@ -511,3 +511,56 @@ def _decode_or_error(data: bytes) -> ClusterMetadata | str:
         return decode_state(data)
     except MalformedRaftData as exc:
         return str(exc)
+
+
+# -- trusted signers (cluster up --restore) ------------------------------------------------
+
+
+def test_trusted_signers_round_trip_and_an_old_snapshot_reads_as_none() -> None:
+    """The founding list of trusted signers round-trips, sorted and distinct; a state
+    without one encodes to the bytes it always did (no "trusted" key), and a snapshot
+    written before the list existed decodes with none."""
+    plain = three_node_state()
+    row = msgpack.unpackb(encode_state(plain), raw=False)
+    assert "trusted" not in row
+    assert plain.trusted_signers == ()
+    assert decode_state(msgpack.packb(row)) == plain
+    keys = [bytes([9]) * 32, bytes([1]) * 32, bytes([9]) * 32]
+    founded = bootstrap_state(
+        "c0ffee", three_members(), plain.custody, plain.key_epochs, trusted_signers=keys
+    )
+    assert founded.trusted_signers == (bytes([1]) * 32, bytes([9]) * 32)
+    assert decode_state(encode_state(founded)) == founded
+    assert msgpack.unpackb(encode_state(founded), raw=False)["trusted"] == [
+        bytes([1]) * 32,
+        bytes([9]) * 32,
+    ]
+    # no command changes the list: it survives every entry applied after the bootstrap
+    after = run(founded, cmd_member_state("id-c", "removed"))
+    assert after.trusted_signers == founded.trusted_signers
+
+
+def test_a_malformed_trusted_signer_is_named() -> None:
+    row = msgpack.unpackb(encode_state(three_node_state()), raw=False)
+    row["trusted"] = [bytes(32), b"short"]
+    with pytest.raises(MalformedRaftData, match=r"state\.trusted\[1\]: not a raw Ed25519 key"):
+        decode_state(msgpack.packb(row))
+    row["trusted"] = "not a list"
+    with pytest.raises(MalformedRaftData, match=r"state\.trusted: expected a list"):
+        decode_state(msgpack.packb(row))
+
+
+def test_the_cluster_trusts_its_members_keys_and_the_trusted_signers() -> None:
+    """``signing_keys`` is what every node trusts: the members' keys (not removed ones;
+    every one for a backup's signers list) and the founding trusted signers, which never
+    become members."""
+    members = [replace(m, signing_key=bytes([i]) * 32) for i, m in
+               enumerate(three_members(), start=1)]  # fmt: skip
+    old = bytes([7]) * 32
+    state = bootstrap_state("c0ffee", members, None, {}, trusted_signers=[old, bytes([1]) * 32])
+    assert state.signing_keys() == [bytes([1]) * 32, bytes([2]) * 32, bytes([3]) * 32, old]
+    assert len(state.members) == 3
+    assert old not in {m.signing_key for m in state.members.values()}
+    removed = run(state, cmd_member_state("id-b", "removed"))
+    assert removed.signing_keys() == [bytes([1]) * 32, bytes([3]) * 32, old]
+    assert removed.signing_keys(removed=True) == state.signing_keys()
