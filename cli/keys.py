@@ -17,6 +17,7 @@ from rich.table import Table
 from cli import render
 from cli.backend import connect
 from cli.common import PASSPHRASE_ENV, STATE, JsonOpt, opened, run
+from crypto.keyfiles import identity_file_text, write_secret_file
 from crypto.keyring import read_identity_file
 from storage.admin_key import combine_admin, gather_shares, split_admin
 from storage.errors import InvalidPayload
@@ -80,12 +81,21 @@ def split(
 def combine(
     share_file: ShareFiles = None,
     identity: Identities = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Also write the rebuilt identity to this new file (0600; never overwrites). "
+            "For disaster recovery: cluster up --restore FILE --identity OUT.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Rebuild the admin identity from shares (stdin mnemonics or share files) and check it.
 
     This node's own share (keys/admin.share.age), if any, is always included. The rebuilt
-    identity is verified against the admin recipient on record, then wiped.
+    identity is verified against the admin recipient on record, then wiped from memory;
+    with ``--out`` it is first written to a new 0600 file (recorded in the audit log).
     """
     mnemonics = read_mnemonics(share_file)
     with opened(as_json) as store:
@@ -93,10 +103,30 @@ def combine(
         found = run(as_json, lambda: gather_shares(store, mnemonics, share_file or [], keys))
         with run(as_json, lambda: combine_admin(store, found)) as rebuilt:
             recipient = rebuilt.recipient()
+            if out is not None:
+                text = identity_file_text(
+                    rebuilt.identity(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                )
+                run(as_json, lambda: _write_new_secret(out, text))
+                store.audit_event("keys.combine.out", str(out), "ok")
     if as_json:
-        render.print_json({"recipient": recipient})
-    else:
+        render.print_json({"recipient": recipient} | ({} if out is None else {"out": str(out)}))
+    elif out is None:
         render.out.print(f"rebuilt the admin identity: {recipient} (verified, then wiped)")
+    else:
+        render.out.print(f"rebuilt the admin identity: {recipient} (verified), written to {out}")
+
+
+def _write_new_secret(path: Path, text: str) -> None:
+    """``text`` into a new 0600 file; an existing or unwritable path is a clear error."""
+    try:
+        write_secret_file(path, text)
+    except FileExistsError:
+        raise InvalidPayload(
+            f"{path} already exists; --out never overwrites", field="out"
+        ) from None
+    except OSError as exc:
+        raise InvalidPayload(f"cannot write {path}: {exc.strerror}", field="out") from None
 
 
 def identity_file(path: Path, as_json: bool) -> x25519.Identity:

@@ -599,3 +599,24 @@ def test_protect_then_commands_need_the_passphrase_then_unprotect(tmp_path: Path
     ops = audit_ops(plain)
     assert ("keys.protect", "ok") in ops
     assert ("keys.unprotect", "ok") in ops
+
+
+def test_combine_out_writes_the_identity_once_0600_and_it_opens_admin_files(
+    slurp: Slurp, tmp_path: Path
+) -> None:
+    """``--out``: the rebuilt identity in age-keygen format, 0600, never overwritten; it is
+    the admin identity (its recipient is the admin recipient on record)."""
+    split = slurp.json("keys", "split", "--forget-admin")
+    out = tmp_path / "admin.key"
+    got = slurp.json("keys", "combine", "--out", str(out), input=lines(*split["shares"][:3]))
+    assert got == {"recipient": split["admin_recipient"], "out": str(out)}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    identity = read_identity_file(out)
+    assert str(identity.to_public()) == split["admin_recipient"]
+    assert audit_ops(slurp)[-2:] == [("keys.combine", "ok"), ("keys.combine.out", "ok")]
+    before = out.read_bytes()
+    error = slurp.error("keys", "combine", "--out", str(out), input=lines(*split["shares"][:3]),
+                        code="UCXL-400-INVALID_PAYLOAD", exit_code=2)  # fmt: skip
+    assert error["field"] == "out"
+    assert "already exists" in error["message"]
+    assert out.read_bytes() == before
