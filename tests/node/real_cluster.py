@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from crypto.tls import TlsFiles
 from node.daemon.ops import LocalNode
 from node.errors import NodeError
@@ -66,3 +68,19 @@ async def versions_held(
 async def held_by(root: Path, member: LocalNode, addresses: list[str]) -> set[str]:
     """Every version id ``member`` holds locally of the contexts of ``addresses``."""
     return {vid for vid, _ in await versions_held(root, member, addresses)}
+
+
+async def call_until_ok(
+    port: int, root: Path, method: str, body: dict[str, Any], timeout_s: float = 120
+) -> dict[str, Any]:
+    """``method`` as the test client until it succeeds (a purge waits for the leader's
+    admin identity); AssertionError naming the last failure after ``timeout_s``."""
+    last: Exception | None = None
+    with trio.move_on_after(timeout_s):
+        while True:
+            try:
+                return await call(port, tls(root, "client"), method, body)
+            except (NodeError, StorageError) as exc:
+                last = exc
+                await trio.sleep(1.0)
+    raise AssertionError(f"{method} never succeeded: {last}")

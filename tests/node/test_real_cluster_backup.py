@@ -27,14 +27,12 @@ import trio
 from pyrage import x25519
 
 from node.daemon.ops import LocalNode, cluster_down, start_cluster
-from node.errors import NodeError
 from storage import backup_io
 from storage.address import ContextName, parse
 from storage.backup import read
 from storage.context_store import ContextStore
 from storage.envelope import Envelope
-from storage.errors import StorageError
-from tests.node.real_cluster import call, node_status, tls, versions_held
+from tests.node.real_cluster import call_until_ok, node_status, versions_held
 
 pytestmark = pytest.mark.slow
 CONTEXTS = 12
@@ -49,19 +47,6 @@ def address(i: int) -> str:
 
 def context_of(i: int) -> str:
     return parse(address(i)).context().canonical()
-
-
-async def _retry(port: int, root: Path, method: str, body: dict[str, object]) -> dict[str, object]:
-    """``method`` until it succeeds (a purge waits for the leader's admin identity)."""
-    last: Exception | None = None
-    with trio.move_on_after(120):
-        while True:
-            try:
-                return await call(port, tls(root, "client"), method, body)
-            except (NodeError, StorageError) as exc:
-                last = exc
-                await trio.sleep(1.0)
-    raise AssertionError(f"{method} never succeeded: {last}")
 
 
 def _slurp(*args: str) -> dict[str, object]:
@@ -84,12 +69,14 @@ async def test_a_cluster_backup_with_a_node_down_holds_every_acknowledged_write(
     for i in range(CONTEXTS):
         for n in range(2):
             body = {"address": address(i), "record": {"summary": f"doc {i} v{n}"}, "w": 2}
-            answer = await _retry(n1.rpc_port, root, "ctx.put", body)
-            acked[answer["ref"]["version_id"]] = context_of(i)  # type: ignore[index]
+            answer = await call_until_ok(n1.rpc_port, root, "ctx.put", body)
+            acked[answer["ref"]["version_id"]] = context_of(i)
     for i in DELETED:
-        answer = await _retry(n1.rpc_port, root, "ctx.delete", {"address": address(i), "w": 2})
-        acked[answer["ref"]["version_id"]] = context_of(i)  # type: ignore[index]
-    await _retry(n1.rpc_port, root, "ctx.purge", {"address": address(PURGED)})
+        answer = await call_until_ok(
+            n1.rpc_port, root, "ctx.delete", {"address": address(i), "w": 2}
+        )
+        acked[answer["ref"]["version_id"]] = context_of(i)
+    await call_until_ok(n1.rpc_port, root, "ctx.purge", {"address": address(PURGED)})
     purged_ids = {vid for vid, ctx in acked.items() if ctx == context_of(PURGED)}
     live_ids = set(acked) - purged_ids
 

@@ -34,14 +34,13 @@ from crypto.shamir import combine_identity, decrypt_share
 from node.client import load_profile, open_client
 from node.daemon.config import render_node_config
 from node.daemon.ops import LocalNode, cluster_down, load_node_config, start_cluster
-from node.errors import NodeError
 from storage.address import parse
 from storage.backup import read, signers_of
 from storage.backup_io import Opener
 from storage.context_store import ContextStore
 from storage.envelope import Envelope
-from storage.errors import NotFound, StorageError
-from tests.node.real_cluster import call, node_status, tls, versions_held
+from storage.errors import NotFound
+from tests.node.real_cluster import call_until_ok, node_status, versions_held
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,19 +72,6 @@ def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert done.returncode == 0, f"{done.args[3:6]} failed: {done.stdout} {done.stderr}"
     result: dict[str, Any] = json.loads(done.stdout)
     return result
-
-
-async def _retry(port: int, root: Path, method: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``method`` until it succeeds (a purge waits for the leader's admin identity)."""
-    last: Exception | None = None
-    with trio.move_on_after(120):
-        while True:
-            try:
-                return await call(port, tls(root, "client"), method, body)
-            except (NodeError, StorageError) as exc:
-                last = exc
-                await trio.sleep(1.0)
-    raise AssertionError(f"{method} never succeeded: {last}")
 
 
 def _admin_key(root: Path, names: list[str], out: Path) -> None:
@@ -157,10 +143,10 @@ async def test_cluster_up_restore_founds_a_cluster_that_holds_the_backup(
                                     "w": 2}  # fmt: skip
             if i == SECRET:
                 body["readers"] = ["admin"]
-            await _retry(n1.rpc_port, root, "ctx.put", body)
+            await call_until_ok(n1.rpc_port, root, "ctx.put", body)
     for i in DELETED:
-        await _retry(n1.rpc_port, root, "ctx.delete", {"address": address(i), "w": 2})
-    await _retry(n1.rpc_port, root, "ctx.purge", {"address": address(PURGED)})
+        await call_until_ok(n1.rpc_port, root, "ctx.delete", {"address": address(i), "w": 2})
+    await call_until_ok(n1.rpc_port, root, "ctx.purge", {"address": address(PURGED)})
     with trio.fail_after(60):  # every node holds every version (N = 3), the purge included
         while True:
             before = await _holdings(root, members)
