@@ -123,16 +123,22 @@ def build_node(root: Path, full: Backup) -> None:
     staging.rename(root)
 
 
-def apply(
-    store: ContextStore, backups: Sequence[Backup], progress: Progress | None, result: Restored
-) -> None:
-    """Merge verified backups into ``store`` (idempotent; see the module docstring)."""
+def newest_markers(backups: Sequence[Backup]) -> dict[str, PurgeMarker]:
+    """Per canonical context, the purge marker covering the most among ``backups``."""
     markers: dict[str, PurgeMarker] = {}
     for backup in backups:
         for row in backup.contents.purges:
             held = markers.get(row.context)
             if held is None or VersionId.parse(row.marker.upto) > VersionId.parse(held.upto):
                 markers[row.context] = row.marker
+    return markers
+
+
+def apply(
+    store: ContextStore, backups: Sequence[Backup], progress: Progress | None, result: Restored
+) -> None:
+    """Merge verified backups into ``store`` (idempotent; see the module docstring)."""
+    markers = newest_markers(backups)
     touched: set[ContextName] = set()
     for context, marker in markers.items():
         ctx = ContextName.from_canonical(context)

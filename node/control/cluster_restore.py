@@ -60,6 +60,7 @@ from storage.address import ContextName
 from storage.backup import Backup, check_chain, read
 from storage.backup_io import Opener
 from storage.errors import Forbidden, InvalidPayload, NotFound, StorageError, Unavailable
+from storage.restore import newest_markers
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
 
@@ -266,12 +267,7 @@ class ClusterRestore:
                     )
                 raise type(exc)(f"{name}: {message}", field=exc.field) from None
         check_chain([(f"file {i}", b.manifest) for i, b in enumerate(backups, 1)], None)
-        markers: dict[str, PurgeMarker] = {}
-        for backup in backups:
-            for row in backup.contents.purges:
-                held = markers.get(row.context)
-                if held is None or VersionId.parse(row.marker.upto) > VersionId.parse(held.upto):
-                    markers[row.context] = row.marker
+        markers = newest_markers(backups)
         by_context: dict[str, dict[str, bytes]] = {}
         for backup in backups:
             for version in backup.contents.versions:
