@@ -45,7 +45,8 @@ from storage.errors import Unavailable
 DEFAULT_CONTEXTS = 20_000
 QUICK_CONTEXTS = 3_000
 BATCH = 50  # items per put_batch (the node allows 1000; it writes them one context at a time)
-LOAD_STREAMS = 12  # put_batch calls in flight, spread over the old nodes
+LOAD_STREAMS = 4  # put_batch calls in flight, spread over the old nodes (12 overran the
+# replicas' answer deadline on 2 cores once the store held ~70,000 contexts: 503s, retries)
 VALUE_BYTES = 1024
 ROLE = "backend_developer"
 WRITE_EVERY_S = 0.05  # the steady writer's shortest interval
@@ -54,7 +55,7 @@ QUICK_REST_S = 5.0
 POLL_S = 0.25
 CALL_TIMEOUT_S = 60.0
 LOAD_ATTEMPTS = 8  # put_batch calls per load batch before the load fails
-JOIN_TIMEOUT_S = 900.0
+JOIN_TIMEOUT_S = 1800.0
 ROTATION_TIMEOUT_S = 300.0  # then the rotation is reported unfinished (NaN) with its state
 ROTATION_TIMEOUT_PER_CONTEXT_S = 0.04  # ... or this per context, when that is longer
 ROTATE_RETRY_S = 60.0
