@@ -102,11 +102,7 @@ def create(
     range at an HLC cut) into its backup directory, and it is downloaded to --out.
     """
     if STATE.remote.given:
-        base = None if since is None else run(as_json, lambda: backup_io.sidecar_cut(since))
-        if base is not None and base[0] is None:
-            fail(InvalidPayload(f"{since} has no cut (it holds nothing): take a full backup",
-                                field="since"), as_json)  # fmt: skip
-        _create_cluster(out, recipient or [], with_keys, as_json, base)
+        _create_cluster(out, recipient or [], with_keys, as_json, since)
         return
     ids = _identities(identity, as_json)
     with opened(as_json, "backup create") as store, _progress(as_json, "backing up") as step:
@@ -140,12 +136,17 @@ def _create_cluster(
     recipients: list[str],
     with_keys: bool,
     as_json: bool,
-    base: tuple[str | None, str] | None,
+    since_file: Path | None,
 ) -> None:
     """``backup create`` against a cluster: the leader takes it, we download it; with
-    ``base`` ((cut, cluster id) of ``--since FILE``'s sidecar) an incremental."""
-    since, since_cluster = (None, None) if base is None else base
+    ``since_file`` an incremental after its cut (cut and cluster id from its sidecar)."""
     STATE.refused = None  # the one backup command that goes to a cluster
+    since, since_cluster = None, None
+    if since_file is not None:
+        since, since_cluster = run(as_json, lambda: backup_io.sidecar_cut(since_file))
+        if since is None:
+            fail(InvalidPayload(f"{since_file} has no cut (it holds nothing): take a full "
+                                "backup (leave --since out)", field="since"), as_json)  # fmt: skip
     remote = run(as_json, lambda: connect(STATE.remote))
     try:
         client = remote.client
