@@ -102,16 +102,7 @@ def create(
     range at an HLC cut) into its backup directory, and it is downloaded to --out.
     """
     if STATE.remote.given:
-        if since is not None:
-            fail(
-                InvalidPayload(
-                    "--since (an incremental) is not built for cluster backups: take a full "
-                    "one (leave --since out)",
-                    field="since",
-                ),
-                as_json,
-            )
-        _create_cluster(out, recipient or [], with_keys, as_json)
+        _create_cluster(out, recipient or [], with_keys, as_json, since)
         return
     ids = _identities(identity, as_json)
     with opened(as_json, "backup create") as store, _progress(as_json, "backing up") as step:
@@ -141,16 +132,32 @@ def create(
 
 
 def _create_cluster(
-    out: Path | None, recipients: list[str], with_keys: bool, as_json: bool
+    out: Path | None,
+    recipients: list[str],
+    with_keys: bool,
+    as_json: bool,
+    since_file: Path | None,
 ) -> None:
-    """``backup create`` against a cluster: the leader takes it, we download it."""
+    """``backup create`` against a cluster: the leader takes it, we download it; with
+    ``since_file`` an incremental after its cut (cut and cluster id from its sidecar)."""
     STATE.refused = None  # the one backup command that goes to a cluster
+    since, since_cluster = None, None
+    if since_file is not None:
+        since, since_cluster = run(as_json, lambda: backup_io.sidecar_cut(since_file))
+        if since is None:
+            fail(InvalidPayload(f"{since_file} has no cut (it holds nothing): take a full "
+                                "backup (leave --since out)", field="since"), as_json)  # fmt: skip
     remote = run(as_json, lambda: connect(STATE.remote))
     try:
         client = remote.client
         with Progress(console=render.err, disable=as_json) as bar:
             task = bar.add_task("the leader is backing up the cluster", total=None)
-            made = run(as_json, lambda: client.backup_create(recipients, with_keys=with_keys))
+            made = run(
+                as_json,
+                lambda: client.backup_create(
+                    recipients, with_keys=with_keys, since=since, since_cluster=since_cluster
+                ),
+            )
             target = out or Path(str(made["name"]))
             bar.update(task, description=f"downloading {made['name']}", total=made["bytes"])
             run(
@@ -171,7 +178,8 @@ def _create_cluster(
         return
     counts = made["manifest"]["counts"]
     render.out.print(
-        f"wrote {target} (cluster backup by {made['leader']}, cut {made['manifest']['cut']}, "
+        f"wrote {target} ({made['manifest']['kind']} cluster backup by {made['leader']}, "
+        f"cut {made['manifest']['cut']}, "
         f"{counts['versions']} versions, {made['bytes']} bytes)",
         markup=False,
     )

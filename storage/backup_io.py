@@ -159,14 +159,35 @@ def since_cut(path: Path, opener: Opener) -> tuple[str | None, str]:
         BackupInvalid: the sidecar does not belong to ``path``.
         BackupUnreadable: no sidecar and the backup does not open here.
     """
-    side = sidecar_of(path)
-    if side.exists():
-        meta = read_sidecar(side)
-        if meta.get("file_sha256") != _sha256_file(path):
-            raise BackupInvalid(f"{side} does not belong to {path.name}", field="since")
-        return meta.get("cut"), str(meta.get("cluster_id"))
+    if sidecar_of(path).exists():
+        return sidecar_cut(path)
     manifest = read(opener.decrypt(path)).manifest
     return manifest.cut, manifest.cluster_id
+
+
+def sidecar_cut(path: Path) -> tuple[str | None, str]:
+    """(cut, cluster id) of an earlier backup from its sidecar ``FILE.json`` alone (a
+    client of a cluster, which cannot open the backup: ``backup create --since`` with
+    ``--profile``).
+
+    Raises:
+        InvalidPayload: ``path`` or its sidecar is missing (field ``since``).
+        BackupInvalid: the sidecar is unreadable or does not belong to ``path``.
+    """
+    side = sidecar_of(path)
+    if not path.is_file():
+        raise InvalidPayload(f"{path}: no such backup file", field="since")
+    if not side.exists():
+        raise InvalidPayload(
+            f"{path} has no sidecar {side.name} (written beside every backup create makes or "
+            "downloads): its cut is unknown; take a full backup (leave --since out)",
+            field="since",
+        )
+    meta = read_sidecar(side)
+    if meta.get("file_sha256") != _sha256_file(path):
+        raise BackupInvalid(f"{side} does not belong to {path.name}", field="since")
+    cut = meta.get("cut")
+    return (None if cut is None else str(cut)), str(meta.get("cluster_id"))
 
 
 def create(

@@ -198,16 +198,21 @@ def plan(now_ms: int, taken: Sequence[Taken], policy: Policy) -> Step | None:
     """The backup due at ``now_ms``, or None (see the decision table)."""
     if not taken:
         return Step("full", None)
-    last = taken[-1]
-    if now_ms < policy.due_ms(last.created_ms):
+    if now_ms < policy.due_ms(taken[-1].created_ms):
         return None
+    return next_step(taken, policy.incremental)
+
+
+def next_step(taken: Sequence[Taken], incremental: int) -> Step:
+    """Full or incremental, for a backup that is due (the decision table's last rows; the
+    cluster's ``backup`` duty, whose timing the duties core decides, asks this alone)."""
     fulls = [i for i, item in enumerate(taken) if item.kind == "full"]
-    if not fulls or policy.incremental == 0:
+    if not fulls or incremental == 0:
         return Step("full", None)
     since_full = len(taken) - 1 - fulls[-1]
-    if since_full >= policy.incremental:
+    if since_full >= incremental:
         return Step("full", None)
-    return Step("incremental", last.file)
+    return Step("incremental", taken[-1].file)
 
 
 def due_in_ms(now_ms: int, taken: Sequence[Taken], policy: Policy) -> int:

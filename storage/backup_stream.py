@@ -33,6 +33,7 @@ from storage.backup import (
     AUDIT,
     KEYRING,
     MANIFEST,
+    OVERLAP_MS,
     PURGES,
     SECRET_KEYS_DIR,
     SIGNERS,
@@ -161,8 +162,11 @@ class ArchiveSpool:
         node_id: str,
         created_ms: int,
         cut: str,
+        since: str | None = None,
     ) -> tuple[Manifest, int, str]:
-        """Write the encrypted backup to ``out`` (tmp + rename).
+        """Write the encrypted backup to ``out`` (tmp + rename): a full backup, or with
+        ``since`` an incremental continuing that cut (the caller spooled only versions
+        above ``lower_bound(since)``, and every purge marker).
 
         Returns:
             The manifest, the file's size and its SHA-256 (hex).
@@ -177,13 +181,13 @@ class ArchiveSpool:
                 member.close()
         order = self._ordered()
         manifest = Manifest(
-            kind="full",
+            kind="full" if since is None else "incremental",
             cluster_id=cluster_id,
             node_id=node_id,
             created_ms=created_ms,
             cut=cut,
-            since=None,
-            overlap_ms=0,
+            since=since,
+            overlap_ms=0 if since is None else OVERLAP_MS,
             with_keys=self.counts["key_files"] > 0,
             counts=dict(self.counts),
             members={m.name: m.digest.hexdigest() for m in order},

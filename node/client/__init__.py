@@ -257,10 +257,16 @@ class Client:
         return self._run(partial(self._client.rotate_role, role))
 
     def backup_create(
-        self, recipients: list[str] | None = None, *, with_keys: bool = False
+        self,
+        recipients: list[str] | None = None,
+        *,
+        with_keys: bool = False,
+        since: str | None = None,
+        since_cluster: str | None = None,
     ) -> dict[str, Any]:
         """See ``AsyncClient.backup_create``."""
-        return self._run(partial(self._client.backup_create, recipients, with_keys=with_keys))
+        return self._run(partial(self._client.backup_create, recipients, with_keys=with_keys,
+                                 since=since, since_cluster=since_cluster))  # fmt: skip
 
     def backup_read(self, name: str, offset: int, node: str | None = None) -> tuple[bytes, bool]:
         """See ``AsyncClient.backup_read``."""

@@ -300,12 +300,17 @@ class AsyncClient:
 
     async def backup_create(
         self, recipients: list[str] | None = None, *, with_keys: bool = False,
+        since: str | None = None, since_cluster: str | None = None,
         timeout_s: float = BACKUP_TIMEOUT_S,
     ) -> dict[str, Any]:  # fmt: skip
         """Have the leader take a cluster backup into its ``[backup] dir`` (needs ``admin``):
         ``{name, bytes, sha256, leader, manifest}``; download it with ``backup_read``.
-        Not retried (it writes a file); it may run for minutes (``timeout_s``)."""
-        body = {"recipients": list(recipients or []), "with_keys": with_keys}
+        With ``since`` (an earlier backup's cut, and ``since_cluster`` its cluster id) an
+        incremental continuing it. Not retried (it writes a file); it may run for minutes
+        (``timeout_s``)."""
+        body: dict[str, Any] = {"recipients": list(recipients or []), "with_keys": with_keys}
+        if since is not None:
+            body |= {"since": since, "since_cluster": since_cluster}
         return await self._call("backup.create", body, timeout_s=timeout_s)
 
     async def backup_read(

@@ -3,10 +3,11 @@
 
 Owns the trio shell of a cluster backup and its RPC methods (node/rpc/api.py):
 
-- ``backup.create`` {recipients: [age1...], with_keys: bool} -> {name, bytes, sha256,
-  leader, manifest: {...summary}} (a client with the ``admin`` role; a follower hands it
-  to the leader as ``backup.create_leader``): the leader takes a backup into its
-  ``[backup] dir``;
+- ``backup.create`` {recipients: [age1...], with_keys: bool, since?: cut, since_cluster?:
+  id} -> {name, bytes, sha256, leader, manifest: {...summary}} (a client with the
+  ``admin`` role; a follower hands it to the leader as ``backup.create_leader``): the
+  leader takes a backup into its ``[backup] dir``: full, or with ``since`` (an earlier
+  backup's cut) an incremental;
 - ``backup.read`` {name, offset, node?} -> {data: bytes (<= 4 MiB), eof: bool} (admin):
   a page of the file on ``node`` (``backup.create``'s ``leader``, so a leader change in
   between does not lose it), or on the current leader; another node reads it there with
@@ -24,8 +25,9 @@ How the leader takes one (docs/backup.md, "Cluster backups"):
    time, each context's state (``rep.ids``). Fewer than R answering fails the backup
    with 503 naming the partitions: with R + W > N every write acknowledged before the
    cut is on one of any R replicas.
-3. Merge (``cluster_backup_plan.merge``), keep the ids at or below the cut
-   (``at_cut``), fetch them (``rep.fetch``) from the replica holding the highest seal
+3. Merge (``cluster_backup_plan.merge``), keep the ids at or below the cut (``at_cut``;
+   an incremental: only those above ``lower_bound(since)`` too, every purge marker
+   still), fetch them (``rep.fetch``) from the replica holding the highest seal
    epoch (this node's own store on a tie), check each envelope's signature (once per
    node: ``VersionReader.checked``'s digest cache), and spool them to disk
    (``storage.backup_stream``); never more than one chunk of contexts in memory.
@@ -33,9 +35,12 @@ How the leader takes one (docs/backup.md, "Cluster backups"):
    the members' signing keys, then tar + age to the admin recipient (+ recipients).
 
 The duty: the leader's ``[backup] schedule`` is proposed as duty ``backup``'s interval;
-when the duties core says it is due, the leader takes a full cluster backup into its
-directory and prunes to ``keep`` (incremental cluster backups are not built; a cron spec
-is followed as an interval of its longest gap). The last
+when the duties core says it is due, the leader takes a cluster backup into its
+directory, full or (``[backup] incremental``, ``storage.backup_plan.next_step`` over the
+cluster backups in its own directory) an incremental continuing the newest one's cut
+(from its sidecar; ``duty_base``), and prunes to ``keep`` (a cron spec is followed as an
+interval of its longest gap). A new leader without the previous leader's files takes a
+full one. The last
 success comes from the duty's record in the log (so a new leader knows when the next one
 is due) or from the newest backup in this node's directory. A cluster of one member
 leaves backups to ``node.daemon.backup_service`` (which defers to this one in a cluster).
@@ -72,7 +77,9 @@ from node.control.cluster_backup_plan import (
     ReplicaState,
     at_cut,
     backup_name,
+    check_base,
     check_name,
+    duty_base,
     duty_step,
     last_success_ms,
     merge,
@@ -90,7 +97,7 @@ from node.rpc.transport import Peer
 from storage import backup_io
 from storage.address import ContextName
 from storage.backup import PurgeRow, VersionRow
-from storage.backup_plan import Taken, stale, to_prune
+from storage.backup_plan import Taken, next_step, stale, to_prune
 from storage.backup_stream import ArchiveSpool
 from storage.envelope import Envelope
 from storage.errors import (
@@ -127,6 +134,7 @@ class ClusterBackup:
         directory: Path | None,
         interval_s: int | None,
         keep: int,
+        incremental: int = 0,
         single: BackupService | None,
         clock_ms: Callable[[], int],
     ) -> None:
@@ -137,6 +145,7 @@ class ClusterBackup:
         self.directory = directory or self.store.data_dir.backups
         self.interval_s = interval_s
         self.keep = keep
+        self.incremental = incremental
         self.single = single
         self._clock_ms = clock_ms
         self._started_ms = clock_ms()
@@ -249,7 +258,8 @@ class ClusterBackup:
         if step != "take":
             return f"{SKIPPED}{step}"
         try:
-            made = await self.take((), with_keys=False)
+            since = await trio.to_thread.run_sync(self._duty_since)
+            made = await self.take((), with_keys=False, since=since)
         except (StorageError, NodeError) as exc:
             self.failures += 1
             self._feed()
@@ -257,14 +267,33 @@ class ClusterBackup:
             raise
         pruned = self._prune()
         self._feed()
-        return f"{made['name']}: {made['manifest']['counts']['versions']} versions, {pruned} pruned"
+        manifest = made["manifest"]
+        return (f"{made['name']}: {manifest['kind']}, {manifest['counts']['versions']} versions, "
+                f"{pruned} pruned")  # fmt: skip
+
+    def _duty_since(self) -> str | None:
+        """The cut the duty's next backup continues (None: full; ``duty_base``)."""
+        step = next_step(self._taken(), self.incremental)
+        if step.since is None:
+            return None
+        state = self.control.metadata
+        cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
+        try:
+            base = backup_io.since_cut(self.directory / step.since, backup_io.Opener(
+                keyring=self.store.keyring))  # fmt: skip
+        except StorageError as exc:
+            log.warning("backup duty: %s is no base (%s); taking a full backup", step.since,
+                        exc.message)  # fmt: skip
+            base = None
+        return duty_base(step, base, cluster_id)
 
     def _taken(self) -> list[Taken]:
         out = []
         for entry in backup_io.list_backups(self.directory):
-            created = entry.get("created_ms")
-            if entry.get("scope") == "cluster" and isinstance(created, int):
-                out.append(Taken(Path(entry["file"]).name, "full", created))
+            created, kind = entry.get("created_ms"), entry.get("kind")
+            if (entry.get("scope") == "cluster" and isinstance(created, int)
+                    and kind in ("full", "incremental")):  # fmt: skip
+                out.append(Taken(Path(entry["file"]).name, kind, created))
         return sorted(out, key=lambda item: item.created_ms)
 
     def _prune(self) -> int:
@@ -281,14 +310,24 @@ class ClusterBackup:
         if ADMIN_ROLE not in peer.roles:
             raise Forbidden("backup.create needs a client certificate with the admin role")
         if self.control.leader_term() is not None:
-            return await self.take(args["recipients"], with_keys=args["with_keys"])
+            return await self._take_args(args)
         body = {"recipients": args["recipients"], "with_keys": args["with_keys"]}
+        if args["since"] is not None:  # absent otherwise: a leader of before stays served
+            body |= {"since": args["since"], "since_cluster": args["since_cluster"]}
         return await self._to_leader("backup.create_leader", body)
 
     async def _create_leader(self, peer: Peer, args: Body) -> Body:
         if self.control.leader_term() is None:
             raise Unavailable(f"{self.service.name} is not the leader any more; retry")
-        return await self.take(args["recipients"], with_keys=args["with_keys"])
+        return await self._take_args(args)
+
+    async def _take_args(self, args: Body) -> Body:
+        return await self.take(
+            args["recipients"],
+            with_keys=args["with_keys"],
+            since=args["since"],
+            since_cluster=args["since_cluster"],
+        )
 
     async def _read(self, peer: Peer, args: Body) -> Body:
         if ADMIN_ROLE not in peer.roles:
@@ -336,18 +375,30 @@ class ClusterBackup:
 
     # -- taking a backup ---------------------------------------------------------------------------
 
-    async def take(self, recipients: Sequence[str], *, with_keys: bool) -> Body:
-        """Take a full cluster backup into the backup directory (module docstring).
+    async def take(
+        self,
+        recipients: Sequence[str],
+        *,
+        with_keys: bool,
+        since: str | None = None,
+        since_cluster: str | None = None,
+    ) -> Body:
+        """Take a cluster backup into the backup directory (module docstring): full, or
+        with ``since`` (an earlier backup's cut; ``since_cluster``, when given, its
+        cluster id) an incremental continuing it.
 
         Raises:
             BackupFailed: no read quorum somewhere, or the file could not be written (a
                 full disk, an unreadable audit row): 503, nothing is left behind.
-            InvalidPayload: a bad recipient.
+            InvalidPayload: a bad recipient; a base of another cluster, or not before the
+                cut (field ``since``).
         """
         targets = [_recipient(self.store.keyring.recipient(ADMIN_ROLE))]
         targets += [_recipient(text) for text in recipients]
         try:
-            return await self._take(targets, with_keys=with_keys)
+            return await self._take(
+                targets, with_keys=with_keys, since=since, since_cluster=since_cluster
+            )
         except (OSError, CryptoError) as exc:
             raise BackupFailed(
                 f"the cluster backup could not be written in {self.directory}: {exc}"
@@ -362,19 +413,27 @@ class ClusterBackup:
         finally:
             self.phases[phase] = round(self.phases.get(phase, 0.0) + time.perf_counter() - start, 3)
 
-    async def _take(self, targets: list[x25519.Recipient], *, with_keys: bool) -> Body:
+    async def _take(
+        self,
+        targets: list[x25519.Recipient],
+        *,
+        with_keys: bool,
+        since: str | None,
+        since_cluster: str | None,
+    ) -> Body:
         async with self._lock:
             self.phases = {}
             state = self.control.metadata
             cluster_id = self.store.keyring.node_id if state is None else state.cluster_id
             signers = [] if state is None else state.signing_keys(removed=True)
             cut = str(await trio.to_thread.run_sync(self.store.next_id))
+            check_base(since, since_cluster, cluster_id, cut)
             created = self._clock_ms()
             self.directory.mkdir(parents=True, exist_ok=True)
             taken = [p.name for p in self.directory.glob(f"*{SUFFIX}")]
             out = self.directory / backup_name(created, taken)
             with ArchiveSpool(self.directory) as spool:
-                await self._collect(cut, spool)
+                await self._collect(cut, since, spool)
                 audit = self.store.audit
                 rows = () if audit is None else (entry.to_json() for entry in audit.entries())
                 await trio.to_thread.run_sync(lambda: spool.set_audit(rows))
@@ -386,7 +445,7 @@ class ClusterBackup:
                 def finish() -> tuple[Any, int, str]:
                     return spool.finish(out, targets, cluster_id=cluster_id,
                                         node_id=self.store.keyring.node_id, created_ms=created,
-                                        cut=cut)  # fmt: skip
+                                        cut=cut, since=since)  # fmt: skip
 
                 with self._timed("tar_and_age"):
                     manifest, size, sha = await trio.to_thread.run_sync(finish)
@@ -399,12 +458,12 @@ class ClusterBackup:
             return {"name": out.name, "bytes": size, "sha256": sha, "seconds": dict(self.phases),
                     "leader": self.service.name, "manifest": summary}  # fmt: skip
 
-    async def _collect(self, cut: str, spool: ArchiveSpool) -> None:
+    async def _collect(self, cut: str, since: str | None, spool: ArchiveSpool) -> None:
         old, _new = self.service.placement_rings()  # the old list holds every acked write
         quorum = self.service.config.quorum
         for replicas, parts in replica_groups(old.ranges(quorum.n), old.partitions):
             r = read_quorum(quorum.r, len(replicas))
-            await self._arc(parts, list(replicas), r, cut, spool)
+            await self._arc(parts, list(replicas), r, (cut, since), spool)
 
     async def _call(self, name: str, method: str, body: Body) -> Body:
         if name == self.service.name:
@@ -412,8 +471,14 @@ class ClusterBackup:
         return await self.service.dialer.call(name, method, body, timeout_s=PEER_TIMEOUT_S)
 
     async def _arc(
-        self, parts: list[int], replicas: list[str], r: int, cut: str, spool: ArchiveSpool
+        self,
+        parts: list[int],
+        replicas: list[str],
+        r: int,
+        bounds: tuple[str, str | None],
+        spool: ArchiveSpool,
     ) -> None:
+        cut, since = bounds
         contexts: set[str] = set()
         answered: list[str] = []
         failed: dict[str, str] = {}
@@ -458,7 +523,7 @@ class ClusterBackup:
             plans: dict[str, tuple[PurgeMarker | None, dict[str, list[str]]]] = {}
             for ctx in chunk:
                 merged = merge(states[ctx], prefer=self.service.name)
-                plans[ctx] = (merged.marker, at_cut(merged, cut))
+                plans[ctx] = (merged.marker, at_cut(merged, cut, since))
             here = {ctx: plan.get(self.service.name, []) for ctx, (_, plan) in plans.items()}
             with self._timed("local_reads"):
                 rows = await trio.to_thread.run_sync(self._read_local, here)

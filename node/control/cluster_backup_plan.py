@@ -8,18 +8,24 @@ Owns, for ``node.control.cluster_backup`` (the shell):
   holding its highest seal epoch is where it is fetched from (as reads prefer a re-sealed
   copy); ties go to the preferred replica (the leader itself), then the first by name.
 - ``at_cut``: the versions a backup at ``cut`` holds: ids at or below the cut and above
-  the merged purge marker, oldest first, grouped by the replica to fetch them from.
+  the merged purge marker, oldest first, grouped by the replica to fetch them from; for
+  an incremental continuing ``since``, only the ids above ``lower_bound(since)`` (the
+  embedded incremental's overlap rule, ``storage.backup_manifest``).
+- ``check_base``: whether an incremental's base (``since``) may continue into this cut:
+  of this cluster, and before the cut (400 naming ``since`` otherwise).
 - ``replica_groups``: the ring's partitions grouped by their replica set (one quorum read
   per group, not per arc).
 - ``check_name``: a backup file name the client may ask for (no path, no traversal).
 - ``parse``: the typed bodies of ``backup.create`` / ``backup.read`` (400 naming the field).
-- ``duty_step``: what the ``backup`` duty does on this leader (skip, or take one), and
+- ``duty_step``: what the ``backup`` duty does on this leader (skip, or take one),
+  ``duty_base``: full or incremental (``storage.backup_plan.next_step``'s decision over
+  the leader's own directory, and the newest backup's sidecar as the base), and
   ``schedule_change``: whether the leader should (re)schedule the duty in the log.
 
 Pure: no I/O, trio, clock or randomness. Must not know: RPC, files, the archive format.
 Invariants: ``merge`` is commutative in its replicas; ``at_cut`` never returns an id
-above ``cut`` or covered by the merged marker; ``check_name`` accepts only names
-``backup_name`` can produce.
+above ``cut``, at or below ``lower_bound(since)``, or covered by the merged marker;
+``check_name`` accepts only names ``backup_name`` can produce.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from node.cluster.antientropy import partitions_in
-from storage.errors import InvalidPayload
+from storage.backup_manifest import lower_bound
+from storage.backup_plan import Step as Backup
+from storage.errors import CorruptRecord, InvalidPayload
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
 
@@ -82,10 +90,15 @@ def merge(states: Mapping[str, ReplicaState], prefer: str | None = None) -> Merg
     return Merged(marker, {vid: name for vid, (_, name) in best.items()})
 
 
-def at_cut(merged: Merged, cut: str) -> dict[str, list[str]]:
-    """replica -> the ids to fetch from it: at or below ``cut``, above the marker, in order."""
+def at_cut(merged: Merged, cut: str, since: str | None = None) -> dict[str, list[str]]:
+    """replica -> the ids to fetch from it: at or below ``cut``, above the marker and (an
+    incremental continuing ``since``) above ``lower_bound(since)``, in order."""
     top = VersionId.parse(cut)
-    floor = None if merged.marker is None else VersionId.parse(merged.marker.upto)
+    floors = [VersionId.parse(merged.marker.upto)] if merged.marker is not None else []
+    low = lower_bound(since)
+    if low is not None:
+        floors.append(low)
+    floor = max(floors, default=None)
     out: dict[str, list[str]] = {}
     for vid in sorted(merged.source, key=VersionId.parse):
         parsed = VersionId.parse(vid)
@@ -181,15 +194,28 @@ def parse(method: str, body: Mapping[str, Any]) -> dict[str, Any]:
                     f"{str(item)[:80]!r} is not an age X25519 recipient (age1...)",
                     field="recipients",
                 )
-        if body.get("since") is not None:
-            raise InvalidPayload(
-                "--since (an incremental) is not built for cluster backups: take a full one",
-                field="since",
-            )
         with_keys = body.get("with_keys", False)
         if not isinstance(with_keys, bool):
             raise InvalidPayload("with_keys must be true or false", field="with_keys")
-        return {"recipients": list(recipients), "with_keys": with_keys}
+        since, since_cluster = body.get("since"), body.get("since_cluster")
+        if since is not None:
+            try:
+                VersionId.parse(since if isinstance(since, str) else "")
+            except (ValueError, CorruptRecord):
+                raise InvalidPayload(
+                    "since must be the cut (a version id) of an earlier backup of this "
+                    "cluster, as its sidecar FILE.json holds it",
+                    field="since",
+                ) from None
+        if since_cluster is not None and (
+            since is None or not isinstance(since_cluster, str) or len(since_cluster) > 256
+        ):
+            raise InvalidPayload(
+                "since_cluster must be the cluster id of the backup since is the cut of",
+                field="since",
+            )
+        return {"recipients": list(recipients), "with_keys": with_keys, "since": since,
+                "since_cluster": since_cluster}  # fmt: skip
     if method in ("backup.read", "backup.read_leader"):
         offset = body.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**48:
@@ -217,6 +243,46 @@ def duty_step(*, members: int, interval_s: int | None) -> Step:
     if interval_s is None:
         return "skip_no_schedule"
     return "take"
+
+
+def check_base(since: str | None, since_cluster: str | None, cluster_id: str, cut: str) -> None:
+    """An incremental's base may continue into ``cut``: a backup of this cluster (when the
+    client said whose it is), taken before ``cut``.
+
+    Raises:
+        InvalidPayload: a foreign base, or a base cut not before this one (field ``since``).
+    """
+    if since is None:
+        return
+    if since_cluster is not None and since_cluster != cluster_id:
+        raise InvalidPayload(
+            f"since: the base is a backup of {since_cluster}, not of this cluster "
+            f"({cluster_id}); take a full backup (leave --since out)",
+            field="since",
+        )
+    if VersionId.parse(since) >= VersionId.parse(cut):
+        raise InvalidPayload(
+            f"since: the base's cut {since} is not before this backup's cut {cut} (another "
+            "leader's clock runs ahead of this one's): retry later, or take a full backup",
+            field="since",
+        )
+
+
+def duty_base(step: Backup, base: tuple[str | None, str] | None, cluster_id: str) -> str | None:
+    """The cut the ``backup`` duty's next backup continues (None: a full backup).
+
+    ``step``: ``storage.backup_plan.next_step`` over the cluster backups in the leader's
+    own directory; ``base``: (cut, cluster id) from the sidecar of ``step.since``, or None
+    when it is missing or does not belong to its file. A new leader that lacks the
+    previous leader's files finds no full backup there and takes a full one; so does a
+    leader whose newest file is another cluster's or has no cut.
+    """
+    if step.kind == "full" or base is None:
+        return None
+    cut, owner = base
+    if owner != cluster_id or cut is None:
+        return None
+    return cut
 
 
 def schedule_change(logged_s: int | None, configured_s: int | None) -> int | None:

@@ -367,7 +367,7 @@ class NodeDaemon:
         interval = None if single is None else single.policy.interval_s
         return ClusterBackup(
             self.control, self.metrics, directory=cfg.dir, interval_s=interval,
-            keep=cfg.keep, single=single, clock_ms=now_ms,
+            keep=cfg.keep, incremental=cfg.incremental, single=single, clock_ms=now_ms,
         )  # fmt: skip
 
     async def _index_loop(self) -> None:

@@ -89,10 +89,12 @@ Control-plane methods (node certificates only; docs/control.md):
 
 Cluster backups (node/control/cluster_backup.py; docs/backup.md, "Cluster backups"):
 
-- ``backup.create``: {recipients: ["age1..."], with_keys: bool} -> {name, bytes, sha256, seconds,
-  leader, manifest: {...}} (needs ``admin``; the leader takes a full backup into its
-  ``[backup] dir``; a follower hands it to the leader as ``backup.create_leader``, node
-  certificates only; ``since`` given: 400, incrementals are not built for clusters)
+- ``backup.create``: {recipients: ["age1..."], with_keys: bool, since?: cut, since_cluster?:
+  cluster id} -> {name, bytes, sha256, seconds, leader, manifest: {...}} (needs ``admin``;
+  the leader takes a backup into its ``[backup] dir``: full, or with ``since`` an
+  incremental continuing that cut; a malformed ``since``, another cluster's
+  ``since_cluster`` or a ``since`` not before the leader's cut: 400, field ``since``; a
+  follower hands it to the leader as ``backup.create_leader``, node certificates only)
 - ``backup.read``: {name, offset, node?} -> {data: bytes (<= 4 MiB), eof: bool} (needs
   ``admin``; a page of backup ``name`` on ``node``, ``backup.create``'s ``leader``, or on
   the current leader when absent; any other node reads it there with

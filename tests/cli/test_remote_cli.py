@@ -21,6 +21,7 @@ from cli.main import app
 from crypto.ca import CertificateAuthority
 from crypto.roles import DEFAULT_ROLES
 from crypto.tls import TlsFiles
+from storage import backup_io
 from storage.context_store import ContextStore
 from tests.cli.conftest import DEV, Slurp
 from tests.node.fake_node import FakeNode, serving_in_thread
@@ -239,9 +240,25 @@ def test_embedded_only_commands_refuse_remote_options(
     assert not (tmp_path / "absent").exists()
 
 
-def test_a_cluster_backup_refuses_since_naming_it(tmp_path: Path, ca: CertificateAuthority) -> None:
-    options = ["--node", "127.0.0.1:7000", *tls_options(ca)]
+def test_a_cluster_backup_since_needs_the_files_sidecar(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """``--since FILE`` with --node/--profile reads FILE's cut from ``FILE.json`` before
+    any connection (the node here is closed): a missing file, a missing sidecar, or a
+    sidecar of another file is refused naming ``since``."""
+    options = ["--node", f"127.0.0.1:{closed_port()}", *tls_options(ca)]
     cli = RemoteSlurp(tmp_path / "absent", CliRunner(), options)
-    error = cli.error("backup", "create", "--since", "old.age", code=INVALID_PAYLOAD, exit_code=2)
+    old = tmp_path / "old.slurp-backup.age"
+    error = cli.error("backup", "create", "--since", str(old), code=INVALID_PAYLOAD, exit_code=2)
     assert error["field"] == "since"
-    assert "not built for cluster backups" in error["message"]
+    assert "no such backup file" in error["message"]
+    old.write_bytes(b"age-encryption.org/v1\n")
+    error = cli.error("backup", "create", "--since", str(old), code=INVALID_PAYLOAD, exit_code=2)
+    assert error["field"] == "since"
+    assert "has no sidecar old.slurp-backup.age.json" in error["message"]
+    backup_io.write_sidecar(old, {"cut": "01a22e682e1e-000000-n1", "file_sha256": "0" * 64})
+    error = cli.error("backup", "create", "--since", str(old), code="UCXL-400-BACKUP_INVALID",
+                      exit_code=2)  # fmt: skip
+    assert error["field"] == "since"
+    assert "does not belong to" in error["message"]
+    assert not (tmp_path / "absent").exists()

@@ -8,7 +8,8 @@ opens it and ``tar -t`` lists ``manifest.json``; the backup verifies and holds e
 acknowledged version (tombstones included) with the live nodes' exact envelopes, and the
 purge marker; ``slurp restore F --data-dir X`` builds a fresh node holding the same
 histories (version ids and signatures); and ``slurp --profile P restore F`` merges it
-back into the running cluster, which already holds all of it.
+back into the running cluster, which already holds all of it. Then an incremental
+(``backup create --since FULL``) after more writes and a delete: the chain restores.
 """
 
 from __future__ import annotations
@@ -162,6 +163,82 @@ async def test_a_cluster_backup_with_a_node_down_holds_every_acknowledged_write(
     assert merged["versions_sent"] == 0
     assert merged["already_held"] == merged["versions_total"]
     assert merged["purges_held"] == 1
+
+
+async def test_an_incremental_cluster_backup_with_since_restores_as_one_chain(
+    cluster: tuple[Path, list[LocalNode]], tmp_path: Path
+) -> None:
+    """A full cluster backup, more writes and a delete, ``backup create --since FULL`` (the
+    CLI reads FULL's cut from its sidecar): ``slurp restore FULL INCR --data-dir X`` holds
+    every acknowledged write with the same ids and envelopes (signatures), and the
+    running cluster accepts the chain as a merge that changes nothing."""
+    root, members = cluster
+    n1 = members[0]
+    profile = str(root / "client.toml")
+    acked: dict[str, str] = {}  # version id -> context
+
+    async def put(i: int, text: str) -> None:
+        body = {"address": address(i), "record": {"summary": text}, "w": 2}
+        answer = await call_until_ok(n1.rpc_port, root, "ctx.put", body)
+        acked[answer["ref"]["version_id"]] = context_of(i)
+
+    for i in range(6):
+        await put(i, f"doc {i} before")
+    key = x25519.Identity.generate()
+    key_file = tmp_path / "test.key"
+    key_file.write_text(str(key) + "\n", encoding="utf-8")
+    key_file.chmod(0o600)
+    full = tmp_path / "full.slurp-backup.age"
+    made_full = await trio.to_thread.run_sync(lambda: _slurp(
+        "--profile", profile, "backup", "create", "--out", str(full),
+        "--recipient", str(key.to_public()), "--with-keys",
+    ))  # fmt: skip
+    assert made_full["kind"] == "full"
+    before = set(acked)
+
+    for i in range(3, 9):  # more writes after the full cut: new contexts and new versions
+        await put(i, f"doc {i} after")
+    gone = await call_until_ok(n1.rpc_port, root, "ctx.delete", {"address": address(4), "w": 2})
+    acked[gone["ref"]["version_id"]] = context_of(4)
+    after = set(acked) - before
+
+    incr = tmp_path / "incr.slurp-backup.age"
+    made = await trio.to_thread.run_sync(lambda: _slurp(
+        "--profile", profile, "backup", "create", "--since", str(full), "--out", str(incr),
+        "--recipient", str(key.to_public()),
+    ))  # fmt: skip
+    assert made["kind"] == "incremental"
+    assert made["since"] == made_full["cut"]
+    assert made["overlap_ms"] == 60_000
+    assert backup_io.read_sidecar(backup_io.sidecar_of(incr))["kind"] == "incremental"
+    opened = await trio.to_thread.run_sync(
+        lambda: _run(["age", "-d", "-i", str(key_file), str(incr)], b"")
+    )
+    held = {row.version_id for row in read(opened).contents.versions}
+    assert after <= held, f"missing {sorted(after - held)}"  # every write after the full cut
+
+    expected: dict[str, bytes] = {}  # version id -> envelope, as the nodes hold it
+    for member in members:
+        expected.update(await versions_held(root, member, [address(i) for i in range(9)]))
+    target = tmp_path / "restored"
+    restored = await trio.to_thread.run_sync(lambda: _slurp(
+        "restore", str(full), str(incr), "--data-dir", str(target), "--identity", str(key_file),
+    ))  # fmt: skip
+    assert restored["created_node"] is True
+    assert restored["cut"] == made["cut"]
+    with ContextStore.open(target) as store:
+        for i in range(9):
+            ctx = ContextName.from_canonical(context_of(i))
+            rows = {row.version_id: bytes(row.data) for row in store.versions.versions(ctx)}
+            assert rows == {v: expected[v] for v, c in acked.items() if c == context_of(i)}
+    tombstone = Envelope.decode(expected[gone["ref"]["version_id"]])
+    assert tombstone.tombstone
+
+    merged = await trio.to_thread.run_sync(
+        lambda: _slurp("--profile", profile, "restore", str(full), str(incr))
+    )
+    assert merged["versions_sent"] == 0  # the cluster holds all of it already
+    assert merged["already_held"] == merged["versions_total"]
 
 
 def _schedule(root: Path, names: list[str], schedule: str) -> None:

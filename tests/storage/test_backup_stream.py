@@ -15,8 +15,17 @@ from pyrage import x25519
 
 from crypto.roles import DEFAULT_ROLES
 from storage import backup_io
-from storage.backup import MANIFEST, SIGNERS, BackupInvalid, VersionRow, chunk_name, read
-from storage.backup_manifest import VERSIONS_PER_CHUNK
+from storage.backup import (
+    MANIFEST,
+    SIGNERS,
+    BackupForeign,
+    BackupInvalid,
+    VersionRow,
+    check_chain,
+    chunk_name,
+    read,
+)
+from storage.backup_manifest import OVERLAP_MS, VERSIONS_PER_CHUNK, lower_bound
 from storage.backup_stream import ArchiveSpool
 from storage.context_store import ContextStore
 from storage.errors import InvalidPayload
@@ -113,6 +122,48 @@ def test_a_version_above_the_cut_is_refused(store: ContextStore, tmp_path: Path)
     _spool_of(store, out, identity, cut=str(VersionId(1, 0, "n")))
     with pytest.raises(BackupInvalid, match="outside the backup's cut"):
         read(bytes(pyrage.decrypt(out.read_bytes(), [identity])))
+
+
+def test_an_incremental_continues_the_full_cut_and_forms_a_chain(
+    store: ContextStore, tmp_path: Path
+) -> None:
+    """``finish(since=)`` writes an incremental manifest that ``read`` verifies (every
+    version above ``lower_bound(since)``) and ``check_chain`` accepts after its full one,
+    as it accepts an embedded chain."""
+    populate(store, 12)
+    identity = x25519.Identity.generate()
+    full_out = tmp_path / "full.slurp-backup.age"
+    _spool_of(store, full_out, identity, cut=str(store.next_id()))  # the HLC cut, as a leader's
+    full = read(bytes(pyrage.decrypt(full_out.read_bytes(), [identity])))
+    base = full.manifest.cut or ""
+    populate(store, 20, seed=8)  # more writes (and deletes) after the full cut
+    low = lower_bound(base)
+    assert low is not None
+    contents = backup_io.collect(store)
+    newer = sorted((r for r in contents.versions if VersionId.parse(r.version_id) > low),
+                   key=lambda r: (r.context, r.version_id))  # fmt: skip
+    assert any(VersionId.parse(r.version_id) > VersionId.parse(base) for r in newer)
+    out = tmp_path / "incr.slurp-backup.age"
+    with ArchiveSpool(tmp_path) as spool:
+        for row in newer:
+            spool.add_version(row)
+        for purge in contents.purges:
+            spool.add_purge(purge)
+        spool.set_audit(contents.audit)
+        spool.set_keys(contents.keyring_json, [], {})
+        manifest, _size, _sha = spool.finish(
+            out, [identity.to_public()], cluster_id="cluster-x", node_id=store.keyring.node_id,
+            created_ms=2_000, cut=str(store.next_id()), since=base,
+        )  # fmt: skip
+    assert (manifest.kind, manifest.since, manifest.overlap_ms) == ("incremental", base, OVERLAP_MS)
+    incr = read(bytes(pyrage.decrypt(out.read_bytes(), [identity])))
+    assert incr.manifest == manifest
+    assert {r.version_id for r in incr.contents.versions} == {r.version_id for r in newer}
+    assert incr.contents.purges == contents.purges  # every purge marker, old ones too
+    check_chain([("full", full.manifest), ("incr", incr.manifest)], "cluster-x")
+    with pytest.raises(BackupForeign, match="continues cut"):
+        check_chain([("full", full.manifest), ("incr", incr.manifest), ("again", manifest)],
+                    "cluster-x")  # fmt: skip
 
 
 def test_finish_never_overwrites(store: ContextStore, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ the ``backup`` duty's skip rules (node/control/cluster_backup_plan.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import given
@@ -17,7 +17,9 @@ from node.control.cluster_backup_plan import (
     ReplicaState,
     at_cut,
     backup_name,
+    check_base,
     check_name,
+    duty_base,
     duty_step,
     last_success_ms,
     merge,
@@ -27,6 +29,8 @@ from node.control.cluster_backup_plan import (
     replica_groups,
     schedule_change,
 )
+from storage.backup_manifest import OVERLAP_MS, lower_bound
+from storage.backup_plan import Step, Taken, next_step
 from storage.errors import InvalidPayload
 from storage.schema import PurgeMarker
 from storage.versions import VersionId
@@ -73,6 +77,25 @@ def test_at_cut_without_a_marker_keeps_everything_up_to_the_cut() -> None:
     assert plan == {"a": [vid(1)]}
 
 
+def test_an_incremental_keeps_ids_above_the_base_cut_minus_the_overlap() -> None:
+    """The embedded incremental's rule (``lower_bound``): a version issued up to
+    ``OVERLAP_MS`` before the base cut may have committed after the base read it, so it
+    is held again; older ones are not; the cut and the marker still bound it."""
+    base = 1_000_000
+    walls = (base - OVERLAP_MS - 1, base - OVERLAP_MS, base - OVERLAP_MS + 1, base - 5,
+             base + 3, base + 9, base + 20)  # fmt: skip
+    source = {vid(w): "node1" for w in walls}
+    plan = at_cut(Merged(None, source), vid(base + 9), since=vid(base))
+    # the bound is below every id of its millisecond: base - OVERLAP_MS itself is held
+    assert plan == {"node1": [vid(base - OVERLAP_MS), vid(base - OVERLAP_MS + 1), vid(base - 5),
+                              vid(base + 3), vid(base + 9)]}  # fmt: skip
+    marked = at_cut(Merged(marker(base - 5), source), vid(base + 20), since=vid(base))
+    assert marked == {"node1": [vid(base + 3), vid(base + 9), vid(base + 20)]}
+    assert at_cut(Merged(None, source), vid(base + 20), since=None) == at_cut(
+        Merged(None, source), vid(base + 20)
+    )  # no base: a full backup
+
+
 ids = st.frozensets(st.integers(1, 50).map(vid), max_size=8)
 states = st.builds(ReplicaState, ids, st.none() | st.integers(1, 50).map(marker))
 
@@ -97,6 +120,29 @@ def test_merge_then_cut_never_returns_what_the_cut_or_a_marker_excludes(
         and all(VersionId.parse(v) > upto for upto in uppers)
     }  # fmt: skip
     assert set(kept) == expected
+
+
+walls = st.integers(1, 200_000)
+
+
+@given(st.dictionaries(st.sampled_from(["node1", "node2"]),
+                       st.builds(ReplicaState, st.frozensets(walls.map(vid), max_size=10),
+                                 st.none() | walls.map(marker)), min_size=1),
+       walls, walls)  # fmt: skip
+def test_an_incremental_is_the_full_backup_above_the_lower_bound(
+    replicas: dict[str, ReplicaState], cut: int, since: int
+) -> None:
+    merged = merge(replicas)
+    low = lower_bound(vid(since))
+    assert low is not None
+    full = at_cut(merged, vid(cut))
+    incr = at_cut(merged, vid(cut), vid(since))
+    expected = {
+        source: kept
+        for source, found in full.items()
+        if (kept := [v for v in found if VersionId.parse(v) > low])
+    }
+    assert incr == expected
 
 
 def test_a_quorum_needs_r_distinct_replicas() -> None:
@@ -139,9 +185,15 @@ def test_a_malformed_name_is_refused_naming_the_field(bad: object) -> None:
 
 
 def test_create_bodies_are_typed() -> None:
-    assert parse("backup.create", {}) == {"recipients": [], "with_keys": False}
+    none = {"since": None, "since_cluster": None}
+    assert parse("backup.create", {}) == {"recipients": [], "with_keys": False, **none}
     body = {"recipients": [RECIPIENT], "with_keys": True}
-    assert parse("backup.create_leader", body) == {"recipients": [RECIPIENT], "with_keys": True}
+    assert parse("backup.create_leader", body) == {
+        "recipients": [RECIPIENT], "with_keys": True, **none,
+    }  # fmt: skip
+    since = {"since": vid(5), "since_cluster": "cluster-a"}
+    assert parse("backup.create", since) == {"recipients": [], "with_keys": False, **since}
+    assert parse("backup.create", {"since": vid(5)})["since"] == vid(5)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +203,10 @@ def test_create_bodies_are_typed() -> None:
         ({"recipients": ["not-a-recipient"]}, "recipients"),
         ({"recipients": [RECIPIENT] * (MAX_RECIPIENTS + 1)}, "recipients"),
         ({"with_keys": "yes"}, "with_keys"),
-        ({"since": "01a22e682e1e-000000-n1"}, "since"),
+        ({"since": "yesterday"}, "since"),
+        ({"since": 12}, "since"),
+        ({"since_cluster": "cluster-a"}, "since"),  # a base's cluster without its cut
+        ({"since": vid(5), "since_cluster": 7}, "since"),
     ],
 )
 def test_bad_create_bodies_name_their_field(body: dict[str, object], field: str) -> None:
@@ -187,6 +242,42 @@ def test_the_duty_takes_a_backup_only_in_a_cluster_with_a_schedule() -> None:
     assert duty_step(members=1, interval_s=3600) == "skip_not_cluster"
     assert duty_step(members=0, interval_s=3600) == "skip_not_cluster"
     assert duty_step(members=3, interval_s=None) == "skip_no_schedule"
+
+
+def test_a_base_must_be_this_clusters_and_before_the_cut() -> None:
+    check_base(None, None, "cluster-a", vid(10))  # a full backup
+    check_base(vid(5), "cluster-a", "cluster-a", vid(10))
+    check_base(vid(5), None, "cluster-a", vid(10))  # the client did not say whose
+    for since, owner in ((vid(5), "cluster-b"), (vid(10), "cluster-a"), (vid(11), None)):
+        with pytest.raises(InvalidPayload) as caught:
+            check_base(since, owner, "cluster-a", vid(10))
+        assert caught.value.field == "since"
+
+
+def test_the_duty_takes_incrementals_between_fulls_from_its_own_sidecars() -> None:
+    """``[backup] incremental = 2``: full, incr, incr, full, ... over the leader's own
+    directory; a base whose sidecar is missing, foreign or without a cut: a full one."""
+    taken: list[Taken] = []
+    kinds = []
+    for number in range(7):
+        step = next_step(taken, 2)
+        cut = duty_base(step, (vid(number), "cluster-a"), "cluster-a")
+        kind: Literal["full", "incremental"] = "full" if cut is None else "incremental"
+        if cut is not None:
+            assert step.since == taken[-1].file
+            assert cut == vid(number)
+        kinds.append(kind)
+        taken.append(Taken(f"b{number}", kind, number * 1000))
+    assert kinds == ["full", "incremental", "incremental", "full", "incremental",
+                     "incremental", "full"]  # fmt: skip
+    assert next_step([], 2) == Step("full", None)  # a new leader without the files
+    assert next_step(taken[:2], 0) == Step("full", None)  # incremental = 0: every one full
+    due = next_step(taken[:1], 2)
+    assert due == Step("incremental", "b0")
+    assert duty_base(due, None, "cluster-a") is None  # no sidecar that belongs to b0
+    assert duty_base(due, (vid(1), "cluster-b"), "cluster-a") is None  # another cluster's
+    assert duty_base(due, (None, "cluster-a"), "cluster-a") is None  # no cut
+    assert duty_base(Step("full", None), (vid(1), "cluster-a"), "cluster-a") is None
 
 
 def test_the_leader_schedules_the_duty_at_its_configured_interval() -> None:
