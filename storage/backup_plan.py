@@ -238,3 +238,23 @@ def stale(now_ms: int, last_success_ms: int | None, interval_s: int) -> bool:
     if last_success_ms is None:
         return False
     return now_ms - last_success_ms > STALE_FACTOR * interval_s * 1000
+
+
+def stale_warning(
+    now_ms: int,
+    last_success_ms: int | None,
+    started_ms: int,
+    interval_s: int,
+    *,
+    kind: str = "backup",
+    cron: str | None = None,
+) -> str | None:
+    """The ``warning`` of ``node.status``'s ``backup`` field: None unless the last good
+    ``kind`` (or, before the first, ``started_ms``) is older than twice the schedule;
+    ``cron``, when given, is named beside its longest gap ``interval_s``."""
+    since = last_success_ms if last_success_ms is not None else started_ms
+    if not stale(now_ms, since, interval_s):
+        return None
+    what = f"no {kind} has succeeded" if last_success_ms is None else f"the last good {kind} is"
+    span = f"{interval_s} s" if cron is None else f"the longest gap of {cron!r}, {interval_s} s"
+    return f"{what} older than twice the schedule ({span})"

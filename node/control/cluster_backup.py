@@ -97,7 +97,7 @@ from node.rpc.transport import Peer
 from storage import backup_io
 from storage.address import ContextName
 from storage.backup import PurgeRow, VersionRow
-from storage.backup_plan import Taken, next_step, stale, to_prune
+from storage.backup_plan import Taken, next_step, stale_warning, to_prune
 from storage.backup_stream import ArchiveSpool
 from storage.envelope import Envelope
 from storage.errors import (
@@ -226,13 +226,10 @@ class ClusterBackup:
         interval = self.interval_s if duty is None else duty.interval_s
         last = self._last_success_ms()
         warning = None
-        if interval and stale(self._clock_ms(), last or self._started_ms, interval):
-            what = (
-                "no cluster backup has succeeded"
-                if last is None
-                else "the last good cluster backup is"
+        if interval:
+            warning = stale_warning(
+                self._clock_ms(), last, self._started_ms, interval, kind="cluster backup"
             )
-            warning = f"{what} older than twice the schedule ({interval} s)"
         return {
             "backup": {
                 "schedule_s": interval,

@@ -35,7 +35,7 @@ from storage.backup_plan import (
     due_in_ms,
     parse,
     plan,
-    stale,
+    stale_warning,
     to_prune,
 )
 from storage.context_store import ContextStore
@@ -150,19 +150,13 @@ class BackupService:
         warning}; ``schedule_s`` is the interval (for a cron spec, in ``cron``, its
         longest gap between two runs); ``warning`` is null unless the last good backup (or,
         without one, the service's start) is older than twice the schedule."""
-        since = self.last_success_ms if self.last_success_ms is not None else self._started_ms
-        old = stale(self._clock_ms(), since, self.policy.interval_s)
-        warning = None
-        if old:
-            what = (
-                "no backup has succeeded"
-                if self.last_success_ms is None
-                else "the last good backup is"
-            )
-            span = f"{self.policy.interval_s} s"
-            if self.policy.cron is not None:
-                span = f"the longest gap of {self.policy.cron!r}, {span}"
-            warning = f"{what} older than twice the schedule ({span})"
+        warning = stale_warning(
+            self._clock_ms(),
+            self.last_success_ms,
+            self._started_ms,
+            self.policy.interval_s,
+            cron=self.policy.cron,
+        )
         return {
             "backup": {
                 "schedule_s": self.policy.interval_s,

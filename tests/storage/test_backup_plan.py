@@ -13,6 +13,7 @@ from storage.backup_plan import (
     parse_schedule,
     plan,
     stale,
+    stale_warning,
     to_prune,
 )
 from storage.errors import InvalidPayload
@@ -132,3 +133,20 @@ def test_next_cron_run(spec: str, after_ms: int, due_ms: int) -> None:
     assert due_in_ms(after_ms, taken, policy) == due_ms - after_ms
     assert plan(due_ms - 1, taken, policy) is None
     assert plan(due_ms, taken, policy) == Step("incremental", "a")
+
+
+def test_stale_warning_names_what_is_stale_and_the_schedule() -> None:
+    start, hour = 10 * HOUR_MS, 3600
+    assert stale_warning(start + HOUR_MS, None, start, hour) is None  # not yet twice
+    assert stale_warning(start + 3 * HOUR_MS, None, start, hour) == (
+        "no backup has succeeded older than twice the schedule (3600 s)"
+    )
+    assert stale_warning(start + 3 * HOUR_MS, start + 2 * HOUR_MS, start, hour) is None
+    assert stale_warning(start + 5 * HOUR_MS, start + 2 * HOUR_MS, start, hour,
+                         kind="cluster backup") == (
+        "the last good cluster backup is older than twice the schedule (3600 s)"
+    )  # fmt: skip
+    assert stale_warning(start + 3 * HOUR_MS, None, start, hour, cron="0 * * * *") == (
+        "no backup has succeeded older than twice the schedule "
+        "(the longest gap of '0 * * * *', 3600 s)"
+    )
