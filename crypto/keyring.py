@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,6 +108,7 @@ NODE_KEY_FILE = "node.key"
 SIGNING_KEY_FILE = "node.ed25519"
 ReaderSet = tuple[tuple[str, int, str], ...]  # (role, key version, recipient), sorted
 MAX_READER_SETS = 1024  # memoised reader lists (``seal``); the memo is cleared when full
+ABSENT_RECHECK_S = 1.0  # how stale a cached "identity file absent" answer may be
 
 __all__ = [
     "KEYRING_FORMAT",
@@ -145,6 +147,11 @@ class Keyring:
         self._files = files
         self._lock = threading.RLock()
         self._identities: dict[tuple[str, int], x25519.Identity] = {}
+        # role -> monotonic time its identity file was last found absent: an admin request
+        # to a node without the admin identity asks ``has_identity`` each time, and a stat
+        # per request showed in the profile. A file another process adds is seen within
+        # ABSENT_RECHECK_S; this keyring's own writes clear the entry at once.
+        self._absent: dict[str, float] = {}
         self._recipients: dict[str, x25519.Recipient] = {}
         self.configure_sealing(SealPolicy())
         self._set_meta(meta)
@@ -315,7 +322,15 @@ class Keyring:
         rk = self._roles.get(role)
         if rk is not None and (role, rk.current) in self._identities:
             return True
-        return self.identity_path(role).exists()
+        now = time.monotonic()
+        checked = self._absent.get(role)
+        if checked is not None and now - checked < ABSENT_RECHECK_S:
+            return False
+        if self.identity_path(role).exists():
+            self._absent.pop(role, None)
+            return True
+        self._absent[role] = now
+        return False
 
     def held_roles(self) -> tuple[str, ...]:
         """The roles whose identities this keyring holds, in role-set order."""
@@ -598,6 +613,7 @@ class Keyring:
             raise KeyringError(f"that identity is not the current key of role {role!r}")
         with self._lock:
             self._identities[(role, rk.current)] = identity
+            self._absent.pop(role, None)
             self._forget_unwraps_of(role)
 
     def release(self, role: str) -> None:
@@ -605,6 +621,7 @@ class Keyring:
         with self._lock:
             for key in [k for k in self._identities if k[0] == role]:
                 del self._identities[key]
+            self._absent.pop(role, None)
             self._forget_unwraps_of(role)
 
     def forget(self, role: str) -> None:
@@ -689,6 +706,7 @@ class Keyring:
             self._save(meta)  # 3: the commit point
             self._files.rename(f"{role}.v{new}.key", f"{role}.key")  # 4
             self._identities[(role, new)] = identity
+            self._absent.pop(role, None)
             self._forget_data_keys()
             return self._roles[role].version(new)
 

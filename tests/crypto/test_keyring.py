@@ -58,6 +58,41 @@ def test_create_open_round_trip(tmp_path: Path) -> None:
     assert _meta(made.keys_dir)["format"] == 2
 
 
+def test_an_absent_identity_is_not_statted_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node without the admin identity answers ``has_identity`` from memory for
+    ABSENT_RECHECK_S (one stat, not one per admin request); a file another process puts
+    back is seen after that, and this keyring's own ``hold_in_memory`` at once."""
+    import crypto.keyring as keyring_module
+
+    made = _keyring(tmp_path)
+    identity = made.current_identity(ADMIN_ROLE)
+    saved = made.identity_path(ADMIN_ROLE).read_bytes()
+    made.forget(ADMIN_ROLE)
+    now = [1000.0]
+    monkeypatch.setattr(keyring_module.time, "monotonic", lambda: now[0])
+    stats: list[Path] = []
+    real_exists = Path.exists
+
+    def counting_exists(self: Path, **kwargs: bool) -> bool:
+        stats.append(self)
+        return real_exists(self, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", counting_exists)
+    assert [made.has_identity(ADMIN_ROLE) for _ in range(50)] == [False] * 50
+    assert len(stats) == 1
+    made.identity_path(ADMIN_ROLE).write_bytes(saved)  # as another process would
+    os.chmod(made.identity_path(ADMIN_ROLE), 0o600)
+    assert made.has_identity(ADMIN_ROLE) is False  # still within the recheck window
+    now[0] += keyring_module.ABSENT_RECHECK_S
+    assert made.has_identity(ADMIN_ROLE) is True
+    made.forget(ADMIN_ROLE)
+    assert made.has_identity(ADMIN_ROLE) is False
+    made.hold_in_memory(ADMIN_ROLE, identity)
+    assert made.has_identity(ADMIN_ROLE) is True
+
+
 def test_rotation_keeps_both_versions_until_finished(tmp_path: Path) -> None:
     keyring = _keyring(tmp_path)
     keys = keyring.keys_dir
