@@ -71,7 +71,7 @@ def test_an_absent_identity_is_not_statted_per_call(
     saved = made.identity_path(ADMIN_ROLE).read_bytes()
     made.forget(ADMIN_ROLE)
     now = [1000.0]
-    monkeypatch.setattr(keyring_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     stats: list[Path] = []
     real_exists = Path.exists
 
