@@ -10,7 +10,9 @@ with the same value size and op counts. Each measurement is split into up to 5 r
 alternate slurp and etcd, so both see the same background load. Without ``etcd`` the etcd
 column is skipped.
 
-Then (slurp only) the failover phase (scripts/bench_failover.py) and, last, the rebalance and
+Then (slurp only) the index-lag phase (scripts/bench_index_lag.py, ``--index-lag-s S``, 0 to
+skip: 16 writers for S seconds while a prober times how long after its acknowledgement
+``ctx.search`` finds a put, and ``node.status`` ``index`` backlogs are sampled), the failover phase (scripts/bench_failover.py) and, last, the rebalance and
 rotation phase (scripts/bench_rebalance.py, ``--rebalance-contexts N``, 0 to skip): N
 contexts are loaded, a 4th node joins under a steady writer (rebalance rate, write latency
 beside the same cluster at rest), then a cluster-wide rotation of the role re-seals them.
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_failover  # scripts/, on sys.path
+import bench_index_lag
 import bench_rebalance
 import trio
 from bench_report import git_revision, write_section
@@ -547,6 +550,7 @@ class Settings:
     warmup: int = WARMUP_OPS
     failover_rounds: int = bench_failover.DEFAULT_ROUNDS
     rebalance_contexts: int = 0  # 0: no rebalance/rotation phase
+    index_lag_s: float = 0.0  # 0: no index-lag phase
 
 
 @dataclass
@@ -556,6 +560,7 @@ class Results:
     runs: dict[tuple[str, str, int], Measurement] = field(default_factory=dict)
     failover: dict[str, list[bench_failover.Round]] = field(default_factory=dict)
     rebalance: bench_rebalance.Outcome | None = None
+    index_lag: bench_index_lag.Outcome | None = None
     rebalance_rest_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     etcd_skipped: str | None = None
@@ -636,10 +641,27 @@ class Bench:
             await self._warm_up(systems, most)
             await self._compare(systems, most)
             await self._slurp_only(slurp)
+            if self.settings.index_lag_s:
+                await self._index_lag(clients)
             if self.settings.failover_rounds:
                 await self._failover(members, base, etcd)
             if self.settings.rebalance_contexts:  # last: the cluster grows by a node
                 await self._rebalance(members, base)
+
+    async def _index_lag(self, clients: Sequence[AsyncClient]) -> None:
+        """Sustained puts; how long until search sees them (bench_index_lag)."""
+        log(f"index lag: {bench_index_lag.WRITERS} writers for {self.settings.index_lag_s:g} s")
+        out = await bench_index_lag.run(clients, self.settings.index_lag_s)
+        self.results.index_lag = out
+        if out.put_errors:
+            self.results.notes.append(
+                f"index lag: {len(out.put_errors)} puts failed (first: {out.put_errors[0]})"
+            )
+        if out.missing or out.status_errors:
+            self.results.notes.append(
+                f"index lag: {out.missing} probes not searchable within"
+                f" {bench_index_lag.PROBE_TIMEOUT_S:g} s; {out.status_errors} status polls failed"
+            )
 
     async def _rebalance(self, members: list[LocalNode], base: ClientConfig) -> None:
         """Load, join a 4th node under writes, rotate (bench_rebalance)."""
@@ -846,6 +868,11 @@ def build_rows(results: Results) -> tuple[list[Row], list[Row]]:
             ]
     rows += failover_rows(results.failover)
     extra: list[Row] = []
+    if results.index_lag is not None:
+        extra += [
+            Row(label, value, None, count=count)
+            for label, value, count in bench_index_lag.figures(results.index_lag)
+        ]
     if results.rebalance is not None:
         extra += [
             Row(label, value, None, count=count)
@@ -964,6 +991,7 @@ def render_markdown(
             if results.failover
             else []
         ),
+        *([bench_index_lag.describe(results.index_lag), ""] if results.index_lag else []),
         *(
             [bench_rebalance.describe(results.rebalance, results.rebalance_rest_s), ""]
             if results.rebalance is not None
@@ -1012,6 +1040,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         f" ({bench_rebalance.DEFAULT_CONTEXTS:,}; --quick: {bench_rebalance.QUICK_CONTEXTS:,};"
         " 0: no rebalance/rotation phase)",
     )
+    parser.add_argument(
+        "--index-lag-s",
+        type=float,
+        default=None,
+        help=f"seconds of sustained puts while search visibility is probed"
+        f" ({bench_index_lag.DEFAULT_SECONDS:g}; --quick: {bench_index_lag.QUICK_SECONDS:g};"
+        " 0: no index-lag phase)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep bench-data/cluster and etcd")
     args = parser.parse_args(argv)
@@ -1025,6 +1061,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.rebalance_contexts = (
             bench_rebalance.QUICK_CONTEXTS if args.quick else bench_rebalance.DEFAULT_CONTEXTS
         )
+    if args.index_lag_s is None:
+        args.index_lag_s = (
+            bench_index_lag.QUICK_SECONDS if args.quick else bench_index_lag.DEFAULT_SECONDS
+        )
+    if args.index_lag_s < 0:
+        parser.error("--index-lag-s must be 0 or more")
     if args.rebalance_contexts < 0:
         parser.error("--rebalance-contexts must be 0 or more")
     if args.failover_rounds < 0:
@@ -1046,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=2 if args.quick else WARMUP_OPS,
         failover_rounds=args.failover_rounds,
         rebalance_contexts=args.rebalance_contexts,
+        index_lag_s=args.index_lag_s,
     )
     revision = git_revision()
     versions = f"Python {platform.python_version()} · slurp {metadata.version('slurp')}"
