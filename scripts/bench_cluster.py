@@ -12,10 +12,11 @@ column is skipped.
 
 Then (slurp only) the index-lag phase (scripts/bench_index_lag.py, ``--index-lag-s S``, 0 to
 skip: 16 writers for S seconds while a prober times how long after its acknowledgement
-``ctx.search`` finds a put, and ``node.status`` ``index`` backlogs are sampled), the failover phase (scripts/bench_failover.py) and, last, the rebalance and
-rotation phase (scripts/bench_rebalance.py, ``--rebalance-contexts N``, 0 to skip): N
-contexts are loaded, a 4th node joins under a steady writer (rebalance rate, write latency
-beside the same cluster at rest), then a cluster-wide rotation of the role re-seals them.
+``ctx.search`` finds a put, and ``node.status`` ``index`` backlogs are sampled), the
+failover phase (scripts/bench_failover.py) and, last, the rebalance and rotation phase
+(scripts/bench_rebalance.py, ``--rebalance-contexts N``, 0 to skip): N contexts are
+loaded, a 4th node joins under a steady writer (rebalance rate, write latency beside the
+same cluster at rest), then a cluster-wide rotation of the role re-seals them.
 
 Output: a table on stdout and the same as Markdown between ``<!-- bench:cluster:start -->``
 and ``<!-- bench:cluster:end -->`` in BENCHMARKS.md (the rest of that file is left as it
