@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -240,6 +241,18 @@ class _Bars:
                 self.bar.update(self.tasks[name], description=text)
 
 
+def _with_bars(change: Callable[[_Bars | None], dict[str, Any]], as_json: bool) -> dict[str, Any]:
+    """Run a membership change with a progress line per node on stderr (none with --json);
+    a ClusterError ends the command with its message."""
+    try:
+        if as_json:
+            return change(None)
+        with Progress(console=render.err) as bar:
+            return change(_Bars(bar))
+    except ClusterError as exc:
+        fail(_cluster_error(exc), as_json)
+
+
 @cluster_app.command("add")
 def add(
     directory: DirOpt = Path(".slurp-cluster"),
@@ -248,14 +261,7 @@ def add(
 ) -> None:
     """Add nodes to the running local cluster: certificates, data directories and configs,
     start them, propose their join, and wait until each is normal."""
-    try:
-        if as_json:
-            result = add_nodes(directory, count)
-        else:
-            with Progress(console=render.err) as bar:
-                result = add_nodes(directory, count, progress=_Bars(bar))
-    except ClusterError as exc:
-        fail(_cluster_error(exc), as_json)
+    result = _with_bars(lambda bars: add_nodes(directory, count, progress=bars), as_json)
     if as_json:
         render.print_json(result)
         return
@@ -270,14 +276,7 @@ def remove(
 ) -> None:
     """Decommission a live node: its ranges stream to their new owners, then it is removed
     and its process stopped."""
-    try:
-        if as_json:
-            result = remove_node(directory, name)
-        else:
-            with Progress(console=render.err) as bar:
-                result = remove_node(directory, name, progress=_Bars(bar))
-    except ClusterError as exc:
-        fail(_cluster_error(exc), as_json)
+    result = _with_bars(lambda bars: remove_node(directory, name, progress=bars), as_json)
     if as_json:
         render.print_json(result)
         return
