@@ -10,30 +10,15 @@ succeeds before the deadline. Time is trio's MockClock: nothing sleeps on the wa
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import trio
 import trio.testing
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from tests.bench_scripts import load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_failover", SCRIPTS / "bench_failover.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_failover", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bf = _load()
+bf = load_script("bench_failover")
 
 
 def test_write_figures_span_the_kill_and_run_to_the_writers_end() -> None:

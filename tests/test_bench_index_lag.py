@@ -9,26 +9,11 @@ answered).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from tests.bench_scripts import load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_index_lag", SCRIPTS / "bench_index_lag.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_index_lag", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-lag = _load()
+lag = load_script("bench_index_lag")
 
 
 def test_probe_words_are_letters_and_distinct() -> None:

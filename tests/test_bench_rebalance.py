@@ -10,28 +10,13 @@ are distinct per key and about VALUE_BYTES long.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from tests.bench_scripts import load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_rebalance", SCRIPTS / "bench_rebalance.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_rebalance", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-br = _load()
+br = load_script("bench_rebalance")
 
 
 def test_window_runs_from_the_first_transition_to_normal_with_the_bytes_grown() -> None:
