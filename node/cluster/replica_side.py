@@ -9,7 +9,11 @@ leadership (a leader's ``rep.purge`` carries its ``term``, checked through the
 ``rep.purge`` without a term is a repair or anti-entropy send of a marker some replica
 already accepted, and is not fenced). Bodies arrive parsed (``node.cluster.requests``);
 slow storage work runs through ``blocking`` (a worker thread on a real node, inline in
-the simulation).
+the simulation). A read of a small version set (``small``: at most
+``INLINE_READ_VERSIONS`` versions, one head lookup to know) runs on the event loop: it
+takes microseconds from LevelDB's cache, and handing it to a worker thread and back cost
+more CPU than the read and a GIL hand-over in latency (issue 10: a 1-client get went from
+8.7 / 7.4 ms p50 to 6.3 / 5.7 ms, server CPU per get 6.9 / 6.3 -> 5.3 ms).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from storage.views import to_wire
 
 Body = dict[str, Any]
 T = TypeVar("T")
+INLINE_READ_VERSIONS = 64  # a version set at most this large is read on the event loop
 
 
 class Blocking(Protocol):
@@ -101,6 +106,12 @@ class ReplicaSide:
                 continue  # refused as malformed or forged, not as purged
         return out
 
+    def small(self, ctx: ContextName) -> bool:
+        """Whether this node holds at most ``INLINE_READ_VERSIONS`` versions of ``ctx`` (its
+        version set may then be read on the event loop: module docstring)."""
+        head = self.replica.head(ctx)
+        return head is None or head.count <= INLINE_READ_VERSIONS
+
     def versions_page(self, ctx: ContextName, after: str | None, budget: int) -> Body:
         """One page of the version set of ``ctx`` after version ``after``."""
         rows, marker = self.replica.version_set(ctx)
@@ -158,6 +169,8 @@ class ReplicaSide:
     async def _rep_versions(self, peer: Peer, args: Body) -> Body:
         ctx: ContextName = args["context"]
         budget = min(args["max_bytes"] or MAX_BATCH_BYTES, MAX_BATCH_BYTES)
+        if self.small(ctx):
+            return self.versions_page(ctx, args["after"], budget)
         return await self._blocking(lambda: self.versions_page(ctx, args["after"], budget))
 
     async def _rep_head(self, peer: Peer, args: Body) -> Body:

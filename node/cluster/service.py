@@ -68,7 +68,7 @@ from node.cluster.fanout import Dialer, Fanout, FaultSink, deadline
 from node.cluster.handoff_plan import counts_toward_w
 from node.cluster.inflight_writes import InflightWrites, WriteToken
 from node.cluster.layout import Layout, place_layout, place_read
-from node.cluster.replica_side import ReplicaSide
+from node.cluster.replica_side import INLINE_READ_VERSIONS, ReplicaSide
 from node.cluster.replication import (
     Merged,
     Placement,
@@ -820,11 +820,18 @@ class NodeService:
             envelopes: dict[str, bytes] = {}
             after: str | None = None
             while True:
-                body = {"context": ctx.canonical(), "after": after, "max_bytes": MAX_BATCH_BYTES}
-                answer = await self.fanout.on(
-                    node, "rep.versions", body,
-                    partial(self.local.versions_page, ctx, after, MAX_BATCH_BYTES),
-                )  # fmt: skip
+                if node == self.name and self.local.small(ctx):  # on the event loop
+                    answer = self.local.versions_page(ctx, after, MAX_BATCH_BYTES)
+                else:
+                    body = {
+                        "context": ctx.canonical(),
+                        "after": after,
+                        "max_bytes": MAX_BATCH_BYTES,
+                    }
+                    answer = await self.fanout.on(
+                        node, "rep.versions", body,
+                        partial(self.local.versions_page, ctx, after, MAX_BATCH_BYTES),
+                    )  # fmt: skip
                 page = answers.parse_versions(answer, ctx.canonical())
                 envelopes.update(page.envelopes)
                 if not page.more or not page.envelopes:
@@ -872,12 +879,16 @@ class NodeService:
         ctx = await self._resolve(addr)
         rows = await self._gather_versions(ctx, r)
         allowed = peer.roles if peer.kind == "client" else None
-        return await self.fanout.blocking(
-            lambda: self.replica.view(
+
+        def view() -> Any:  # one version decrypted (a data key unwrapped at most)
+            return self.replica.view(
                 ctx, rows, addr.temporal, as_role=as_role, allowed_roles=allowed,
                 where=addr.canonical(),
-            )
-        )  # fmt: skip
+            )  # fmt: skip
+
+        if len(rows) <= INLINE_READ_VERSIONS:  # on the event loop, as a small local read
+            return view()
+        return await self.fanout.blocking(view)
 
     async def _resolve(self, addr: Address) -> ContextName:
         ctx = addr.context()
