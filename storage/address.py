@@ -18,11 +18,13 @@ Invariants:
       ``ContextName`` itself, since NUL sorts before every allowed character.
     - Parsing raises only ``AddressError`` subclasses, each naming its field.
     - Instances are immutable, so derived values are computed once and kept: an
-      ``Address`` keeps its ``context()``, a ``ContextName`` its ``canonical()`` and
-      ``key()``, and ``ContextName.from_canonical`` keeps the last
+      ``Address`` keeps its ``context()`` and ``canonical()``, a ``ContextName`` its
+      ``canonical()`` and ``key()``, and ``ContextName.from_canonical`` keeps the last
       ``CANONICAL_CACHE_SIZE`` names it parsed (the write path meets the same context
       string several times per version: service, version store, replica), and ``parse``
-      the last ``PARSED_CACHE_SIZE`` addresses (a hot read parses nothing).
+      the last ``PARSED_CACHE_SIZE`` addresses (a hot read parses nothing). ``parse`` and
+      ``Address.context()`` build their instances from components already checked, so
+      they check only the canonical length again.
 """
 
 from __future__ import annotations
@@ -305,8 +307,12 @@ class Address:
 
     def canonical(self) -> str:
         """``ucxl://agent:role@project:task/TEMPORAL`` plus ``/path`` when the path is not empty."""
-        temporal = self.temporal.render()
-        return _render(self.agent, self.role, self.project, self.task, temporal, self.path)
+        found: str | None = self.__dict__.get("_canonical")
+        if found is None:
+            temporal = self.temporal.render()
+            found = _render(self.agent, self.role, self.project, self.task, temporal, self.path)
+            object.__setattr__(self, "_canonical", found)  # derived, immutable: kept
+        return found
 
     def __str__(self) -> str:
         return self.canonical()
@@ -320,10 +326,16 @@ class Address:
         """The context this address names (the address without its temporal segment)."""
         found: ContextName | None = self.__dict__.get("_context")
         if found is None:
-            found = ContextName(
-                project=self.project, task=self.task, agent=self.agent, role=self.role,
-                path=self.path,
-            )  # fmt: skip
+            # This address's components passed ``_check_name`` when it was built
+            # (instances are canonical): only the length (with ``*^``) is checked again.
+            found = object.__new__(ContextName)
+            for field, value in (
+                ("project", self.project), ("task", self.task), ("agent", self.agent),
+                ("role", self.role), ("path", self.path),
+            ):  # fmt: skip
+                object.__setattr__(found, field, value)
+            canonical = found.canonical()
+            _check_length(canonical, canonical)
             object.__setattr__(self, "_context", found)
         return found
 
@@ -390,11 +402,22 @@ def _parse(text: str) -> Address:
         )
     temporal = _parse_temporal(segment, source)
     path = _normalise_path(raw_path, source)
+    # every component, the path and the temporal segment were just checked (and
+    # normalised): the constructor's ``_check_name`` would only repeat it, so the
+    # instance is built directly and only the canonical length is checked
+    addr: Address = object.__new__(Address)
+    for field, value in (
+        ("agent", agent), ("role", role), ("project", project), ("task", task),
+        ("path", path), ("temporal", temporal),
+    ):  # fmt: skip
+        object.__setattr__(addr, field, value)
+    canonical = addr.canonical()
     try:
-        return Address(agent, role, project, task, path, temporal)
+        _check_length(canonical, canonical)
     except InvalidAddress as exc:  # only the canonical length can fail here
         exc.input = source
         raise
+    return addr
 
 
 _parse_cached = functools.lru_cache(maxsize=PARSED_CACHE_SIZE)(_parse)

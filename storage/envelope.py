@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgpack
@@ -114,8 +114,26 @@ class Envelope:
     def header(self) -> list[Any]:
         """The clear header as a msgpack-ready list, in ``_HEADER_FIELDS`` order (then
         ``seal_epoch`` when it is not 0)."""
-        fields = [_plain(getattr(self, name)) for name in _HEADER_FIELDS]
-        return [*fields, self.seal_epoch] if self.seal_epoch else fields
+        # spelled out (not a loop over _HEADER_FIELDS with getattr): this runs for every
+        # version sealed and every version encoded; msgpack packs a tuple as an array,
+        # so the tuples need no copying into lists
+        fields = [
+            self.context, self.version_id, self.parent, self.kind, self.created_at_ms,
+            self.created_by, self.readers, self.tags, self.technologies, self.influences,
+            self.influenced_by, self.expires_at_ms, self.compression,
+        ]  # fmt: skip
+        if self.seal_epoch:
+            fields.append(self.seal_epoch)
+        return fields
+
+    def _packed_header(self) -> bytes:
+        """``header()`` msgpack-encoded; kept on the instance once computed (the fields
+        are immutable, and ``dataclasses.replace`` makes a fresh instance without it)."""
+        packed: bytes | None = self.__dict__.get("_header_bytes")
+        if packed is None:
+            packed = msgpack.packb(self.header(), use_bin_type=True)
+            object.__setattr__(self, "_header_bytes", packed)
+        return packed
 
     def same_header(self, other: Envelope) -> bool:
         """Whether ``other`` has this clear header, the seal epoch aside (a re-seal of the
@@ -124,7 +142,7 @@ class Envelope:
 
     def header_digest(self) -> bytes:
         """SHA-256 of the msgpack-encoded clear header (signed, and bound into the box)."""
-        return hashlib.sha256(msgpack.packb(self.header(), use_bin_type=True)).digest()
+        return hashlib.sha256(self._packed_header()).digest()
 
     def binding(self) -> bytes:
         """The associated data that binds a sealed ciphertext to this version's place:
@@ -153,7 +171,14 @@ class Envelope:
         if isinstance(ciphertext, PendingSeal):
             ciphertext = ciphertext.finish(self.context, self.version_id, header_digest)
         signature = signer.sign(self._message(header_digest, ciphertext))
-        return replace(self, ciphertext=ciphertext, signer=signer.public_key, signature=signature)
+        # a copy with three fields changed, without ``dataclasses.replace`` (which re-runs
+        # ``__init__`` through keyword arguments: ~10 µs a version); the header is the
+        # same, so its packed bytes come along for ``encode``
+        sealed: Envelope = object.__new__(Envelope)
+        sealed.__dict__.update(
+            self.__dict__, ciphertext=ciphertext, signer=signer.public_key, signature=signature
+        )
+        return sealed
 
     def check_signature(self) -> None:
         """Verify the signature against the embedded signer key.
@@ -180,9 +205,17 @@ class Envelope:
             ValueError: the ciphertext is an unfinished ``PendingSeal`` (never signed).
         """
         _refuse_pending(self.ciphertext)
+        # the row [schema, *header, ciphertext, signer, signature] as msgpack, from the
+        # packed header: an array16 prefix (17 or 18 items), the schema (a positive
+        # fixint), the header's items (its packing less its own fixarray byte), then the
+        # three byte strings; the same bytes as packing the row in one go
+        header = self._packed_header()
         schema = SEALED_SCHEMA if self.seal_epoch else ENVELOPE_SCHEMA
-        row = [schema, *self.header(), self.ciphertext, self.signer, self.signature]
-        return bytes(msgpack.packb(row, use_bin_type=True))
+        tail = msgpack.packb((self.ciphertext, self.signer, self.signature), use_bin_type=True)
+        items = len(_HEADER_FIELDS) + 4 + (1 if self.seal_epoch else 0)
+        return b"".join(
+            (bytes((_ARRAY16, 0, items, schema)), memoryview(header)[1:], memoryview(tail)[1:])
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Envelope:
@@ -308,10 +341,6 @@ _CODECS = _Codecs()
 def _refuse_pending(ciphertext: bytes) -> None:
     if isinstance(ciphertext, PendingSeal):
         raise ValueError("an unfinished PendingSeal cannot be signed or stored")
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _str(value: Any) -> str:

@@ -698,9 +698,15 @@ class NodeService:
         for blob in blobs:  # sealed by this node just now: its local apply skips a verify
             self.replica.sealed_here(blob)
         batches: list[list[Item]] = []
-        for batch in batches_by_bytes(blobs, MAX_BATCH_BYTES):
-            start = sum(len(b) for b in batches)
-            batches.append(items[start : start + len(batch)])
+        if len(blobs) == 1:  # a single put: one batch, whatever its size
+            batches.append(items)
+        else:
+            for batch in batches_by_bytes(blobs, MAX_BATCH_BYTES):
+                start = sum(len(b) for b in batches)
+                batches.append(items[start : start + len(batch)])
+        # this write's own ids: a replica naming one of them as its newest tells this
+        # node's clock nothing (it issued them), so only other ids are observed
+        own = {env.version_id for env in envs}
         seen = learned if learned is not None else Learned()
         # hinted handoff (node.cluster.handoff_plan): every owner gets an attempt; a down
         # owner's attempt stores its hint. Strict (default): only owners that stored the
@@ -708,9 +714,10 @@ class NodeService:
         # hint for a down or failed owner counts too.
         sloppy = self.handoff is not None and self.handoff.sloppy_quorum
         if not sloppy:
-            self._tracker(placement, quorum.w, "write")  # UNAVAILABLE now, nothing sent
-        every = replace(placement, live=placement.replicas)
-        asked = placement if self.handoff is None else every
+            self._check_reachable(placement, quorum.w, "write")  # UNAVAILABLE now, nothing sent
+        asked = placement
+        if self.handoff is not None:
+            asked = replace(placement, live=placement.replicas)
         tracker = self._tracker(asked, quorum.w, "write")
         result = ReplicateResult(down=[n for n in placement.replicas if n not in placement.live])
 
@@ -745,7 +752,8 @@ class NodeService:
             for batch in batches:
                 answer = await self.store_batcher.store(node, batch, self.fanout.timeout())
                 for latest in answer.latest.values():
-                    self.store.observe(latest)  # HLC receive event
+                    if latest not in own:
+                        self.store.observe(latest)  # HLC receive event
                 for upto in answer.purged.values():
                     seen.note_purged(upto)
                 if any(flag is None for flag in answer.stored):
@@ -771,13 +779,17 @@ class NodeService:
             raise Unavailable(f"no durable hint for {node}")
 
     def _tracker(self, placement: Placement, needed: int, op: str) -> QuorumTracker:
+        self._check_reachable(placement, needed, op)
+        return QuorumTracker(placement.live, needed, groups=placement.groups)
+
+    def _check_reachable(self, placement: Placement, needed: int, op: str) -> None:
+        """Unavailable (counted) unless enough replicas are up to reach ``needed``."""
         if not placement.can_reach(needed):
             self._count_quorum_failure(op)
             raise Unavailable(
                 f"{op}: {len(placement.live)} of {len(placement.replicas)} replicas are up, "
                 f"{needed} needed"
             )
-        return QuorumTracker(placement.live, needed, groups=placement.groups)
 
     async def _quorum(
         self,

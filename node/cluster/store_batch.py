@@ -223,6 +223,27 @@ def split_answer(puts: Sequence[Sequence[Item]], answer: answers.StoreAnswer) ->
     A put's head count of a context is the frame's count less the versions of that context
     that other puts in the frame stored with a greater id than this put's newest one.
     """
+    if len(puts) == 1:  # a frame of one put (every put sent alone): all of it is its own
+        return [whole_answer(puts[0], answer)]
+    return _split(puts, answer)
+
+
+def whole_answer(items: Sequence[Item], answer: answers.StoreAnswer) -> StoreOutcome:
+    """``split_answer`` of a frame that holds one put only (pure): no other put's
+    versions to take off its head counts, so the answer is filtered, not recounted."""
+    contexts = {item.context for item in items}
+    stored = tuple(answer.stored)
+    refused = {item.context for item, flag in zip(items, stored, strict=True) if flag is None}
+    return StoreOutcome(
+        stored=stored,
+        heads={ctx: max(count, 0) for ctx, count in answer.heads.items() if ctx in contexts},
+        latest={ctx: vid for ctx, vid in answer.latest.items() if ctx in contexts},
+        purged={ctx: upto for ctx, upto in answer.purged.items() if ctx in refused},
+    )
+
+
+def _split(puts: Sequence[Sequence[Item]], answer: answers.StoreAnswer) -> list[StoreOutcome]:
+    """``split_answer`` of any frame, one put or many."""
     flags = list(answer.stored)
     starts = [0]
     for items in puts:
