@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -124,6 +124,14 @@ def _digest(fields: dict[str, Any]) -> bytes:
 def entry_hash(entry: AuditEntry) -> bytes:
     """SHA-256 over the canonical msgpack of every field but ``hash``."""
     return _digest(_fields(entry))
+
+
+def _entry(fields: dict[str, Any], digest: bytes) -> AuditEntry:
+    """The entry ``fields`` (as ``_entry_fields`` made them) describe."""
+    return AuditEntry(
+        fields["seq"], fields["ts_ms"], fields["actor"], fields["op"], fields["address"],
+        fields["outcome"], fields["prev"], digest,
+    )  # fmt: skip
 
 
 def _decode(value: bytes) -> AuditEntry | None:
@@ -237,21 +245,9 @@ class AuditLog:
         Raises:
             AuditError: An empty ``actor``, ``op`` or ``outcome``.
         """
-        if not (actor and op and outcome):
-            raise AuditError("actor, op and outcome must not be empty")
         with self.lock:
-            seq, prev, ts_ms = self._next_seq, self._last_hash, int(self._clock_ms())
-            fields = {
-                "actor": actor,
-                "address": address,
-                "op": op,
-                "outcome": outcome,
-                "prev": prev,
-                "seq": seq,
-                "ts_ms": ts_ms,
-                "v": AUDIT_FORMAT,
-            }
-            digest = _digest(fields)
+            seq, ts_ms = self._next_seq, int(self._clock_ms())
+            fields, digest = self._entry_fields(actor, op, address, outcome, seq, ts_ms)
             if batch is None:
                 own = self._db.write_batch(sync=False)
                 self._put_rows(own, fields, digest)
@@ -259,7 +255,48 @@ class AuditLog:
             else:
                 self._put_rows(batch, fields, digest)
             self._next_seq, self._last_hash = seq + 1, digest
-        return AuditEntry(seq, ts_ms, actor, op, address, outcome, prev, digest)
+        return _entry(fields, digest)
+
+    def append_many(self, entries: Sequence[tuple[str, str, str | None, str]]) -> list[AuditEntry]:
+        """Append ``(actor, op, address, outcome)`` entries in one write (a batch of writes
+        is audited in one LevelDB batch, not one per record); nothing is appended unless
+        every entry is valid and the write succeeds.
+
+        Raises:
+            AuditError: An entry with an empty ``actor``, ``op`` or ``outcome``.
+        """
+        out: list[AuditEntry] = []
+        with self.lock:
+            seq, prev, ts_ms = self._next_seq, self._last_hash, int(self._clock_ms())
+            own = self._db.write_batch(sync=False)
+            for actor, op, address, outcome in entries:
+                fields, digest = self._entry_fields(actor, op, address, outcome, seq, ts_ms, prev)
+                self._put_rows(own, fields, digest)
+                out.append(_entry(fields, digest))
+                seq, prev = seq + 1, digest
+            if out:
+                own.write()
+                self._next_seq, self._last_hash = seq, prev
+        return out
+
+    def _entry_fields(
+        self, actor: str, op: str, address: str | None, outcome: str, seq: int, ts_ms: int,
+        prev: bytes | None = None,
+    ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+        """An entry's hashed fields and digest (``prev``: the chain so far by default)."""
+        if not (actor and op and outcome):
+            raise AuditError("actor, op and outcome must not be empty")
+        fields = {
+            "actor": actor,
+            "address": address,
+            "op": op,
+            "outcome": outcome,
+            "prev": self._last_hash if prev is None else prev,
+            "seq": seq,
+            "ts_ms": ts_ms,
+            "v": AUDIT_FORMAT,
+        }
+        return fields, _digest(fields)
 
     def _put_rows(self, batch: WriteBatchLike, fields: dict[str, Any], digest: bytes) -> None:
         head = {"v": AUDIT_FORMAT, "seq": fields["seq"], "hash": digest}

@@ -292,11 +292,16 @@ class ContextStore:
             prepared = [self.prepare(req) for req in requests]
             refs = self._store_batch(prepared)
         except StorageError as exc:
-            for req in requests:
-                self._audit(req.actor or "-", "store", str(req.address), exc.code)
+            self._audit_many(
+                [(req.actor or "-", "store", str(req.address), exc.code) for req in requests]
+            )
             raise
-        for item, ref in zip(prepared, refs, strict=True):
-            self._audit(item.actor, "store", ref.address, "ok")
+        self._audit_many(
+            [
+                (item.actor, "store", ref.address, "ok")
+                for item, ref in zip(prepared, refs, strict=True)
+            ]
+        )
         return refs
 
     def _store_batch(self, prepared: Sequence[Prepared]) -> list[StoredRef]:
@@ -756,6 +761,11 @@ class ContextStore:
         """Append to the audit log (after the operation; see docs/storage.md, Audit log)."""
         if self.audit is not None:
             self.audit.append(actor, op, address, outcome)
+
+    def _audit_many(self, entries: list[tuple[str, str, str | None, str]]) -> None:
+        """``_audit`` of each entry, in one write (a batch's records)."""
+        if self.audit is not None:
+            self.audit.append_many(entries)
 
     def _audited(self, op: str, address: str, actor: str, action: Callable[[], T]) -> T:
         try:

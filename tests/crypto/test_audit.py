@@ -131,6 +131,27 @@ def test_append_into_caller_batch_commits_with_the_data(raw_db: Any) -> None:
     assert AuditLog(raw_db, clock_ms=FakeClock(), prefix=b"audit/").verify() == 1
 
 
+def test_append_many_chains_like_single_appends(db: Any) -> None:
+    """``append_many`` writes its entries in one batch, chained exactly as one ``append``
+    each would; an invalid entry among them appends nothing."""
+    audit = AuditLog(db, clock_ms=FakeClock())
+    audit.append("client:alice", "retrieve", None, "ok")
+    entries = audit.append_many(
+        [("a@n", "store", f"ucxl://r/{i}", "ok") for i in range(5)] + [("b@n", "store", None, "x")]
+    )
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert [e.prev for e in entries[1:]] == [e.hash for e in entries[:-1]]
+    assert audit.tail(6) == entries
+    assert audit.verify() == 7
+    with pytest.raises(AuditError):
+        audit.append_many([("a@n", "store", None, "ok"), ("", "store", None, "ok")])
+    assert audit.verify() == 7
+    assert audit.append_many([]) == []
+    after = audit.append("client:alice", "retrieve", None, "ok")
+    assert (after.seq, after.prev) == (7, entries[-1].hash)
+    assert AuditLog(db, clock_ms=FakeClock()).verify() == 8
+
+
 def test_concurrent_appends_keep_one_chain(db: Any) -> None:
     """Appends from 8 threads get distinct seqs and form one valid chain."""
     audit = AuditLog(db, clock_ms=FakeClock())
