@@ -165,6 +165,29 @@ def test_the_drain_decrypts_once_and_never_checks_a_signature_again(
     assert (signature_checks.calls, decrypts.calls) == (3, 3)  # the drain's view is cached
 
 
+def test_a_cluster_get_after_the_drain_does_not_decrypt_again(
+    pair: tuple[ContextStore, ContextStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain caches its view under the digest of the stored bytes, the key a
+    coordinator's ``Replica.view`` of a merged set looks up."""
+    a, b = pair
+    replica = Replica(a)
+    older = _write(b, 1, "echidna zero")  # a version only b holds
+    data = _write(b, 1, "echidna")
+    replica.apply([data])
+    decrypts = _decrypts(a, monkeypatch)
+    a.index.drain()
+    assert decrypts.calls == 1
+    rows = [(row.version_id, row.data) for row in a.versions.versions(_ctx(1))]
+    view = replica.view(_ctx(1), rows, LATEST, as_role=BE, allowed_roles=None, where="t")
+    assert view.summary == "echidna"
+    assert decrypts.calls == 1
+    merged = sorted([*rows, (Envelope.decode(older).version_id, older)])
+    view = replica.view(_ctx(1), merged, LATEST, as_role=BE, allowed_roles=None, where="t")
+    assert (view.summary, view.version, decrypts.calls) == ("echidna", 2, 1)
+    assert a.retrieve(_address(1), as_role=BE).version == 1  # the local set's rank
+
+
 def test_a_restart_indexes_what_a_crash_left_queued(tmp_path: Path, clock: FakeClock) -> None:
     a, b = _open_pair(tmp_path, clock)
     Replica(a).apply([_write(b, 1, "bilby")])
