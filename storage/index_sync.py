@@ -18,6 +18,10 @@ Two ways in:
   ``close`` drain everything first, and a search drains first when the oldest queued
   write is older than ``refresh_interval_s``.
 
+Locks: the queue has its own lock, held for dict operations only; the index (and the
+watermark) has another, held across commits and searches. So ``begin``/``end`` on a
+replica's acknowledgement path never wait for an index commit (tens of ms) or a search.
+
 Consistency: LevelDB is the truth. A search sees a write at most ``refresh_interval_s``
 after it (plus the time to index the backlog, visible as ``lag_s``). After every commit
 the watermark records that every head updated at or before ``indexed_through_ms`` is
@@ -104,6 +108,12 @@ class IndexSync:
         self._kv = kv
         self._clock_ms = clock_ms
         self._refresh_ms = int(refresh_interval_s * 1000)
+        # two locks, always taken in this order when both are held: ``_index_lock`` guards
+        # the index, ``_pending_max_ms`` and the watermark (held across commits and
+        # searches, which take milliseconds); ``_lock`` guards the queue (held for set and
+        # dict operations only), so a replicated write's ``begin``/``end`` never waits
+        # for an index commit or a search
+        self._index_lock = threading.Lock()
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()  # one drain at a time
         self._queue = queue if queue is not None else IndexQueue()
@@ -157,9 +167,10 @@ class IndexSync:
                 taken += done
                 batches += 1
             if taken:
-                with self._lock:
+                with self._index_lock:
                     self._index.commit()
                     self._advance(self._pending_max_ms, clean=False)
+                with self._lock:  # a write that ended since is queued again: its row stays
                     released = self._queue.settle()
                 self._delete_rows(released)
             return taken
@@ -180,12 +191,12 @@ class IndexSync:
                 found.append((ctx, self._doc_of(ctx)))  # outside the lock: decrypts
             except NotYetIndexable:
                 deferred.append(key)
-        with self._lock:
-            for key in deferred:
-                self._queue.defer(key)
-            for ctx, doc in found:
-                if not self._queue.wanted(ctx.key()):
-                    continue  # removed (purged) since it was taken
+        with self._index_lock:  # held from the ``wanted`` check to the add: ``remove`` waits
+            with self._lock:
+                for key in deferred:
+                    self._queue.defer(key)
+                found = [(ctx, doc) for ctx, doc in found if self._queue.wanted(ctx.key())]
+            for ctx, doc in found:  # not removed (purged) since it was taken
                 if doc is None:
                     self._index.remove(ctx.canonical())
                 else:
@@ -254,14 +265,15 @@ class IndexSync:
 
     def add(self, ctx: ContextName, env: Envelope, fields: dict[str, Any]) -> None:
         """Index the new latest version of ``ctx`` (buffered)."""
-        with self._lock:
+        with self._index_lock:
             self._index.add(make_doc(ctx, env, fields))
             self._pending_max_ms = max(self._pending_max_ms, env.created_at_ms)
 
     def remove(self, ctx: ContextName) -> None:
         """Drop ``ctx`` from the index (buffered)."""
-        with self._lock:
-            self._queue.forget(ctx.key())
+        with self._index_lock:
+            with self._lock:
+                self._queue.forget(ctx.key())
             self._index.remove(ctx.canonical())
 
     def refresh_context(self, ctx: ContextName, head: Head | None) -> None:
@@ -278,7 +290,7 @@ class IndexSync:
 
     def maybe_commit(self) -> None:
         """Commit if the batching policy says so, and advance the watermark."""
-        with self._lock:
+        with self._index_lock:
             through = self._pending_max_ms
             if self._index.maybe_commit():
                 self._advance(through, clean=False)
@@ -286,7 +298,7 @@ class IndexSync:
     def commit(self) -> None:
         """Drain the queue, then commit now (a search then sees every write so far)."""
         self.drain()
-        with self._lock:
+        with self._index_lock:
             self._index.commit()
             self._advance(self._pending_max_ms, clean=False)
 
@@ -318,7 +330,7 @@ class IndexSync:
             until_ms=until_ms,
             limit=limit,
         )
-        with self._lock:
+        with self._index_lock:
             return self._index.search(query)
 
     # -- recovery -----------------------------------------------------------------------
@@ -339,7 +351,7 @@ class IndexSync:
 
     def rebuild(self, versions: VersionStore, progress: Progress | None = None) -> int:
         """Drop everything and index every live head."""
-        with self._lock:
+        with self._index_lock:
             self._index.clear()
         return self._reindex(versions, since_ms=None, progress=progress)
 
@@ -372,7 +384,7 @@ class IndexSync:
 
     def stats(self) -> dict[str, Any]:
         """Backend, committed documents, and the watermark."""
-        with self._lock:
+        with self._index_lock:
             return {
                 "backend": self._index.backend,
                 "documents": self._index.doc_count(),
@@ -385,7 +397,7 @@ class IndexSync:
             return
         while self.drain():  # nobody writes any more: until the queue is empty
             pass
-        with self._lock:
+        with self._index_lock:
             self._index.close()
             self._advance(self._pending_max_ms, clean=True)
             self._closed = True

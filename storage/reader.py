@@ -16,6 +16,7 @@ lookups and string compares). A digest is remembered only after its signature ve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -75,13 +76,18 @@ class VersionReader:
             CorruptRecord: it does not decode, verify, come from a trusted key, or sits
                 under another key.
         """
+        return self._stored(ctx, vid)[0]
+
+    def _stored(self, ctx: ContextName, vid: str) -> tuple[Envelope, bytes]:
+        """``envelope``, and the SHA-256 of the stored bytes (the view cache's variant)."""
         data = self.versions.version(ctx, vid)
         if data is None:
             raise NotFound(f"version {vid} of {ctx.canonical()} is gone", input=ctx.canonical())
-        env = self.checked(Envelope.decode(data), envelope_digest(data))
+        digest = envelope_digest(data)
+        env = self.checked(Envelope.decode(data), digest)
         if env.context != ctx.canonical() or env.version_id != vid:
             raise CorruptRecord(f"version {vid} is stored under the wrong key", field="envelope")
-        return env
+        return env, digest
 
     def checked(self, env: Envelope, digest: bytes) -> Envelope:
         """``env`` (decoded from bytes of SHA-256 ``digest``) once its signature verified
@@ -102,19 +108,21 @@ class VersionReader:
 
     def read_for_index(self, ctx: ContextName, head: Head) -> tuple[Envelope, dict[str, Any]]:
         """The latest version's envelope and decrypted fields, for the index: verified once,
-        decrypted once (the view is cached, so a get right after costs no decrypt).
+        decrypted once. The view is cached under the digest of the stored bytes (the
+        variant ``storage.replica.Replica.view`` looks up, so a cluster get right after
+        costs no decrypt; ``read`` finds it there too).
 
         Raises:
             StorageError: it cannot be read (gone, corrupt, no role held may read it).
         """
-        env = self.envelope(ctx, head.latest)
+        env, digest = self._stored(ctx, head.latest)
         if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
             raise NotFound(f"{ctx.canonical()} expired", input=ctx.canonical())
         role = self.reader_role(env, None)
-        view = self.cache.get(ctx.key(), head.latest, role)
+        view = self.cache.get(ctx.key(), head.latest, role, variant=digest)
         if view is None:
             view = self.decrypt_view(ctx, env, head.count, role)
-            self.cache.put(ctx.key(), head.latest, role, view)
+            self.cache.put(ctx.key(), head.latest, role, view, variant=digest)
         return env, view.fields
 
     def infos(
@@ -147,7 +155,7 @@ class VersionReader:
             # identity must still be held here (an identity forgotten since is not)
             if cached is not None and self.keyring.has_identity(as_role):
                 return cached
-        env = self.envelope(ctx, vid)
+        env, digest = self._stored(ctx, vid)
         if env.expires_at_ms is not None and env.expires_at_ms <= self._clock_ms():
             if head is not None:  # the latest expired: fall back to what remains
                 infos, _ = self.infos(ctx)
@@ -159,6 +167,13 @@ class VersionReader:
             cached = self.cache.get(key, vid, role)
             if cached is not None:
                 return cached
+        view = self.cache.get(key, vid, role, variant=digest)  # e.g. an index drain's
+        if view is not None:
+            if view.version != rank:  # cached with the rank of another (merged) set
+                address = ctx.address(Temporal("version", rank)).canonical()
+                view = dataclasses.replace(view, version=rank, address=address)
+            self.cache.put(key, vid, role, view)  # the fast path next time
+            return view
         view = self.decrypt_view(ctx, env, rank, role)
         self.cache.put(key, vid, role, view)
         return view

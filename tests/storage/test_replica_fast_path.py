@@ -5,6 +5,7 @@ durable stale rows, verify once per envelope digest, and cache decrypted views b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -164,6 +165,29 @@ def test_the_drain_decrypts_once_and_never_checks_a_signature_again(
     assert (signature_checks.calls, decrypts.calls) == (3, 3)  # the drain's view is cached
 
 
+def test_a_cluster_get_after_the_drain_does_not_decrypt_again(
+    pair: tuple[ContextStore, ContextStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain caches its view under the digest of the stored bytes, the key a
+    coordinator's ``Replica.view`` of a merged set looks up."""
+    a, b = pair
+    replica = Replica(a)
+    older = _write(b, 1, "echidna zero")  # a version only b holds
+    data = _write(b, 1, "echidna")
+    replica.apply([data])
+    decrypts = _decrypts(a, monkeypatch)
+    a.index.drain()
+    assert decrypts.calls == 1
+    rows = [(row.version_id, row.data) for row in a.versions.versions(_ctx(1))]
+    view = replica.view(_ctx(1), rows, LATEST, as_role=BE, allowed_roles=None, where="t")
+    assert view.summary == "echidna"
+    assert decrypts.calls == 1
+    merged = sorted([*rows, (Envelope.decode(older).version_id, older)])
+    view = replica.view(_ctx(1), merged, LATEST, as_role=BE, allowed_roles=None, where="t")
+    assert (view.summary, view.version, decrypts.calls) == ("echidna", 2, 1)
+    assert a.retrieve(_address(1), as_role=BE).version == 1  # the local set's rank
+
+
 def test_a_restart_indexes_what_a_crash_left_queued(tmp_path: Path, clock: FakeClock) -> None:
     a, b = _open_pair(tmp_path, clock)
     Replica(a).apply([_write(b, 1, "bilby")])
@@ -196,6 +220,47 @@ def test_a_context_purged_while_queued_is_not_indexed(
     a.index.drain()
     assert _found(a, "numbat") == []
     assert a.index.lag()["pending"] == 0
+
+
+def test_a_replicated_write_does_not_wait_for_an_index_commit(
+    pair: tuple[ContextStore, ContextStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write is stored and queued while a drain's index commit is still running (the
+    queue has its own lock); the next drain indexes it."""
+    a, b = pair
+    replica = Replica(a)
+    replica.apply([_write(b, 1, "wombat one")])
+    first, second = _write(b, 2, "wombat two"), _write(b, 3, "wombat three")
+    index = a.index._index  # the backend under IndexSync
+    entered, release = threading.Event(), threading.Event()
+    commit = index.commit
+
+    def blocked_commit() -> None:
+        entered.set()
+        release.wait()
+        commit()
+
+    monkeypatch.setattr(index, "commit", blocked_commit)
+    drain = threading.Thread(target=a.index.drain)
+    drain.start()
+    stored: list[list[bool | None]] = []
+    try:
+        assert entered.wait(timeout=60)  # a guard against a hang, not a timing
+        writer = threading.Thread(target=lambda: stored.append(replica.apply([first])[0]))
+        writer.start()
+        writer.join(timeout=60)  # with one lock for queue and index, it would wait here
+        done_while_committing = not writer.is_alive()
+    finally:
+        release.set()
+        drain.join()
+    assert done_while_committing
+    stored.append(replica.apply([second])[0])
+    assert stored == [[True], [True]]
+    monkeypatch.setattr(index, "commit", commit)
+    assert a.index.lag()["pending"] == 2
+    a.index.drain()
+    assert sorted(_found(a, "wombat")) == sorted(_ctx(i).canonical() for i in (1, 2, 3))
+    assert _stale_rows(a) == []
 
 
 def test_commit_and_close_drain_everything(tmp_path: Path, clock: FakeClock) -> None:
