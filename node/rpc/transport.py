@@ -520,12 +520,41 @@ class RpcServer:
             slots.release()
 
 
-@dataclass
 class _Call:
-    """One call waiting for its answer: a response body or the error to raise."""
+    """One call waiting for its answer: a response body or the error to raise.
 
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    outcome: dict[str, Any] | Exception | None = None
+    The caller parks itself (``wait``) and the reply reader wakes it (``settle``): the
+    plain ``trio.lowlevel`` pair that ``trio.Event`` is built on, without a parking lot.
+    """
+
+    __slots__ = ("done", "outcome", "task")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.outcome: dict[str, Any] | Exception | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller, while parked
+
+    def settle(self, outcome: dict[str, Any] | Exception) -> None:
+        """Record the answer and wake the caller if it waits (once; later calls do nothing)."""
+        if self.done:
+            return
+        self.done, self.outcome = True, outcome
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Until ``settle``; cancellable (then the answer, if it comes, is dropped)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class RpcClient:
@@ -581,9 +610,9 @@ class RpcClient:
         frame = encode(request, max_frame_bytes=self._max_frame_bytes)
         pending = self._calls[request_id] = _Call()
         try:
-            with trio.move_on_after(timeout_s):
+            with trio.CancelScope(deadline=trio.current_time() + timeout_s):
                 await self._framed.send(frame)
-                await pending.done.wait()
+                await pending.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self._closed:
                 raise trio.ClosedResourceError("this client is closed") from None
@@ -607,9 +636,8 @@ class RpcClient:
 
     def _fail(self, error: Callable[[], Exception]) -> None:
         for pending in self._calls.values():
-            if not pending.done.is_set():
-                pending.outcome = error()
-                pending.done.set()
+            if not pending.done:
+                pending.settle(error())
 
     def _lost(self, why: str) -> Callable[[], NodeError]:
         return lambda: PeerUnavailable(f"connection to {self.peer.name} lost: {why}")
@@ -624,12 +652,9 @@ class RpcClient:
                     failure = reply.to_exception
                     break
                 pending = self._calls.get(reply.id) if reply.id is not None else None
-                if pending is None or pending.done.is_set():
+                if pending is None or pending.done:
                     continue  # a late answer to a call that timed out
-                pending.outcome = (
-                    reply.body if isinstance(reply, Response) else reply.to_exception()
-                )
-                pending.done.set()
+                pending.settle(reply.body if isinstance(reply, Response) else reply.to_exception())
             else:
                 failure = self._lost("closed by the server")
         except ProtocolError as exc:
