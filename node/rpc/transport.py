@@ -8,9 +8,10 @@ shares: ``Peer``, ``Handler``, ``ServerStatistics`` and ``answer``.
 Connection lifecycle (server side), all within ``handshake_timeout_s`` of the accept:
 TLS handshake with the ``crypto.tls`` server context (TLS 1.3, client certificate from the
 cluster CA required, CRL checked; the context is rebuilt when ``ca.crl`` changes on disk),
-then the ``wire.Handshake`` (hello → welcome). Then requests run concurrently in the
-connection's nursery (at most ``max_concurrent_per_conn``; beyond that the server stops
-reading, which pushes back on the client), each under ``move_on_after(deadline)``.
+then the ``wire.Handshake`` (hello → welcome). Then requests run concurrently on worker
+tasks in the connection's nursery (at most ``max_concurrent_per_conn``; beyond that the
+server stops reading, which pushes back on the client), each under its deadline (see
+``_Requests``).
 
 Faults stay local: a TLS failure, a handshake timeout, a malformed or oversized frame closes
 that one connection (after a best-effort ``error`` frame when TLS is up) and bumps a counter
@@ -21,7 +22,8 @@ Must not know: what methods mean, storage, membership. Invariants: frames on one
 are sent whole and in order (one send at a time per connection; frames that arrive during a
 send queue and go out together after it, see ``FramedStream``; a send is shielded from
 cancellation because a cancelled ``SSLStream.send_all`` breaks the stream, and bounded by
-``send_timeout_s`` instead); no task outlives the service or client that started it.
+``send_timeout_s`` instead; a server's answers are exposed only to their connection's own
+teardown); no task outlives the service or client that started it.
 """
 
 from __future__ import annotations
@@ -181,17 +183,22 @@ async def answer(
             return encode(Response(request.id, body), max_frame_bytes=max_frame_bytes)
         stats.deadline_exceeded += 1
         reply = Error(request.id, UNAVAILABLE_CODE, DEADLINE_EXCEEDED, None)
-    except (StorageError, RemoteError) as exc:
-        reply = _error(request.id, exc.code, exc.message, exc.field)
-    except PeerUnavailable as exc:
-        reply = Error(request.id, UNAVAILABLE_CODE, str(exc), None)
-    except FrameTooLarge:
-        reply = Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
-    except Exception:
-        logger.exception("handler failed on %r from %s", request.method, peer.name)
-        reply = Error(request.id, INTERNAL_CODE, "internal error", None)
+    except Exception as exc:
+        reply = _error_reply(request, peer, exc)
     stats.errors += 1
     return encode(reply, max_frame_bytes=max_frame_bytes)
+
+
+def _error_reply(request: Request, peer: Peer, exc: Exception) -> Error:
+    """The error answer for a handler's exception (call it in the ``except`` block)."""
+    if isinstance(exc, StorageError | RemoteError):
+        return _error(request.id, exc.code, exc.message, exc.field)
+    if isinstance(exc, PeerUnavailable):
+        return Error(request.id, UNAVAILABLE_CODE, str(exc), None)
+    if isinstance(exc, FrameTooLarge):
+        return Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
+    logger.exception("handler failed on %r from %s", request.method, peer.name)
+    return Error(request.id, INTERNAL_CODE, "internal error", None)
 
 
 class _Batch:
@@ -224,7 +231,9 @@ class FramedStream:
         self._queued: _Batch | None = None  # frames waiting for the send in progress
         self._send_error: type[trio.BrokenResourceError | trio.ClosedResourceError] | None = None
 
-    async def send(self, frame: bytes, *, timeout_s: float | None = None) -> None:
+    async def send(
+        self, frame: bytes, *, timeout_s: float | None = None, scoped: bool = True
+    ) -> None:
         """Send one frame whole; waiting for our turn is cancellable, the send is not.
 
         A frame queued behind a send in progress is withdrawn if its caller is cancelled
@@ -239,7 +248,7 @@ class FramedStream:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._busy:
             self._busy = True
-            await self._send_now(frame, timeout_s)
+            await self._send_now(frame, timeout_s, scoped=scoped)
             return
         batch = self._queued
         if batch is None:
@@ -255,20 +264,38 @@ class FramedStream:
             elif not batch.claimed:  # its turn came as we were cancelled: send the rest
                 batch.claimed = True
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_now(b"".join(batch.frames), timeout_s)
+                    await self._send_now(b"".join(batch.frames), timeout_s, scoped=True)
             raise
         if not batch.claimed:
             batch.claimed = True
-            await self._send_now(b"".join(batch.frames), timeout_s)
+            await self._send_now(b"".join(batch.frames), timeout_s, scoped=scoped)
         elif self._send_error is not None:
             raise self._send_error("the connection failed while this frame was queued")
 
-    async def _send_now(self, data: bytes, timeout_s: float | None) -> None:
+    async def send_in_scope(self, frame: bytes) -> None:
+        """``send`` without a cancel scope of its own, for a caller whose scope bounds it.
+
+        For a task that nothing but the connection's own teardown (and that scope's
+        deadline) cancels: a scope costs as much as the rest of a small send. When the
+        send is cut, the stream is closed (a partly sent frame cannot be taken back) and
+        ``Cancelled`` propagates; a frame still queued is withdrawn instead.
+        """
+        await self.send(frame, scoped=False)
+
+    async def _send_now(self, data: bytes, timeout_s: float | None, *, scoped: bool) -> None:
         """Send ``data`` (``_busy`` is set), then hand the turn to the queued batch."""
         try:
             if self._send_error is not None:
                 raise self._send_error("the connection failed while this frame was queued")
             if not data:
+                return
+            if not scoped:
+                try:
+                    await self.stream.send_all(data)
+                except trio.Cancelled:
+                    self._send_error = trio.BrokenResourceError
+                    await trio.aclose_forcefully(self.stream)
+                    raise
                 return
             deadline = trio.current_time() + (timeout_s or self._send_timeout_s)
             with trio.CancelScope(shield=True, deadline=deadline) as scope:
@@ -477,21 +504,15 @@ class RpcServer:
             await framed.send(encode(connection_error(exc)), timeout_s=REFUSAL_SEND_TIMEOUT_S)
 
     async def _serve_requests(self, framed: FramedStream, peer: Peer, handshake: Handshake) -> bool:
-        slots = trio.Semaphore(self._max_concurrent)
-        in_flight: set[int] = set()
         graceful = False
         async with trio.open_nursery() as nursery:
+            requests = _Requests(self, framed, peer, nursery)
             try:
                 while (msg := await framed.receive()) is not None:
                     request = handshake.expect_request(msg)
-                    if request.id in in_flight:
+                    if request.id in requests.in_flight:
                         raise ProtocolError(f"request id {request.id} is already in flight")
-                    try:
-                        slots.acquire_nowait()  # a free slot: no yield (one fewer per call)
-                    except trio.WouldBlock:
-                        await slots.acquire()  # backpressure: stop reading until one frees
-                    in_flight.add(request.id)
-                    nursery.start_soon(self._run_request, framed, peer, request, slots, in_flight)
+                    await requests.start(request)
                 graceful = True
             except ProtocolError as exc:
                 await self._refuse(framed, exc)
@@ -500,24 +521,141 @@ class RpcServer:
             nursery.cancel_scope.cancel()
         return graceful
 
-    async def _run_request(
-        self,
-        framed: FramedStream,
-        peer: Peer,
-        request: Request,
-        slots: trio.Semaphore,
-        in_flight: set[int],
+
+class _Requests:
+    """The requests of one connection, run by a pool of worker tasks in its nursery.
+
+    At most ``max_concurrent_per_conn`` run at once; beyond that ``start`` waits (the
+    reader stops reading: backpressure). A worker that finished parks until the next
+    request instead of exiting, and keeps one cancel scope across the requests it runs,
+    moving its deadline (the request's, then ``send_timeout_s`` for the answer's send,
+    then none while idle) instead of entering new scopes: on a small call a task spawn and
+    two cancel scopes cost more than the rest of the server's work. A scope that fired
+    is replaced. Workers are cancelled with the connection; the answer's send is not
+    shielded from that (the connection is closing, a cut frame cannot matter), only
+    bounded, and a send cut by its bound closes the connection, as ``FramedStream.send``
+    does. The answers are those of ``answer``.
+    """
+
+    def __init__(
+        self, server: RpcServer, framed: FramedStream, peer: Peer, nursery: trio.Nursery
     ) -> None:
+        """One connection's requests: answered by ``server``'s handler over ``framed``."""
+        self.in_flight: set[int] = set()
+        self._server = server
+        self._framed = framed
+        self._peer = peer
+        self._nursery = nursery
+        self._limit = server._max_concurrent
+        self._running = 0
+        self._idle: list[_Worker] = []
+        self._reader: trio.lowlevel.Task | None = None  # parked in start(), at the limit
+
+    async def start(self, request: Request) -> None:
+        """Run ``request`` on an idle worker or a new one; first wait below the limit."""
+        if self._running >= self._limit:
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_reader)
+        self._running += 1
+        self.in_flight.add(request.id)
+        if self._idle:
+            worker = self._idle.pop()
+            worker.request = request
+            trio.lowlevel.reschedule(worker.task)
+        else:
+            self._nursery.start_soon(self._work, request)
+
+    def _abort_reader(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _finished(self, request: Request) -> None:
+        self.in_flight.discard(request.id)
+        self._running -= 1
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            trio.lowlevel.reschedule(reader)
+
+    async def _next(self, worker: _Worker) -> Request:
+        """Park ``worker`` until ``start`` hands it a request."""
+        worker.request = None
+        self._idle.append(worker)
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._idle.remove(worker)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert worker.request is not None
+        return worker.request
+
+    async def _work(self, request: Request) -> None:
+        worker = _Worker(trio.lowlevel.current_task())
+        while True:
+            late: bytes | None = None
+            with trio.CancelScope() as scope:
+                while True:
+                    late = await self._answer(scope, worker, request)
+                    if late is not None:
+                        break  # answer it outside this scope, which fired
+                    self._finished(request)
+                    request = await self._next(worker)
+            try:
+                if late is not None:
+                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._framed.send(late)
+                elif not worker.sending:  # the handler outlived the request's deadline
+                    stats = self._server._stats
+                    stats.deadline_exceeded += 1
+                    stats.errors += 1
+                    reply = Error(request.id, UNAVAILABLE_CODE, DEADLINE_EXCEEDED, None)
+                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._framed.send(self._encode(reply))
+                # else: the bound of the answer's send fired (sent: the connection is closed)
+            finally:
+                worker.sending = False
+            self._finished(request)
+            request = await self._next(worker)
+
+    def _encode(self, reply: Error) -> bytes:
+        return encode(reply, max_frame_bytes=self._server._max_frame_bytes)
+
+    async def _answer(
+        self, scope: trio.CancelScope, worker: _Worker, request: Request
+    ) -> bytes | None:
+        """Answer ``request`` within ``scope``; the answer to send outside it if the scope
+        fired after the handler's last yield (it returned in time, so it is answered)."""
+        server = self._server
+        stats = server._stats
+        stats.requests += 1
+        scope.deadline = trio.current_time() + request.deadline_ms / 1000
         try:
-            frame = await answer(
-                self._handler, peer, request, self._stats, max_frame_bytes=self._max_frame_bytes
-            )
-            await framed.send(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the connection is gone; the reading loop sees it too
-        finally:
-            in_flight.discard(request.id)
-            slots.release()
+            body = await server._handler(self._peer, request.method, request.body)
+            frame = encode(Response(request.id, body), max_frame_bytes=server._max_frame_bytes)
+        except Exception as exc:
+            stats.errors += 1
+            frame = self._encode(_error_reply(request, self._peer, exc))
+        if scope.cancel_called:
+            return frame
+        scope.deadline = trio.current_time() + server._send_timeout_s
+        worker.sending = True
+        # A broken connection: the reading loop sees it too.
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._framed.send_in_scope(frame)
+        worker.sending = False
+        scope.deadline = math.inf
+        return None
+
+
+class _Worker:
+    """A task of ``_Requests``: the request it was handed, whether it is sending the answer."""
+
+    __slots__ = ("request", "sending", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.request: Request | None = None
+        self.sending = False
 
 
 class _Call:
