@@ -231,9 +231,12 @@ class FramedStream:
         self._queued: _Batch | None = None  # frames waiting for the send in progress
         self._send_error: type[trio.BrokenResourceError | trio.ClosedResourceError] | None = None
 
-    async def send(
-        self, frame: bytes, *, timeout_s: float | None = None, scoped: bool = True
-    ) -> None:
+    @property
+    def send_timeout_s(self) -> float:
+        """The bound on one send."""
+        return self._send_timeout_s
+
+    async def send(self, frame: bytes, *, timeout_s: float | None = None) -> None:
         """Send one frame whole; waiting for our turn is cancellable, the send is not.
 
         A frame queued behind a send in progress is withdrawn if its caller is cancelled
@@ -245,10 +248,30 @@ class FramedStream:
                 then closed: a partly sent frame cannot be taken back).
             trio.ClosedResourceError: We closed the stream.
         """
+        await self._send(frame, timeout_s, None)
+
+    @property
+    def idle(self) -> bool:
+        """Whether a send now would go out at once (no send in progress to queue behind)."""
+        return not self._busy
+
+    async def send_in_scope(self, frame: bytes, scope: trio.CancelScope) -> None:
+        """``send`` without a cancel scope of its own: the caller's ``scope`` (the innermost,
+        already entered) bounds the send with its deadline, and shields it if it must be.
+
+        A scope costs as much as the rest of a small send. When the send is cut, the stream
+        is closed (a partly sent frame cannot be taken back) and ``Cancelled`` propagates;
+        a frame still queued is withdrawn instead. Raises as ``send``.
+        """
+        await self._send(frame, None, scope)
+
+    async def _send(
+        self, frame: bytes, timeout_s: float | None, scope: trio.CancelScope | None
+    ) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._busy:
             self._busy = True
-            await self._send_now(frame, timeout_s, scoped=scoped)
+            await self._send_now(frame, timeout_s, scoped=scope is None)
             return
         batch = self._queued
         if batch is None:
@@ -268,19 +291,17 @@ class FramedStream:
             raise
         if not batch.claimed:
             batch.claimed = True
+            # A scope already cancelled (woken just as its deadline passed) cannot bound
+            # the send: it would cut it at its first checkpoint. Send under our own.
+            scoped = scope is None or scope.cancel_called
             await self._send_now(b"".join(batch.frames), timeout_s, scoped=scoped)
         elif self._send_error is not None:
             raise self._send_error("the connection failed while this frame was queued")
 
-    async def send_in_scope(self, frame: bytes) -> None:
-        """``send`` without a cancel scope of its own, for a caller whose scope bounds it.
-
-        For a task that nothing but the connection's own teardown (and that scope's
-        deadline) cancels: a scope costs as much as the rest of a small send. When the
-        send is cut, the stream is closed (a partly sent frame cannot be taken back) and
-        ``Cancelled`` propagates; a frame still queued is withdrawn instead.
-        """
-        await self.send(frame, scoped=False)
+    @property
+    def send_failed(self) -> bool:
+        """Whether a send failed (the stream is then unusable for sending)."""
+        return self._send_error is not None
 
     async def _send_now(self, data: bytes, timeout_s: float | None, *, scoped: bool) -> None:
         """Send ``data`` (``_busy`` is set), then hand the turn to the queued batch."""
@@ -641,7 +662,7 @@ class _Requests:
         worker.sending = True
         # A broken connection: the reading loop sees it too.
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._framed.send_in_scope(frame)
+            await self._framed.send_in_scope(frame, scope)
         worker.sending = False
         scope.deadline = math.inf
         return None
@@ -746,17 +767,34 @@ class RpcClient:
         deadline_ms = max(0, math.ceil(budget_s * 1000))
         request = Request(request_id, method, deadline_ms, body)
         frame = encode(request, max_frame_bytes=self._max_frame_bytes)
+        await trio.lowlevel.checkpoint_if_cancelled()  # the scope below shields the send
         pending = self._calls[request_id] = _Call()
+        now = trio.current_time()
+        call_deadline = now + timeout_s
         try:
-            with trio.CancelScope(deadline=trio.current_time() + timeout_s):
-                await self._framed.send(frame)
-                await pending.wait()
+            if self._framed.idle:
+                # The frame goes out at once (no yield before it does): one scope for the
+                # call, shielded and bounded by the send's bound while the frame goes out
+                # (a cut frame would break the connection for every call on it), then
+                # unshielded with the call's own deadline while the answer comes.
+                send_bound = now + self._framed.send_timeout_s
+                with trio.CancelScope(shield=True, deadline=send_bound) as scope:
+                    await self._framed.send_in_scope(frame, scope)
+                    scope.shield = False
+                    scope.deadline = call_deadline
+                    await pending.wait()
+            else:  # it queues: its wait in the queue ends with the call's deadline
+                with trio.CancelScope(deadline=call_deadline):
+                    await self._framed.send(frame)
+                    await pending.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self._closed:
                 raise trio.ClosedResourceError("this client is closed") from None
             raise PeerUnavailable(f"connection to {self.peer.name} lost") from exc
         finally:
             del self._calls[request_id]
+        if pending.outcome is None and self._framed.send_failed:
+            raise PeerUnavailable(f"connection to {self.peer.name} lost: a send timed out")
         if pending.outcome is None:
             raise CallTimedOut(f"{method}: no answer from {self.peer.name} in {timeout_s} s")
         if isinstance(pending.outcome, Exception):

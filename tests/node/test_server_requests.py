@@ -1,7 +1,9 @@
-"""The server's request workers (``RpcServer`` over an in-memory stream, trio's mock clock):
-a worker's cancel scope outlives a request that exceeded its deadline, an answer that
-returned in time is sent even when the deadline passed after the handler's last yield, and
-an answer the peer never reads closes the connection after ``send_timeout_s``."""
+"""Deadlines and send bounds over an in-memory stream with trio's mock clock: the server's
+request workers (a worker's cancel scope outlives a request that exceeded its deadline; an
+answer that returned in time is sent even when the deadline passed after the handler's
+last yield; an answer the peer never reads closes the connection after
+``send_timeout_s``), and the client's calls (a stuck send fails its call, a call queued
+behind it times out on its own)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from node.rpc.transport import FramedStream, Peer, RpcServer
+from node.errors import PeerUnavailable
+from node.rpc.transport import FramedStream, Peer, RpcClient, RpcServer
 from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
@@ -19,6 +22,7 @@ from node.rpc.wire import (
     Message,
     Request,
     Response,
+    Welcome,
     encode,
 )
 from tests.node.conftest import Pki
@@ -112,3 +116,33 @@ async def test_an_answer_the_peer_never_reads_closes_the_connection(
     assert outcome == [False]
     assert trio.current_time() - started >= 5.0
     assert server.statistics().requests == 1
+
+
+async def test_a_call_whose_send_is_stuck_fails_and_one_queued_behind_it_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The peer never reads: the first call's frame (sent at once, shielded, bounded by
+    send_timeout_s) is cut at 5 s and the call says the connection is lost; a call queued
+    behind it gives up at its own 1 s timeout; a later call fails at once."""
+    left, _peer_side = trio.testing.lockstep_stream_pair()  # never read
+    handshake = Handshake.client()
+    handshake.start()
+    handshake.receive(Welcome(protocol=1, node="node-a"))
+    client = RpcClient(_framed(left), handshake, PEER, MAX_FRAME_BYTES)
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    async def call(name: str, timeout_s: float) -> None:
+        try:
+            await client.call("x", {"pad": b"x" * 1000}, timeout_s=timeout_s)
+        except PeerUnavailable as exc:
+            outcomes[name] = (type(exc).__name__, trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "first", 60.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "queued", 1.0)
+    assert outcomes["queued"] == ("CallTimedOut", 1.0)
+    assert outcomes["first"][0] == "PeerUnavailable"
+    assert outcomes["first"][1] >= 5.0
+    await call("later", 60.0)  # the connection is closed: fails at once
+    assert outcomes["later"] == ("PeerUnavailable", outcomes["first"][1])
