@@ -28,6 +28,7 @@ teardown); no task outlives the service or client that started it.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import itertools
 import logging
@@ -582,6 +583,9 @@ class _Requests:
         if self._idle:
             worker = self._idle.pop()
             worker.request = request
+            # A fresh copy of our context, as start_soon gives a new task: what a handler
+            # sets in a context variable stays with its own request.
+            worker.task.context = contextvars.copy_context()
             trio.lowlevel.reschedule(worker.task)
         else:
             self._nursery.start_soon(self._work, request)

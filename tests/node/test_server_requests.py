@@ -3,10 +3,11 @@ request workers (a worker's cancel scope outlives a request that exceeded its de
 answer that returned in time is sent even when the deadline passed after the handler's
 last yield; an answer the peer never reads closes the connection after
 ``send_timeout_s``), and the client's calls (a stuck send fails its call, a call queued
-behind it times out on its own)."""
+behind it times out on its own); context variables stay with their request."""
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import trio
@@ -28,6 +29,7 @@ from node.rpc.wire import (
 from tests.node.conftest import Pki
 
 PEER = Peer(name="node-b", kind="node", roles=(), fingerprint="00")
+MARK: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="unset")
 
 
 def _framed(stream: trio.abc.Stream) -> FramedStream:
@@ -146,3 +148,26 @@ async def test_a_call_whose_send_is_stuck_fails_and_one_queued_behind_it_times_o
     assert outcomes["first"][1] >= 5.0
     await call("later", 60.0)  # the connection is closed: fails at once
     assert outcomes["later"] == ("PeerUnavailable", outcomes["first"][1])
+
+
+async def test_a_context_variable_a_handler_sets_stays_with_its_request(
+    pki: Pki, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Requests on one connection reuse worker tasks, yet each starts from the
+    connection's context, as a task of its own would."""
+    seen: list[str] = []
+
+    async def handler(peer: Peer, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(MARK.get())
+        MARK.set(method)
+        return {}
+
+    server = RpcServer(handler, pki.files("node-a"))
+    left, right = trio.testing.memory_stream_pair()
+    client = _framed(right)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._serve_requests, _framed(left), PEER, _established())
+        for request_id, method in enumerate(["first", "second", "third"], start=1):
+            assert await _call(client, request_id, method, 1000) == Response(request_id, {})
+        await right.aclose()
+    assert seen == ["unset", "unset", "unset"]
