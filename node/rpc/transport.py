@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import enum
 import itertools
 import logging
 import math
@@ -550,8 +551,8 @@ class _Requests:
     At most ``max_concurrent_per_conn`` run at once; beyond that ``start`` waits (the
     reader stops reading: backpressure). A worker that finished parks until the next
     request instead of exiting, and keeps one cancel scope across the requests it runs,
-    moving its deadline (the request's, then ``send_timeout_s`` for the answer's send,
-    then none while idle) instead of entering new scopes: on a small call a task spawn and
+    moving its deadline (the request's, then ``send_timeout_s`` for the answer's send)
+    instead of entering new scopes: on a small call a task spawn and
     two cancel scopes cost more than the rest of the server's work. A scope that fired
     is replaced. Workers are cancelled with the connection; the answer's send is not
     shielded from that (the connection is closing, a cut frame cannot matter), only
@@ -614,22 +615,30 @@ class _Requests:
         assert worker.request is not None
         return worker.request
 
-    async def _work(self, request: Request) -> None:
+    async def _work(self, first: Request) -> None:
         worker = _Worker(trio.lowlevel.current_task())
+        request: Request | None = first
         while True:
             late: bytes | None = None
             with trio.CancelScope() as scope:
                 while True:
+                    if request is None:
+                        request = await self._next(worker)
+                        if scope.cancel_called:  # the last send's bound, as we woke
+                            break
                     late = await self._answer(scope, worker, request)
                     if late is not None:
                         break  # answer it outside this scope, which fired
                     self._finished(request)
-                    request = await self._next(worker)
+                    request = None
+            if worker.phase is _Phase.IDLE:
+                continue  # the last send's bound fired while idle: a fresh scope
+            assert request is not None
             try:
                 if late is not None:
                     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self._framed.send(late)
-                elif not worker.sending:  # the handler outlived the request's deadline
+                elif worker.phase is _Phase.HANDLER:  # it outlived the request's deadline
                     stats = self._server._stats
                     stats.deadline_exceeded += 1
                     stats.errors += 1
@@ -638,9 +647,9 @@ class _Requests:
                         await self._framed.send(self._encode(reply))
                 # else: the bound of the answer's send fired (sent: the connection is closed)
             finally:
-                worker.sending = False
+                worker.phase = _Phase.IDLE
             self._finished(request)
-            request = await self._next(worker)
+            request = None
 
     def _encode(self, reply: Error) -> bytes:
         return encode(reply, max_frame_bytes=self._server._max_frame_bytes)
@@ -649,10 +658,16 @@ class _Requests:
         self, scope: trio.CancelScope, worker: _Worker, request: Request
     ) -> bytes | None:
         """Answer ``request`` within ``scope``; the answer to send outside it if the scope
-        fired after the handler's last yield (it returned in time, so it is answered)."""
+        fired after the handler's last yield (it returned in time, so it is answered).
+
+        The scope's deadline is left at the send's bound afterwards (moving it costs as
+        much as a good part of a small call): if it fires while the worker is idle, the
+        worker just takes a fresh scope.
+        """
         server = self._server
         stats = server._stats
         stats.requests += 1
+        worker.phase = _Phase.HANDLER
         scope.deadline = trio.current_time() + request.deadline_ms / 1000
         try:
             body = await server._handler(self._peer, request.method, request.body)
@@ -663,24 +678,31 @@ class _Requests:
         if scope.cancel_called:
             return frame
         scope.deadline = trio.current_time() + server._send_timeout_s
-        worker.sending = True
+        worker.phase = _Phase.SENDING
         # A broken connection: the reading loop sees it too.
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._framed.send_in_scope(frame, scope)
-        worker.sending = False
-        scope.deadline = math.inf
+        worker.phase = _Phase.IDLE
         return None
 
 
-class _Worker:
-    """A task of ``_Requests``: the request it was handed, whether it is sending the answer."""
+class _Phase(enum.Enum):
+    """Where a worker is: what its cancel scope's deadline bounds."""
 
-    __slots__ = ("request", "sending", "task")
+    IDLE = "idle"  # parked, or between requests (a stale bound may fire: harmless)
+    HANDLER = "handler"  # the request's deadline
+    SENDING = "sending"  # the answer's send bound
+
+
+class _Worker:
+    """A task of ``_Requests``: the request it was handed, and its phase."""
+
+    __slots__ = ("phase", "request", "task")
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task = task
         self.request: Request | None = None
-        self.sending = False
+        self.phase = _Phase.IDLE
 
 
 class _Call:

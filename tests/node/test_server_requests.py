@@ -52,9 +52,9 @@ async def _call(client: FramedStream, request_id: int, method: str, deadline_ms:
 async def test_a_worker_answers_after_a_request_that_outlived_its_deadline(
     pki: Pki, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """slow (deadline exceeded), then fast and late on the same connection: every request
-    is answered, the late one (deadline passed after its handler's last yield) with its
-    response, and the counters say so."""
+    """slow (deadline exceeded), then fast and late on the same connection, then fast after
+    a minute idle: every request is answered, the late one (deadline passed after its
+    handler's last yield) with its response, and the counters say so."""
 
     helpers: list[trio.Nursery] = []
 
@@ -82,16 +82,19 @@ async def test_a_worker_answers_after_a_request_that_outlived_its_deadline(
         fast = await _call(client, 2, "fast", 50)
         late = await _call(client, 3, "late", 50)
         again = await _call(client, 4, "fast", 50)
+        await trio.sleep(60)  # idle past the last send's bound (10 s): the worker stays
+        after_idle = await _call(client, 5, "fast", 50)
         await right.aclose()
     assert isinstance(slow, Error)
     assert slow.message == "deadline exceeded"
-    assert (fast, late, again) == (
+    assert (fast, late, again, after_idle) == (
         Response(2, {"method": "fast"}),
         Response(3, {"method": "late"}),
         Response(4, {"method": "fast"}),
+        Response(5, {"method": "fast"}),
     )
     stats = server.statistics()
-    assert (stats.requests, stats.errors, stats.deadline_exceeded) == (4, 1, 1)
+    assert (stats.requests, stats.errors, stats.deadline_exceeded) == (5, 1, 1)
 
 
 async def test_an_answer_the_peer_never_reads_closes_the_connection(
