@@ -265,7 +265,11 @@ class FramedStream:
         is closed (a partly sent frame cannot be taken back) and ``Cancelled`` propagates;
         a frame still queued is withdrawn instead. Raises as ``send``.
         """
-        await self._send(frame, None, scope)
+        if not self._busy:  # the usual case, inline: one coroutine layer less per send
+            self._busy = True
+            await self._send_now(frame, None, scoped=False)
+        else:
+            await self._send(frame, None, scope)
 
     async def _send(
         self, frame: bytes, timeout_s: float | None, scope: trio.CancelScope | None
