@@ -196,6 +196,8 @@ def _start_server(kind: str, ca_dir: Path) -> tuple[subprocess.Popen[str], int]:
     line = proc.stdout.readline()
     if not line.strip():
         proc.kill()
+        proc.wait()
+        proc.stdout.close()
         raise RuntimeError(f"the {kind} server did not start")
     return proc, int(line)
 
@@ -212,8 +214,10 @@ def run_bench(calls: int, rounds: int) -> dict[tuple[str, int], list[Pass]]:
     results: dict[tuple[str, int], list[Pass]] = {(k, n): [] for k in KINDS for n in IN_FLIGHT}
     with tempfile.TemporaryDirectory(prefix="slurp-bench-rpc-") as tmp:
         ca_dir = _make_ca(Path(tmp))
-        servers = {kind: _start_server(kind, ca_dir) for kind in KINDS}
+        servers: dict[str, tuple[subprocess.Popen[str], int]] = {}
         try:
+            for kind in KINDS:
+                servers[kind] = _start_server(kind, ca_dir)
             for _ in range(rounds):
                 for in_flight in IN_FLIGHT:
                     for kind in KINDS:
@@ -225,6 +229,8 @@ def run_bench(calls: int, rounds: int) -> dict[tuple[str, int], list[Pass]]:
             for proc, _ in servers.values():
                 proc.kill()
                 proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
     return results
 
 
