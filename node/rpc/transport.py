@@ -20,7 +20,7 @@ can stop the server.
 
 Must not know: what methods mean, storage, membership. Invariants: frames on one connection
 are sent whole and in order (one send at a time per connection; frames that arrive during a
-send queue and go out together after it, see ``FramedStream``; a send is shielded from
+send queue and go out together after it, see ``node.rpc.framed``; a send is shielded from
 cancellation because a cancelled ``SSLStream.send_all`` breaks the stream, and bounded by
 ``send_timeout_s`` instead; a server's answers are exposed only to their connection's own
 teardown); no task outlives the service or client that started it.
@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -59,12 +58,11 @@ from node.errors import (
     ProtocolError,
     RemoteError,
 )
+from node.rpc.framed import FramedStream
 from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
-    FrameDecoder,
     Handshake,
-    Message,
     Request,
     Response,
     connection_error,
@@ -77,8 +75,6 @@ logger = logging.getLogger(__name__)
 UNAVAILABLE_CODE = "UCXL-503-UNAVAILABLE"
 INTERNAL_CODE = "UCXL-500-INTERNAL"
 DEADLINE_EXCEEDED = "deadline exceeded"
-RECEIVE_CHUNK_BYTES = 64 * 1024
-CLOSE_TIMEOUT_S = 1.0
 REFUSAL_SEND_TIMEOUT_S = 0.5
 
 
@@ -201,179 +197,6 @@ def _error_reply(request: Request, peer: Peer, exc: Exception) -> Error:
         return Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
     logger.exception("handler failed on %r from %s", request.method, peer.name)
     return Error(request.id, INTERNAL_CODE, "internal error", None)
-
-
-class _Batch:
-    """Frames queued while another send is in progress; they go out together, next."""
-
-    __slots__ = ("claimed", "frames", "turn")
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.turn = trio.Event()  # set when the send before this batch ended
-        self.claimed = False  # one of its senders took it and sends it
-
-
-class FramedStream:
-    """Whole frames over one trio stream: serialized, shielded sends; decoded receives.
-
-    Sends are serialized without a lock: a send that finds the stream idle goes out at
-    once; sends that arrive meanwhile queue into one batch, which the first of them to
-    wake sends as one ``send_all`` when the send before it ends (one TLS record and one
-    syscall for many small frames, the bytes on the wire unchanged and in queue order).
-    """
-
-    def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int, send_timeout_s: float):
-        """Args: the stream, the receive limit and the bound on one send."""
-        self.stream = stream
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self._received: deque[Message] = deque()
-        self._send_timeout_s = send_timeout_s
-        self._busy = False  # a send_all is in progress (or a woken batch is about to start)
-        self._queued: _Batch | None = None  # frames waiting for the send in progress
-        self._send_error: type[trio.BrokenResourceError | trio.ClosedResourceError] | None = None
-
-    @property
-    def send_timeout_s(self) -> float:
-        """The bound on one send."""
-        return self._send_timeout_s
-
-    async def send(self, frame: bytes, *, timeout_s: float | None = None) -> None:
-        """Send one frame whole; waiting for our turn is cancellable, the send is not.
-
-        A frame queued behind a send in progress is withdrawn if its caller is cancelled
-        before its batch's turn; once its batch is taken, it is sent whole (and the call
-        returns as soon as it is taken unless its caller is the one sending the batch).
-
-        Raises:
-            trio.BrokenResourceError: The peer is gone, or a send timed out (the stream is
-                then closed: a partly sent frame cannot be taken back).
-            trio.ClosedResourceError: We closed the stream.
-        """
-        await self._send(frame, timeout_s, None)
-
-    @property
-    def idle(self) -> bool:
-        """Whether a send now would go out at once (no send in progress to queue behind)."""
-        return not self._busy
-
-    async def send_in_scope(self, frame: bytes, scope: trio.CancelScope) -> None:
-        """``send`` without a cancel scope of its own: the caller's ``scope`` (the innermost,
-        already entered) bounds the send with its deadline, and shields it if it must be.
-
-        A scope costs as much as the rest of a small send. When the send is cut, the stream
-        is closed (a partly sent frame cannot be taken back) and ``Cancelled`` propagates;
-        a frame still queued is withdrawn instead. Raises as ``send``.
-        """
-        if not self._busy:  # the usual case, inline: one coroutine layer less per send
-            self._busy = True
-            await self._send_now(frame, None, scoped=False)
-        else:
-            await self._send(frame, None, scope)
-
-    async def _send(
-        self, frame: bytes, timeout_s: float | None, scope: trio.CancelScope | None
-    ) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._busy:
-            self._busy = True
-            await self._send_now(frame, timeout_s, scoped=scope is None)
-            return
-        batch = self._queued
-        if batch is None:
-            batch = self._queued = _Batch()
-        batch.frames.append(frame)
-        try:
-            await batch.turn.wait()
-        except trio.Cancelled:
-            _withdraw(batch.frames, frame)
-            if self._queued is batch:  # not its turn yet: nothing of ours was sent
-                if not batch.frames:
-                    self._queued = None
-            elif not batch.claimed:  # its turn came as we were cancelled: send the rest
-                batch.claimed = True
-                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._send_now(b"".join(batch.frames), timeout_s, scoped=True)
-            raise
-        if not batch.claimed:
-            batch.claimed = True
-            # A scope already cancelled (woken just as its deadline passed) cannot bound
-            # the send: it would cut it at its first checkpoint. Send under our own.
-            scoped = scope is None or scope.cancel_called
-            await self._send_now(b"".join(batch.frames), timeout_s, scoped=scoped)
-        elif self._send_error is not None:
-            raise self._send_error("the connection failed while this frame was queued")
-
-    @property
-    def send_failed(self) -> bool:
-        """Whether a send failed (the stream is then unusable for sending)."""
-        return self._send_error is not None
-
-    async def _send_now(self, data: bytes, timeout_s: float | None, *, scoped: bool) -> None:
-        """Send ``data`` (``_busy`` is set), then hand the turn to the queued batch."""
-        try:
-            if self._send_error is not None:
-                raise self._send_error("the connection failed while this frame was queued")
-            if not data:
-                return
-            if not scoped:
-                try:
-                    await self.stream.send_all(data)
-                except trio.Cancelled:
-                    self._send_error = trio.BrokenResourceError
-                    await trio.aclose_forcefully(self.stream)
-                    raise
-                return
-            deadline = trio.current_time() + (timeout_s or self._send_timeout_s)
-            with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                await self.stream.send_all(data)
-            if scope.cancelled_caught:
-                await trio.aclose_forcefully(self.stream)
-                raise trio.BrokenResourceError("send timed out; connection closed")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._send_error = type(exc)
-            raise
-        finally:
-            following = self._queued
-            if following is None:
-                self._busy = False
-            else:  # stay busy: the first of that batch's senders to wake sends it
-                self._queued = None
-                following.turn.set()
-
-    async def receive(self) -> Message | None:
-        """The next message, or None when the peer closed the stream.
-
-        Raises:
-            ProtocolError: The peer sent a bad frame (``FrameTooLarge`` for an oversized one).
-            trio.BrokenResourceError: The connection broke (including TLS errors).
-            trio.ClosedResourceError: We closed the stream.
-        """
-        while not self._received:
-            data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
-            if not data:
-                return None
-            self._received.extend(self._decoder.feed(data))
-        return self._received.popleft()
-
-    async def aclose(self, *, graceful: bool) -> None:
-        """Close; ``graceful`` sends TLS close_notify (only after a completed handshake)."""
-        if graceful:
-            # Another task may force the stream closed meanwhile (the peer hung up).
-            with (
-                trio.move_on_after(CLOSE_TIMEOUT_S),
-                suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await self.stream.aclose()
-        await trio.aclose_forcefully(self.stream)
-
-
-def _withdraw(frames: list[bytes], frame: bytes) -> None:
-    """Remove ``frame`` itself (not an equal one: the order of the rest must hold)."""
-    for index, queued in enumerate(frames):
-        if queued is frame:
-            del frames[index]
-            return
 
 
 def _peer_of(stream: trio.SSLStream[trio.SocketStream]) -> Peer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from node.rpc.transport import FramedStream
+from node.rpc.framed import FramedStream
 from node.rpc.wire import MAX_FRAME_BYTES, Message, Request, encode
 
 

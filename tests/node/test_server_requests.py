@@ -14,7 +14,8 @@ import trio
 import trio.testing
 
 from node.errors import PeerUnavailable
-from node.rpc.transport import FramedStream, Peer, RpcClient, RpcServer
+from node.rpc.framed import FramedStream
+from node.rpc.transport import Peer, RpcClient, RpcServer
 from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
