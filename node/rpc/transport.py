@@ -8,9 +8,10 @@ shares: ``Peer``, ``Handler``, ``ServerStatistics`` and ``answer``.
 Connection lifecycle (server side), all within ``handshake_timeout_s`` of the accept:
 TLS handshake with the ``crypto.tls`` server context (TLS 1.3, client certificate from the
 cluster CA required, CRL checked; the context is rebuilt when ``ca.crl`` changes on disk),
-then the ``wire.Handshake`` (hello → welcome). Then requests run concurrently in the
-connection's nursery (at most ``max_concurrent_per_conn``; beyond that the server stops
-reading, which pushes back on the client), each under ``move_on_after(deadline)``.
+then the ``wire.Handshake`` (hello → welcome). Then requests run concurrently on worker
+tasks in the connection's nursery (at most ``max_concurrent_per_conn``; beyond that the
+server stops reading, which pushes back on the client), each under its deadline (see
+``_Requests``).
 
 Faults stay local: a TLS failure, a handshake timeout, a malformed or oversized frame closes
 that one connection (after a best-effort ``error`` frame when TLS is up) and bumps a counter
@@ -18,20 +19,23 @@ in ``statistics()``; a handler's exception becomes an ``error`` answer. Nothing 
 can stop the server.
 
 Must not know: what methods mean, storage, membership. Invariants: frames on one connection
-are sent whole and in order (a ``trio.Lock`` per connection; a send is shielded from
+are sent whole and in order (one send at a time per connection; frames that arrive during a
+send queue and go out together after it, see ``node.rpc.framed``; a send is shielded from
 cancellation because a cancelled ``SSLStream.send_all`` breaks the stream, and bounded by
-``send_timeout_s`` instead); no task outlives the service or client that started it.
+``send_timeout_s`` instead; a server's answers are exposed only to their connection's own
+teardown); no task outlives the service or client that started it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import enum
 import itertools
 import logging
 import math
 import os
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -54,12 +58,11 @@ from node.errors import (
     ProtocolError,
     RemoteError,
 )
+from node.rpc.framed import FramedStream
 from node.rpc.wire import (
     MAX_FRAME_BYTES,
     Error,
-    FrameDecoder,
     Handshake,
-    Message,
     Request,
     Response,
     connection_error,
@@ -72,8 +75,6 @@ logger = logging.getLogger(__name__)
 UNAVAILABLE_CODE = "UCXL-503-UNAVAILABLE"
 INTERNAL_CODE = "UCXL-500-INTERNAL"
 DEADLINE_EXCEEDED = "deadline exceeded"
-RECEIVE_CHUNK_BYTES = 64 * 1024
-CLOSE_TIMEOUT_S = 1.0
 REFUSAL_SEND_TIMEOUT_S = 0.5
 
 
@@ -174,77 +175,28 @@ async def answer(
     """
     stats.requests += 1
     try:
-        with trio.move_on_after(request.deadline_ms / 1000) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + request.deadline_ms / 1000) as scope:
             body = await handler(peer, request.method, request.body)
         if not scope.cancelled_caught:
             return encode(Response(request.id, body), max_frame_bytes=max_frame_bytes)
         stats.deadline_exceeded += 1
         reply = Error(request.id, UNAVAILABLE_CODE, DEADLINE_EXCEEDED, None)
-    except (StorageError, RemoteError) as exc:
-        reply = _error(request.id, exc.code, exc.message, exc.field)
-    except PeerUnavailable as exc:
-        reply = Error(request.id, UNAVAILABLE_CODE, str(exc), None)
-    except FrameTooLarge:
-        reply = Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
-    except Exception:
-        logger.exception("handler failed on %r from %s", request.method, peer.name)
-        reply = Error(request.id, INTERNAL_CODE, "internal error", None)
+    except Exception as exc:
+        reply = _error_reply(request, peer, exc)
     stats.errors += 1
     return encode(reply, max_frame_bytes=max_frame_bytes)
 
 
-class FramedStream:
-    """Whole frames over one trio stream: serialized, shielded sends; decoded receives."""
-
-    def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int, send_timeout_s: float):
-        """Args: the stream, the receive limit and the bound on one send."""
-        self.stream = stream
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self._received: deque[Message] = deque()
-        self._send_lock = trio.Lock()
-        self._send_timeout_s = send_timeout_s
-
-    async def send(self, frame: bytes, *, timeout_s: float | None = None) -> None:
-        """Send one frame whole; waiting for the lock is cancellable, the send is not.
-
-        Raises:
-            trio.BrokenResourceError: The peer is gone, or the send timed out (the stream is
-                then closed: a partly sent frame cannot be taken back).
-            trio.ClosedResourceError: We closed the stream.
-        """
-        async with self._send_lock:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(timeout_s or self._send_timeout_s) as scope:
-                    await self.stream.send_all(frame)
-                if scope.cancelled_caught:
-                    await trio.aclose_forcefully(self.stream)
-                    raise trio.BrokenResourceError("send timed out; connection closed")
-
-    async def receive(self) -> Message | None:
-        """The next message, or None when the peer closed the stream.
-
-        Raises:
-            ProtocolError: The peer sent a bad frame (``FrameTooLarge`` for an oversized one).
-            trio.BrokenResourceError: The connection broke (including TLS errors).
-            trio.ClosedResourceError: We closed the stream.
-        """
-        while not self._received:
-            data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
-            if not data:
-                return None
-            self._received.extend(self._decoder.feed(data))
-        return self._received.popleft()
-
-    async def aclose(self, *, graceful: bool) -> None:
-        """Close; ``graceful`` sends TLS close_notify (only after a completed handshake)."""
-        if graceful:
-            # Another task may force the stream closed meanwhile (the peer hung up).
-            with (
-                trio.move_on_after(CLOSE_TIMEOUT_S),
-                suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await self.stream.aclose()
-        await trio.aclose_forcefully(self.stream)
+def _error_reply(request: Request, peer: Peer, exc: Exception) -> Error:
+    """The error answer for a handler's exception (call it in the ``except`` block)."""
+    if isinstance(exc, StorageError | RemoteError):
+        return _error(request.id, exc.code, exc.message, exc.field)
+    if isinstance(exc, PeerUnavailable):
+        return Error(request.id, UNAVAILABLE_CODE, str(exc), None)
+    if isinstance(exc, FrameTooLarge):
+        return Error(request.id, INTERNAL_CODE, "the answer exceeds the frame limit", None)
+    logger.exception("handler failed on %r from %s", request.method, peer.name)
+    return Error(request.id, INTERNAL_CODE, "internal error", None)
 
 
 def _peer_of(stream: trio.SSLStream[trio.SocketStream]) -> Peer:
@@ -402,18 +354,15 @@ class RpcServer:
             await framed.send(encode(connection_error(exc)), timeout_s=REFUSAL_SEND_TIMEOUT_S)
 
     async def _serve_requests(self, framed: FramedStream, peer: Peer, handshake: Handshake) -> bool:
-        slots = trio.Semaphore(self._max_concurrent)
-        in_flight: set[int] = set()
         graceful = False
         async with trio.open_nursery() as nursery:
+            requests = _Requests(self, framed, peer, nursery)
             try:
                 while (msg := await framed.receive()) is not None:
                     request = handshake.expect_request(msg)
-                    if request.id in in_flight:
+                    if request.id in requests.in_flight:
                         raise ProtocolError(f"request id {request.id} is already in flight")
-                    await slots.acquire()
-                    in_flight.add(request.id)
-                    nursery.start_soon(self._run_request, framed, peer, request, slots, in_flight)
+                    await requests.start(request)
                 graceful = True
             except ProtocolError as exc:
                 await self._refuse(framed, exc)
@@ -422,32 +371,202 @@ class RpcServer:
             nursery.cancel_scope.cancel()
         return graceful
 
-    async def _run_request(
-        self,
-        framed: FramedStream,
-        peer: Peer,
-        request: Request,
-        slots: trio.Semaphore,
-        in_flight: set[int],
+
+class _Requests:
+    """The requests of one connection, run by a pool of worker tasks in its nursery.
+
+    At most ``max_concurrent_per_conn`` run at once; beyond that ``start`` waits (the
+    reader stops reading: backpressure). A worker that finished parks until the next
+    request instead of exiting, and keeps one cancel scope across the requests it runs,
+    moving its deadline (the request's, then ``send_timeout_s`` for the answer's send)
+    instead of entering new scopes: on a small call a task spawn and
+    two cancel scopes cost more than the rest of the server's work. A scope that fired
+    is replaced. Workers are cancelled with the connection; the answer's send is not
+    shielded from that (the connection is closing, a cut frame cannot matter), only
+    bounded, and a send cut by its bound closes the connection, as ``FramedStream.send``
+    does. The answers are those of ``answer``.
+    """
+
+    def __init__(
+        self, server: RpcServer, framed: FramedStream, peer: Peer, nursery: trio.Nursery
     ) -> None:
+        """One connection's requests: answered by ``server``'s handler over ``framed``."""
+        self.in_flight: set[int] = set()
+        self._server = server
+        self._framed = framed
+        self._peer = peer
+        self._nursery = nursery
+        self._limit = server._max_concurrent
+        self._running = 0
+        self._idle: list[_Worker] = []
+        self._reader: trio.lowlevel.Task | None = None  # parked in start(), at the limit
+
+    async def start(self, request: Request) -> None:
+        """Run ``request`` on an idle worker or a new one; first wait below the limit."""
+        if self._running >= self._limit:
+            self._reader = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_reader)
+        self._running += 1
+        self.in_flight.add(request.id)
+        if self._idle:
+            worker = self._idle.pop()
+            worker.request = request
+            # A fresh copy of our context, as start_soon gives a new task: what a handler
+            # sets in a context variable stays with its own request.
+            worker.task.context = contextvars.copy_context()
+            trio.lowlevel.reschedule(worker.task)
+        else:
+            self._nursery.start_soon(self._work, request)
+
+    def _abort_reader(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _finished(self, request: Request) -> None:
+        self.in_flight.discard(request.id)
+        self._running -= 1
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            trio.lowlevel.reschedule(reader)
+
+    async def _next(self, worker: _Worker) -> Request:
+        """Park ``worker`` until ``start`` hands it a request."""
+        worker.request = None
+        self._idle.append(worker)
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._idle.remove(worker)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        assert worker.request is not None
+        return worker.request
+
+    async def _work(self, first: Request) -> None:
+        worker = _Worker(trio.lowlevel.current_task())
+        request: Request | None = first
+        while True:
+            late: bytes | None = None
+            with trio.CancelScope() as scope:
+                while True:
+                    if request is None:
+                        request = await self._next(worker)
+                        if scope.cancel_called:  # the last send's bound, as we woke
+                            break
+                    late = await self._answer(scope, worker, request)
+                    if late is not None:
+                        break  # answer it outside this scope, which fired
+                    self._finished(request)
+                    request = None
+            if worker.phase is _Phase.IDLE:
+                continue  # the last send's bound fired while idle: a fresh scope
+            assert request is not None
+            try:
+                if late is not None:
+                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._framed.send(late)
+                elif worker.phase is _Phase.HANDLER:  # it outlived the request's deadline
+                    stats = self._server._stats
+                    stats.deadline_exceeded += 1
+                    stats.errors += 1
+                    reply = Error(request.id, UNAVAILABLE_CODE, DEADLINE_EXCEEDED, None)
+                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._framed.send(self._encode(reply))
+                # else: the bound of the answer's send fired (sent: the connection is closed)
+            finally:
+                worker.phase = _Phase.IDLE
+            self._finished(request)
+            request = None
+
+    def _encode(self, reply: Error) -> bytes:
+        return encode(reply, max_frame_bytes=self._server._max_frame_bytes)
+
+    async def _answer(
+        self, scope: trio.CancelScope, worker: _Worker, request: Request
+    ) -> bytes | None:
+        """Answer ``request`` within ``scope``; the answer to send outside it if the scope
+        fired after the handler's last yield (it returned in time, so it is answered).
+
+        The scope's deadline is left at the send's bound afterwards (moving it costs as
+        much as a good part of a small call): if it fires while the worker is idle, the
+        worker just takes a fresh scope.
+        """
+        server = self._server
+        stats = server._stats
+        stats.requests += 1
+        worker.phase = _Phase.HANDLER
+        scope.deadline = trio.current_time() + request.deadline_ms / 1000
         try:
-            frame = await answer(
-                self._handler, peer, request, self._stats, max_frame_bytes=self._max_frame_bytes
-            )
-            await framed.send(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the connection is gone; the reading loop sees it too
-        finally:
-            in_flight.discard(request.id)
-            slots.release()
+            body = await server._handler(self._peer, request.method, request.body)
+            frame = encode(Response(request.id, body), max_frame_bytes=server._max_frame_bytes)
+        except Exception as exc:
+            stats.errors += 1
+            frame = self._encode(_error_reply(request, self._peer, exc))
+        if scope.cancel_called:
+            return frame
+        scope.deadline = trio.current_time() + server._send_timeout_s
+        worker.phase = _Phase.SENDING
+        # A broken connection: the reading loop sees it too.
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._framed.send_in_scope(frame, scope)
+        worker.phase = _Phase.IDLE
+        return None
 
 
-@dataclass
+class _Phase(enum.Enum):
+    """Where a worker is: what its cancel scope's deadline bounds."""
+
+    IDLE = "idle"  # parked, or between requests (a stale bound may fire: harmless)
+    HANDLER = "handler"  # the request's deadline
+    SENDING = "sending"  # the answer's send bound
+
+
+class _Worker:
+    """A task of ``_Requests``: the request it was handed, and its phase."""
+
+    __slots__ = ("phase", "request", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.request: Request | None = None
+        self.phase = _Phase.IDLE
+
+
 class _Call:
-    """One call waiting for its answer: a response body or the error to raise."""
+    """One call waiting for its answer: a response body or the error to raise.
 
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    outcome: dict[str, Any] | Exception | None = None
+    The caller parks itself (``wait``) and the reply reader wakes it (``settle``): the
+    plain ``trio.lowlevel`` pair that ``trio.Event`` is built on, without a parking lot.
+    """
+
+    __slots__ = ("done", "outcome", "task")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.outcome: dict[str, Any] | Exception | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller, while parked
+
+    def settle(self, outcome: dict[str, Any] | Exception) -> None:
+        """Record the answer and wake the caller if it waits (once; later calls do nothing)."""
+        if self.done:
+            return
+        self.done, self.outcome = True, outcome
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Until ``settle``; cancellable (then the answer, if it comes, is dropped)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class RpcClient:
@@ -501,17 +620,34 @@ class RpcClient:
         deadline_ms = max(0, math.ceil(budget_s * 1000))
         request = Request(request_id, method, deadline_ms, body)
         frame = encode(request, max_frame_bytes=self._max_frame_bytes)
+        await trio.lowlevel.checkpoint_if_cancelled()  # the scope below shields the send
         pending = self._calls[request_id] = _Call()
+        now = trio.current_time()
+        call_deadline = now + timeout_s
         try:
-            with trio.move_on_after(timeout_s):
-                await self._framed.send(frame)
-                await pending.done.wait()
+            if self._framed.idle:
+                # The frame goes out at once (no yield before it does): one scope for the
+                # call, shielded and bounded by the send's bound while the frame goes out
+                # (a cut frame would break the connection for every call on it), then
+                # unshielded with the call's own deadline while the answer comes.
+                send_bound = now + self._framed.send_timeout_s
+                with trio.CancelScope(shield=True, deadline=send_bound) as scope:
+                    await self._framed.send_in_scope(frame, scope)
+                    scope.shield = False
+                    scope.deadline = call_deadline
+                    await pending.wait()
+            else:  # it queues: its wait in the queue ends with the call's deadline
+                with trio.CancelScope(deadline=call_deadline):
+                    await self._framed.send(frame)
+                    await pending.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self._closed:
                 raise trio.ClosedResourceError("this client is closed") from None
             raise PeerUnavailable(f"connection to {self.peer.name} lost") from exc
         finally:
             del self._calls[request_id]
+        if pending.outcome is None and self._framed.send_failed:
+            raise PeerUnavailable(f"connection to {self.peer.name} lost: a send timed out")
         if pending.outcome is None:
             raise CallTimedOut(f"{method}: no answer from {self.peer.name} in {timeout_s} s")
         if isinstance(pending.outcome, Exception):
@@ -529,9 +665,8 @@ class RpcClient:
 
     def _fail(self, error: Callable[[], Exception]) -> None:
         for pending in self._calls.values():
-            if not pending.done.is_set():
-                pending.outcome = error()
-                pending.done.set()
+            if not pending.done:
+                pending.settle(error())
 
     def _lost(self, why: str) -> Callable[[], NodeError]:
         return lambda: PeerUnavailable(f"connection to {self.peer.name} lost: {why}")
@@ -546,12 +681,9 @@ class RpcClient:
                     failure = reply.to_exception
                     break
                 pending = self._calls.get(reply.id) if reply.id is not None else None
-                if pending is None or pending.done.is_set():
+                if pending is None or pending.done:
                     continue  # a late answer to a call that timed out
-                pending.outcome = (
-                    reply.body if isinstance(reply, Response) else reply.to_exception()
-                )
-                pending.done.set()
+                pending.settle(reply.body if isinstance(reply, Response) else reply.to_exception())
             else:
                 failure = self._lost("closed by the server")
         except ProtocolError as exc:

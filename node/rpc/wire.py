@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import enum
 import re
+import threading
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -83,12 +84,23 @@ def _check_int(value: object, name: str, *, low: int = 0, high: int = MAX_REQUES
         raise ValueError(f"{name} must be an integer in [{low}, {high}]")
 
 
+def _is_id(value: object) -> bool:
+    """Whether ``value`` is an integer in [0, MAX_REQUEST_ID] (the hot path of _check_int)."""
+    return type(value) is int and 0 <= value <= MAX_REQUEST_ID
+
+
 def _check_str(value: object, name: str, *, optional: bool = False) -> None:
     if not (isinstance(value, str) or (optional and value is None)):
         raise ValueError(f"{name} must be a string" + (" or nil" if optional else ""))
 
 
+_ONLY_STR = frozenset({str})
+
+
 def _check_body(value: object) -> None:
+    # The set of key types, built in C, is {str} (or empty) for every body we send.
+    if type(value) is dict and set(map(type, value)) <= _ONLY_STR:
+        return
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise ValueError("body must be a map with string keys")
 
@@ -127,11 +139,13 @@ class Request:
     body: dict[str, Any]
 
     def __post_init__(self) -> None:
-        _check_int(self.id, "id")
+        if not _is_id(self.id):
+            _check_int(self.id, "id")
         _check_str(self.method, "method")
         if not 1 <= len(self.method) <= MAX_METHOD_LENGTH:
             raise ValueError(f"method must be 1 to {MAX_METHOD_LENGTH} characters")
-        _check_int(self.deadline_ms, "deadline_ms")
+        if not _is_id(self.deadline_ms):
+            _check_int(self.deadline_ms, "deadline_ms")
         _check_body(self.body)
 
 
@@ -143,7 +157,8 @@ class Response:
     body: dict[str, Any]
 
     def __post_init__(self) -> None:
-        _check_int(self.id, "id")
+        if not _is_id(self.id):
+            _check_int(self.id, "id")
         _check_body(self.body)
 
 
@@ -179,6 +194,38 @@ _KINDS: dict[str, type[Message]] = {
     "error": Error,
 }
 _KIND_OF: dict[type[Message], str] = {cls: kind for kind, cls in _KINDS.items()}
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()
+}
+# One msgpack Packer per thread (a Packer is not thread-safe; building one per frame, as
+# msgpack.packb does, costs more than packing a small frame). Same bytes as packb.
+_packers = threading.local()
+
+
+def _pack(raw: dict[str, Any]) -> bytes:
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    packed: bytes = packer.pack(raw)
+    return packed
+
+
+def _as_map(msg: Message) -> dict[str, Any]:
+    """``msg`` as the map its frame holds: ``kind`` first, then the fields in order."""
+    if type(msg) is Request:
+        return {
+            "kind": "request",
+            "id": msg.id,
+            "method": msg.method,
+            "deadline_ms": msg.deadline_ms,
+            "body": msg.body,
+        }
+    if type(msg) is Response:
+        return {"kind": "response", "id": msg.id, "body": msg.body}
+    raw: dict[str, Any] = {"kind": _KIND_OF[type(msg)]}
+    raw.update((name, getattr(msg, name)) for name in _FIELD_NAMES[type(msg)])
+    return raw
 
 
 def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
@@ -195,9 +242,7 @@ def encode(msg: Message, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
         FrameTooLarge: The encoded body exceeds ``max_frame_bytes``.
         TypeError: A body holds a value msgpack cannot encode (the caller's bug).
     """
-    raw: dict[str, Any] = {"kind": _KIND_OF[type(msg)]}
-    raw.update((f.name, getattr(msg, f.name)) for f in fields(msg))
-    body: bytes = msgpack.packb(raw, use_bin_type=True)
+    body = _pack(_as_map(msg))
     if len(body) > max_frame_bytes:
         raise FrameTooLarge(len(body), max_frame_bytes)
     return len(body).to_bytes(LENGTH_PREFIX_BYTES, "big") + body
@@ -207,7 +252,7 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack extension type {code} is not part of the protocol")
 
 
-def _decode_body(body: bytes) -> Message:
+def _decode_body(body: bytes | bytearray) -> Message:
     try:
         raw = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     except (ValueError, msgpack.UnpackException):
@@ -218,12 +263,14 @@ def _decode_body(body: bytes) -> Message:
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {str(kind)[:32]!r}")
-    names = [f.name for f in fields(cls)]
-    missing = [name for name in names if name not in raw]
-    if missing:
-        raise ProtocolError(f"{kind} lacks {', '.join(missing)}")
+    names = _FIELD_NAMES[cls]
     try:
-        return cls(**{name: raw[name] for name in names})
+        values = [raw[name] for name in names]
+    except KeyError:
+        missing = [name for name in names if name not in raw]
+        raise ProtocolError(f"{kind} lacks {', '.join(missing)}") from None
+    try:
+        return cls(*values)
     except ValueError as exc:
         raise ProtocolError(f"bad {kind}: {exc}") from None
 
@@ -261,32 +308,34 @@ class FrameDecoder:
         """
         if self._failed is not None:
             raise ProtocolError(f"stream already failed: {self._failed.reason}")
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
+        available = len(buffer)
+        offset = 0  # bytes of ``buffer`` consumed; removed once, at the end
+        expected = self._expected
         messages: list[Message] = []
         try:
-            while (message := self._next()) is not None:
-                messages.append(message)
+            while True:
+                if expected is None:
+                    if available - offset < LENGTH_PREFIX_BYTES:
+                        break
+                    expected = int.from_bytes(buffer[offset : offset + LENGTH_PREFIX_BYTES], "big")
+                    if expected > self.max_frame_bytes:
+                        raise FrameTooLarge(expected, self.max_frame_bytes)
+                    offset += LENGTH_PREFIX_BYTES
+                if available - offset < expected:
+                    break
+                end = offset + expected
+                messages.append(_decode_body(buffer[offset:end]))
+                offset, expected = end, None
         except ProtocolError as exc:
             self._failed = exc
-            self._buffer.clear()
+            self._buffer = bytearray()
+            self._expected = None
             raise
+        del buffer[:offset]
+        self._expected = expected
         return messages
-
-    def _next(self) -> Message | None:
-        if self._expected is None:
-            if len(self._buffer) < LENGTH_PREFIX_BYTES:
-                return None
-            size = int.from_bytes(self._buffer[:LENGTH_PREFIX_BYTES], "big")
-            if size > self.max_frame_bytes:
-                raise FrameTooLarge(size, self.max_frame_bytes)
-            del self._buffer[:LENGTH_PREFIX_BYTES]
-            self._expected = size
-        if len(self._buffer) < self._expected:
-            return None
-        body = bytes(self._buffer[: self._expected])
-        del self._buffer[: self._expected]
-        self._expected = None
-        return _decode_body(body)
 
 
 def decode_frame(frame: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:

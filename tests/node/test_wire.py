@@ -38,6 +38,23 @@ EXAMPLES: list[Message] = [
 ]
 
 
+# The frames of EXAMPLES as main wrote them before encode's fast path (2904d29): what goes on
+# the wire must not change, so that nodes of both versions keep talking.
+GOLDEN_FRAMES = [
+    "0000001c83a46b696e64a568656c6c6fa870726f746f636f6c01a46e6f6465c0",
+    "0000002283a46b696e64a568656c6c6fa870726f746f636f6c01a46e6f6465a66e6f64652d62",
+    "0000002483a46b696e64a777656c636f6d65a870726f746f636f6c01a46e6f6465a66e6f64652d61",
+    "0000004a85a46b696e64a772657175657374a2696407a66d6574686f64a573746f7265ab646561646c696e"
+    "655f6d73cd09c4a4626f647982a761646472657373a87563786c3a2f2f61a16e920102",
+    "0000002b83a46b696e64a8726573706f6e7365a2696407a4626f647982a776657273696f6e03a4626c6f62c4"
+    "0200ff",
+    "0000004b85a46b696e64a56572726f72a2696407a4636f6465b25543584c2d3430342d4e4f545f464f554e"
+    "44a76d657373616765af6e6f207375636820636f6e74657874a56669656c64a470617468",
+    "0000004785a46b696e64a56572726f72a26964c0a4636f6465b85543584c2d3430302d494e56414c49445f"
+    "5041594c4f4144a76d657373616765a9626164206672616d65a56669656c64c0",
+]
+
+
 def _frame(raw: Any) -> bytes:
     """A frame around any msgpack value, bypassing encode's validation."""
     body: bytes = msgpack.packb(raw, use_bin_type=True)
@@ -59,6 +76,11 @@ def test_every_kind_round_trips(msg: Message) -> None:
     frame = encode(msg)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert decode_frame(frame) == msg
+
+
+def test_encode_writes_the_same_bytes_as_before() -> None:
+    """Every kind encodes to the bytes the previous encoder wrote (wire compatibility)."""
+    assert [encode(msg).hex() for msg in EXAMPLES] == GOLDEN_FRAMES
 
 
 def test_decoder_reassembles_frames_fed_byte_by_byte_and_in_one_chunk() -> None:
