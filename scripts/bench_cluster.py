@@ -70,6 +70,7 @@ DEFAULT_OPS = 1000
 QUICK_OPS = 60
 MAX_ROUNDS = 5  # a measurement is split into rounds, slurp and etcd alternating
 MIN_ROUND_OPS = 64
+IDLE_S = 3.0  # the idle CPU of each system is measured this long, after the warm-up
 WARMUP_OPS = 5  # per client, before anything is measured
 VALUE_BYTES = 1024  # the record's summary + content; etcd's value is the same bytes
 SUMMARY_CHARS = 100
@@ -565,6 +566,7 @@ class Results:
     rebalance_rest_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     etcd_skipped: str | None = None
+    idle_cpu_ms_per_s: dict[str, float] = field(default_factory=dict)  # by system
 
 
 class Bench:
@@ -640,6 +642,7 @@ class Bench:
                     " case: no forwarding); the 16 clients are spread over the 3 members."
                 )
             await self._warm_up(systems, most)
+            await self._idle(systems)
             await self._compare(systems, most)
             await self._slurp_only(slurp)
             if self.settings.index_lag_s:
@@ -725,6 +728,16 @@ class Bench:
                 if run.errors:
                     raise ClusterError(f"{system.name} warm-up failed: {run.errors[0]}")
         log(f"warmed up: {len(keys)} puts and gets on each side")
+
+    async def _idle(self, systems: Sequence[System]) -> None:
+        """Server CPU with no client request (heartbeats, failure detection, indexing
+        loops): it is part of every "CPU per op" row, more so at low throughput."""
+        for system in systems:
+            before = process_cpu_s(system.pids)
+            await trio.sleep(IDLE_S)
+            spent = process_cpu_s(system.pids) - before
+            self.results.idle_cpu_ms_per_s[system.name] = spent * 1000 / IDLE_S
+        log(f"idle server CPU (ms/s): {self.results.idle_cpu_ms_per_s}")
 
     async def _compare(self, systems: Sequence[System], most: int) -> None:
         """Puts then gets, 1 then 16 clients, each split into rounds: slurp, etcd, slurp..."""
@@ -867,6 +880,14 @@ def build_rows(results: Results) -> tuple[list[Row], list[Row]]:
                     None if theirs is None else theirs.server_cpu_ms_per_op(),
                 ),
             ]
+    if "slurp" in results.idle_cpu_ms_per_s:
+        rows.append(
+            Row(
+                f"idle server CPU, {NODES} processes (ms per s)",
+                results.idle_cpu_ms_per_s["slurp"],
+                results.idle_cpu_ms_per_s.get("etcd"),
+            )
+        )
     rows += failover_rows(results.failover)
     extra: list[Row] = []
     if results.index_lag is not None:
@@ -985,7 +1006,9 @@ def render_markdown(
         " and etcd (same background load for both). Throughput = N / wall time. Server CPU ="
         " user + system time of the 3 server processes during the run, / N (the 2 cores are"
         " shared by the"
-        " servers and the client process).",
+        " servers and the client process); it includes what the servers spend with no request"
+        f" at all (the idle row, measured for {IDLE_S:g} s after the warm-up: heartbeats,"
+        " failure detection, index loops), which weighs more at low throughput.",
         "",
         *(
             [bench_failover.describe(len(results.failover["slurp"])), ""]
