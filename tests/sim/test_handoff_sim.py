@@ -174,11 +174,13 @@ async def test_a_redirected_hint_waiting_for_a_down_owner_ends_the_pass(
         await wait_for(lambda: not node.service.cluster.is_up(down))
         reads = 0
         pending = hints.pending
+        this_pass = trio.lowlevel.current_task()  # the handoff service's own passes run too
 
         def counted(target: str, *, limit: int | None = None, after: int | None = None) -> Any:
             nonlocal reads
-            reads += 1
-            assert reads < 10, "the pass read the same hints again and again"
+            if trio.lowlevel.current_task() is this_pass:
+                reads += 1
+                assert reads < 10, "the pass read the same hints again and again"
             return pending(target, limit=limit, after=after)
 
         hints.pending = counted  # type: ignore[method-assign]
