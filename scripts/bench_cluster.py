@@ -955,8 +955,9 @@ def guarantees(etcd_ran: bool) -> list[str]:
     lines = [
         "slurp: a put is answered once W = 2 of the 3 replicas have stored it durably (LevelDB"
         " `sync=True`) after the coordinator encrypted and signed it (no read before the write:"
-        " the parent is the coordinator's own latest version); a get asks the replicas and answers from the first R = 2"
-        " version sets, merged (union, then read repair), and decrypts on the coordinator."
+        " the parent is the coordinator's own latest version); a get asks the replicas and"
+        " answers from the first R = 2 version sets, merged (union, then read repair), and"
+        " decrypts on the coordinator."
         " Client and node links are mutual TLS.",
     ]
     if etcd_ran:
