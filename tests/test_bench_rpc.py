@@ -8,26 +8,10 @@ in flight) once per round, with positive CPU and call rates.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
+from tests.bench_scripts import load_script
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("bench_report")  # bench_rpc imports it by name, as scripts/bench runs it
-br = _load("bench_rpc")
+load_script("bench_report")  # bench_rpc imports it by name, as scripts/bench runs it
+br = load_script("bench_rpc")
 
 
 def test_the_table_holds_medians_and_their_ratios() -> None:
