@@ -28,7 +28,7 @@ from node.control.rotation import ClusterRotation
 from node.control.rotation_plan import WalkCursor
 from node.control.service import ControlService
 from tests.node.control.test_rotation import BE, DUTY, NAMES, Log, _populate, _rows, _state
-from tests.sim.harness import open_sim_cluster
+from tests.sim.harness import SimCluster, open_sim_cluster
 
 TERM = 3
 
@@ -75,6 +75,21 @@ class StandInControl:
             hook()
 
 
+def _rotations(
+    sim: SimCluster, log: Log
+) -> tuple[dict[str, StandInControl], dict[str, ClusterRotation]]:
+    """Every node's stand-in control plane (n1 leads) and its rotation, walking in small
+    steps (a long walk, so a lease can lapse in the middle of it)."""
+    controls = {n: StandInControl(sim.nodes[n].service, log, leads=n == "n1") for n in NAMES}
+    rotations = {}
+    for name in NAMES:
+        fence = Fence(sim.nodes[name].store.kv, lambda: 0)
+        rotation = ClusterRotation(cast(ControlService, controls[name]), fence)
+        rotation.member.batch_size, rotation.member.max_batches = 4, 1
+        rotations[name] = rotation
+    return controls, rotations
+
+
 def _cursor(log: Log) -> WalkCursor | None:
     data = log.state.duties[DUTY].cursor
     return WalkCursor.decode(data) if data else None
@@ -87,13 +102,7 @@ async def test_a_lapsed_lease_in_the_same_term_does_not_orphan_the_rotation(
         await _populate(sim, 30)
         old = sim.nodes["n1"].store.keyring.current_identity(BE)
         log = Log(_state(sim))
-        controls = {n: StandInControl(sim.nodes[n].service, log, leads=n == "n1") for n in NAMES}
-        rotations = {}
-        for name in NAMES:
-            fence = Fence(sim.nodes[name].store.kv, lambda: 0)
-            rotation = ClusterRotation(cast(ControlService, controls[name]), fence)
-            rotation.member.batch_size, rotation.member.max_batches = 4, 1  # a long walk
-            rotations[name] = rotation
+        controls, rotations = _rotations(sim, log)
         leader = controls["n1"]
 
         def lapse_halfway() -> None:
@@ -146,13 +155,7 @@ async def test_a_lease_back_before_the_cancelled_run_unwound_still_revives_it(
     async with open_sim_cluster(tmp_path / "nodes") as sim:
         await _populate(sim, 30)
         log = Log(_state(sim))
-        controls = {n: StandInControl(sim.nodes[n].service, log, leads=n == "n1") for n in NAMES}
-        rotations = {}
-        for name in NAMES:
-            fence = Fence(sim.nodes[name].store.kv, lambda: 0)
-            rotation = ClusterRotation(cast(ControlService, controls[name]), fence)
-            rotation.member.batch_size, rotation.member.max_batches = 4, 1  # a long walk
-            rotations[name] = rotation
+        controls, rotations = _rotations(sim, log)
         leader = controls["n1"]
         flickers = [0]
 
