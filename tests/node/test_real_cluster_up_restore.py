@@ -177,41 +177,19 @@ async def test_cluster_up_restore_founds_a_cluster_that_holds_the_backup(
     cluster_down(root)
 
     refused_dir = tmp_path / "refused"
-    refused = await trio.to_thread.run_sync(
-        lambda: _slurp(
-            "cluster",
-            "up",
-            "--nodes",
-            "3",
-            "--dir",
-            str(refused_dir),
-            "--restore",
-            str(without),
-            "--identity",
-            str(test_key),
-        )
-    )
-    assert refused.returncode != 0
-    error = json.loads(refused.stdout)["error"]
-    assert "--with-keys" in error["message"], error
-    assert not refused_dir.exists()  # refused before anything was made
-    no_admin = await trio.to_thread.run_sync(
-        lambda: _slurp(
-            "cluster",
-            "up",
-            "--nodes",
-            "3",
-            "--dir",
-            str(refused_dir),
-            "--restore",
-            str(with_keys),
-            "--identity",
-            str(test_key),
-        )
-    )
-    assert no_admin.returncode != 0
-    assert "admin identity" in json.loads(no_admin.stdout)["error"]["message"]
-    assert not refused_dir.exists()
+
+    async def refused_up(backup: Path) -> str:
+        """``cluster up --restore backup`` fails before anything is made; its message."""
+        argv = ["cluster", "up", "--nodes", "3", "--dir", str(refused_dir),
+                "--restore", str(backup), "--identity", str(test_key)]  # fmt: skip
+        done = await trio.to_thread.run_sync(_slurp, *argv)
+        assert done.returncode != 0
+        assert not refused_dir.exists()
+        message: str = json.loads(done.stdout)["error"]["message"]
+        return message
+
+    assert "--with-keys" in await refused_up(without)
+    assert "admin identity" in await refused_up(with_keys)
 
     b_root = tmp_path / "b"
     try:
