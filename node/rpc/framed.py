@@ -44,13 +44,8 @@ class _Batch:
 
 
 class FramedStream:
-    """Whole frames over one trio stream: serialized, shielded sends; decoded receives.
-
-    Sends are serialized without a lock: a send that finds the stream idle goes out at
-    once; sends that arrive meanwhile queue into one batch, which the first of them to
-    wake sends as one ``send_all`` when the send before it ends (one TLS record and one
-    syscall for many small frames, the bytes on the wire unchanged and in queue order).
-    """
+    """Whole frames over one trio stream: serialized, bounded sends (batched as the module
+    docstring says); decoded receives."""
 
     def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int, send_timeout_s: float):
         """Args: the stream, the receive limit and the bound on one send."""
