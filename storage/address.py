@@ -34,7 +34,7 @@ import re
 import string
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from storage.errors import InvalidAddress, TemporalInvalid
 
@@ -328,12 +328,10 @@ class Address:
         if found is None:
             # This address's components passed ``_check_name`` when it was built
             # (instances are canonical): only the length (with ``*^``) is checked again.
-            found = object.__new__(ContextName)
-            for field, value in (
-                ("project", self.project), ("task", self.task), ("agent", self.agent),
-                ("role", self.role), ("path", self.path),
-            ):  # fmt: skip
-                object.__setattr__(found, field, value)
+            found = _unchecked(
+                ContextName, project=self.project, task=self.task, agent=self.agent,
+                role=self.role, path=self.path,
+            )  # fmt: skip
             canonical = found.canonical()
             _check_length(canonical, canonical)
             object.__setattr__(self, "_context", found)
@@ -405,12 +403,10 @@ def _parse(text: str) -> Address:
     # every component, the path and the temporal segment were just checked (and
     # normalised): the constructor's ``_check_name`` would only repeat it, so the
     # instance is built directly and only the canonical length is checked
-    addr: Address = object.__new__(Address)
-    for field, value in (
-        ("agent", agent), ("role", role), ("project", project), ("task", task),
-        ("path", path), ("temporal", temporal),
-    ):  # fmt: skip
-        object.__setattr__(addr, field, value)
+    addr = _unchecked(
+        Address, agent=agent, role=role, project=project, task=task, path=path,
+        temporal=temporal,
+    )  # fmt: skip
     canonical = addr.canonical()
     try:
         _check_length(canonical, canonical)
@@ -418,6 +414,18 @@ def _parse(text: str) -> Address:
         exc.input = source
         raise
     return addr
+
+
+_Built = TypeVar("_Built", "Address", "ContextName")
+
+
+def _unchecked(cls: type[_Built], **fields: object) -> _Built:
+    """An instance of the frozen dataclass ``cls`` with ``fields`` set, without its
+    ``__post_init__`` checks: only for components the caller has just checked."""
+    built = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(built, name, value)
+    return built
 
 
 _parse_cached = functools.lru_cache(maxsize=PARSED_CACHE_SIZE)(_parse)
