@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import trio
 
@@ -74,6 +74,7 @@ class Pinger(Protocol):
 
 
 SUSPECT_AFTER = 2  # timed-out pings in a row before a peer is marked down
+PingOutcome = Literal["answered", "timed_out", "lost"]
 
 
 class FailureDetector:
@@ -109,19 +110,28 @@ class FailureDetector:
             await trio.sleep(self.interval_s)
 
     async def _probe(self, name: str) -> None:
+        outcome: PingOutcome = "answered"
         try:
             await self.pinger.call(name, "rep.ping", {}, timeout_s=self.timeout_s)
         except CallTimedOut:
-            missed = self._missed.get(name, 0) + 1
-            self._missed[name] = missed
-            if missed >= self.suspect_after:
-                self.cluster.mark(name, False)
-            else:
-                log.info("%s: %s missed a ping (%d in a row)", self.cluster.name, name, missed)
-            return
+            outcome = "timed_out"
         except (PeerUnavailable, RemoteError):
-            self._missed.pop(name, None)
-            self.cluster.mark(name, False)
-            return
-        self._missed.pop(name, None)
-        self.cluster.mark(name, True)
+            outcome = "lost"
+        missed, up = ping_verdict(self._missed.get(name, 0), outcome, self.suspect_after)
+        self._missed[name] = missed
+        if up is None:
+            log.info("%s: %s missed a ping (%d in a row)", self.cluster.name, name, missed)
+        else:
+            self.cluster.mark(name, up)
+
+
+def ping_verdict(missed: int, outcome: PingOutcome, suspect_after: int) -> tuple[int, bool | None]:
+    """The failure detector's rule (pure): from the timed-out pings in a row before this
+    one and this ping's outcome, the new count and the verdict (True up, False down, None
+    no change yet: a timeout short of ``suspect_after`` in a row)."""
+    if outcome == "answered":
+        return 0, True
+    if outcome == "lost":
+        return 0, False
+    missed += 1
+    return missed, (False if missed >= suspect_after else None)
